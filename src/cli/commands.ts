@@ -1,0 +1,100 @@
+import { hostname } from 'node:os'
+import { join } from 'node:path'
+import pg from 'pg'
+import { loadConfigFile } from '../config/config-file.js'
+import { consoleLogger } from '../config/logger.js'
+import { migrateToLatest } from '../db/migrate.js'
+import { createSingleton } from '../singleton.js'
+import { readStatus, type SingletonStatus } from '../status/read-status.js'
+import { resolveConnection } from './connection.js'
+import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
+
+const say = (line: string) => process.stderr.write(`${line}\n`)
+
+export async function migrateCommand(): Promise<void> {
+  const { url } = await resolveConnection(say)
+  const pool = new pg.Pool({ connectionString: url, max: 1 })
+  try {
+    const result = await migrateToLatest(pool)
+    say(
+      result.applied.length > 0
+        ? `Applied ${result.applied.join(', ')}; schema pgsingleton is at version ${result.schemaVersion}.`
+        : `Schema pgsingleton is up to date (version ${result.schemaVersion}).`,
+    )
+  } finally {
+    await pool.end()
+  }
+}
+
+export async function runCommand(args: { config: string; nodeId?: string; verbose?: boolean }): Promise<void> {
+  const file = await loadConfigFile(args.config)
+  const nodeId = args.nodeId ?? `${hostname()}:${process.pid}`
+  const logger = consoleLogger(nodeId, args.verbose)
+  const { url } = await resolveConnection(say)
+  const singleton = createSingleton({ ...file, connectionString: url, nodeId, logger })
+  singleton.on('error', () => {}) // already logged by the logger; a node lives through background errors
+
+  let stopping: Promise<void> | undefined
+  const stop = (signal: string) => {
+    if (stopping) {
+      say(`${signal} again: exiting now`)
+      process.exit(130)
+    }
+    logger.info({ signal }, 'stopping: letting the batch in flight end, then releasing the lock')
+    stopping = singleton.stop().then(
+      () => process.exit(0),
+      (error) => {
+        logger.error({ error: String(error) }, 'stop failed')
+        process.exit(1)
+      },
+    )
+  }
+  process.on('SIGTERM', () => stop('SIGTERM'))
+  process.on('SIGINT', () => stop('SIGINT'))
+  await singleton.start()
+  logger.info({ singleton: file.name, policies: file.policies.length }, 'started')
+}
+
+export async function statusCommand(args: { json?: boolean; name?: string }): Promise<void> {
+  const { url } = await resolveConnection(say)
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    const rows = await readStatus(client, args.name)
+    process.stdout.write(args.json ? `${JSON.stringify(rows, null, 2)}\n` : formatStatus(rows))
+  } finally {
+    await client.end()
+  }
+}
+
+export async function embeddedCommand(action: string | undefined): Promise<void> {
+  if (action === 'stop') {
+    const stopped = await stopEmbedded(join(EMBEDDED_HOME, 'pgdata'))
+    say(stopped ? 'Stopped the embedded PostgreSQL.' : 'No embedded PostgreSQL was running.')
+    return
+  }
+  if (action === 'start' || action === 'url') {
+    const { url } = await resolveConnection(say)
+    process.stdout.write(`${url}\n`)
+    return
+  }
+  throw new Error('usage: pg-singleton embedded start|url|stop')
+}
+
+export function formatStatus(rows: SingletonStatus[]): string {
+  if (rows.length === 0) return 'No singleton has run against this database yet.\n'
+  const time = (value: Date | null) => (value ? value.toISOString() : '-')
+  return rows
+    .map((row) =>
+      [
+        `${row.name}`,
+        row.nodeId
+          ? `  holder      ${row.nodeId} (backend ${row.backendPid}, epoch ${row.epoch ?? '?'}, since ${time(row.acquiredAt)}, heartbeat ${time(row.heartbeatAt)})`
+          : `  holder      none (last: ${row.lastNodeId}, epoch ${row.lastEpoch})`,
+        `  waiting     ${row.waitingNodes}${row.waitingNodeIds.length > 0 ? ` (${row.waitingNodeIds.join(', ')})` : ''}`,
+        `  last run    ${row.lastRunAt ? `${row.lastRunPolicy} ${row.lastRunStatus} at ${time(row.lastRunAt)}, ${row.lastRunRows} rows deleted` : 'none yet'}`,
+        '',
+      ].join('\n'),
+    )
+    .join('\n')
+}

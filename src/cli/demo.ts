@@ -1,0 +1,109 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { openSync } from 'node:fs'
+import { mkdir, writeFile } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import pg from 'pg'
+import { sleep } from '../lock/starter.js'
+import { readStatus } from '../status/read-status.js'
+import { resolveConnection } from './connection.js'
+import { EMBEDDED_HOME } from './embedded.js'
+
+const say = (line: string) => process.stdout.write(`${line}\n`)
+const BIN = fileURLToPath(new URL('../../../bin/pg-singleton.js', import.meta.url))
+const SINGLETON = 'demo-cleaner'
+
+/**
+ * A failover you can watch: a table with outdated rows, three real node processes, the
+ * holder killed with SIGKILL, the next node taking over, and the rows still cleaned.
+ */
+export async function demoCommand(): Promise<void> {
+  const { url } = await resolveConnection((line) => say(line))
+  const pool = new pg.Pool({ connectionString: url, max: 2 })
+  const nodes: ChildProcess[] = []
+  try {
+    await pool.query(`CREATE SCHEMA IF NOT EXISTS demo;
+      DROP TABLE IF EXISTS demo.events;
+      CREATE TABLE demo.events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
+      CREATE INDEX ON demo.events (created_at);
+      INSERT INTO demo.events (created_at, payload)
+        SELECT now() - (i % 120) * interval '1 second', md5(i::text) FROM generate_series(1, 20000) AS i;`)
+    const outdated = async () =>
+      Number((await pool.query(`SELECT count(*) AS n FROM demo.events WHERE created_at < now() - interval '1 minute'`)).rows[0].n)
+    say(`demo.events: 20000 rows, ${await outdated()} of them older than 1 minute (the policy's olderThan).`)
+
+    await mkdir(EMBEDDED_HOME, { recursive: true })
+    const configPath = resolve(EMBEDDED_HOME, 'demo.config.json')
+    await writeFile(
+      configPath,
+      JSON.stringify(
+        { name: SINGLETON, policies: [{ name: 'old-events', table: 'demo.events', column: 'created_at', olderThan: '1 minute', every: '2 seconds', batchSize: 2000 }] },
+        null,
+        2,
+      ),
+    )
+    say(`Config: ${configPath}\nStarting three nodes (logs in ${EMBEDDED_HOME}/demo-node-*.log)...`)
+    for (const n of [1, 2, 3]) {
+      const log = openSync(join(EMBEDDED_HOME, `demo-node-${n}.log`), 'w')
+      nodes.push(
+        spawn(process.execPath, [BIN, 'run', '--config', configPath, '--node-id', `demo-node-${n}`], {
+          env: { ...process.env, DATABASE_URL: url },
+          stdio: ['ignore', log, log],
+        }),
+      )
+    }
+
+    const holder = await waitFor(async () => (await readStatus(pool, SINGLETON))[0]?.nodeId ?? undefined, 30_000)
+    say(`Holder: ${holder}. The other two wait inside pg_advisory_lock.`)
+    await waitFor(async () => ((await outdated()) === 0 ? true : undefined), 30_000)
+    say('All outdated rows are deleted.')
+    await printStatus(pool)
+
+    const victim = nodes[Number(holder.split('-').pop()) - 1]
+    say(`\nkill -9 ${holder} (pid ${victim?.pid})...`)
+    const before = (await readStatus(pool, SINGLETON))[0]?.epoch ?? 0
+    const killedAt = performance.now()
+    victim?.kill('SIGKILL')
+    const next = await waitFor(async () => {
+      const row = (await readStatus(pool, SINGLETON))[0]
+      return row?.nodeId && (row.epoch ?? 0) > before ? row : undefined
+    }, 30_000)
+    say(`${next.nodeId} took over with epoch ${next.epoch} after ${Math.round(performance.now() - killedAt)} ms (as seen by polling pgsingleton.status).`)
+
+    await pool.query(
+      `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '2 minutes', 'made outdated after the kill' FROM generate_series(1, 5000)`,
+    )
+    say('Inserted 5000 more outdated rows...')
+    await waitFor(async () => ((await outdated()) === 0 ? true : undefined), 30_000)
+    say('...and the new holder deleted them.')
+    await printStatus(pool)
+
+    const runs = await pool.query(
+      `SELECT epoch, status, count(*)::int AS runs, sum(rows_deleted)::int AS rows FROM pgsingleton.cleanup_runs
+        WHERE singleton = $1 GROUP BY epoch, status ORDER BY epoch, status`,
+      [SINGLETON],
+    )
+    say('\nWhat pgsingleton.cleanup_runs recorded:')
+    for (const row of runs.rows) say(`  epoch ${row.epoch}: ${row.runs} ${row.status} run(s), ${row.rows} rows deleted`)
+  } finally {
+    for (const node of nodes) if (node.exitCode === null && node.signalCode === null) node.kill('SIGTERM')
+    await Promise.all(nodes.map((node) => (node.exitCode === null && node.signalCode === null ? new Promise((r) => node.once('exit', r)) : undefined)))
+    await pool.end()
+  }
+  say('\nStopped the nodes (SIGTERM). Try `pg-singleton status` and the SQL in the README.')
+}
+
+async function printStatus(pool: pg.Pool): Promise<void> {
+  const { formatStatus } = await import('./commands.js')
+  say(formatStatus(await readStatus(pool, SINGLETON)).trimEnd())
+}
+
+async function waitFor<T>(probe: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = await probe()
+    if (value !== undefined) return value
+    if (Date.now() > deadline) throw new Error(`the demo waited ${timeoutMs} ms for something that did not happen; see the node logs in ${EMBEDDED_HOME}`)
+    await sleep(20)
+  }
+}

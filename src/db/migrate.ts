@@ -1,0 +1,90 @@
+import { Kysely, PostgresDialect } from 'kysely'
+import { Migrator } from 'kysely/migration'
+import type pg from 'pg'
+import { migrationProvider, SCHEMA_VERSION } from '../../migrations/index.js'
+import { SingletonError } from '../errors.js'
+import { SQLSTATE, sqlState } from './sqlstate.js'
+
+export interface MigrationResult {
+  /** Names of the migrations this call applied (empty when the schema was current). */
+  applied: string[]
+  schemaVersion: number
+}
+
+/**
+ * Applies pg-singleton's migrations. Kysely's Migrator takes a transaction-level advisory
+ * lock around the whole run, so ten nodes calling this at once migrate once and the other
+ * nine find nothing to do.
+ */
+export async function migrateToLatest(pool: pg.Pool): Promise<MigrationResult> {
+  const found = await readSchemaVersion(pool)
+  if (found !== undefined && found > SCHEMA_VERSION) throw schemaTooNew(found)
+
+  // Kysely ends the pool it was given on destroy(); this one is borrowed, so give it a
+  // wrapper whose end() does nothing.
+  const db = new Kysely<unknown>({ dialect: new PostgresDialect({ pool: borrowed(pool) }) })
+  try {
+    const migrator = new Migrator({
+      db,
+      provider: migrationProvider,
+      migrationTableSchema: 'pgsingleton',
+      migrationTableName: 'kysely_migration',
+      migrationLockTableName: 'kysely_migration_lock',
+    })
+    const { error, results } = await migrator.migrateToLatest()
+    if (error) {
+      throw new SingletonError('SCHEMA_NOT_MIGRATED', `pg-singleton migrations failed: ${String((error as Error).message ?? error)}`, {
+        cause: error,
+      })
+    }
+    return {
+      applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),
+      schemaVersion: SCHEMA_VERSION,
+    }
+  } finally {
+    await db.destroy()
+  }
+}
+
+/** Refuses a database that is not migrated, or migrated by a newer pg-singleton. */
+export async function assertSchemaCurrent(pool: pg.Pool): Promise<void> {
+  const found = await readSchemaVersion(pool)
+  if (found === undefined || found < SCHEMA_VERSION) {
+    throw new SingletonError(
+      'SCHEMA_NOT_MIGRATED',
+      `The database has pg-singleton schema version ${found ?? 'none'}, this pg-singleton needs ${SCHEMA_VERSION}. ` +
+        'Run `pg-singleton migrate` (or add the migrations from `pg-singleton/migrations` to your Kysely migrator) first.',
+    )
+  }
+  if (found > SCHEMA_VERSION) throw schemaTooNew(found)
+}
+
+async function readSchemaVersion(pool: pg.Pool): Promise<number | undefined> {
+  try {
+    const { rows } = await pool.query<{ schema_version: number }>(
+      'SELECT schema_version FROM pgsingleton.meta',
+    )
+    return rows[0]?.schema_version
+  } catch (error) {
+    if (sqlState(error) === SQLSTATE.UNDEFINED_TABLE) return undefined
+    throw error
+  }
+}
+
+function schemaTooNew(found: number): SingletonError {
+  return new SingletonError(
+    'SCHEMA_TOO_NEW',
+    `The database has pg-singleton schema version ${found}, newer than the ${SCHEMA_VERSION} this pg-singleton knows. ` +
+      'Upgrade pg-singleton on this node; it will not run against a schema it does not understand.',
+  )
+}
+
+function borrowed(pool: pg.Pool): pg.Pool {
+  return new Proxy(pool, {
+    get(target, property, receiver) {
+      if (property === 'end') return async () => {}
+      const value = Reflect.get(target, property, receiver)
+      return typeof value === 'function' ? value.bind(target) : value
+    },
+  })
+}

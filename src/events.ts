@@ -1,0 +1,22 @@
+import type { Lease } from './lock/lock-session.js'
+import type { BatchReport, RunReport } from './cleanup/run-cleanup.js'
+import type { ScheduledRun } from './schedule/scheduler.js'
+
+/** Typed events of a singleton node. Listeners that throw are logged, never break the node. */
+export interface SingletonEvents {
+  /** Connected and queued for the lock. */
+  'lock:waiting': [{ nodeId: string }]
+  /** This node holds the singleton under a new epoch. */
+  'lock:acquired': [Lease]
+  /** This node stopped holding it without being asked to (fence, lost session). */
+  'lock:lost': [{ lease: Lease; reason: string }]
+  /** `stop()` released the lock. */
+  'lock:released': [Lease]
+  /** The holder scheduled a cleanup run (a due occurrence, or one taken over from an older epoch). */
+  'schedule:sent': [ScheduledRun]
+  'cleanup:batch': [BatchReport]
+  /** A cleanup run ended: `done`, `fenced` (stale epoch), or `skipped` (already finished). */
+  'cleanup:done': [RunReport]
+  /** Background failures: lock session, schedule ticks, cleanup batches. */
+  error: [Error]
+}

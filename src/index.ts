@@ -1,0 +1,20 @@
+/**
+ * pg-singleton's public API. Everything not exported here is internal.
+ */
+export { createSingleton, Singleton } from './singleton.js'
+export type { SingletonOptions, ResolvedOptions } from './config/options.js'
+export { DEFAULTS } from './config/options.js'
+export type { RetentionPolicy } from './config/policy.js'
+export type { Logger } from './config/logger.js'
+export { consoleLogger, silentLogger } from './config/logger.js'
+export type { SingletonEvents } from './events.js'
+export type { Lease } from './lock/lock-session.js'
+export type { RunReport, BatchReport } from './cleanup/run-cleanup.js'
+export type { ScheduledRun } from './schedule/scheduler.js'
+export type { SingletonStatus } from './status/read-status.js'
+export { readStatus } from './status/read-status.js'
+export { lockKey } from './lock/lock-key.js'
+export { migrateToLatest, assertSchemaCurrent, type MigrationResult } from './db/migrate.js'
+export { migrations, migrationProvider, SCHEMA_VERSION } from '../migrations/index.js'
+export { SingletonError, type SingletonErrorCode } from './errors.js'
+export { loadConfigFile, type ConfigFile } from './config/config-file.js'

@@ -1,0 +1,174 @@
+import pg from 'pg'
+import { SQLSTATE, sqlState } from '../db/sqlstate.js'
+import { SingletonError } from '../errors.js'
+
+export interface Lease {
+  readonly name: string
+  readonly epoch: number
+  readonly nodeId: string
+  readonly backendPid: number
+  readonly acquiredAt: Date
+}
+
+export interface LockSessionSettings {
+  readonly name: string
+  readonly nodeId: string
+  readonly idleSessionTimeoutMs: number
+  readonly lockWaitSliceMs: number
+  /** How often the server checks, during a long lock wait, that our socket is still there. */
+  readonly connectionCheckMs: number
+}
+
+/**
+ * One dedicated connection that waits for, holds and releases the singleton's advisory
+ * lock. Never a pooled client: a pooled connection goes back to its pool with the lock
+ * still on it, and the lock's lifetime must be exactly this session's.
+ */
+export class LockSession {
+  readonly #client: pg.Client
+  readonly #settings: LockSessionSettings
+  #closed = false
+  #backendPid = 0
+
+  constructor(connection: pg.ClientConfig, settings: LockSessionSettings) {
+    this.#settings = settings
+    this.#client = new pg.Client({ ...connection, application_name: settings.nodeId, keepAlive: true })
+  }
+
+  get backendPid(): number {
+    return this.#backendPid
+  }
+
+  /** Registers a listener for the session's end (server closed it, network error). */
+  onLost(listener: (error: Error) => void): void {
+    this.#client.on('error', listener)
+    this.#client.on('end', () => listener(new Error('the lock session ended')))
+  }
+
+  async connect(): Promise<void> {
+    // An idle client that errors emits 'error'; without a listener Node would end the process.
+    this.#client.on('error', () => {})
+    await this.#client.connect()
+    const { idleSessionTimeoutMs, lockWaitSliceMs, connectionCheckMs } = this.#settings
+    const { rows } = await this.#client.query<{ pid: number; version: number }>(
+      `SELECT pg_backend_pid() AS pid, current_setting('server_version_num')::int AS version,
+              set_config('idle_session_timeout', $1, false),
+              set_config('lock_timeout', $2, false),
+              set_config('client_connection_check_interval', $3, false),
+              set_config('statement_timeout', '0', false)`,
+      [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, `${connectionCheckMs}ms`],
+    )
+    const first = rows[0]
+    if (!first || first.version < 140000) {
+      throw new SingletonError(
+        'SESSION_NOT_KEPT',
+        `PostgreSQL ${first?.version ?? '?'} is too old: the lock session needs idle_session_timeout (PostgreSQL 14+) to cut off a silent holder.`,
+      )
+    }
+    // A transaction-mode pooler (PgBouncer) hands each statement to whichever server
+    // connection is free: session settings and session locks do not stay with us. Two
+    // more statements must see the same backend and the setting we just made.
+    for (let i = 0; i < 2; i++) {
+      const { rows: again } = await this.#client.query<{ pid: number; idle: string }>(
+        `SELECT pg_backend_pid() AS pid, current_setting('idle_session_timeout') AS idle`,
+      )
+      if (again[0]?.pid !== first.pid || again[0]?.idle === '0') {
+        throw new SingletonError(
+          'SESSION_NOT_KEPT',
+          'The lock connection does not keep one server session (is it going through PgBouncer in transaction mode?). ' +
+            'Session advisory locks need a direct connection: point the lock connection at PostgreSQL itself or a session-mode pooler.',
+        )
+      }
+    }
+    this.#backendPid = first.pid
+  }
+
+  /**
+   * Waits inside PostgreSQL for the lock: the server grants it to the first waiter the
+   * moment the holder's backend ends, so failover costs a round trip, not a polling
+   * interval. Waits in `lock_timeout` slices so that a stop is noticed.
+   */
+  async acquire(signal: AbortSignal): Promise<boolean> {
+    while (!signal.aborted) {
+      try {
+        await this.#client.query('SELECT pg_advisory_lock(pgsingleton.lock_key($1))', [this.#settings.name])
+        return true
+      } catch (error) {
+        if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
+        if (signal.aborted) return false
+        throw error
+      }
+    }
+    return false
+  }
+
+  /**
+   * Bumps the singleton's epoch, the fencing token of this holdership. Locks the lease
+   * row FOR UPDATE first, which waits for any cleanup batch of the previous epoch that
+   * still holds its FOR KEY SHARE fence; after this commits, no batch of an older epoch
+   * can pass its fence check.
+   */
+  async bumpEpoch(): Promise<Lease> {
+    const { name, nodeId } = this.#settings
+    for (;;) {
+      try {
+        const { rows } = await this.#client.query<{ epoch: string; acquired_at: Date }>(
+          `WITH previous AS (SELECT epoch FROM pgsingleton.leases WHERE name = $1 FOR UPDATE)
+           INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
+           VALUES ($1, coalesce((SELECT epoch FROM previous), 0) + 1, $2, pg_backend_pid(), now(), now())
+           ON CONFLICT (name) DO UPDATE
+             SET epoch = l.epoch + 1, node_id = excluded.node_id, backend_pid = excluded.backend_pid,
+                 acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
+           RETURNING epoch, acquired_at`,
+          [name, nodeId],
+        )
+        const row = rows[0]
+        if (!row) throw new Error('the epoch bump returned no row')
+        return { name, nodeId, epoch: Number(row.epoch), backendPid: this.#backendPid, acquiredAt: row.acquired_at }
+      } catch (error) {
+        // A batch of the old epoch is still in flight; its statement_timeout bounds the wait.
+        if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
+        throw error
+      }
+    }
+  }
+
+  /** True while this session's epoch is still the current one. */
+  async heartbeat(epoch: number): Promise<boolean> {
+    const result = await this.#client.query(
+      `UPDATE pgsingleton.leases SET heartbeat_at = now()
+        WHERE name = $1 AND epoch = $2 AND backend_pid = pg_backend_pid()`,
+      [this.#settings.name, epoch],
+    )
+    return result.rowCount === 1
+  }
+
+  /** Unlocks and closes: the next waiter is granted the lock at once. */
+  async release(): Promise<void> {
+    if (this.#closed) return
+    try {
+      await this.#client.query('SELECT pg_advisory_unlock_all()')
+    } finally {
+      await this.close()
+    }
+  }
+
+  /** Closes the connection; the server frees the lock when the backend ends. */
+  async close(): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    await Promise.race([this.#client.end().catch(() => {}), new Promise((resolve) => setTimeout(resolve, 1000).unref())])
+    this.destroy()
+  }
+
+  /**
+   * Tears the socket down without a goodbye. Used when the session can no longer be
+   * trusted (a heartbeat that did not answer in time): a client-side timeout does not
+   * cancel the query on the server, so the only safe move is to drop the connection.
+   */
+  destroy(): void {
+    this.#closed = true
+    const stream = (this.#client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream
+    stream?.destroy()
+  }
+}

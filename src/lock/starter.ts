@@ -1,0 +1,125 @@
+import type pg from 'pg'
+import { errorMessage } from '../errors.js'
+import { holdUntilLost } from './hold.js'
+import { type Lease, LockSession, type LockSessionSettings } from './lock-session.js'
+
+export interface StarterHooks {
+  onWaiting(): void
+  /** The node holds the singleton; `fence` aborts when it must stop acting as holder. */
+  onAcquired(lease: Lease, fence: AbortSignal): void
+  onLost(lease: Lease, reason: string): void
+  onError(error: unknown): void
+}
+
+export interface StarterSettings extends LockSessionSettings {
+  readonly heartbeatMs: number
+  readonly fenceAfterMs: number
+  readonly reconnectDelayMs: number
+}
+
+const MAX_RECONNECT_DELAY_MS = 5000
+
+/**
+ * Every node runs one: connect, wait in PostgreSQL's lock queue, hold with heartbeats,
+ * and after any loss (fence, terminated backend, database restart) reconnect with
+ * backoff and queue again. Losing the session never ends the process.
+ */
+export class Starter {
+  readonly #connection: pg.ClientConfig
+  readonly #settings: StarterSettings
+  readonly #hooks: StarterHooks
+  readonly #stop = new AbortController()
+  #loop: Promise<void> | undefined
+  #held: LockSession | undefined
+  #lease: Lease | undefined
+
+  constructor(connection: pg.ClientConfig, settings: StarterSettings, hooks: StarterHooks) {
+    this.#connection = connection
+    this.#settings = settings
+    this.#hooks = hooks
+  }
+
+  get lease(): Lease | undefined {
+    return this.#lease
+  }
+
+  start(): void {
+    this.#loop ??= this.#run()
+  }
+
+  /**
+   * Stops waiting, or stops holding: the holder's fence signal aborts at once, then
+   * `beforeRelease` runs (the caller lets in-flight work end), then the lock is released
+   * so the next node takes over at once.
+   */
+  async stop(beforeRelease: () => Promise<void>): Promise<Lease | undefined> {
+    this.#stop.abort()
+    await this.#loop
+    await beforeRelease()
+    const lease = this.#lease
+    this.#lease = undefined
+    const held = this.#held
+    this.#held = undefined
+    if (held) await held.release()
+    return lease
+  }
+
+  async #run(): Promise<void> {
+    const stop = this.#stop.signal
+    let delay = this.#settings.reconnectDelayMs
+    while (!stop.aborted) {
+      const session = new LockSession(this.#connection, this.#settings)
+      // Breaks a wait inside pg_advisory_lock at once; the server drops the queued
+      // waiter when client_connection_check_interval sees the socket gone.
+      const abortWait = () => session.destroy()
+      stop.addEventListener('abort', abortWait)
+      try {
+        await session.connect()
+        this.#hooks.onWaiting()
+        const acquired = await session.acquire(stop)
+        stop.removeEventListener('abort', abortWait)
+        if (!acquired || stop.aborted) {
+          await session.close()
+          break
+        }
+        const lease = await session.bumpEpoch()
+        delay = this.#settings.reconnectDelayMs
+        this.#lease = lease
+        this.#held = session
+        const fence = new AbortController()
+        this.#hooks.onAcquired(lease, fence.signal)
+        const reason = await holdUntilLost(session, lease, this.#settings, stop)
+        fence.abort(reason)
+        if (reason === 'stopped') break // stop() releases after the caller's work has ended
+        this.#held = undefined
+        this.#lease = undefined
+        session.destroy()
+        this.#hooks.onLost(lease, reason)
+      } catch (error) {
+        stop.removeEventListener('abort', abortWait)
+        session.destroy()
+        if (this.#held === session) {
+          this.#held = undefined
+          this.#lease = undefined
+        }
+        if (stop.aborted) break
+        this.#hooks.onError(new Error(`lock session failed, reconnecting in ${delay} ms: ${errorMessage(error)}`, { cause: error }))
+        await sleep(delay, stop)
+        delay = Math.min(delay * 2, MAX_RECONNECT_DELAY_MS)
+      }
+    }
+  }
+}
+
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve()
+    const timer = setTimeout(done, ms)
+    function done() {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', done)
+      resolve()
+    }
+    signal?.addEventListener('abort', done)
+  })
+}

@@ -1,0 +1,240 @@
+import { EventEmitter } from 'node:events'
+import pg from 'pg'
+import { PgBoss } from 'pg-boss'
+import { CleanupWorker, ensureQueue } from './cleanup/cleanup-worker.js'
+import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
+import { validatePolicies } from './config/validate-policies.js'
+import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
+import type { TransactionLimits } from './db/transaction.js'
+import { errorMessage } from './errors.js'
+import type { SingletonEvents } from './events.js'
+import { type Lease, LockSession } from './lock/lock-session.js'
+import { Starter } from './lock/starter.js'
+import { runScheduler } from './schedule/scheduler.js'
+import { readStatus, type SingletonStatus } from './status/read-status.js'
+
+/** The server checks a waiting lock session's socket this often (client_connection_check_interval). */
+const CONNECTION_CHECK_MS = 1000
+
+/**
+ * One node of a cluster-wide singleton. Every node runs one; the one whose lock session
+ * holds the advisory lock schedules cleanup runs, and every node works the cleanup queue.
+ */
+export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDisposable {
+  readonly options: ResolvedOptions
+  #pool: pg.Pool | undefined
+  #boss: PgBoss | undefined
+  #worker: CleanupWorker | undefined
+  #starter: Starter | undefined
+  #scheduler: Promise<void> | undefined
+  #starting: Promise<void> | undefined
+  #stopping: Promise<void> | undefined
+
+  constructor(options: SingletonOptions) {
+    super()
+    this.options = resolveOptions(options)
+  }
+
+  get nodeId(): string {
+    return this.options.nodeId
+  }
+
+  /** The lease this node holds, or undefined when it is a standby. */
+  get lease(): Lease | undefined {
+    return this.#starter?.lease
+  }
+
+  /**
+   * Checks the schema and every policy against the database (failing before anything
+   * is deleted), starts the cleanup worker, and queues for the lock. Resolves once the
+   * node is queued or holding; holding is announced by `lock:acquired`. Idempotent.
+   */
+  start(): Promise<void> {
+    if (this.#stopping) return Promise.reject(new Error('this singleton node was stopped; create a new one'))
+    this.#starting ??= this.#start().catch(async (error) => {
+      await this.#shutdown()
+      throw error
+    })
+    return this.#starting
+  }
+
+  /**
+   * Stops scheduling, lets the batch in flight commit, then unlocks and closes, so the
+   * next node takes over at once. Idempotent; safe to call while `start()` runs.
+   */
+  stop(): Promise<void> {
+    this.#stopping ??= (async () => {
+      await this.#starting?.catch(() => {})
+      await this.#shutdown()
+    })()
+    return this.#stopping
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop()
+  }
+
+  /** Every singleton's row of `pgsingleton.status` (or this one's with `name`). */
+  async status(): Promise<SingletonStatus | undefined> {
+    const [row] = await readStatus(this.#requirePool(), this.options.name)
+    return row
+  }
+
+  /** The node id that holds this singleton now, by the server's lock table; null if none. */
+  async whereis(): Promise<string | null> {
+    return (await this.status())?.nodeId ?? null
+  }
+
+  async #start(): Promise<void> {
+    const options = this.options
+    const pool = options.pool ?? new pg.Pool({ connectionString: options.connectionString, max: 4, application_name: `${options.nodeId} pool` })
+    if (!options.pool) pool.on('error', (error) => this.#emitError(error))
+    this.#pool = pool
+    if (options.migrate) await migrateToLatest(pool)
+    await assertSchemaCurrent(pool)
+    await validatePolicies(pool, options.policies)
+
+    const connection: pg.ClientConfig = options.connectionString ? { connectionString: options.connectionString } : { ...(pool as unknown as { options: pg.ClientConfig }).options }
+    const sessionSettings = {
+      name: options.name,
+      nodeId: options.nodeId,
+      idleSessionTimeoutMs: options.idleSessionTimeoutMs,
+      lockWaitSliceMs: options.lockWaitSliceMs,
+      connectionCheckMs: CONNECTION_CHECK_MS,
+    }
+    // Fail start() now, not in the background, where the lock connection cannot keep a
+    // session (a transaction pooler) or the server is too old.
+    const probe = new LockSession(connection, sessionSettings)
+    try {
+      await probe.connect()
+    } finally {
+      await probe.close()
+    }
+
+    const boss =
+      options.boss ??
+      new PgBoss({
+        ...(options.connectionString ? { connectionString: options.connectionString } : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
+        application_name: `${options.nodeId} pg-boss`,
+        max: 4,
+        schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
+        useListenNotify: Boolean(options.connectionString),
+      })
+    this.#boss = boss
+    if (!options.boss) {
+      boss.on('error', (error) => this.#emitError(error))
+      await boss.start()
+    }
+    await ensureQueue(boss, options.name)
+
+    const limits: TransactionLimits = {
+      lockTimeoutMs: options.batchLockTimeoutMs,
+      statementTimeoutMs: options.batchStatementTimeoutMs,
+      // A worker frozen inside a batch holds its fence lock; the server ends it on the
+      // same bound that ends a frozen holder's session.
+      idleInTransactionTimeoutMs: options.idleSessionTimeoutMs,
+    }
+    this.#worker = new CleanupWorker(
+      boss,
+      options.name,
+      {
+        pool,
+        nodeId: options.nodeId,
+        policies: options.policies,
+        limits,
+        batchPauseMs: options.batchPauseMs,
+        onBatch: (batch) => this.#safeEmit('cleanup:batch', batch),
+      },
+      options.workerPollingIntervalSeconds,
+      {
+        onRun: (report) => {
+          options.logger.info({ ...report }, `cleanup run ${report.status}`)
+          this.#safeEmit('cleanup:done', report)
+        },
+        onError: (error) => this.#emitError(error),
+      },
+    )
+    await this.#worker.start()
+
+    this.#starter = new Starter(
+      connection,
+      { ...sessionSettings, heartbeatMs: options.heartbeatMs, fenceAfterMs: options.fenceAfterMs, reconnectDelayMs: options.reconnectDelayMs },
+      {
+        onWaiting: () => {
+          options.logger.info({}, 'queued for the lock')
+          this.#safeEmit('lock:waiting', { nodeId: options.nodeId })
+        },
+        onAcquired: (lease, fence) => {
+          options.logger.info({ epoch: lease.epoch, backendPid: lease.backendPid }, 'holding the singleton')
+          this.#safeEmit('lock:acquired', lease)
+          this.#scheduler = runScheduler(
+            {
+              pool,
+              boss,
+              policies: options.policies,
+              limits,
+              onScheduled: (run) => {
+                options.logger.info({ ...run }, 'cleanup run scheduled')
+                this.#safeEmit('schedule:sent', run)
+              },
+              onError: (error) => this.#emitError(error),
+            },
+            lease,
+            fence,
+          )
+        },
+        onLost: (lease, reason) => {
+          options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
+          this.#safeEmit('lock:lost', { lease, reason })
+        },
+        onError: (error) => this.#emitError(error),
+      },
+    )
+    this.#starter.start()
+  }
+
+  async #shutdown(): Promise<void> {
+    const letWorkEnd = async () => {
+      // 1. Scheduling stops: the starter has aborted the holder's fence signal.
+      await this.#scheduler?.catch(() => {})
+      // 2. The batch in flight commits and the worker takes no more jobs.
+      await this.#worker?.stop().catch((error) => this.#emitError(error))
+    }
+    // 3. Only then is the lock released, and the next node takes over at once.
+    const lease = this.#starter
+      ? await this.#starter.stop(letWorkEnd).catch((error) => {
+          this.#emitError(error)
+          return undefined
+        })
+      : await letWorkEnd()
+    if (lease) {
+      this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
+      this.#safeEmit('lock:released', lease)
+    }
+    if (this.#boss && !this.options.boss) await this.#boss.stop({ graceful: true, close: true, timeout: 10_000 }).catch(() => {})
+    if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
+  }
+
+  #requirePool(): pg.Pool {
+    if (!this.#pool) throw new Error('start() the singleton before asking for its status')
+    return this.#pool
+  }
+
+  #safeEmit<K extends keyof SingletonEvents>(event: K, ...args: SingletonEvents[K]): void {
+    try {
+      ;(this.emit as (event: K, ...args: SingletonEvents[K]) => boolean)(event, ...args)
+    } catch (error) {
+      this.options.logger.error({ event, error: errorMessage(error) }, 'an event listener threw')
+    }
+  }
+
+  #emitError(error: unknown): void {
+    const wrapped = error instanceof Error ? error : new Error(String(error))
+    this.options.logger.error({ error: wrapped.message }, 'background error')
+    if (this.listenerCount('error') > 0) this.#safeEmit('error', wrapped)
+  }
+}
+
+export function createSingleton(options: SingletonOptions): Singleton {
+  return new Singleton(options)
+}
