@@ -93,6 +93,12 @@ export async function up(db: Kysely<unknown>): Promise<void> {
   await sql`
     CREATE INDEX cleanup_runs_open ON pgsingleton.cleanup_runs (singleton, epoch)
     WHERE status IN ('scheduled', 'running', 'failed')`.execute(db)
+  // The holder looks for fenced occurrences without a successor on every tick.
+  await sql`
+    CREATE INDEX cleanup_runs_fenced ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for)
+    WHERE status = 'fenced'`.execute(db)
+  await sql`
+    CREATE INDEX cleanup_runs_occurrence ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for)`.execute(db)
   await sql`
     CREATE INDEX cleanup_runs_finished ON pgsingleton.cleanup_runs (singleton, finished_at DESC)`.execute(
     db,

@@ -88,21 +88,35 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     if (held.rowCount !== 1 || fence.aborted) return { scheduled: [] as ScheduledRun[], waitMs: MAX_TICK_MS }
 
     const work: { policy: string; scheduledFor: Date; missed: number; reissued: boolean }[] = []
-    // Runs that an older epoch scheduled but that never finished: their jobs will fail
-    // their fence, so this holder takes each occurrence over under its own epoch.
-    const orphans = await client.query<{ policy: string; scheduled_for: Date }>(
+    // Runs that an older epoch scheduled and that are still open can never finish: their
+    // fence has moved. This holder closes them and takes each occurrence over.
+    const orphans = await client.query<{ policy: string; scheduled_for: Date; job_id: string | null }>(
       `UPDATE pgsingleton.cleanup_runs
           SET status = 'fenced', finished_at = now(),
               error = format('superseded: epoch %s took over before the run finished', $2::bigint)
         WHERE singleton = $1 AND epoch < $2 AND status IN ('scheduled', 'running', 'failed')
-        RETURNING policy, scheduled_for`,
+        RETURNING policy, scheduled_for, job_id`,
       [lease.name, lease.epoch],
     )
-    const seen = new Set<string>()
-    for (const row of orphans.rows) {
-      const key = `${row.policy}\u0000${row.scheduled_for.toISOString()}`
-      if (!names.includes(row.policy) || seen.has(key)) continue
-      seen.add(key)
+    const db = { executeSql: (text: string, values?: unknown[]) => client.query(text, values) }
+    // Their pg-boss jobs are cancelled too: a job left `active` by a killed worker would
+    // otherwise hold the policy's singleton slot until it expires, and the re-issued
+    // occurrence would queue behind it. A worker still running one is fenced anyway.
+    const staleJobs = orphans.rows.flatMap((row) => (row.job_id ? [row.job_id] : []))
+    if (staleJobs.length > 0) await deps.boss.cancel(queueName(lease.name), staleJobs, { db })
+    // Every occurrence whose runs all ended fenced under an older epoch is unfinished:
+    // the ones just superseded above, and the ones whose worker found its fence moved
+    // and recorded `fenced` itself before this tick could.
+    const unfinished = await client.query<{ policy: string; scheduled_for: Date }>(
+      `SELECT DISTINCT f.policy, f.scheduled_for FROM pgsingleton.cleanup_runs f
+        WHERE f.singleton = $1 AND f.status = 'fenced' AND f.epoch < $2 AND f.policy = ANY($3::text[])
+          AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs d
+                           WHERE d.singleton = f.singleton AND d.policy = f.policy
+                             AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')
+        ORDER BY f.scheduled_for`,
+      [lease.name, lease.epoch, names],
+    )
+    for (const row of unfinished.rows) {
       work.push({ policy: row.policy, scheduledFor: row.scheduled_for, missed: 0, reissued: true })
     }
 
@@ -128,7 +142,6 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     }
 
     const runs: ScheduledRun[] = []
-    const db = { executeSql: (text: string, values?: unknown[]) => client.query(text, values) }
     for (const item of work) {
       const inserted = await client.query<{ id: string }>(
         `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by)

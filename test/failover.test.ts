@@ -1,0 +1,186 @@
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { createEventsTable, countRows, dbNow, insertRows, invariantViolations, statusOf } from './support/app-table.js'
+import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
+import { type NodeProcess, reapNodes, startNode, writeConfig } from './support/nodes.js'
+
+// Short timings so that the pause test finishes fast: the server cuts a silent holder
+// after 1 s; the holder fences itself after 600 ms without a successful heartbeat.
+const TIMING = { heartbeatMs: 200, fenceAfterMs: 600, idleSessionTimeoutMs: 1000 }
+const POLICY = { name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second', batchSize: 200 }
+
+let db: TestDatabase
+let nameSeq = 0
+
+beforeAll(async () => {
+  db = await createTestDatabase()
+  await createEventsTable(db.pool)
+})
+afterAll(async () => {
+  await db?.drop()
+})
+afterEach(async () => {
+  const left = await reapNodes()
+  expect(left, 'the test left node processes running').toEqual([])
+})
+
+async function cluster(count: number, extra: object = {}): Promise<{ name: string; nodes: NodeProcess[] }> {
+  const name = `failover-${++nameSeq}`
+  const config = await writeConfig({ name, policies: [POLICY], ...TIMING, ...extra })
+  const nodes = Array.from({ length: count }, (_, i) => startNode(db.url, config, `${name}-node-${i + 1}`))
+  await waitFor('a holder and all others queued', async () => {
+    const row = await statusOf(db.pool, name)
+    return row?.nodeId && row.epoch !== null && row.waitingNodes === count - 1 ? row : undefined
+  })
+  return { name, nodes }
+}
+
+const byId = (nodes: NodeProcess[], id: string | null) => {
+  const node = nodes.find((n) => n.id === id)
+  if (!node) throw new Error(`no node ${id}`)
+  return node
+}
+
+async function stopAll(nodes: NodeProcess[]): Promise<void> {
+  for (const node of nodes) if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
+  const exits = await Promise.all(nodes.map((node) => node.exited))
+  return void exits
+}
+
+describe('failover between real node processes', () => {
+  it('kill -9 of the holder: another node holds a higher epoch within 1 s and cleans rows outdated after the kill', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await insertRows(db.pool, 3000, '2 hours')
+    await insertRows(db.pool, 1000, '10 minutes')
+    const { name, nodes } = await cluster(3)
+    await waitFor('the first cleanup', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+
+    const before = await statusOf(db.pool, name)
+    const holder = byId(nodes, before?.nodeId ?? null)
+    const killedAt = await dbNow(db.pool)
+    holder.signal('SIGKILL')
+    const after = await waitFor('a new holder', async () => {
+      const row = await statusOf(db.pool, name)
+      return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
+    })
+    expect(after.nodeId).not.toBe(before?.nodeId)
+    const takeoverMs = (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - killedAt.getTime()
+    expect(takeoverMs).toBeLessThan(1000)
+    expect((await holder.exited).signal).toBe('SIGKILL')
+
+    await insertRows(db.pool, 1500, '3 hours')
+    await waitFor('the new holder to clean rows outdated after the kill', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+    expect(await countRows(db.pool, 'true')).toBe(1000) // the young rows, every one
+    const epochs = await db.pool.query(
+      `SELECT DISTINCT epoch FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done' AND rows_deleted > 0 ORDER BY epoch`,
+      [name],
+    )
+    expect(epochs.rows.map((r) => Number(r.epoch))).toContain(after.epoch)
+
+    const survivors = nodes.filter((n) => n !== holder)
+    await stopAll(survivors)
+    for (const node of survivors) expect((await node.exited).code, node.output()).toBe(0)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+
+  it('SIGTERM of the holder: it finishes, releases, exits 0, and the next node takes over at once', async () => {
+    const { name, nodes } = await cluster(2)
+    const before = await statusOf(db.pool, name)
+    const holder = byId(nodes, before?.nodeId ?? null)
+    const signalledAt = await dbNow(db.pool)
+    holder.signal('SIGTERM')
+    expect((await holder.exited).code, holder.output()).toBe(0)
+    const after = await waitFor('the standby to take over', async () => {
+      const row = await statusOf(db.pool, name)
+      return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
+    })
+    expect(after.nodeId).not.toBe(before?.nodeId)
+    expect((after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - signalledAt.getTime()).toBeLessThan(1000)
+    expect(holder.output()).toContain('released the singleton')
+    await stopAll(nodes)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+
+  it('pg_terminate_backend of the lock session: the node lives on and queues again, another takes over', async () => {
+    const { name, nodes } = await cluster(2)
+    const before = await statusOf(db.pool, name)
+    const holder = byId(nodes, before?.nodeId ?? null)
+    await db.pool.query('SELECT pg_terminate_backend($1)', [before?.backendPid])
+    const after = await waitFor('a takeover and the old holder queued again', async () => {
+      const row = await statusOf(db.pool, name)
+      return row?.nodeId && row.nodeId !== before?.nodeId && row.waitingNodeIds.includes(holder.id) ? row : undefined
+    })
+    expect(after.epoch).toBeGreaterThan(before?.epoch ?? 0)
+    expect(holder.child.exitCode).toBeNull()
+    await stopAll(nodes)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+
+  it('SIGSTOP of the holder: the server cuts it off, another takes over; on SIGCONT it fences itself and queues', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    const { name, nodes } = await cluster(2)
+    const before = await statusOf(db.pool, name)
+    const holder = byId(nodes, before?.nodeId ?? null)
+    const pausedAt = await dbNow(db.pool)
+    holder.signal('SIGSTOP')
+    const after = await waitFor('a takeover from the paused holder', async () => {
+      const row = await statusOf(db.pool, name)
+      return row?.nodeId && row.nodeId !== before?.nodeId ? row : undefined
+    })
+    const takeoverMs = (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - pausedAt.getTime()
+    expect(takeoverMs).toBeGreaterThanOrEqual(TIMING.idleSessionTimeoutMs - 50)
+    expect(takeoverMs).toBeLessThan(TIMING.idleSessionTimeoutMs + 4000)
+
+    await insertRows(db.pool, 700, '2 hours')
+    holder.signal('SIGCONT')
+    await waitFor('the resumed node to queue again', async () => (await statusOf(db.pool, name))?.waitingNodeIds.includes(holder.id))
+    await waitFor('the rows to be cleaned', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+    expect(holder.output()).toMatch(/fenced: no longer the holder/)
+    const stale = await db.pool.query(
+      `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
+        WHERE r.singleton = $1 AND b.epoch < $2 AND b.began_at >= $3`,
+      [name, after.epoch, after.acquiredAt],
+    )
+    expect(stale.rows[0].n).toBe(0)
+    await stopAll(nodes)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+
+  it('a run of the old epoch is fenced mid-run: it deletes nothing after the takeover, and the new holder finishes the occurrence', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await insertRows(db.pool, 10_000, '2 hours')
+    // 50 batches of 200 with 50 ms between them: the run is still going when the holder loses its session.
+    const { name, nodes } = await cluster(2, { batchPauseMs: 50 })
+    const before = await statusOf(db.pool, name)
+    await waitFor('the first batches', async () => {
+      const { rows } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id WHERE r.singleton = $1`,
+        [name],
+      )
+      return rows[0].n >= 3
+    })
+    await db.pool.query('SELECT pg_terminate_backend($1)', [before?.backendPid])
+    const after = await waitFor('a new holder', async () => {
+      const row = await statusOf(db.pool, name)
+      return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
+    })
+    await waitFor('every outdated row deleted', async () => (await countRows(db.pool, 'true')) === 0)
+    const { rows: runs } = await db.pool.query(
+      `SELECT epoch, status, rows_deleted FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND epoch = $2`,
+      [name, before?.epoch],
+    )
+    expect(runs.some((r) => r.status === 'fenced' && Number(r.rows_deleted) > 0)).toBe(true)
+    const late = await db.pool.query(
+      `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
+        WHERE r.singleton = $1 AND b.epoch = $2 AND b.ended_at >= $3`,
+      [name, before?.epoch, after.acquiredAt],
+    )
+    expect(late.rows[0].n).toBe(0)
+    const { rows: total } = await db.pool.query(
+      `SELECT sum(rows_deleted)::int AS n FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+      [name],
+    )
+    expect(total[0].n).toBe(10_000) // every row deleted exactly once, across both epochs
+    await stopAll(nodes)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+})
