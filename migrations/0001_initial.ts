@@ -75,6 +75,10 @@ export async function up(db: Kysely<unknown>): Promise<void> {
       epoch bigint NOT NULL,
       scheduled_for timestamptz NOT NULL,
       scheduled_by text NOT NULL,
+      -- later slots of the grid that came due while nobody held the singleton, run as part of this one
+      coalesced integer NOT NULL DEFAULT 0,
+      -- true when a holder re-issued an occurrence an older epoch had left unfinished
+      reissued boolean NOT NULL DEFAULT false,
       node_id text,
       job_id text,
       created_at timestamptz NOT NULL DEFAULT now(),

@@ -12,8 +12,8 @@ export interface ScheduledRun {
   policy: string
   scheduledFor: Date
   epoch: number
-  /** Occurrences passed over because the singleton was not held when they came due. */
-  missed: number
+  /** Later slots that came due while nobody held the singleton, coalesced into this run. */
+  coalesced: number
   /** True when this re-issues an occurrence a previous holder scheduled but did not finish. */
   reissued: boolean
 }
@@ -25,6 +25,14 @@ export interface SchedulerDeps {
   readonly limits: TransactionLimits
   onScheduled(run: ScheduledRun): void
   onError(error: unknown): void
+}
+
+interface RunRow {
+  id: string
+  policy: string
+  scheduled_for: Date
+  coalesced: number
+  reissued: boolean
 }
 
 /** The longest the holder sleeps between two looks at the schedule. */
@@ -87,74 +95,72 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     )
     if (held.rowCount !== 1 || fence.aborted) return { scheduled: [] as ScheduledRun[], waitMs: MAX_TICK_MS }
 
-    const work: { policy: string; scheduledFor: Date; missed: number; reissued: boolean }[] = []
     // Runs that an older epoch scheduled and that are still open can never finish: their
     // fence has moved. This holder closes them and takes each occurrence over.
-    const orphans = await client.query<{ policy: string; scheduled_for: Date; job_id: string | null }>(
+    const superseded = await client.query<{ job_id: string | null }>(
       `UPDATE pgsingleton.cleanup_runs
           SET status = 'fenced', finished_at = now(),
               error = format('superseded: epoch %s took over before the run finished', $2::bigint)
         WHERE singleton = $1 AND epoch < $2 AND status IN ('scheduled', 'running', 'failed')
-        RETURNING policy, scheduled_for, job_id`,
+        RETURNING job_id`,
       [lease.name, lease.epoch],
     )
     const db = { executeSql: (text: string, values?: unknown[]) => client.query(text, values) }
     // Their pg-boss jobs are cancelled too: a job left `active` by a killed worker would
     // otherwise hold the policy's singleton slot until it expires, and the re-issued
     // occurrence would queue behind it. A worker still running one is fenced anyway.
-    const staleJobs = orphans.rows.flatMap((row) => (row.job_id ? [row.job_id] : []))
+    const staleJobs = superseded.rows.flatMap((row) => (row.job_id ? [row.job_id] : []))
     if (staleJobs.length > 0) await deps.boss.cancel(queueName(lease.name), staleJobs, { db })
+
     // Every occurrence whose runs all ended fenced under an older epoch is unfinished:
-    // the ones just superseded above, and the ones whose worker found its fence moved
-    // and recorded `fenced` itself before this tick could.
-    const unfinished = await client.query<{ policy: string; scheduled_for: Date }>(
-      `SELECT DISTINCT f.policy, f.scheduled_for FROM pgsingleton.cleanup_runs f
+    // the ones just superseded, and the ones whose worker found its fence moved and
+    // recorded `fenced` itself before this tick could. Timestamps stay in SQL: a round
+    // trip through a JS Date would cut microseconds and make a different occurrence.
+    const reissued = await client.query<RunRow>(
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, reissued)
+       SELECT DISTINCT f.singleton, f.policy, $2::bigint, f.scheduled_for, $4, true
+         FROM pgsingleton.cleanup_runs f
         WHERE f.singleton = $1 AND f.status = 'fenced' AND f.epoch < $2 AND f.policy = ANY($3::text[])
           AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs d
                            WHERE d.singleton = f.singleton AND d.policy = f.policy
                              AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')
-        ORDER BY f.scheduled_for`,
-      [lease.name, lease.epoch, names],
+       RETURNING id, policy, scheduled_for, coalesced, reissued`,
+      [lease.name, lease.epoch, names, lease.nodeId],
     )
-    for (const row of unfinished.rows) {
-      work.push({ policy: row.policy, scheduledFor: row.scheduled_for, missed: 0, reissued: true })
-    }
 
-    const due = await client.query<{ policy: string; scheduled_for: Date; missed: string }>(
+    // Due occurrences: advance each schedule past now() on its grid and record the run,
+    // in one statement.
+    const due = await client.query<RunRow>(
       `WITH due AS (
          SELECT singleton, policy, next_run_at,
                 floor(extract(epoch FROM now() - next_run_at) / extract(epoch FROM every))::bigint AS missed
            FROM pgsingleton.schedules
           WHERE singleton = $1 AND policy = ANY($3::text[]) AND next_run_at <= now()
           FOR UPDATE
+       ), advanced AS (
+         UPDATE pgsingleton.schedules s
+            SET last_scheduled_for = due.next_run_at,
+                next_run_at = due.next_run_at + s.every * (due.missed + 1)::double precision,
+                updated_epoch = $2
+           FROM due
+          WHERE s.singleton = due.singleton AND s.policy = due.policy
+          RETURNING s.policy, due.next_run_at, due.missed
        )
-       UPDATE pgsingleton.schedules s
-          SET last_scheduled_for = due.next_run_at,
-              next_run_at = due.next_run_at + s.every * (due.missed + 1)::double precision,
-              updated_epoch = $2
-         FROM due
-        WHERE s.singleton = due.singleton AND s.policy = due.policy
-        RETURNING s.policy, due.next_run_at AS scheduled_for, due.missed`,
-      [lease.name, lease.epoch, names],
+       INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, coalesced)
+       SELECT $1, policy, $2, next_run_at, $4, missed FROM advanced
+       RETURNING id, policy, scheduled_for, coalesced, reissued`,
+      [lease.name, lease.epoch, names, lease.nodeId],
     )
-    for (const row of due.rows) {
-      work.push({ policy: row.policy, scheduledFor: row.scheduled_for, missed: Number(row.missed), reissued: false })
-    }
 
     const runs: ScheduledRun[] = []
-    for (const item of work) {
-      const inserted = await client.query<{ id: string }>(
-        `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id`,
-        [lease.name, item.policy, lease.epoch, item.scheduledFor, lease.nodeId],
-      )
-      const runId = String(inserted.rows[0]?.id)
-      const job: CleanupJob = { runId, singleton: lease.name, policy: item.policy, epoch: lease.epoch }
-      // Inserted through this transaction: the job exists if and only if the schedule moved on.
-      const jobId = await deps.boss.send(queueName(lease.name), job, { singletonKey: item.policy, db })
-      if (!jobId) throw new Error(`pg-boss refused the job for policy "${item.policy}"`)
+    for (const row of [...reissued.rows, ...due.rows]) {
+      const runId = String(row.id)
+      const job: CleanupJob = { runId, singleton: lease.name, policy: row.policy, epoch: lease.epoch }
+      // Inserted through this transaction: the job exists if and only if the run does.
+      const jobId = await deps.boss.send(queueName(lease.name), job, { singletonKey: row.policy, db })
+      if (!jobId) throw new Error(`pg-boss refused the job for policy "${row.policy}"`)
       await client.query('UPDATE pgsingleton.cleanup_runs SET job_id = $2 WHERE id = $1', [runId, jobId])
-      runs.push({ runId, policy: item.policy, scheduledFor: item.scheduledFor, epoch: lease.epoch, missed: item.missed, reissued: item.reissued })
+      runs.push({ runId, policy: row.policy, scheduledFor: row.scheduled_for, epoch: lease.epoch, coalesced: row.coalesced, reissued: row.reissued })
     }
 
     const next = await client.query<{ wait_ms: number | null }>(
