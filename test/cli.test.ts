@@ -1,0 +1,91 @@
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { createEventsTable, insertRows } from './support/app-table.js'
+import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
+import { reapNodes, runCli, startNode, writeConfig } from './support/nodes.js'
+
+let db: TestDatabase
+
+beforeAll(async () => {
+  db = await createTestDatabase({ migrate: false })
+})
+afterAll(async () => {
+  await db?.drop()
+})
+afterEach(async () => {
+  expect(await reapNodes(), 'the test left node processes running').toEqual([])
+})
+
+async function finish(args: string[], env: Record<string, string | undefined>, cwd?: string) {
+  const cli = runCli(args, env, cwd)
+  const { code } = await cli.exited
+  return { code, output: cli.output() }
+}
+
+describe('the pg-singleton command', () => {
+  it('prints help', async () => {
+    const { code, output } = await finish(['--help'], {})
+    expect(code).toBe(0)
+    expect(output).toMatch(/pg-singleton migrate/)
+    expect(output).toMatch(/pg-singleton status \[--json\]/)
+  })
+
+  it('migrates idempotently, runs, and reports status for people and as JSON', async () => {
+    const env = { DATABASE_URL: db.url }
+    expect((await finish(['migrate'], env)).output).toMatch(/Applied 0001_initial/)
+    expect((await finish(['migrate'], env)).output).toMatch(/up to date/)
+    await createEventsTable(db.pool)
+    await insertRows(db.pool, 42, '2 days')
+    const config = await writeConfig({ name: 'cli', policies: [{ name: 'old', table: 'app.events', column: 'created_at', olderThan: '1 day', every: '1 minute' }] })
+    const node = startNode(db.url, config, 'cli-node')
+    await waitFor('the first run', async () => /cleanup run done/.test(node.output()))
+
+    const json = await finish(['status', '--json'], env)
+    expect(json.code).toBe(0)
+    const rows = JSON.parse(json.output)
+    expect(rows).toHaveLength(1)
+    expect(rows[0]).toMatchObject({ name: 'cli', nodeId: 'cli-node', epoch: 1, waitingNodes: 0, lastRunRows: 42, lastRunStatus: 'done' })
+    const human = await finish(['status'], env)
+    expect(human.output).toMatch(/holder\s+cli-node \(backend \d+, epoch 1/)
+    expect(human.output).toMatch(/last run\s+old done at .*, 42 rows deleted/)
+
+    node.signal('SIGINT')
+    expect((await node.exited).code).toBe(0)
+    expect((await finish(['status'], env)).output).toMatch(/holder\s+none \(last: cli-node, epoch 1\)/)
+  })
+
+  it('reads DATABASE_URL from a .env file', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-dotenv-'))
+    try {
+      await writeFile(join(dir, '.env'), `DATABASE_URL=${db.url}\n`)
+      const { code, output } = await finish(['status', '--json'], { DATABASE_URL: undefined }, dir)
+      expect(code, output).toBe(0)
+      expect(JSON.parse(output)[0].name).toBe('cli')
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('without DATABASE_URL, starts an embedded PostgreSQL under the project, says so, and migrates it', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-embedded-'))
+    await chmod(dir, 0o755) // as root, the server runs as the postgres user, who must reach the project
+    const env = { DATABASE_URL: undefined, PG_SINGLETON_EMBEDDED_PORT: String(55000 + Math.floor(Math.random() * 5000)) }
+    try {
+      const first = await finish(['migrate'], env, dir)
+      expect(first.code, first.output).toBe(0)
+      expect(first.output).toMatch(/No DATABASE_URL: started the embedded PostgreSQL on 127\.0\.0\.1:\d+ \(data in .*\.pg-singleton\/pgdata\)/)
+      expect(first.output).toMatch(/up to date/) // resolving the connection already migrated it
+      const second = await finish(['status'], env, dir)
+      expect(second.output).toMatch(/No DATABASE_URL: using the embedded PostgreSQL/)
+      expect(second.output).toMatch(/No singleton has run against this database yet/)
+      const url = await finish(['embedded', 'url'], env, dir)
+      expect(url.output).toMatch(/postgres:\/\/postgres:.*@127\.0\.0\.1:\d+\/postgres/)
+    } finally {
+      const stop = await finish(['embedded', 'stop'], env, dir)
+      expect(stop.output).toMatch(/Stopped the embedded PostgreSQL/)
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})

@@ -1,0 +1,69 @@
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { createEventsTable, invariantViolations } from './support/app-table.js'
+import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
+import { reapNodes, startNode, writeConfig } from './support/nodes.js'
+
+let db: TestDatabase
+
+beforeAll(async () => {
+  db = await createTestDatabase()
+  await createEventsTable(db.pool)
+})
+afterAll(async () => {
+  await db?.drop()
+})
+afterEach(async () => {
+  expect(await reapNodes(), 'the test left node processes running').toEqual([])
+})
+
+interface Run {
+  epoch: number
+  scheduledFor: Date
+  coalesced: number
+  reissued: boolean
+}
+
+async function doneRuns(name: string): Promise<Run[]> {
+  const { rows } = await db.pool.query(
+    `SELECT epoch, scheduled_for, coalesced, reissued FROM pgsingleton.cleanup_runs
+      WHERE singleton = $1 AND status = 'done' ORDER BY scheduled_for`,
+    [name],
+  )
+  return rows.map((r) => ({ epoch: Number(r.epoch), scheduledFor: r.scheduled_for, coalesced: r.coalesced, reissued: r.reissued }))
+}
+
+describe('the schedule lives in the database', () => {
+  it('after an outage, runs the first missed occurrence once, coalesces the rest, and resumes on its grid', async () => {
+    const name = 'misfire'
+    const config = await writeConfig({
+      name,
+      policies: [{ name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second' }],
+    })
+    const first = startNode(db.url, config, 'first')
+    await waitFor('three runs', async () => (await doneRuns(name)).length >= 3)
+    first.signal('SIGTERM')
+    expect((await first.exited).code).toBe(0)
+    const beforeOutage = await doneRuns(name)
+    const lastBefore = beforeOutage.at(-1) as Run
+
+    // Nobody holds the singleton for a few occurrences: this wait is the scenario itself.
+    await new Promise((resolve) => setTimeout(resolve, 3500))
+    const second = startNode(db.url, config, 'second')
+    await waitFor('two runs of the new holder', async () => (await doneRuns(name)).filter((r) => r.epoch === 2).length >= 2)
+    second.signal('SIGTERM')
+    expect((await second.exited).code).toBe(0)
+
+    const runs = await doneRuns(name)
+    const [catchUp, resumed] = runs.filter((r) => r.epoch === 2) as [Run, Run]
+    // Nothing dropped silently: the first missed slot itself runs, and says how many it stands for.
+    expect(catchUp.scheduledFor.getTime() - lastBefore.scheduledFor.getTime()).toBe(1000)
+    expect(catchUp.coalesced).toBeGreaterThanOrEqual(2)
+    // Back on the grid: the next run is the first slot after the coalesced ones.
+    expect(resumed.scheduledFor.getTime() - catchUp.scheduledFor.getTime()).toBe((catchUp.coalesced + 1) * 1000)
+    // Every occurrence completed once, every one on the grid of the first.
+    const origin = runs[0]?.scheduledFor.getTime() ?? 0
+    for (const run of runs) expect((run.scheduledFor.getTime() - origin) % 1000).toBe(0)
+    expect(new Set(runs.map((r) => r.scheduledFor.getTime())).size).toBe(runs.length)
+    expect(await invariantViolations(db.pool, name)).toEqual([])
+  })
+})
