@@ -93,7 +93,9 @@ export async function up(db: Kysely<unknown>): Promise<void> {
   // The hard backstop of continuity: an occurrence is completed at most once.
   await sql`
     CREATE UNIQUE INDEX cleanup_runs_one_done_per_occurrence
-    ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for) WHERE status = 'done'`.execute(db)
+    ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for) WHERE status = 'done'`.execute(
+    db,
+  )
   await sql`
     CREATE INDEX cleanup_runs_open ON pgsingleton.cleanup_runs (singleton, epoch)
     WHERE status IN ('scheduled', 'running', 'failed')`.execute(db)
@@ -102,7 +104,9 @@ export async function up(db: Kysely<unknown>): Promise<void> {
     CREATE INDEX cleanup_runs_fenced ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for)
     WHERE status = 'fenced'`.execute(db)
   await sql`
-    CREATE INDEX cleanup_runs_occurrence ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for)`.execute(db)
+    CREATE INDEX cleanup_runs_occurrence ON pgsingleton.cleanup_runs (singleton, policy, scheduled_for)`.execute(
+    db,
+  )
   await sql`
     CREATE INDEX cleanup_runs_finished ON pgsingleton.cleanup_runs (singleton, finished_at DESC)`.execute(
     db,

@@ -1,5 +1,5 @@
-import type { Lease } from './lock/lock-session.js'
 import type { BatchReport, RunReport } from './cleanup/run-cleanup.js'
+import type { Lease } from './lock/lock-session.js'
 import type { ScheduledRun } from './schedule/scheduler.js'
 
 /** Typed events of a singleton node. Listeners that throw are logged, never break the node. */

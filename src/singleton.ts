@@ -50,7 +50,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
    * node is queued or holding; holding is announced by `lock:acquired`. Idempotent.
    */
   start(): Promise<void> {
-    if (this.#stopping) return Promise.reject(new Error('this singleton node was stopped; create a new one'))
+    if (this.#stopping)
+      return Promise.reject(new Error('this singleton node was stopped; create a new one'))
     this.#starting ??= this.#start().catch(async (error) => {
       await this.#shutdown()
       throw error
@@ -87,14 +88,22 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
   async #start(): Promise<void> {
     const options = this.options
-    const pool = options.pool ?? new pg.Pool({ connectionString: options.connectionString, max: 4, application_name: `${options.nodeId} pool` })
+    const pool =
+      options.pool ??
+      new pg.Pool({
+        connectionString: options.connectionString,
+        max: 4,
+        application_name: `${options.nodeId} pool`,
+      })
     if (!options.pool) pool.on('error', (error) => this.#emitError(error))
     this.#pool = pool
     if (options.migrate) await migrateToLatest(pool)
     await assertSchemaCurrent(pool)
     await validatePolicies(pool, options.policies)
 
-    const connection: pg.ClientConfig = options.connectionString ? { connectionString: options.connectionString } : { ...(pool as unknown as { options: pg.ClientConfig }).options }
+    const connection: pg.ClientConfig = options.connectionString
+      ? { connectionString: options.connectionString }
+      : { ...(pool as unknown as { options: pg.ClientConfig }).options }
     const sessionSettings = {
       name: options.name,
       nodeId: options.nodeId,
@@ -114,7 +123,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     const boss =
       options.boss ??
       new PgBoss({
-        ...(options.connectionString ? { connectionString: options.connectionString } : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
+        ...(options.connectionString
+          ? { connectionString: options.connectionString }
+          : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
         application_name: `${options.nodeId} pg-boss`,
         max: 4,
         schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
@@ -158,14 +169,22 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
     this.#starter = new Starter(
       connection,
-      { ...sessionSettings, heartbeatMs: options.heartbeatMs, fenceAfterMs: options.fenceAfterMs, reconnectDelayMs: options.reconnectDelayMs },
+      {
+        ...sessionSettings,
+        heartbeatMs: options.heartbeatMs,
+        fenceAfterMs: options.fenceAfterMs,
+        reconnectDelayMs: options.reconnectDelayMs,
+      },
       {
         onWaiting: () => {
           options.logger.info({}, 'queued for the lock')
           this.#safeEmit('lock:waiting', { nodeId: options.nodeId })
         },
         onAcquired: (lease, fence) => {
-          options.logger.info({ epoch: lease.epoch, backendPid: lease.backendPid }, 'holding the singleton')
+          options.logger.info(
+            { epoch: lease.epoch, backendPid: lease.backendPid },
+            'holding the singleton',
+          )
           this.#safeEmit('lock:acquired', lease)
           this.#scheduler = runScheduler(
             {
@@ -211,7 +230,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
       this.#safeEmit('lock:released', lease)
     }
-    if (this.#boss && !this.options.boss) await this.#boss.stop({ graceful: true, close: true, timeout: 10_000 }).catch(() => {})
+    if (this.#boss && !this.options.boss)
+      await this.#boss.stop({ graceful: true, close: true, timeout: 10_000 }).catch(() => {})
     if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
   }
 

@@ -38,7 +38,18 @@ describe('the pg-singleton command', () => {
     expect((await finish(['migrate'], env)).output).toMatch(/up to date/)
     await createEventsTable(db.pool)
     await insertRows(db.pool, 42, '2 days')
-    const config = await writeConfig({ name: 'cli', policies: [{ name: 'old', table: 'app.events', column: 'created_at', olderThan: '1 day', every: '1 minute' }] })
+    const config = await writeConfig({
+      name: 'cli',
+      policies: [
+        {
+          name: 'old',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 day',
+          every: '1 minute',
+        },
+      ],
+    })
     const node = startNode(db.url, config, 'cli-node')
     await waitFor('the first run', async () => /cleanup run done/.test(node.output()))
 
@@ -46,14 +57,23 @@ describe('the pg-singleton command', () => {
     expect(json.code).toBe(0)
     const rows = JSON.parse(json.output)
     expect(rows).toHaveLength(1)
-    expect(rows[0]).toMatchObject({ name: 'cli', nodeId: 'cli-node', epoch: 1, waitingNodes: 0, lastRunRows: 42, lastRunStatus: 'done' })
+    expect(rows[0]).toMatchObject({
+      name: 'cli',
+      nodeId: 'cli-node',
+      epoch: 1,
+      waitingNodes: 0,
+      lastRunRows: 42,
+      lastRunStatus: 'done',
+    })
     const human = await finish(['status'], env)
     expect(human.output).toMatch(/holder\s+cli-node \(backend \d+, epoch 1/)
     expect(human.output).toMatch(/last run\s+old done at .*, 42 rows deleted/)
 
     node.signal('SIGINT')
     expect((await node.exited).code).toBe(0)
-    expect((await finish(['status'], env)).output).toMatch(/holder\s+none \(last: cli-node, epoch 1\)/)
+    expect((await finish(['status'], env)).output).toMatch(
+      /holder\s+none \(last: cli-node, epoch 1\)/,
+    )
   })
 
   it('reads DATABASE_URL from a .env file', async () => {
@@ -71,11 +91,16 @@ describe('the pg-singleton command', () => {
   it('without DATABASE_URL, starts an embedded PostgreSQL under the project, says so, and migrates it', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-embedded-'))
     await chmod(dir, 0o755) // as root, the server runs as the postgres user, who must reach the project
-    const env = { DATABASE_URL: undefined, PG_SINGLETON_EMBEDDED_PORT: String(55000 + Math.floor(Math.random() * 5000)) }
+    const env = {
+      DATABASE_URL: undefined,
+      PG_SINGLETON_EMBEDDED_PORT: String(55000 + Math.floor(Math.random() * 5000)),
+    }
     try {
       const first = await finish(['migrate'], env, dir)
       expect(first.code, first.output).toBe(0)
-      expect(first.output).toMatch(/No DATABASE_URL: started the embedded PostgreSQL on 127\.0\.0\.1:\d+ \(data in .*\.pg-singleton\/pgdata\)/)
+      expect(first.output).toMatch(
+        /No DATABASE_URL: started the embedded PostgreSQL on 127\.0\.0\.1:\d+ \(data in .*\.pg-singleton\/pgdata\)/,
+      )
       expect(first.output).toMatch(/up to date/) // resolving the connection already migrated it
       const second = await finish(['status'], env, dir)
       expect(second.output).toMatch(/No DATABASE_URL: using the embedded PostgreSQL/)

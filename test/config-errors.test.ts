@@ -4,14 +4,22 @@ import { countRows, createEventsTable, insertRows } from './support/app-table.js
 import { createTestDatabase, type TestDatabase } from './support/database.js'
 import { reapNodes, startNode, writeConfig } from './support/nodes.js'
 
-const good = { name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second' }
+const good = {
+  name: 'old-events',
+  table: 'app.events',
+  column: 'created_at',
+  olderThan: '1 hour',
+  every: '1 second',
+}
 let db: TestDatabase
 
 beforeAll(async () => {
   db = await createTestDatabase()
   await createEventsTable(db.pool)
   await db.pool.query('CREATE VIEW app.events_view AS SELECT * FROM app.events')
-  await db.pool.query('CREATE TABLE app.sessions (id int, created_at timestamptz, created_on date, created_local timestamp)')
+  await db.pool.query(
+    'CREATE TABLE app.sessions (id int, created_at timestamptz, created_on date, created_local timestamp)',
+  )
 })
 afterAll(async () => {
   await db?.drop()
@@ -36,16 +44,52 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
   })
 
   it.each([
-    ['a table that does not exist', { table: 'app.nope' }, /policy "p", field table: "app\.nope" names no table.*\[INVALID_POLICY\]/],
-    ['a table named in the wrong case', { table: 'app.Events' }, /field table: "app\.Events" names no table \(looked for table "Events" in schema "app"/],
-    ['a hostile identifier', { table: 'app.events"; DROP TABLE app.events; --' }, /field table: "app\.events"; DROP TABLE app\.events; --" names no table/],
+    [
+      'a table that does not exist',
+      { table: 'app.nope' },
+      /policy "p", field table: "app\.nope" names no table.*\[INVALID_POLICY\]/,
+    ],
+    [
+      'a table named in the wrong case',
+      { table: 'app.Events' },
+      /field table: "app\.Events" names no table \(looked for table "Events" in schema "app"/,
+    ],
+    [
+      'a hostile identifier',
+      { table: 'app.events"; DROP TABLE app.events; --' },
+      /field table: "app\.events"; DROP TABLE app\.events; --" names no table/,
+    ],
     ['a view', { table: 'app.events_view' }, /"app\.events_view" is not a table/],
-    ['a column that does not exist', { column: 'nope' }, /policy "p", field column: table "app\.events" has no column "nope"/],
-    ['a column that holds no time', { column: 'payload' }, /policy "p", field column: "payload" is text; it must be timestamptz, timestamp or date/],
-    ['an interval that does not parse', { olderThan: '30 dayz' }, /policy "p", field olderThan: "30 dayz" is not a PostgreSQL interval/],
-    ['a negative interval', { olderThan: '-1 day' }, /policy "p", field olderThan: "-1 day" must be a positive interval/],
-    ['a schedule faster than a second', { every: '10 milliseconds' }, /policy "p", field every: "10 milliseconds" must be a positive interval of at least 1 second/],
-    ['a batch size that is not a number', { batchSize: 'lots' }, /policy "p", field batchSize: "lots" is not an integer from 1 to 100000/],
+    [
+      'a column that does not exist',
+      { column: 'nope' },
+      /policy "p", field column: table "app\.events" has no column "nope"/,
+    ],
+    [
+      'a column that holds no time',
+      { column: 'payload' },
+      /policy "p", field column: "payload" is text; it must be timestamptz, timestamp or date/,
+    ],
+    [
+      'an interval that does not parse',
+      { olderThan: '30 dayz' },
+      /policy "p", field olderThan: "30 dayz" is not a PostgreSQL interval/,
+    ],
+    [
+      'a negative interval',
+      { olderThan: '-1 day' },
+      /policy "p", field olderThan: "-1 day" must be a positive interval/,
+    ],
+    [
+      'a schedule faster than a second',
+      { every: '10 milliseconds' },
+      /policy "p", field every: "10 milliseconds" must be a positive interval of at least 1 second/,
+    ],
+    [
+      'a batch size that is not a number',
+      { batchSize: 'lots' },
+      /policy "p", field batchSize: "lots" is not an integer from 1 to 100000/,
+    ],
     ['a misspelled field', { olderthan: '1 day' }, /policies\[0\]\.olderthan: unknown field/],
   ])('%s', async (_, patch, message) => {
     await refuses({ name: 'bad', policies: [{ ...good, name: 'p', ...patch }] }, message)
@@ -53,7 +97,10 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
   })
 
   it('one bad policy stops the node before the good ones delete anything', async () => {
-    await refuses({ name: 'bad', policies: [good, { ...good, name: 'p', column: 'nope' }] }, /policy "p", field column/)
+    await refuses(
+      { name: 'bad', policies: [good, { ...good, name: 'p', column: 'nope' }] },
+      /policy "p", field column/,
+    )
     expect(await countRows(db.pool, 'true')).toBe(500)
     const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs')
     expect(rows[0].n).toBe(0)
@@ -62,7 +109,10 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
   it('refuses a config file that is not JSON, has unknown keys, or unsafe timings', async () => {
     await refuses('{ "name": "x", ', /config file .*: not valid JSON/)
     await refuses({ name: 'x', policies: [good], heartbeat: 5 }, /unknown key "heartbeat"/)
-    await refuses({ name: 'x', policies: [good], fenceAfterMs: 5000 }, /fenceAfterMs \(5000\) \+ heartbeatMs \(1000\) must not exceed idleSessionTimeoutMs \(3000\)/)
+    await refuses(
+      { name: 'x', policies: [good], fenceAfterMs: 5000 },
+      /fenceAfterMs \(5000\) \+ heartbeatMs \(1000\) must not exceed idleSessionTimeoutMs \(3000\)/,
+    )
     expect(await countRows(db.pool, 'true')).toBe(500)
   })
 

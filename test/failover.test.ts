@@ -1,12 +1,26 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import { createEventsTable, countRows, dbNow, insertRows, invariantViolations, statusOf } from './support/app-table.js'
+import {
+  countRows,
+  createEventsTable,
+  dbNow,
+  insertRows,
+  invariantViolations,
+  statusOf,
+} from './support/app-table.js'
 import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
 import { type NodeProcess, reapNodes, startNode, writeConfig } from './support/nodes.js'
 
 // Short timings so that the pause test finishes fast: the server cuts a silent holder
 // after 1 s; the holder fences itself after 600 ms without a successful heartbeat.
 const TIMING = { heartbeatMs: 200, fenceAfterMs: 600, idleSessionTimeoutMs: 1000 }
-const POLICY = { name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second', batchSize: 200 }
+const POLICY = {
+  name: 'old-events',
+  table: 'app.events',
+  column: 'created_at',
+  olderThan: '1 hour',
+  every: '1 second',
+  batchSize: 200,
+}
 
 let db: TestDatabase
 let nameSeq = 0
@@ -23,10 +37,15 @@ afterEach(async () => {
   expect(left, 'the test left node processes running').toEqual([])
 })
 
-async function cluster(count: number, extra: object = {}): Promise<{ name: string; nodes: NodeProcess[] }> {
+async function cluster(
+  count: number,
+  extra: object = {},
+): Promise<{ name: string; nodes: NodeProcess[] }> {
   const name = `failover-${++nameSeq}`
   const config = await writeConfig({ name, policies: [POLICY], ...TIMING, ...extra })
-  const nodes = Array.from({ length: count }, (_, i) => startNode(db.url, config, `${name}-node-${i + 1}`))
+  const nodes = Array.from({ length: count }, (_, i) =>
+    startNode(db.url, config, `${name}-node-${i + 1}`),
+  )
   await waitFor('a holder and all others queued', async () => {
     const row = await statusOf(db.pool, name)
     return row?.nodeId && row.epoch !== null && row.waitingNodes === count - 1 ? row : undefined
@@ -41,7 +60,8 @@ const byId = (nodes: NodeProcess[], id: string | null) => {
 }
 
 async function stopAll(nodes: NodeProcess[]): Promise<void> {
-  for (const node of nodes) if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
+  for (const node of nodes)
+    if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
   const exits = await Promise.all(nodes.map((node) => node.exited))
   return void exits
 }
@@ -52,7 +72,10 @@ describe('failover between real node processes', () => {
     await insertRows(db.pool, 3000, '2 hours')
     await insertRows(db.pool, 1000, '10 minutes')
     const { name, nodes } = await cluster(3)
-    await waitFor('the first cleanup', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+    await waitFor(
+      'the first cleanup',
+      async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
+    )
 
     const before = await statusOf(db.pool, name)
     const holder = byId(nodes, before?.nodeId ?? null)
@@ -63,12 +86,16 @@ describe('failover between real node processes', () => {
       return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
     })
     expect(after.nodeId).not.toBe(before?.nodeId)
-    const takeoverMs = (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - killedAt.getTime()
+    const takeoverMs =
+      (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - killedAt.getTime()
     expect(takeoverMs).toBeLessThan(1000)
     expect((await holder.exited).signal).toBe('SIGKILL')
 
     await insertRows(db.pool, 1500, '3 hours')
-    await waitFor('the new holder to clean rows outdated after the kill', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+    await waitFor(
+      'the new holder to clean rows outdated after the kill',
+      async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
+    )
     expect(await countRows(db.pool, 'true')).toBe(1000) // the young rows, every one
     const epochs = await db.pool.query(
       `SELECT DISTINCT epoch FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done' AND rows_deleted > 0 ORDER BY epoch`,
@@ -94,7 +121,9 @@ describe('failover between real node processes', () => {
       return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
     })
     expect(after.nodeId).not.toBe(before?.nodeId)
-    expect((after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - signalledAt.getTime()).toBeLessThan(1000)
+    expect(
+      (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - signalledAt.getTime(),
+    ).toBeLessThan(1000)
     expect(holder.output()).toContain('released the singleton')
     await stopAll(nodes)
     expect(await invariantViolations(db.pool, name)).toEqual([])
@@ -107,7 +136,9 @@ describe('failover between real node processes', () => {
     await db.pool.query('SELECT pg_terminate_backend($1)', [before?.backendPid])
     const after = await waitFor('a takeover and the old holder queued again', async () => {
       const row = await statusOf(db.pool, name)
-      return row?.nodeId && row.nodeId !== before?.nodeId && row.waitingNodeIds.includes(holder.id) ? row : undefined
+      return row?.nodeId && row.nodeId !== before?.nodeId && row.waitingNodeIds.includes(holder.id)
+        ? row
+        : undefined
     })
     expect(after.epoch).toBeGreaterThan(before?.epoch ?? 0)
     expect(holder.child.exitCode).toBeNull()
@@ -126,14 +157,20 @@ describe('failover between real node processes', () => {
       const row = await statusOf(db.pool, name)
       return row?.nodeId && row.nodeId !== before?.nodeId ? row : undefined
     })
-    const takeoverMs = (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - pausedAt.getTime()
+    const takeoverMs =
+      (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - pausedAt.getTime()
     expect(takeoverMs).toBeGreaterThanOrEqual(TIMING.idleSessionTimeoutMs - 50)
     expect(takeoverMs).toBeLessThan(TIMING.idleSessionTimeoutMs + 4000)
 
     await insertRows(db.pool, 700, '2 hours')
     holder.signal('SIGCONT')
-    await waitFor('the resumed node to queue again', async () => (await statusOf(db.pool, name))?.waitingNodeIds.includes(holder.id))
-    await waitFor('the rows to be cleaned', async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0)
+    await waitFor('the resumed node to queue again', async () =>
+      (await statusOf(db.pool, name))?.waitingNodeIds.includes(holder.id),
+    )
+    await waitFor(
+      'the rows to be cleaned',
+      async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
+    )
     expect(holder.output()).toMatch(/fenced: no longer the holder/)
     const stale = await db.pool.query(
       `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
@@ -163,7 +200,10 @@ describe('failover between real node processes', () => {
       const row = await statusOf(db.pool, name)
       return row?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0) ? row : undefined
     })
-    await waitFor('every outdated row deleted', async () => (await countRows(db.pool, 'true')) === 0)
+    await waitFor(
+      'every outdated row deleted',
+      async () => (await countRows(db.pool, 'true')) === 0,
+    )
     const { rows: runs } = await db.pool.query(
       `SELECT epoch, status, rows_deleted FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND epoch = $2`,
       [name, before?.epoch],

@@ -4,10 +4,23 @@ import { PgBoss } from 'pg-boss'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createSingleton, type RunReport } from '../src/index.js'
 import { queueName } from '../src/schedule/queue.js'
-import { countRows, createEventsTable, insertRows, invariantViolations, statusOf } from './support/app-table.js'
+import {
+  countRows,
+  createEventsTable,
+  insertRows,
+  invariantViolations,
+  statusOf,
+} from './support/app-table.js'
 import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
 
-const policy = { name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 hour', batchSize: 300 }
+const policy = {
+  name: 'old-events',
+  table: 'app.events',
+  column: 'created_at',
+  olderThan: '1 hour',
+  every: '1 hour',
+  batchSize: 300,
+}
 let db: TestDatabase
 
 beforeAll(async () => {
@@ -25,7 +38,11 @@ describe('the library inside an app', () => {
     await insertRows(db.pool, 100, '61 minutes')
     await insertRows(db.pool, 400, '59 minutes') // young: one minute inside the window
     await insertRows(db.pool, 50, '-1 day') // from the future, as clocks sometimes write
-    const node = createSingleton({ name: 'lib-batches', connectionString: db.url, policies: [policy] })
+    const node = createSingleton({
+      name: 'lib-batches',
+      connectionString: db.url,
+      policies: [policy],
+    })
     const acquired = once(node, 'lock:acquired')
     const done = once(node, 'cleanup:done') as Promise<[RunReport]>
     await node.start()
@@ -36,27 +53,57 @@ describe('the library inside an app', () => {
     expect(await countRows(db.pool, 'true')).toBe(450)
     expect(await countRows(db.pool, `created_at < now() - interval '1 hour'`)).toBe(0)
 
-    const { rows: runs } = await db.pool.query(`SELECT * FROM pgsingleton.cleanup_runs WHERE singleton = 'lib-batches'`)
+    const { rows: runs } = await db.pool.query(
+      `SELECT * FROM pgsingleton.cleanup_runs WHERE singleton = 'lib-batches'`,
+    )
     expect(runs).toHaveLength(1)
-    expect(runs[0]).toMatchObject({ policy: 'old-events', status: 'done', rows_deleted: '1100', batches: 4, epoch: '1', error: null })
+    expect(runs[0]).toMatchObject({
+      policy: 'old-events',
+      status: 'done',
+      rows_deleted: '1100',
+      batches: 4,
+      epoch: '1',
+      error: null,
+    })
     expect(runs[0].node_id).toBe(node.nodeId)
-    const { rows: batches } = await db.pool.query('SELECT rows_deleted FROM pgsingleton.cleanup_batches WHERE run_id = $1 ORDER BY batch', [runs[0].id])
+    const { rows: batches } = await db.pool.query(
+      'SELECT rows_deleted FROM pgsingleton.cleanup_batches WHERE run_id = $1 ORDER BY batch',
+      [runs[0].id],
+    )
     expect(batches.map((b) => b.rows_deleted)).toEqual([300, 300, 300, 200])
 
     expect(await node.whereis()).toBe(node.nodeId)
     const status = await node.status()
-    expect(status).toMatchObject({ name: 'lib-batches', nodeId: node.nodeId, epoch: 1, waitingNodes: 0, lastRunRows: 1100, lastRunStatus: 'done' })
+    expect(status).toMatchObject({
+      name: 'lib-batches',
+      nodeId: node.nodeId,
+      epoch: 1,
+      waitingNodes: 0,
+      lastRunRows: 1100,
+      lastRunStatus: 'done',
+    })
     await node.stop()
-    expect(await statusOf(db.pool, 'lib-batches')).toMatchObject({ nodeId: null, backendPid: null, epoch: null, lastEpoch: 1 })
+    expect(await statusOf(db.pool, 'lib-batches')).toMatchObject({
+      nodeId: null,
+      backendPid: null,
+      epoch: null,
+      lastEpoch: 1,
+    })
   })
 
   it('cleans tables and columns whose names need quoting', async () => {
-    await db.pool.query(`CREATE SCHEMA "App Data"; CREATE TABLE "App Data"."Events ""2024""" ("Created At" timestamptz, note text)`)
-    await db.pool.query(`INSERT INTO "App Data"."Events ""2024""" VALUES (now() - interval '2 days', 'old'), (now(), 'new')`)
+    await db.pool.query(
+      `CREATE SCHEMA "App Data"; CREATE TABLE "App Data"."Events ""2024""" ("Created At" timestamptz, note text)`,
+    )
+    await db.pool.query(
+      `INSERT INTO "App Data"."Events ""2024""" VALUES (now() - interval '2 days', 'old'), (now(), 'new')`,
+    )
     const node = createSingleton({
       name: 'lib-quoting',
       connectionString: db.url,
-      policies: [{ ...policy, table: 'App Data.Events "2024"', column: 'Created At', olderThan: '1 day' }],
+      policies: [
+        { ...policy, table: 'App Data.Events "2024"', column: 'Created At', olderThan: '1 day' },
+      ],
     })
     const done = once(node, 'cleanup:done') as Promise<[RunReport]>
     await node.start()
@@ -67,15 +114,27 @@ describe('the library inside an app', () => {
   })
 
   it('hands over at once on stop(): the standby holds a higher epoch, and both lifecycles are idempotent', async () => {
-    const a = createSingleton({ name: 'lib-handover', connectionString: db.url, policies: [policy], nodeId: 'a' })
-    const b = createSingleton({ name: 'lib-handover', connectionString: db.url, policies: [policy], nodeId: 'b' })
+    const a = createSingleton({
+      name: 'lib-handover',
+      connectionString: db.url,
+      policies: [policy],
+      nodeId: 'a',
+    })
+    const b = createSingleton({
+      name: 'lib-handover',
+      connectionString: db.url,
+      policies: [policy],
+      nodeId: 'b',
+    })
     const aHolds = once(a, 'lock:acquired')
     expect(a.start()).toBe(a.start())
     await aHolds
     const bWaits = once(b, 'lock:waiting')
     await b.start()
     await bWaits
-    await waitFor('b queued', async () => (await statusOf(db.pool, 'lib-handover'))?.waitingNodeIds.includes('b'))
+    await waitFor('b queued', async () =>
+      (await statusOf(db.pool, 'lib-handover'))?.waitingNodeIds.includes('b'),
+    )
     const bHolds = once(b, 'lock:acquired')
     const released = once(a, 'lock:released')
     const stopping = a.stop()
@@ -109,12 +168,20 @@ describe('the library inside an app', () => {
 
   it('a job carrying an old epoch deletes nothing and is recorded as fenced', async () => {
     await db.pool.query('TRUNCATE app.events')
-    const first = createSingleton({ name: 'lib-stale', connectionString: db.url, policies: [policy] })
+    const first = createSingleton({
+      name: 'lib-stale',
+      connectionString: db.url,
+      policies: [policy],
+    })
     const firstDone = once(first, 'cleanup:done')
     await first.start()
     await firstDone
     await first.stop()
-    const second = createSingleton({ name: 'lib-stale', connectionString: db.url, policies: [policy] })
+    const second = createSingleton({
+      name: 'lib-stale',
+      connectionString: db.url,
+      policies: [policy],
+    })
     const secondHolds = once(second, 'lock:acquired')
     await second.start()
     expect((await secondHolds)[0].epoch).toBe(2)
@@ -130,14 +197,24 @@ describe('the library inside an app', () => {
     )
     const runId = String(rows[0].id)
     const fenced = waitFor('the stale run to be fenced', async () => {
-      const { rows: run } = await db.pool.query('SELECT status, rows_deleted, error FROM pgsingleton.cleanup_runs WHERE id = $1', [runId])
+      const { rows: run } = await db.pool.query(
+        'SELECT status, rows_deleted, error FROM pgsingleton.cleanup_runs WHERE id = $1',
+        [runId],
+      )
       return run[0]?.status === 'fenced' ? run[0] : undefined
     })
-    await boss.send(queueName('lib-stale'), { runId, singleton: 'lib-stale', policy: 'old-events', epoch: 1 }, { singletonKey: 'old-events' })
+    await boss.send(
+      queueName('lib-stale'),
+      { runId, singleton: 'lib-stale', policy: 'old-events', epoch: 1 },
+      { singletonKey: 'old-events' },
+    )
     const run = await fenced
     expect(run.rows_deleted).toBe('0')
     expect(run.error).toMatch(/epoch 1|superseded/)
-    const { rows: staleBatches } = await db.pool.query(`SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches WHERE run_id = $1`, [runId])
+    const { rows: staleBatches } = await db.pool.query(
+      `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches WHERE run_id = $1`,
+      [runId],
+    )
     expect(staleBatches[0].n).toBe(0)
     // The holder takes the unfinished occurrence over under its own epoch.
     await waitFor('the holder to finish the occurrence', async () => {
@@ -158,7 +235,11 @@ describe('the library inside an app', () => {
   it('a throwing listener does not break the node', async () => {
     await db.pool.query('TRUNCATE app.events')
     await insertRows(db.pool, 5, '2 hours')
-    const node = createSingleton({ name: 'lib-listener', connectionString: db.url, policies: [policy] })
+    const node = createSingleton({
+      name: 'lib-listener',
+      connectionString: db.url,
+      policies: [policy],
+    })
     node.on('lock:acquired', () => {
       throw new Error('a careless listener')
     })

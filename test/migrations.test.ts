@@ -1,9 +1,17 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { assertSchemaCurrent, createSingleton, lockKey, migrateToLatest, SCHEMA_VERSION } from '../src/index.js'
+import {
+  assertSchemaCurrent,
+  createSingleton,
+  lockKey,
+  migrateToLatest,
+  SCHEMA_VERSION,
+} from '../src/index.js'
 import { createTestDatabase, type TestDatabase } from './support/database.js'
 
-const policies = [{ name: 'p', table: 'public.t', column: 'ts', olderThan: '1 day', every: '1 minute' }]
+const policies = [
+  { name: 'p', table: 'public.t', column: 'ts', olderThan: '1 day', every: '1 minute' },
+]
 let db: TestDatabase
 
 beforeAll(async () => {
@@ -16,11 +24,17 @@ afterAll(async () => {
 describe('migrations', () => {
   it('refuse to start a node on a database that was never migrated', async () => {
     const node = createSingleton({ name: 'm', connectionString: db.url, policies })
-    await expect(node.start()).rejects.toMatchObject({ code: 'SCHEMA_NOT_MIGRATED', message: expect.stringMatching(/pg-singleton migrate/) })
+    await expect(node.start()).rejects.toMatchObject({
+      code: 'SCHEMA_NOT_MIGRATED',
+      message: expect.stringMatching(/pg-singleton migrate/),
+    })
   })
 
   it('ten nodes migrating at once migrate once', async () => {
-    const pools = Array.from({ length: 10 }, () => new pg.Pool({ connectionString: db.url, max: 1 }))
+    const pools = Array.from(
+      { length: 10 },
+      () => new pg.Pool({ connectionString: db.url, max: 1 }),
+    )
     try {
       const results = await Promise.all(pools.map((pool) => migrateToLatest(pool)))
       expect(results.filter((r) => r.applied.length > 0)).toHaveLength(1)
@@ -28,7 +42,9 @@ describe('migrations', () => {
     } finally {
       await Promise.all(pools.map((pool) => pool.end()))
     }
-    const { rows } = await db.pool.query('SELECT name FROM pgsingleton.kysely_migration ORDER BY name')
+    const { rows } = await db.pool.query(
+      'SELECT name FROM pgsingleton.kysely_migration ORDER BY name',
+    )
     expect(rows.map((r) => r.name)).toEqual(['0001_initial'])
     expect((await migrateToLatest(db.pool)).applied).toEqual([])
     await assertSchemaCurrent(db.pool)
@@ -36,7 +52,10 @@ describe('migrations', () => {
 
   it('computes the same lock key in SQL as in Node', async () => {
     for (const name of ['db-cleaner', 'a', 'Ünïcödé', 'with space', 'x'.repeat(100)]) {
-      const { rows } = await db.pool.query<{ key: string }>('SELECT pgsingleton.lock_key($1) AS key', [name])
+      const { rows } = await db.pool.query<{ key: string }>(
+        'SELECT pgsingleton.lock_key($1) AS key',
+        [name],
+      )
       expect(BigInt(rows[0]?.key ?? '0')).toBe(lockKey(name))
     }
   })
@@ -46,7 +65,10 @@ describe('migrations', () => {
     try {
       await expect(migrateToLatest(db.pool)).rejects.toMatchObject({ code: 'SCHEMA_TOO_NEW' })
       const node = createSingleton({ name: 'm', connectionString: db.url, policies })
-      await expect(node.start()).rejects.toMatchObject({ code: 'SCHEMA_TOO_NEW', message: expect.stringMatching(/newer than the 1 this pg-singleton knows/) })
+      await expect(node.start()).rejects.toMatchObject({
+        code: 'SCHEMA_TOO_NEW',
+        message: expect.stringMatching(/newer than the 1 this pg-singleton knows/),
+      })
     } finally {
       await db.pool.query('UPDATE pgsingleton.meta SET schema_version = $1', [SCHEMA_VERSION])
     }
@@ -54,6 +76,8 @@ describe('migrations', () => {
 
   it('keep epochs from ever going down', async () => {
     await db.pool.query(`INSERT INTO pgsingleton.leases VALUES ('e', 5, 'n', 1, now(), now())`)
-    await expect(db.pool.query(`UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`)).rejects.toThrow(/may only increase/)
+    await expect(
+      db.pool.query(`UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`),
+    ).rejects.toThrow(/may only increase/)
   })
 })

@@ -1,9 +1,15 @@
 import { describe, expect, it } from 'vitest'
-import { quoteIdent, parseTableName } from '../src/config/identifier.js'
+import { parseTableName, quoteIdent } from '../src/config/identifier.js'
 import { resolveOptions } from '../src/config/options.js'
 import { lockKey } from '../src/lock/lock-key.js'
 
-const policy = { name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '30 days', every: '1 minute' }
+const policy = {
+  name: 'old-events',
+  table: 'app.events',
+  column: 'created_at',
+  olderThan: '30 days',
+  every: '1 minute',
+}
 const base = { name: 'cleaner', connectionString: 'postgres://localhost/x', policies: [policy] }
 
 function codeAndMessage(make: () => unknown): { code: string; message: string } {
@@ -28,12 +34,15 @@ describe('options are resolved once and validated with messages that name the op
   })
 
   it('refuses a fenceAfterMs that would let the server hand the lock on before the holder fences', () => {
-    const error = codeAndMessage(() => resolveOptions({ ...base, fenceAfterMs: 3000, idleSessionTimeoutMs: 3000 }))
+    const error = codeAndMessage(() =>
+      resolveOptions({ ...base, fenceAfterMs: 3000, idleSessionTimeoutMs: 3000 }),
+    )
     expect(error.code).toBe('INVALID_OPTION')
     expect(error.message).toMatch(/fenceAfterMs \(3000\).*idleSessionTimeoutMs \(3000\)/)
-    expect(codeAndMessage(() => resolveOptions({ ...base, heartbeatMs: 2000, fenceAfterMs: 1500 })).message).toMatch(
-      /fenceAfterMs \(1500\) must be greater than heartbeatMs \(2000\)/,
-    )
+    expect(
+      codeAndMessage(() => resolveOptions({ ...base, heartbeatMs: 2000, fenceAfterMs: 1500 }))
+        .message,
+    ).toMatch(/fenceAfterMs \(1500\) must be greater than heartbeatMs \(2000\)/)
   })
 
   it.each([
@@ -44,8 +53,14 @@ describe('options are resolved once and validated with messages that name the op
     [{ policies: [{ ...policy, batchSize: 1.5 }] }, /field batchSize: 1.5/],
     [{ policies: [{ ...policy, olderthan: '1 day' }] }, /policies\[0\]\.olderthan: unknown field/],
     [{ policies: [policy, policy] }, /"old-events" is used by two policies/],
-    [{ policies: [{ ...policy, table: '.events' }] }, /field table \(schema part of "\.events"\): the name is empty/],
-    [{ policies: [{ ...policy, column: 'x'.repeat(64) }] }, /field column: "x{64}" is longer than PostgreSQL's 63-byte/],
+    [
+      { policies: [{ ...policy, table: '.events' }] },
+      /field table \(schema part of "\.events"\): the name is empty/,
+    ],
+    [
+      { policies: [{ ...policy, column: 'x'.repeat(64) }] },
+      /field column: "x{64}" is longer than PostgreSQL's 63-byte/,
+    ],
     [{ heartbeatMs: -1 }, /heartbeatMs: -1 must be a number/],
   ])('refuses %o', (patch, message) => {
     const error = codeAndMessage(() => resolveOptions({ ...base, ...patch } as never))
@@ -57,8 +72,14 @@ describe('options are resolved once and validated with messages that name the op
 describe('identifiers', () => {
   it('splits schema.table at the first dot and keeps everything literally', () => {
     expect(parseTableName('events', 'x')).toEqual({ schema: 'public', name: 'events' })
-    expect(parseTableName('My Schema.Events.2024', 'x')).toEqual({ schema: 'My Schema', name: 'Events.2024' })
-    expect(parseTableName('app.events"; DROP TABLE x; --', 'x')).toEqual({ schema: 'app', name: 'events"; DROP TABLE x; --' })
+    expect(parseTableName('My Schema.Events.2024', 'x')).toEqual({
+      schema: 'My Schema',
+      name: 'Events.2024',
+    })
+    expect(parseTableName('app.events"; DROP TABLE x; --', 'x')).toEqual({
+      schema: 'app',
+      name: 'events"; DROP TABLE x; --',
+    })
   })
 
   it('always quotes, doubling embedded quotes', () => {

@@ -7,13 +7,19 @@ const root = fileURLToPath(new URL('..', import.meta.url))
 
 /** Runs an ES module in a plain Node process inside the package, as a user's code would. */
 async function inNode(source: string): Promise<unknown> {
-  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', source], { cwd: root })
+  const { stdout } = await promisify(execFile)(
+    process.execPath,
+    ['--input-type=module', '-e', source],
+    { cwd: root },
+  )
   return JSON.parse(stdout)
 }
 
 describe('the built package, imported by its name through package.json "exports"', () => {
   it('exports exactly the public API from its front door', async () => {
-    const keys = await inNode(`const api = await import('pg-singleton'); console.log(JSON.stringify(Object.keys(api).sort()))`)
+    const keys = await inNode(
+      `const api = await import('pg-singleton'); console.log(JSON.stringify(Object.keys(api).sort()))`,
+    )
     expect(keys).toEqual(
       [
         'DEFAULTS',
@@ -39,11 +45,19 @@ describe('the built package, imported by its name through package.json "exports"
       const { migrations, migrationProvider, SCHEMA_VERSION } = await import('pg-singleton/migrations')
       console.log(JSON.stringify({ names: Object.keys(migrations), provided: Object.keys(await migrationProvider.getMigrations()), SCHEMA_VERSION,
         up: typeof migrations['0001_initial'].up, down: typeof migrations['0001_initial'].down }))`)
-    expect(result).toEqual({ names: ['0001_initial'], provided: ['0001_initial'], SCHEMA_VERSION: 1, up: 'function', down: 'function' })
+    expect(result).toEqual({
+      names: ['0001_initial'],
+      provided: ['0001_initial'],
+      SCHEMA_VERSION: 1,
+      up: 'function',
+      down: 'function',
+    })
   })
 
   it('keeps its internals internal', async () => {
-    const code = await inNode(`import('pg-singleton/dist/src/singleton.js').then(() => console.log('"imported"'), (e) => console.log(JSON.stringify(e.code)))`)
+    const code = await inNode(
+      `import('pg-singleton/dist/src/singleton.js').then(() => console.log('"imported"'), (e) => console.log(JSON.stringify(e.code)))`,
+    )
     expect(code).toBe('ERR_PACKAGE_PATH_NOT_EXPORTED')
   })
 })

@@ -29,7 +29,12 @@ async function doneRuns(name: string): Promise<Run[]> {
       WHERE singleton = $1 AND status = 'done' ORDER BY scheduled_for`,
     [name],
   )
-  return rows.map((r) => ({ epoch: Number(r.epoch), scheduledFor: r.scheduled_for, coalesced: r.coalesced, reissued: r.reissued }))
+  return rows.map((r) => ({
+    epoch: Number(r.epoch),
+    scheduledFor: r.scheduled_for,
+    coalesced: r.coalesced,
+    reissued: r.reissued,
+  }))
 }
 
 describe('the schedule lives in the database', () => {
@@ -37,7 +42,15 @@ describe('the schedule lives in the database', () => {
     const name = 'misfire'
     const config = await writeConfig({
       name,
-      policies: [{ name: 'old-events', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second' }],
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+        },
+      ],
     })
     const first = startNode(db.url, config, 'first')
     await waitFor('three runs', async () => (await doneRuns(name)).length >= 3)
@@ -49,7 +62,10 @@ describe('the schedule lives in the database', () => {
     // Nobody holds the singleton for a few occurrences: this wait is the scenario itself.
     await new Promise((resolve) => setTimeout(resolve, 3500))
     const second = startNode(db.url, config, 'second')
-    await waitFor('two runs of the new holder', async () => (await doneRuns(name)).filter((r) => r.epoch === 2).length >= 2)
+    await waitFor(
+      'two runs of the new holder',
+      async () => (await doneRuns(name)).filter((r) => r.epoch === 2).length >= 2,
+    )
     second.signal('SIGTERM')
     expect((await second.exited).code).toBe(0)
 
@@ -59,7 +75,9 @@ describe('the schedule lives in the database', () => {
     expect(catchUp.scheduledFor.getTime() - lastBefore.scheduledFor.getTime()).toBe(1000)
     expect(catchUp.coalesced).toBeGreaterThanOrEqual(2)
     // Back on the grid: the next run is the first slot after the coalesced ones.
-    expect(resumed.scheduledFor.getTime() - catchUp.scheduledFor.getTime()).toBe((catchUp.coalesced + 1) * 1000)
+    expect(resumed.scheduledFor.getTime() - catchUp.scheduledFor.getTime()).toBe(
+      (catchUp.coalesced + 1) * 1000,
+    )
     // Every occurrence completed once, every one on the grid of the first.
     const origin = runs[0]?.scheduledFor.getTime() ?? 0
     for (const run of runs) expect((run.scheduledFor.getTime() - origin) % 1000).toBe(0)

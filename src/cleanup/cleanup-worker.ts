@@ -36,7 +36,13 @@ export class CleanupWorker {
   readonly #statements
   #workerId: string | undefined
 
-  constructor(boss: PgBoss, singleton: string, deps: CleanupDeps, pollingIntervalSeconds: number, hooks: CleanupWorkerHooks) {
+  constructor(
+    boss: PgBoss,
+    singleton: string,
+    deps: CleanupDeps,
+    pollingIntervalSeconds: number,
+    hooks: CleanupWorkerHooks,
+  ) {
     this.#boss = boss
     this.#singleton = singleton
     this.#deps = deps
@@ -48,7 +54,11 @@ export class CleanupWorker {
   async start(): Promise<void> {
     this.#workerId = await this.#boss.work<CleanupJob>(
       queueName(this.#singleton),
-      { batchSize: 1, pollingIntervalSeconds: this.#pollingIntervalSeconds, notifyPollingIntervalSeconds: 5 },
+      {
+        batchSize: 1,
+        pollingIntervalSeconds: this.#pollingIntervalSeconds,
+        notifyPollingIntervalSeconds: 5,
+      },
       async (jobs) => {
         for (const job of jobs) {
           const signal = AbortSignal.any([job.signal, this.#stopping.signal])
@@ -67,6 +77,7 @@ export class CleanupWorker {
   /** Lets the batch in flight commit, then stops taking jobs. */
   async stop(): Promise<void> {
     this.#stopping.abort('the node is stopping')
-    if (this.#workerId) await this.#boss.offWork(queueName(this.#singleton), { id: this.#workerId, wait: true })
+    if (this.#workerId)
+      await this.#boss.offWork(queueName(this.#singleton), { id: this.#workerId, wait: true })
   }
 }

@@ -45,7 +45,10 @@ export interface BatchTarget {
  * until this batch has committed. So batches of different epochs never overlap, and
  * after a bump no batch of an older epoch gets past this check.
  */
-export async function deleteBatch(client: pg.PoolClient, target: BatchTarget): Promise<BatchOutcome> {
+export async function deleteBatch(
+  client: pg.PoolClient,
+  target: BatchTarget,
+): Promise<BatchOutcome> {
   const { rows: checks } = await client.query<{ held: boolean | null; status: string | null }>(
     `SELECT (SELECT true FROM pgsingleton.leases WHERE name = $1 AND epoch = $2 FOR KEY SHARE) AS held,
             (SELECT status FROM pgsingleton.cleanup_runs WHERE id = $3 FOR UPDATE) AS status`,
@@ -53,7 +56,10 @@ export async function deleteBatch(client: pg.PoolClient, target: BatchTarget): P
   )
   if (checks[0]?.held !== true) return { kind: 'fenced' }
   if (checks[0]?.status !== 'running') return { kind: 'superseded' }
-  const deleted = await client.query(target.statement, [target.policy.olderThan, target.policy.batchSize])
+  const deleted = await client.query(target.statement, [
+    target.policy.olderThan,
+    target.policy.batchSize,
+  ])
   const rows = deleted.rowCount ?? 0
   const progress = await client.query<{ batches: number }>(
     `UPDATE pgsingleton.cleanup_runs SET rows_deleted = rows_deleted + $2, batches = batches + 1

@@ -36,8 +36,12 @@ export interface CleanupDeps {
 }
 
 /** Prepared per policy once: the quoted delete statement never changes. */
-export function prepareStatements(policies: readonly ResolvedPolicy[]): Map<string, { policy: ResolvedPolicy; statement: string }> {
-  return new Map(policies.map((policy) => [policy.name, { policy, statement: deleteStatement(policy) }]))
+export function prepareStatements(
+  policies: readonly ResolvedPolicy[],
+): Map<string, { policy: ResolvedPolicy; statement: string }> {
+  return new Map(
+    policies.map((policy) => [policy.name, { policy, statement: deleteStatement(policy) }]),
+  )
 }
 
 /**
@@ -55,7 +59,10 @@ export async function runCleanup(
   const base = { runId: job.runId, policy: job.policy, epoch: job.epoch }
   const prepared = statements.get(job.policy)
   if (!prepared) {
-    const error = new SingletonError('CLEANUP_FAILED', `policy "${job.policy}" is not in this node's configuration; another node must run it`)
+    const error = new SingletonError(
+      'CLEANUP_FAILED',
+      `policy "${job.policy}" is not in this node's configuration; another node must run it`,
+    )
     await markFailed(deps.pool, job.runId, error)
     throw error
   }
@@ -67,14 +74,29 @@ export async function runCleanup(
     [job.runId, job.singleton, deps.nodeId],
   )
   const claim = claimed.rows[0]
-  if (!claim) return { ...base, status: 'skipped', rowsDeleted: 0, batches: 0, reason: 'the run is already finished' }
+  if (!claim)
+    return {
+      ...base,
+      status: 'skipped',
+      rowsDeleted: 0,
+      batches: 0,
+      reason: 'the run is already finished',
+    }
 
-  const target: BatchTarget = { runId: job.runId, singleton: job.singleton, epoch: job.epoch, ...prepared }
+  const target: BatchTarget = {
+    runId: job.runId,
+    singleton: job.singleton,
+    epoch: job.epoch,
+    ...prepared,
+  }
   let rowsDeleted = Number(claim.rows_deleted)
   let batches = claim.batches
   for (;;) {
     if (signal.aborted) {
-      const error = new SingletonError('CLEANUP_FAILED', `interrupted between batches: ${String(signal.reason ?? 'stopping')}`)
+      const error = new SingletonError(
+        'CLEANUP_FAILED',
+        `interrupted between batches: ${String(signal.reason ?? 'stopping')}`,
+      )
       await markFailed(deps.pool, job.runId, error)
       throw error
     }
@@ -82,7 +104,11 @@ export async function runCleanup(
     try {
       outcome = await inTransaction(deps.pool, deps.limits, (client) => deleteBatch(client, target))
     } catch (error) {
-      const failure = new SingletonError('CLEANUP_FAILED', `policy "${job.policy}", run ${job.runId}: batch failed: ${errorMessage(error)}`, { cause: error })
+      const failure = new SingletonError(
+        'CLEANUP_FAILED',
+        `policy "${job.policy}", run ${job.runId}: batch failed: ${errorMessage(error)}`,
+        { cause: error },
+      )
       await markFailed(deps.pool, job.runId, failure)
       throw failure
     }
@@ -92,7 +118,13 @@ export async function runCleanup(
       return { ...base, status: 'fenced', rowsDeleted, batches, reason }
     }
     if (outcome.kind === 'superseded') {
-      return { ...base, status: 'fenced', rowsDeleted, batches, reason: 'superseded by a newer holder' }
+      return {
+        ...base,
+        status: 'fenced',
+        rowsDeleted,
+        batches,
+        reason: 'superseded by a newer holder',
+      }
     }
     rowsDeleted += outcome.rows
     batches += 1

@@ -26,7 +26,11 @@ export async function migrateCommand(): Promise<void> {
   }
 }
 
-export async function runCommand(args: { config: string; nodeId?: string; verbose?: boolean }): Promise<void> {
+export async function runCommand(args: {
+  config: string
+  nodeId?: string
+  verbose?: boolean
+}): Promise<void> {
   const file = await loadConfigFile(args.config)
   const nodeId = args.nodeId ?? `${hostname()}:${process.pid}`
   const logger = consoleLogger(nodeId, args.verbose)

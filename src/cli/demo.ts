@@ -29,15 +29,35 @@ export async function demoCommand(): Promise<void> {
       INSERT INTO demo.events (created_at, payload)
         SELECT now() - (i % 120) * interval '1 second', md5(i::text) FROM generate_series(1, 20000) AS i;`)
     const outdated = async () =>
-      Number((await pool.query(`SELECT count(*) AS n FROM demo.events WHERE created_at < now() - interval '1 minute'`)).rows[0].n)
-    say(`demo.events: 20000 rows, ${await outdated()} of them older than 1 minute (the policy's olderThan).`)
+      Number(
+        (
+          await pool.query(
+            `SELECT count(*) AS n FROM demo.events WHERE created_at < now() - interval '1 minute'`,
+          )
+        ).rows[0].n,
+      )
+    say(
+      `demo.events: 20000 rows, ${await outdated()} of them older than 1 minute (the policy's olderThan).`,
+    )
 
     await mkdir(EMBEDDED_HOME, { recursive: true })
     const configPath = resolve(EMBEDDED_HOME, 'demo.config.json')
     await writeFile(
       configPath,
       JSON.stringify(
-        { name: SINGLETON, policies: [{ name: 'old-events', table: 'demo.events', column: 'created_at', olderThan: '1 minute', every: '2 seconds', batchSize: 2000 }] },
+        {
+          name: SINGLETON,
+          policies: [
+            {
+              name: 'old-events',
+              table: 'demo.events',
+              column: 'created_at',
+              olderThan: '1 minute',
+              every: '2 seconds',
+              batchSize: 2000,
+            },
+          ],
+        },
         null,
         2,
       ),
@@ -46,14 +66,21 @@ export async function demoCommand(): Promise<void> {
     for (const n of [1, 2, 3]) {
       const log = openSync(join(EMBEDDED_HOME, `demo-node-${n}.log`), 'w')
       nodes.push(
-        spawn(process.execPath, [BIN, 'run', '--config', configPath, '--node-id', `demo-node-${n}`], {
-          env: { ...process.env, DATABASE_URL: url },
-          stdio: ['ignore', log, log],
-        }),
+        spawn(
+          process.execPath,
+          [BIN, 'run', '--config', configPath, '--node-id', `demo-node-${n}`],
+          {
+            env: { ...process.env, DATABASE_URL: url },
+            stdio: ['ignore', log, log],
+          },
+        ),
       )
     }
 
-    const holder = await waitFor(async () => (await readStatus(pool, SINGLETON))[0]?.nodeId ?? undefined, 30_000)
+    const holder = await waitFor(
+      async () => (await readStatus(pool, SINGLETON))[0]?.nodeId ?? undefined,
+      30_000,
+    )
     say(`Holder: ${holder}. The other two wait inside pg_advisory_lock.`)
     await waitFor(async () => ((await outdated()) === 0 ? true : undefined), 30_000)
     say('All outdated rows are deleted.')
@@ -68,7 +95,9 @@ export async function demoCommand(): Promise<void> {
       const row = (await readStatus(pool, SINGLETON))[0]
       return row?.nodeId && (row.epoch ?? 0) > before ? row : undefined
     }, 30_000)
-    say(`${next.nodeId} took over with epoch ${next.epoch} after ${Math.round(performance.now() - killedAt)} ms (as seen by polling pgsingleton.status).`)
+    say(
+      `${next.nodeId} took over with epoch ${next.epoch} after ${Math.round(performance.now() - killedAt)} ms (as seen by polling pgsingleton.status).`,
+    )
 
     await pool.query(
       `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '2 minutes', 'made outdated after the kill' FROM generate_series(1, 5000)`,
@@ -84,10 +113,18 @@ export async function demoCommand(): Promise<void> {
       [SINGLETON],
     )
     say('\nWhat pgsingleton.cleanup_runs recorded:')
-    for (const row of runs.rows) say(`  epoch ${row.epoch}: ${row.runs} ${row.status} run(s), ${row.rows} rows deleted`)
+    for (const row of runs.rows)
+      say(`  epoch ${row.epoch}: ${row.runs} ${row.status} run(s), ${row.rows} rows deleted`)
   } finally {
-    for (const node of nodes) if (node.exitCode === null && node.signalCode === null) node.kill('SIGTERM')
-    await Promise.all(nodes.map((node) => (node.exitCode === null && node.signalCode === null ? new Promise((r) => node.once('exit', r)) : undefined)))
+    for (const node of nodes)
+      if (node.exitCode === null && node.signalCode === null) node.kill('SIGTERM')
+    await Promise.all(
+      nodes.map((node) =>
+        node.exitCode === null && node.signalCode === null
+          ? new Promise((r) => node.once('exit', r))
+          : undefined,
+      ),
+    )
     await pool.end()
   }
   say('\nStopped the nodes (SIGTERM). Try `pg-singleton status` and the SQL in the README.')
@@ -103,7 +140,10 @@ async function waitFor<T>(probe: () => Promise<T | undefined>, timeoutMs: number
   for (;;) {
     const value = await probe()
     if (value !== undefined) return value
-    if (Date.now() > deadline) throw new Error(`the demo waited ${timeoutMs} ms for something that did not happen; see the node logs in ${EMBEDDED_HOME}`)
+    if (Date.now() > deadline)
+      throw new Error(
+        `the demo waited ${timeoutMs} ms for something that did not happen; see the node logs in ${EMBEDDED_HOME}`,
+      )
     await sleep(20)
   }
 }

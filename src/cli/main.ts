@@ -46,7 +46,11 @@ export async function main(argv: string[]): Promise<number> {
       await migrateCommand()
       return 0
     case 'run':
-      await runCommand({ config: values.config, nodeId: values['node-id'], verbose: values.verbose })
+      await runCommand({
+        config: values.config,
+        nodeId: values['node-id'],
+        verbose: values.verbose,
+      })
       return -1 // keeps running until a signal
     case 'status':
       await statusCommand({ json: values.json, name: values.name })
@@ -69,7 +73,9 @@ main(process.argv.slice(2)).then(
   },
   (error: unknown) => {
     const code = error instanceof SingletonError ? ` [${error.code}]` : ''
-    process.stderr.write(`pg-singleton: ${error instanceof Error ? error.message : String(error)}${code}\n`)
+    process.stderr.write(
+      `pg-singleton: ${error instanceof Error ? error.message : String(error)}${code}\n`,
+    )
     process.exit(1)
   },
 )

@@ -15,7 +15,10 @@ export interface QualifiedName {
  */
 export function parseTableName(value: string, where: string): QualifiedName {
   const dot = value.indexOf('.')
-  const qualified = dot === -1 ? { schema: 'public', name: value } : { schema: value.slice(0, dot), name: value.slice(dot + 1) }
+  const qualified =
+    dot === -1
+      ? { schema: 'public', name: value }
+      : { schema: value.slice(0, dot), name: value.slice(dot + 1) }
   checkIdentifier(qualified.schema, `${where} (schema part of "${value}")`)
   checkIdentifier(qualified.name, `${where} (table part of "${value}")`)
   return qualified
@@ -26,7 +29,10 @@ export function checkIdentifier(value: string, where: string): void {
     throw new SingletonError('INVALID_OPTION', `${where}: the name is empty.`)
   }
   if (value.includes('\0')) {
-    throw new SingletonError('INVALID_OPTION', `${where}: the name contains a NUL character, which PostgreSQL identifiers cannot hold.`)
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `${where}: the name contains a NUL character, which PostgreSQL identifiers cannot hold.`,
+    )
   }
   if (Buffer.byteLength(value, 'utf8') > MAX_IDENTIFIER_BYTES) {
     throw new SingletonError(

@@ -15,9 +15,19 @@ export const silentLogger: Logger = { debug: ignore, info: ignore, warn: ignore,
 export function consoleLogger(nodeId: string, debug = false): Logger {
   const write = (level: string) => (fields: object, message: string) => {
     const extra = Object.entries(fields)
-      .map(([key, value]) => `${key}=${value instanceof Error ? JSON.stringify(value.message) : JSON.stringify(value)}`)
+      .map(
+        ([key, value]) =>
+          `${key}=${value instanceof Error ? JSON.stringify(value.message) : JSON.stringify(value)}`,
+      )
       .join(' ')
-    process.stderr.write(`${new Date().toISOString()} ${level} [${nodeId}] ${message}${extra ? ` ${extra}` : ''}\n`)
+    process.stderr.write(
+      `${new Date().toISOString()} ${level} [${nodeId}] ${message}${extra ? ` ${extra}` : ''}\n`,
+    )
   }
-  return { debug: debug ? write('DEBUG') : ignore, info: write('INFO '), warn: write('WARN '), error: write('ERROR') }
+  return {
+    debug: debug ? write('DEBUG') : ignore,
+    info: write('INFO '),
+    warn: write('WARN '),
+    error: write('ERROR'),
+  }
 }

@@ -3,7 +3,12 @@ import type pg from 'pg'
 import type { PgBoss } from 'pg-boss'
 import { SingletonError } from '../errors.js'
 import { type Logger, silentLogger } from './logger.js'
-import { NAME_PATTERN, type ResolvedPolicy, type RetentionPolicy, resolvePolicies } from './policy.js'
+import {
+  NAME_PATTERN,
+  type ResolvedPolicy,
+  type RetentionPolicy,
+  resolvePolicies,
+} from './policy.js'
 
 export interface SingletonOptions {
   /** The singleton's name: one lock, one lease row, one schedule. Letters, digits, `_`, `-`, `.`. */
@@ -90,7 +95,10 @@ export function defaultNodeId(): string {
 /** Resolves and validates once, at construction; the result is frozen. */
 export function resolveOptions(options: SingletonOptions): ResolvedOptions {
   if (typeof options !== 'object' || options === null) {
-    throw new SingletonError('INVALID_OPTION', 'createSingleton(options): options must be an object.')
+    throw new SingletonError(
+      'INVALID_OPTION',
+      'createSingleton(options): options must be an object.',
+    )
   }
   if (typeof options.name !== 'string' || !NAME_PATTERN.test(options.name)) {
     throw new SingletonError(
@@ -99,16 +107,25 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     )
   }
   if (!options.connectionString && !options.pool) {
-    throw new SingletonError('INVALID_OPTION', 'connectionString: give a connectionString (e.g. from DATABASE_URL) or your own pool.')
+    throw new SingletonError(
+      'INVALID_OPTION',
+      'connectionString: give a connectionString (e.g. from DATABASE_URL) or your own pool.',
+    )
   }
   const nodeId = options.nodeId ?? defaultNodeId()
   if (typeof nodeId !== 'string' || nodeId.length === 0 || nodeId.length > 63) {
-    throw new SingletonError('INVALID_OPTION', `nodeId: ${JSON.stringify(nodeId)} must be 1-63 characters (it becomes application_name).`)
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `nodeId: ${JSON.stringify(nodeId)} must be 1-63 characters (it becomes application_name).`,
+    )
   }
   const ms = (key: keyof typeof DEFAULTS, min: number, max: number): number => {
     const value = options[key] ?? DEFAULTS[key]
     if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > max) {
-      throw new SingletonError('INVALID_OPTION', `${key}: ${JSON.stringify(value)} must be a number from ${min} to ${max}.`)
+      throw new SingletonError(
+        'INVALID_OPTION',
+        `${key}: ${JSON.stringify(value)} must be a number from ${min} to ${max}.`,
+      )
     }
     return value
   }

@@ -1,5 +1,5 @@
 import { SingletonError } from '../errors.js'
-import { checkIdentifier, type QualifiedName, parseTableName } from './identifier.js'
+import { checkIdentifier, parseTableName, type QualifiedName } from './identifier.js'
 
 /** A retention policy as a user writes it, in the config file or in code. */
 export interface RetentionPolicy {
@@ -47,7 +47,10 @@ export function resolvePolicies(policies: unknown): readonly ResolvedPolicy[] {
     policies.map((raw: unknown, index) => {
       const policy = resolvePolicy(raw, index)
       if (seen.has(policy.name)) {
-        throw new SingletonError('INVALID_OPTION', `policies[${index}].name: "${policy.name}" is used by two policies; names must be unique.`)
+        throw new SingletonError(
+          'INVALID_OPTION',
+          `policies[${index}].name: "${policy.name}" is used by two policies; names must be unique.`,
+        )
       }
       seen.add(policy.name)
       return policy
@@ -58,17 +61,26 @@ export function resolvePolicies(policies: unknown): readonly ResolvedPolicy[] {
 function resolvePolicy(raw: unknown, index: number): ResolvedPolicy {
   const at = `policies[${index}]`
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
-    throw new SingletonError('INVALID_OPTION', `${at}: expected an object, got ${JSON.stringify(raw)}.`)
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `${at}: expected an object, got ${JSON.stringify(raw)}.`,
+    )
   }
   const record = raw as Record<string, unknown>
   for (const key of Object.keys(record)) {
     if (!POLICY_KEYS.has(key)) {
-      throw new SingletonError('INVALID_OPTION', `${at}.${key}: unknown field; a policy has ${[...POLICY_KEYS].join(', ')}.`)
+      throw new SingletonError(
+        'INVALID_OPTION',
+        `${at}.${key}: unknown field; a policy has ${[...POLICY_KEYS].join(', ')}.`,
+      )
     }
   }
   const name = requireString(record, 'name', at)
   if (!NAME_PATTERN.test(name)) {
-    throw new SingletonError('INVALID_OPTION', `${at}.name: "${name}" must be 1-100 letters, digits, "_", "-" or ".".`)
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `${at}.name: "${name}" must be 1-100 letters, digits, "_", "-" or ".".`,
+    )
   }
   const where = `policy "${name}"`
   const tableText = requireString(record, 'table', where)
@@ -78,7 +90,12 @@ function resolvePolicy(raw: unknown, index: number): ResolvedPolicy {
   const olderThan = requireString(record, 'olderThan', where)
   const every = requireString(record, 'every', where)
   const batchSize = record.batchSize ?? DEFAULT_BATCH_SIZE
-  if (typeof batchSize !== 'number' || !Number.isInteger(batchSize) || batchSize < 1 || batchSize > MAX_BATCH_SIZE) {
+  if (
+    typeof batchSize !== 'number' ||
+    !Number.isInteger(batchSize) ||
+    batchSize < 1 ||
+    batchSize > MAX_BATCH_SIZE
+  ) {
     throw new SingletonError(
       'INVALID_OPTION',
       `${where}, field batchSize: ${JSON.stringify(batchSize)} is not an integer from 1 to ${MAX_BATCH_SIZE}.`,
@@ -90,7 +107,10 @@ function resolvePolicy(raw: unknown, index: number): ResolvedPolicy {
 function requireString(record: Record<string, unknown>, key: string, where: string): string {
   const value = record[key]
   if (typeof value !== 'string' || value.trim() === '') {
-    throw new SingletonError('INVALID_OPTION', `${where}, field ${key}: expected a non-empty string, got ${JSON.stringify(value)}.`)
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `${where}, field ${key}: expected a non-empty string, got ${JSON.stringify(value)}.`,
+    )
   }
   return value
 }

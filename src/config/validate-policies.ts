@@ -12,13 +12,20 @@ const TIME_TYPES = ['timestamp with time zone', 'timestamp without time zone', '
  * positive, and this role may delete. Looks up names as bound values in the catalogs,
  * so a hostile name can only fail to be found.
  */
-export async function validatePolicies(pool: pg.Pool, policies: readonly ResolvedPolicy[]): Promise<void> {
+export async function validatePolicies(
+  pool: pg.Pool,
+  policies: readonly ResolvedPolicy[],
+): Promise<void> {
   for (const policy of policies) {
     const where = `policy "${policy.name}"`
     await checkInterval(pool, `${where}, field olderThan`, policy.olderThan, '0 seconds')
     await checkInterval(pool, `${where}, field every`, policy.every, '1 second')
 
-    const { rows: tables } = await pool.query<{ oid: number; relkind: string; can_delete: boolean }>(
+    const { rows: tables } = await pool.query<{
+      oid: number
+      relkind: string
+      can_delete: boolean
+    }>(
       `SELECT c.oid, c.relkind, has_table_privilege(c.oid, 'SELECT, DELETE') AS can_delete
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = $1 AND c.relname = $2`,
@@ -32,10 +39,16 @@ export async function validatePolicies(pool: pg.Pool, policies: readonly Resolve
       )
     }
     if (table.relkind !== 'r' && table.relkind !== 'p') {
-      throw new SingletonError('INVALID_POLICY', `${where}, field table: "${policy.tableText}" is not a table (relkind ${table.relkind}); only tables can be cleaned.`)
+      throw new SingletonError(
+        'INVALID_POLICY',
+        `${where}, field table: "${policy.tableText}" is not a table (relkind ${table.relkind}); only tables can be cleaned.`,
+      )
     }
     if (!table.can_delete) {
-      throw new SingletonError('INVALID_POLICY', `${where}, field table: the current role may not SELECT and DELETE on "${policy.tableText}"; grant both.`)
+      throw new SingletonError(
+        'INVALID_POLICY',
+        `${where}, field table: the current role may not SELECT and DELETE on "${policy.tableText}"; grant both.`,
+      )
     }
 
     const { rows: columns } = await pool.query<{ type: string }>(
@@ -45,7 +58,10 @@ export async function validatePolicies(pool: pg.Pool, policies: readonly Resolve
     )
     const column = columns[0]
     if (!column) {
-      throw new SingletonError('INVALID_POLICY', `${where}, field column: table "${policy.tableText}" has no column "${policy.column}".`)
+      throw new SingletonError(
+        'INVALID_POLICY',
+        `${where}, field column: table "${policy.tableText}" has no column "${policy.column}".`,
+      )
     }
     if (!TIME_TYPES.includes(column.type)) {
       throw new SingletonError(
@@ -56,23 +72,35 @@ export async function validatePolicies(pool: pg.Pool, policies: readonly Resolve
   }
 }
 
-async function checkInterval(pool: pg.Pool, where: string, value: string, minimum: string): Promise<void> {
+async function checkInterval(
+  pool: pg.Pool,
+  where: string,
+  value: string,
+  minimum: string,
+): Promise<void> {
   let atLeast: boolean
   try {
     const { rows } = await pool.query<{ at_least: boolean }>(
-      'SELECT $1::interval >= $2::interval AND $1::interval > interval \'0\' AS at_least',
+      "SELECT $1::interval >= $2::interval AND $1::interval > interval '0' AS at_least",
       [value, minimum],
     )
     atLeast = rows[0]?.at_least === true
   } catch (error) {
     if (INTERVAL_PARSE_ERRORS.includes(sqlState(error) ?? '')) {
-      throw new SingletonError('INVALID_POLICY', `${where}: "${value}" is not a PostgreSQL interval (${(error as Error).message}); write e.g. '30 days' or '1 minute'.`, {
-        cause: error,
-      })
+      throw new SingletonError(
+        'INVALID_POLICY',
+        `${where}: "${value}" is not a PostgreSQL interval (${(error as Error).message}); write e.g. '30 days' or '1 minute'.`,
+        {
+          cause: error,
+        },
+      )
     }
     throw error
   }
   if (!atLeast) {
-    throw new SingletonError('INVALID_POLICY', `${where}: "${value}" must be a positive interval of at least ${minimum}.`)
+    throw new SingletonError(
+      'INVALID_POLICY',
+      `${where}: "${value}" must be a positive interval of at least ${minimum}.`,
+    )
   }
 }

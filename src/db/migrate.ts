@@ -33,9 +33,13 @@ export async function migrateToLatest(pool: pg.Pool): Promise<MigrationResult> {
     })
     const { error, results } = await migrator.migrateToLatest()
     if (error) {
-      throw new SingletonError('SCHEMA_NOT_MIGRATED', `pg-singleton migrations failed: ${String((error as Error).message ?? error)}`, {
-        cause: error,
-      })
+      throw new SingletonError(
+        'SCHEMA_NOT_MIGRATED',
+        `pg-singleton migrations failed: ${String((error as Error).message ?? error)}`,
+        {
+          cause: error,
+        },
+      )
     }
     return {
       applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),

@@ -12,7 +12,11 @@ export interface TransactionLimits {
  * they end with the transaction and never leak into the app's pool. The limits are
  * validated numbers, which is why they can be written into the statement.
  */
-export async function inTransaction<T>(pool: pg.Pool, limits: TransactionLimits, work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+export async function inTransaction<T>(
+  pool: pg.Pool,
+  limits: TransactionLimits,
+  work: (client: pg.PoolClient) => Promise<T>,
+): Promise<T> {
   const client = await pool.connect()
   let broken: Error | undefined
   try {

@@ -17,7 +17,12 @@ export interface HoldTiming {
  * watchdog reads a monotonic clock, so a process that wakes from SIGSTOP or a long GC
  * pause fences on its first tick, before it can schedule anything.
  */
-export function holdUntilLost(session: LockSession, lease: Lease, timing: HoldTiming, stop: AbortSignal): Promise<string> {
+export function holdUntilLost(
+  session: LockSession,
+  lease: Lease,
+  timing: HoldTiming,
+  stop: AbortSignal,
+): Promise<string> {
   return new Promise((resolve) => {
     let lastOkSentAt = performance.now()
     let beatTimer: NodeJS.Timeout | undefined
@@ -26,7 +31,9 @@ export function holdUntilLost(session: LockSession, lease: Lease, timing: HoldTi
       () => {
         const silentFor = performance.now() - lastOkSentAt
         if (silentFor > timing.fenceAfterMs) {
-          finish(`no heartbeat succeeded for ${Math.round(silentFor)} ms (fenceAfterMs ${timing.fenceAfterMs})`)
+          finish(
+            `no heartbeat succeeded for ${Math.round(silentFor)} ms (fenceAfterMs ${timing.fenceAfterMs})`,
+          )
         }
       },
       Math.max(10, Math.min(100, timing.heartbeatMs / 4)),

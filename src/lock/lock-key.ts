@@ -14,5 +14,8 @@ export const LOCK_KEY_PREFIX = 'pgsingleton:'
  * use; this copy is for users who want the key without a query (a test holds them equal).
  */
 export function lockKey(name: string): bigint {
-  return createHash('sha256').update(LOCK_KEY_PREFIX + name, 'utf8').digest().readBigInt64BE(0)
+  return createHash('sha256')
+    .update(LOCK_KEY_PREFIX + name, 'utf8')
+    .digest()
+    .readBigInt64BE(0)
 }

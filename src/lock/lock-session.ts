@@ -32,7 +32,11 @@ export class LockSession {
 
   constructor(connection: pg.ClientConfig, settings: LockSessionSettings) {
     this.#settings = settings
-    this.#client = new pg.Client({ ...connection, application_name: settings.nodeId, keepAlive: true })
+    this.#client = new pg.Client({
+      ...connection,
+      application_name: settings.nodeId,
+      keepAlive: true,
+    })
   }
 
   get backendPid(): number {
@@ -91,7 +95,9 @@ export class LockSession {
   async acquire(signal: AbortSignal): Promise<boolean> {
     while (!signal.aborted) {
       try {
-        await this.#client.query('SELECT pg_advisory_lock(pgsingleton.lock_key($1))', [this.#settings.name])
+        await this.#client.query('SELECT pg_advisory_lock(pgsingleton.lock_key($1))', [
+          this.#settings.name,
+        ])
         return true
       } catch (error) {
         if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
@@ -124,7 +130,13 @@ export class LockSession {
         )
         const row = rows[0]
         if (!row) throw new Error('the epoch bump returned no row')
-        return { name, nodeId, epoch: Number(row.epoch), backendPid: this.#backendPid, acquiredAt: row.acquired_at }
+        return {
+          name,
+          nodeId,
+          epoch: Number(row.epoch),
+          backendPid: this.#backendPid,
+          acquiredAt: row.acquired_at,
+        }
       } catch (error) {
         // A batch of the old epoch is still in flight; its statement_timeout bounds the wait.
         if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
@@ -157,7 +169,10 @@ export class LockSession {
   async close(): Promise<void> {
     if (this.#closed) return
     this.#closed = true
-    await Promise.race([this.#client.end().catch(() => {}), new Promise((resolve) => setTimeout(resolve, 1000).unref())])
+    await Promise.race([
+      this.#client.end().catch(() => {}),
+      new Promise((resolve) => setTimeout(resolve, 1000).unref()),
+    ])
     this.destroy()
   }
 
@@ -168,7 +183,8 @@ export class LockSession {
    */
   destroy(): void {
     this.#closed = true
-    const stream = (this.#client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream
+    const stream = (this.#client as unknown as { connection?: { stream?: { destroy(): void } } })
+      .connection?.stream
     stream?.destroy()
   }
 }

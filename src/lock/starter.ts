@@ -103,7 +103,11 @@ export class Starter {
           this.#lease = undefined
         }
         if (stop.aborted) break
-        this.#hooks.onError(new Error(`lock session failed, reconnecting in ${delay} ms: ${errorMessage(error)}`, { cause: error }))
+        this.#hooks.onError(
+          new Error(`lock session failed, reconnecting in ${delay} ms: ${errorMessage(error)}`, {
+            cause: error,
+          }),
+        )
         await sleep(delay, stop)
         delay = Math.min(delay * 2, MAX_RECONNECT_DELAY_MS)
       }

@@ -51,7 +51,11 @@ const MIN_TICK_MS = 20
  * next slot of its grid after now(). A cleanup deletes everything outdated whenever it
  * runs, so running once is the same work as running each missed slot.
  */
-export async function runScheduler(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Promise<void> {
+export async function runScheduler(
+  deps: SchedulerDeps,
+  lease: Lease,
+  fence: AbortSignal,
+): Promise<void> {
   let prepared = false
   while (!fence.aborted) {
     let waitMs = MAX_TICK_MS
@@ -63,7 +67,11 @@ export async function runScheduler(deps: SchedulerDeps, lease: Lease, fence: Abo
       waitMs = await tick(deps, lease, fence)
     } catch (error) {
       if (fence.aborted) return
-      deps.onError(new Error(`schedule tick failed (epoch ${lease.epoch}): ${errorMessage(error)}`, { cause: error }))
+      deps.onError(
+        new Error(`schedule tick failed (epoch ${lease.epoch}): ${errorMessage(error)}`, {
+          cause: error,
+        }),
+      )
       waitMs = 1000
     }
     await sleep(waitMs, fence)
@@ -93,7 +101,8 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
       'SELECT 1 FROM pgsingleton.leases WHERE name = $1 AND epoch = $2 FOR KEY SHARE',
       [lease.name, lease.epoch],
     )
-    if (held.rowCount !== 1 || fence.aborted) return { scheduled: [] as ScheduledRun[], waitMs: MAX_TICK_MS }
+    if (held.rowCount !== 1 || fence.aborted)
+      return { scheduled: [] as ScheduledRun[], waitMs: MAX_TICK_MS }
 
     // Runs that an older epoch scheduled and that are still open can never finish: their
     // fence has moved. This holder closes them and takes each occurrence over.
@@ -155,12 +164,30 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     const runs: ScheduledRun[] = []
     for (const row of [...reissued.rows, ...due.rows]) {
       const runId = String(row.id)
-      const job: CleanupJob = { runId, singleton: lease.name, policy: row.policy, epoch: lease.epoch }
+      const job: CleanupJob = {
+        runId,
+        singleton: lease.name,
+        policy: row.policy,
+        epoch: lease.epoch,
+      }
       // Inserted through this transaction: the job exists if and only if the run does.
-      const jobId = await deps.boss.send(queueName(lease.name), job, { singletonKey: row.policy, db })
+      const jobId = await deps.boss.send(queueName(lease.name), job, {
+        singletonKey: row.policy,
+        db,
+      })
       if (!jobId) throw new Error(`pg-boss refused the job for policy "${row.policy}"`)
-      await client.query('UPDATE pgsingleton.cleanup_runs SET job_id = $2 WHERE id = $1', [runId, jobId])
-      runs.push({ runId, policy: row.policy, scheduledFor: row.scheduled_for, epoch: lease.epoch, coalesced: row.coalesced, reissued: row.reissued })
+      await client.query('UPDATE pgsingleton.cleanup_runs SET job_id = $2 WHERE id = $1', [
+        runId,
+        jobId,
+      ])
+      runs.push({
+        runId,
+        policy: row.policy,
+        scheduledFor: row.scheduled_for,
+        epoch: lease.epoch,
+        coalesced: row.coalesced,
+        reissued: row.reissued,
+      })
     }
 
     const next = await client.query<{ wait_ms: number | null }>(

@@ -36,7 +36,10 @@ interface StatusRow {
 }
 
 /** Reads `pgsingleton.status`: every singleton, or the one named. */
-export async function readStatus(pool: pg.Pool | pg.Client, name?: string): Promise<SingletonStatus[]> {
+export async function readStatus(
+  pool: pg.Pool | pg.Client,
+  name?: string,
+): Promise<SingletonStatus[]> {
   const { rows } = await pool.query<StatusRow>(
     'SELECT * FROM pgsingleton.status WHERE $1::text IS NULL OR name = $1 ORDER BY name',
     [name ?? null],

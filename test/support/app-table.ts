@@ -9,12 +9,26 @@ export async function createEventsTable(pool: pg.Pool, table = 'app.events'): Pr
 }
 
 /** Inserts `count` rows aged `age` (a PostgreSQL interval) by the database clock. */
-export async function insertRows(pool: pg.Pool, count: number, age: string, table = 'app.events'): Promise<void> {
-  await pool.query(`INSERT INTO ${table} (created_at, payload) SELECT now() - $1::interval, md5(i::text) FROM generate_series(1, $2) AS i`, [age, count])
+export async function insertRows(
+  pool: pg.Pool,
+  count: number,
+  age: string,
+  table = 'app.events',
+): Promise<void> {
+  await pool.query(
+    `INSERT INTO ${table} (created_at, payload) SELECT now() - $1::interval, md5(i::text) FROM generate_series(1, $2) AS i`,
+    [age, count],
+  )
 }
 
-export async function countRows(pool: pg.Pool, where: string, table = 'app.events'): Promise<number> {
-  const { rows } = await pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${table} WHERE ${where}`)
+export async function countRows(
+  pool: pg.Pool,
+  where: string,
+  table = 'app.events',
+): Promise<number> {
+  const { rows } = await pool.query<{ n: string }>(
+    `SELECT count(*) AS n FROM ${table} WHERE ${where}`,
+  )
   return Number(rows[0]?.n)
 }
 
@@ -44,13 +58,19 @@ export async function invariantViolations(pool: pg.Pool, singleton: string): Pro
        JOIN pgsingleton.cleanup_runs rb ON rb.id = b.run_id AND rb.singleton = $1`,
     [singleton],
   )
-  for (const row of overlaps.rows) problems.push(`batch of epoch ${row.a_epoch} (run ${row.a_run}) ended after a batch of epoch ${row.b_epoch} (run ${row.b_run}) began`)
+  for (const row of overlaps.rows)
+    problems.push(
+      `batch of epoch ${row.a_epoch} (run ${row.a_run}) ended after a batch of epoch ${row.b_epoch} (run ${row.b_run}) began`,
+    )
   const doubles = await pool.query(
     `SELECT policy, scheduled_for, count(*) AS n FROM pgsingleton.cleanup_runs
       WHERE singleton = $1 AND status = 'done' GROUP BY policy, scheduled_for HAVING count(*) > 1`,
     [singleton],
   )
-  for (const row of doubles.rows) problems.push(`occurrence ${row.policy}@${row.scheduled_for.toISOString()} completed ${row.n} times`)
+  for (const row of doubles.rows)
+    problems.push(
+      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} completed ${row.n} times`,
+    )
   const lost = await pool.query(
     `SELECT f.policy, f.scheduled_for FROM pgsingleton.cleanup_runs f
       WHERE f.singleton = $1 AND f.status = 'fenced'
@@ -59,6 +79,9 @@ export async function invariantViolations(pool: pg.Pool, singleton: string): Pro
                            AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')`,
     [singleton],
   )
-  for (const row of lost.rows) problems.push(`occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and never completed`)
+  for (const row of lost.rows)
+    problems.push(
+      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and never completed`,
+    )
   return problems
 }

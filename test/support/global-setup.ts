@@ -42,7 +42,9 @@ export default async function setup(project: TestProject) {
   }
   const client = new pg.Client({ connectionString: adminUrl })
   await client.connect()
-  const { rows } = await client.query<{ version: string }>(`SELECT current_setting('server_version') AS version`)
+  const { rows } = await client.query<{ version: string }>(
+    `SELECT current_setting('server_version') AS version`,
+  )
   await client.end()
   const serverLabel = `PostgreSQL ${rows[0]?.version} (${server ? 'embedded' : 'TEST_DATABASE_URL'})`
   process.stderr.write(`pg-singleton tests run against ${serverLabel}\n`)
@@ -59,7 +61,11 @@ function freePort(): Promise<number> {
     const probe = createServer()
     probe.listen(0, '127.0.0.1', () => {
       const address = probe.address()
-      probe.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))))
+      probe.close(() =>
+        typeof address === 'object' && address
+          ? resolve(address.port)
+          : reject(new Error('no port')),
+      )
     })
   })
 }

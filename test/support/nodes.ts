@@ -1,9 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { randomBytes } from 'node:crypto'
 
 export const BIN = fileURLToPath(new URL('../../bin/pg-singleton.js', import.meta.url))
 
@@ -28,7 +28,11 @@ export async function writeConfig(config: object): Promise<string> {
  * Runs the CLI as a real process, the node binary itself (not through npm exec), so a
  * signal reaches the node and nothing else.
  */
-export function runCli(args: string[], env: Record<string, string | undefined>, cwd?: string): NodeProcess {
+export function runCli(
+  args: string[],
+  env: Record<string, string | undefined>,
+  cwd?: string,
+): NodeProcess {
   let out = ''
   const child = spawn(process.execPath, [BIN, ...args], {
     env: { ...process.env, ...env },
@@ -45,7 +49,9 @@ export function runCli(args: string[], env: Record<string, string | undefined>, 
     id: args[args.indexOf('--node-id') + 1] ?? 'cli',
     child,
     output: () => out,
-    exited: new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal }))),
+    exited: new Promise((resolve) =>
+      child.once('exit', (code, signal) => resolve({ code, signal })),
+    ),
     signal: (signal) => {
       child.kill(signal)
     },

@@ -1,0 +1,12 @@
+# The pg-singleton CLI as an image, for docker-compose.yml. In your own app you add the
+# package to your image instead.
+FROM node:22-bookworm-slim
+WORKDIR /app
+COPY package.json package-lock.json ./
+COPY tsconfig.json tsconfig.build.json ./
+COPY src ./src
+COPY migrations ./migrations
+COPY bench ./bench
+COPY bin ./bin
+RUN npm ci --no-audit --no-fund && npm prune --omit=dev
+ENTRYPOINT ["node", "bin/pg-singleton.js"]
