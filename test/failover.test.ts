@@ -136,7 +136,10 @@ describe('failover between real node processes', () => {
     await db.pool.query('SELECT pg_terminate_backend($1)', [before?.backendPid])
     const after = await waitFor('a takeover and the old holder queued again', async () => {
       const row = await statusOf(db.pool, name)
-      return row?.nodeId && row.nodeId !== before?.nodeId && row.waitingNodeIds.includes(holder.id)
+      return row?.nodeId &&
+        row.nodeId !== before?.nodeId &&
+        (row.epoch ?? 0) > (before?.epoch ?? 0) &&
+        row.waitingNodeIds.includes(holder.id)
         ? row
         : undefined
     })
@@ -155,7 +158,10 @@ describe('failover between real node processes', () => {
     holder.signal('SIGSTOP')
     const after = await waitFor('a takeover from the paused holder', async () => {
       const row = await statusOf(db.pool, name)
-      return row?.nodeId && row.nodeId !== before?.nodeId ? row : undefined
+      // The holder columns fill in once the new holder has bumped the epoch.
+      return row?.nodeId && row.nodeId !== before?.nodeId && (row.epoch ?? 0) > (before?.epoch ?? 0)
+        ? row
+        : undefined
     })
     const takeoverMs =
       (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - pausedAt.getTime()
