@@ -6,7 +6,7 @@ import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './c
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
 import type { TransactionLimits } from './db/transaction.js'
-import { errorMessage } from './errors.js'
+import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
 import { Starter } from './lock/starter.js'
@@ -129,12 +129,19 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         application_name: `${options.nodeId} pg-boss`,
         max: 4,
         schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
+        migrate: false, // `pg-singleton migrate` installs pg-boss's schema; nodes need no CREATE
         useListenNotify: Boolean(options.connectionString),
       })
     this.#boss = boss
     if (!options.boss) {
       boss.on('error', (error) => this.#emitError(error))
-      await boss.start()
+      await boss.start().catch((error: Error) => {
+        throw new SingletonError(
+          'SCHEMA_NOT_MIGRATED',
+          `pg-boss could not start (${error.message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
+          { cause: error },
+        )
+      })
     }
     await ensureQueue(boss, options.name)
 

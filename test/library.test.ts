@@ -248,4 +248,33 @@ describe('the library inside an app', () => {
     expect((await done)[0]).toMatchObject({ status: 'done', rowsDeleted: 5 })
     await node.stop()
   })
+
+  it('keeps its own history short with a policy on pgsingleton.cleanup_runs, as the README suggests', async () => {
+    await db.pool.query(
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, status, created_at, finished_at)
+       SELECT 'lib-history', 'old-events', 1, now() - i * interval '1 day', 'a node long gone', 'done', now() - i * interval '1 day', now() - i * interval '1 day'
+         FROM generate_series(31, 40) AS i`,
+    )
+    const node = createSingleton({
+      name: 'lib-history',
+      connectionString: db.url,
+      policies: [
+        {
+          name: 'history',
+          table: 'pgsingleton.cleanup_runs',
+          column: 'created_at',
+          olderThan: '30 days',
+          every: '1 hour',
+        },
+      ],
+    })
+    const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+    await node.start()
+    expect((await done)[0]).toMatchObject({ status: 'done', rowsDeleted: 10 })
+    await node.stop()
+    const { rows } = await db.pool.query(
+      `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs WHERE created_at < now() - interval '30 days'`,
+    )
+    expect(rows[0].n).toBe(0)
+  })
 })

@@ -46,6 +46,10 @@ describe('migrations', () => {
       'SELECT name FROM pgsingleton.kysely_migration ORDER BY name',
     )
     expect(rows.map((r) => r.name)).toEqual(['0001_initial'])
+    const boss = await db.pool.query(
+      `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
+    )
+    expect(boss.rows[0].n).toBe(1) // pg-boss's schema too, so nodes need no CREATE
     expect((await migrateToLatest(db.pool)).applied).toEqual([])
     await assertSchemaCurrent(db.pool)
   })

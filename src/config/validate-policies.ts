@@ -26,7 +26,7 @@ export async function validatePolicies(
       relkind: string
       can_delete: boolean
     }>(
-      `SELECT c.oid, c.relkind, has_table_privilege(c.oid, 'SELECT, DELETE') AS can_delete
+      `SELECT c.oid, c.relkind, has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'DELETE') AS can_delete
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = $1 AND c.relname = $2`,
       [policy.table.schema, policy.table.name],

@@ -1,8 +1,10 @@
 import { Kysely, PostgresDialect } from 'kysely'
 import { Migrator } from 'kysely/migration'
 import type pg from 'pg'
+import { PgBoss } from 'pg-boss'
 import { migrationProvider, SCHEMA_VERSION } from '../../migrations/index.js'
 import { SingletonError } from '../errors.js'
+import { lockKey } from '../lock/lock-key.js'
 import { SQLSTATE, sqlState } from './sqlstate.js'
 
 export interface MigrationResult {
@@ -12,11 +14,48 @@ export interface MigrationResult {
 }
 
 /**
- * Applies pg-singleton's migrations. Kysely's Migrator takes a transaction-level advisory
- * lock around the whole run, so ten nodes calling this at once migrate once and the other
- * nine find nothing to do.
+ * Applies pg-singleton's migrations, then installs or upgrades pg-boss's schema
+ * (`pgboss`), so that nodes can run as a role that may not create anything. Kysely's
+ * Migrator and pg-boss both migrate under an advisory lock, so ten nodes calling this at
+ * once migrate once and the other nine find nothing to do.
  */
 export async function migrateToLatest(pool: pg.Pool): Promise<MigrationResult> {
+  const result = await migrateOwnSchema(pool)
+  await installPgBoss(pool)
+  return result
+}
+
+/**
+ * pg-boss migrates under its own advisory lock, but two first installs at once still race
+ * on CREATE SCHEMA; one session-level lock of ours around the whole install serializes
+ * them. The key cannot be a singleton's: singleton names have no spaces.
+ */
+const PG_BOSS_INSTALL_KEY = lockKey('install pg-boss')
+
+async function installPgBoss(pool: pg.Pool): Promise<void> {
+  const client = await pool.connect()
+  try {
+    await client.query('SELECT pg_advisory_lock($1)', [PG_BOSS_INSTALL_KEY.toString()])
+    const boss = new PgBoss({
+      db: { executeSql: (text: string, values?: unknown[]) => client.query(text, values) },
+      migrate: true,
+      supervise: false,
+      schedule: false,
+    })
+    const failures: Error[] = []
+    boss.on('error', (error) => failures.push(error))
+    await boss.start()
+    await boss.stop({ graceful: false, close: false })
+    if (failures[0]) throw failures[0]
+  } finally {
+    await client
+      .query('SELECT pg_advisory_unlock($1)', [PG_BOSS_INSTALL_KEY.toString()])
+      .catch(() => {})
+    client.release()
+  }
+}
+
+async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
   const found = await readSchemaVersion(pool)
   if (found !== undefined && found > SCHEMA_VERSION) throw schemaTooNew(found)
 

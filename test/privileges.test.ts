@@ -1,0 +1,86 @@
+import { randomBytes } from 'node:crypto'
+import { once } from 'node:events'
+import pg from 'pg'
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
+import { createSingleton, type RunReport } from '../src/index.js'
+import { countRows, createEventsTable, insertRows } from './support/app-table.js'
+import { createTestDatabase, type TestDatabase } from './support/database.js'
+
+let db: TestDatabase
+const role = `cleaner_${randomBytes(4).toString('hex')}`
+const password = randomBytes(8).toString('hex')
+
+beforeAll(async () => {
+  db = await createTestDatabase()
+  await createEventsTable(db.pool)
+  // The grants of the README's least-privilege role, word for word.
+  await db.pool.query(`
+    CREATE ROLE ${role} LOGIN PASSWORD '${password}';
+    GRANT USAGE ON SCHEMA pgsingleton TO ${role};
+    GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA pgsingleton TO ${role};
+    GRANT EXECUTE ON FUNCTION pgsingleton.lock_key(text) TO ${role};
+    GRANT USAGE ON SCHEMA app TO ${role};
+    GRANT SELECT, DELETE ON app.events TO ${role};
+    GRANT USAGE ON SCHEMA pgboss TO ${role};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgboss TO ${role};
+    GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgboss TO ${role};`)
+})
+afterAll(async () => {
+  await db?.drop()
+  const client = new pg.Client({ connectionString: inject('adminUrl') })
+  await client.connect()
+  await client.query(`DROP ROLE IF EXISTS ${role}`)
+  await client.end()
+})
+
+describe('a node running as a least-privilege role', () => {
+  it('holds, schedules and cleans with only the grants the README lists', async () => {
+    await insertRows(db.pool, 30, '2 days')
+    await insertRows(db.pool, 3, '1 hour')
+    const url = new URL(db.url)
+    url.username = role
+    url.password = password
+    const node = createSingleton({
+      name: 'least-privilege',
+      connectionString: url.toString(),
+      policies: [
+        {
+          name: 'old',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 day',
+          every: '1 minute',
+        },
+      ],
+    })
+    const errors: Error[] = []
+    node.on('error', (error) => errors.push(error))
+    const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+    await node.start()
+    expect((await done)[0]).toMatchObject({ status: 'done', rowsDeleted: 30 })
+    expect(await node.whereis()).toBe(node.nodeId)
+    await node.stop()
+    expect(errors).toEqual([])
+    expect(await countRows(db.pool, 'true')).toBe(3)
+  })
+
+  it('is refused, with the reason, on a table it may not delete from', async () => {
+    await db.pool.query(
+      `CREATE TABLE app.audit (at timestamptz); GRANT SELECT ON app.audit TO ${role}`,
+    )
+    const url = new URL(db.url)
+    url.username = role
+    url.password = password
+    const node = createSingleton({
+      name: 'least-privilege-audit',
+      connectionString: url.toString(),
+      policies: [
+        { name: 'old', table: 'app.audit', column: 'at', olderThan: '1 day', every: '1 minute' },
+      ],
+    })
+    await expect(node.start()).rejects.toMatchObject({
+      code: 'INVALID_POLICY',
+      message: expect.stringMatching(/may not SELECT and DELETE on "app\.audit"/),
+    })
+  })
+})
