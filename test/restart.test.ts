@@ -1,0 +1,75 @@
+import { randomBytes } from 'node:crypto'
+import { chmod, mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import pg from 'pg'
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+// The built module: it starts initdb through a compiled helper next to it.
+import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
+import { migrateToLatest } from '../src/db/migrate.js'
+import { countRows, createEventsTable, insertRows, invariantViolations, statusOf } from './support/app-table.js'
+import { waitFor } from './support/database.js'
+import { reapNodes, startNode, writeConfig } from './support/nodes.js'
+
+// A server of its own, since this test restarts it under the nodes.
+let home: string
+let dataDir: string
+let port: number
+let url: string
+let pool: pg.Pool
+
+beforeAll(async () => {
+  home = await mkdtemp(join(tmpdir(), 'pg-singleton-restart-'))
+  await chmod(home, 0o755) // as root, the server runs as the postgres user
+  dataDir = join(home, 'pgdata')
+  port = 45000 + (randomBytes(2).readUInt16BE(0) % 5000)
+  url = (await ensureEmbedded(dataDir, port)).url
+  pool = new pg.Pool({ connectionString: url, max: 2 })
+  pool.on('error', () => {})
+  await migrateToLatest(pool)
+  await createEventsTable(pool)
+})
+afterAll(async () => {
+  await pool?.end()
+  if (dataDir) await stopEmbedded(dataDir)
+  if (home) await rm(home, { recursive: true, force: true })
+})
+afterEach(async () => {
+  expect(await reapNodes(), 'the test left node processes running').toEqual([])
+})
+
+describe('a database restart', () => {
+  it('drops every session; the nodes live on, queue again, and one holds a higher epoch and cleans', async () => {
+    const name = 'restart'
+    const config = await writeConfig({
+      name,
+      policies: [{ name: 'old', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second' }],
+    })
+    const nodes = [startNode(url, config, 'restart-1'), startNode(url, config, 'restart-2')]
+    const before = await waitFor('a holder', async () => {
+      const row = await statusOf(pool, name)
+      return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+    })
+
+    expect(await stopEmbedded(dataDir)).toBe(true)
+    await ensureEmbedded(dataDir, port)
+
+    const after = await waitFor(
+      'a holder after the restart',
+      async () => {
+        const row = await statusOf(pool, name).catch(() => undefined)
+        return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) && row.waitingNodes === 1 ? row : undefined
+      },
+      30_000,
+    )
+    expect(after.epoch).toBeGreaterThan(before.epoch ?? 0)
+    for (const node of nodes) expect(node.child.exitCode, node.output()).toBeNull()
+
+    await insertRows(pool, 200, '2 hours')
+    await waitFor('the rows outdated after the restart to be cleaned', async () => (await countRows(pool, 'true')) === 0, 30_000)
+
+    for (const node of nodes) node.signal('SIGTERM')
+    for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
+    expect(await invariantViolations(pool, name)).toEqual([])
+  })
+})
