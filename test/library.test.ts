@@ -8,7 +8,7 @@ import {
   countRows,
   createEventsTable,
   insertRows,
-  invariantViolations,
+  safetyViolations,
   statusOf,
 } from './support/app-table.js'
 import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
@@ -229,7 +229,7 @@ describe('the library inside an app', () => {
     expect(await countRows(db.pool, 'true')).toBe(0)
     await boss.stop({ graceful: false, close: true })
     await second.stop()
-    expect(await invariantViolations(db.pool, 'lib-stale')).toEqual([])
+    expect(await safetyViolations(db.pool, 'lib-stale')).toEqual([])
   })
 
   it('a throwing listener does not break the node', async () => {

@@ -7,7 +7,13 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 // The built module: it starts initdb through a compiled helper next to it.
 import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
 import { migrateToLatest } from '../src/db/migrate.js'
-import { countRows, createEventsTable, insertRows, invariantViolations, statusOf } from './support/app-table.js'
+import {
+  countRows,
+  createEventsTable,
+  insertRows,
+  safetyViolations,
+  statusOf,
+} from './support/app-table.js'
 import { waitFor } from './support/database.js'
 import { reapNodes, startNode, writeConfig } from './support/nodes.js'
 
@@ -43,7 +49,15 @@ describe('a database restart', () => {
     const name = 'restart'
     const config = await writeConfig({
       name,
-      policies: [{ name: 'old', table: 'app.events', column: 'created_at', olderThan: '1 hour', every: '1 second' }],
+      policies: [
+        {
+          name: 'old',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+        },
+      ],
     })
     const nodes = [startNode(url, config, 'restart-1'), startNode(url, config, 'restart-2')]
     const before = await waitFor('a holder', async () => {
@@ -57,8 +71,13 @@ describe('a database restart', () => {
     const after = await waitFor(
       'a holder after the restart',
       async () => {
+        for (const node of nodes) {
+          if (node.child.exitCode !== null) throw new Error(`${node.id} exited:\n${node.output()}`)
+        }
         const row = await statusOf(pool, name).catch(() => undefined)
-        return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) && row.waitingNodes === 1 ? row : undefined
+        return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) && row.waitingNodes === 1
+          ? row
+          : undefined
       },
       30_000,
     )
@@ -66,10 +85,14 @@ describe('a database restart', () => {
     for (const node of nodes) expect(node.child.exitCode, node.output()).toBeNull()
 
     await insertRows(pool, 200, '2 hours')
-    await waitFor('the rows outdated after the restart to be cleaned', async () => (await countRows(pool, 'true')) === 0, 30_000)
+    await waitFor(
+      'the rows outdated after the restart to be cleaned',
+      async () => (await countRows(pool, 'true')) === 0,
+      30_000,
+    )
 
     for (const node of nodes) node.signal('SIGTERM')
     for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
-    expect(await invariantViolations(pool, name)).toEqual([])
+    expect(await safetyViolations(pool, name)).toEqual([])
   })
 })

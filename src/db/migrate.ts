@@ -34,6 +34,8 @@ const PG_BOSS_INSTALL_KEY = lockKey('install pg-boss')
 
 async function installPgBoss(pool: pg.Pool): Promise<void> {
   const client = await pool.connect()
+  const onError = () => {} // reported by the statement that fails; unheard it would end the process
+  client.on('error', onError)
   try {
     await client.query('SELECT pg_advisory_lock($1)', [PG_BOSS_INSTALL_KEY.toString()])
     const boss = new PgBoss({

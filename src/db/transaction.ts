@@ -19,6 +19,13 @@ export async function inTransaction<T>(
 ): Promise<T> {
   const client = await pool.connect()
   let broken: Error | undefined
+  // pg-pool listens for errors only on idle clients. A checked-out client whose session
+  // ends between two statements (terminated backend, database restart) emits 'error';
+  // unheard, that would end the process. The failed statement reports it anyway.
+  const onError = (error: Error) => {
+    broken = error
+  }
+  client.on('error', onError)
   try {
     await client.query(
       `BEGIN; SET LOCAL lock_timeout = ${Math.round(limits.lockTimeoutMs)}; ` +
@@ -34,7 +41,8 @@ export async function inTransaction<T>(
     })
     throw error
   } finally {
-    // A connection whose rollback failed is in an unknown state: drop it from the pool.
+    client.removeListener('error', onError)
+    // A connection that failed is in an unknown state: drop it from the pool.
     client.release(broken)
   }
 }

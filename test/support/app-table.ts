@@ -1,5 +1,6 @@
 import type pg from 'pg'
 import { readStatus, type SingletonStatus } from '../../src/status/read-status.js'
+import { waitFor } from './database.js'
 
 /** An app table like the ones users clean: rows with a timestamp, some outdated. */
 export async function createEventsTable(pool: pg.Pool, table = 'app.events'): Promise<void> {
@@ -42,13 +43,12 @@ export async function dbNow(pool: pg.Pool): Promise<Date> {
 }
 
 /**
- * The invariants of DESIGN.md, judged from what the database recorded:
+ * The safety invariants, judged from what the database recorded; they hold at every
+ * moment, whatever runs or stops:
  * - no two batches of different epochs overlap in time, and commits follow epoch order;
- * - no occurrence of a policy is completed twice;
- * - every occurrence that a fenced run left unfinished has a later run (done, or still
- * open for the next holder to finish).
+ * - no occurrence of a policy is completed twice.
  */
-export async function invariantViolations(pool: pg.Pool, singleton: string): Promise<string[]> {
+export async function safetyViolations(pool: pg.Pool, singleton: string): Promise<string[]> {
   const problems: string[] = []
   const overlaps = await pool.query(
     `SELECT a.run_id AS a_run, a.epoch AS a_epoch, b.run_id AS b_run, b.epoch AS b_epoch
@@ -58,10 +58,11 @@ export async function invariantViolations(pool: pg.Pool, singleton: string): Pro
        JOIN pgsingleton.cleanup_runs rb ON rb.id = b.run_id AND rb.singleton = $1`,
     [singleton],
   )
-  for (const row of overlaps.rows)
+  for (const row of overlaps.rows) {
     problems.push(
       `batch of epoch ${row.a_epoch} (run ${row.a_run}) ended after a batch of epoch ${row.b_epoch} (run ${row.b_run}) began`,
     )
+  }
   const doubles = await pool.query(
     `SELECT policy, scheduled_for, count(*) AS n FROM pgsingleton.cleanup_runs
       WHERE singleton = $1 AND status = 'done' GROUP BY policy, scheduled_for HAVING count(*) > 1`,
@@ -71,17 +72,38 @@ export async function invariantViolations(pool: pg.Pool, singleton: string): Pro
     problems.push(
       `occurrence ${row.policy}@${row.scheduled_for.toISOString()} completed ${row.n} times`,
     )
+  return problems
+}
+
+/**
+ * The continuity invariant: every occurrence that a fenced run left unfinished has a
+ * later run (done, or still open). A holder re-issues such occurrences on its ticks, so
+ * this is checked while a holder runs; a holder stopped before its first tick leaves them
+ * for the next one.
+ */
+export async function unfinishedOccurrences(pool: pg.Pool, singleton: string): Promise<string[]> {
   const lost = await pool.query(
-    `SELECT f.policy, f.scheduled_for FROM pgsingleton.cleanup_runs f
+    `SELECT DISTINCT f.policy, f.scheduled_for FROM pgsingleton.cleanup_runs f
       WHERE f.singleton = $1 AND f.status = 'fenced'
         AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs d
                          WHERE d.singleton = f.singleton AND d.policy = f.policy
                            AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')`,
     [singleton],
   )
-  for (const row of lost.rows)
-    problems.push(
-      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and never completed`,
-    )
-  return problems
+  return lost.rows.map(
+    (row) =>
+      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and has no later run`,
+  )
+}
+
+/** Waits, while a holder runs, until no occurrence is left unfinished. */
+export async function waitUntilSettled(pool: pg.Pool, singleton: string): Promise<void> {
+  let last: string[] = []
+  await waitFor(
+    `every occurrence of ${singleton} to have a live or done run (${last.join('; ')})`,
+    async () => {
+      last = await unfinishedOccurrences(pool, singleton)
+      return last.length === 0
+    },
+  )
 }
