@@ -1,6 +1,6 @@
 /**
  * `npm run bench`: the numbers behind the README, measured on this machine with real
- * processes and a real PostgreSQL. Writes bench/REPORT.md and prints it.
+ * processes and a real PostgreSQL. Writes bench/REPORT-postgresql-<major>.md and prints it.
  *
  *   DATABASE_URL=...  bench against that server (a scratch database is created on it);
  *                     without it, against the embedded PostgreSQL under ./.pg-singleton.
@@ -19,7 +19,6 @@ import { migrateToLatest } from '../src/db/migrate.js'
 import { readStatus } from '../src/status/read-status.js'
 
 const BIN = fileURLToPath(new URL('../../bin/pg-singleton.js', import.meta.url))
-const REPORT = fileURLToPath(new URL('../../bench/REPORT.md', import.meta.url))
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10)
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
@@ -33,9 +32,11 @@ async function main(): Promise<void> {
   url.pathname = `/${dbName}`
   const pool = new pg.Pool({ connectionString: url.toString(), max: 4 })
   const lines: string[] = []
+  let major = 'unknown'
   try {
     await migrateToLatest(pool)
     const version = (await pool.query(`SELECT current_setting('server_version') AS v`)).rows[0].v
+    major = String(version).split('.')[0] ?? major
     lines.push('# pg-singleton benchmark report', '', machine(version), '')
     lines.push(...(await failoverBench(pool, url.toString())))
     lines.push(...(await cleanupBench(pool, url.toString())))
@@ -45,7 +46,10 @@ async function main(): Promise<void> {
     await admin.end()
   }
   const report = `${lines.join('\n')}\n`
-  await writeFile(REPORT, report)
+  await writeFile(
+    fileURLToPath(new URL(`../../bench/REPORT-postgresql-${major}.md`, import.meta.url)),
+    report,
+  )
   process.stdout.write(report)
 }
 
@@ -124,7 +128,13 @@ async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
     return node
   }
   const live = () => nodes.filter((n) => n.child.exitCode === null && n.child.signalCode === null)
-  const results: Record<string, number[]> = { 'kill -9': [], SIGTERM: [], pg_terminate_backend: [] }
+  const results: Record<string, number[]> = {
+    'kill -9': [],
+    SIGTERM: [],
+    pg_terminate_backend: [],
+    // With the default timings: the server's idle_session_timeout (3 s) frees a paused holder's lock.
+    'SIGSTOP (paused)': [],
+  }
   const memory: { holder: number[]; standby: number[] } = { holder: [], standby: [] }
   try {
     for (let i = 0; i < 3; i++) spawnNode()
@@ -144,13 +154,15 @@ async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
         const t0: Date = (await pool.query('SELECT clock_timestamp() AS t')).rows[0].t
         if (kind === 'kill -9') holder.child.kill('SIGKILL')
         else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
+        else if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
         else await pool.query('SELECT pg_terminate_backend($1)', [before.backendPid])
         const after = await until(async () => {
           const row = (await readStatus(pool, 'bench'))[0]
           return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
         })
         results[kind]?.push((after.acquiredAt as Date).getTime() - t0.getTime())
-        if (kind !== 'pg_terminate_backend') {
+        if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGCONT') // it fences itself and queues again
+        if (kind === 'kill -9' || kind === 'SIGTERM') {
           await holder.exited
           spawnNode()
         }
@@ -171,12 +183,14 @@ async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
       ([kind, values]) => `| ${kind} of the holder | ${summary(values, 'ms')} |`,
     ),
     '',
+    'The paused holder is SIGSTOPped with the default timings; the server ends its session after `idleSessionTimeoutMs` (3 s) of silence, counted from its last statement.',
+    '',
     `Resident memory of a node process (RSS): holder ${memory.holder.map((v) => v.toFixed(0)).join(', ')} MiB; standbys ${memory.standby.map((v) => v.toFixed(0)).join(', ')} MiB.`,
     '',
   ]
 }
 
-/** The DESIGN.md workload: 700,000 outdated rows of 1,000,000, 80-byte payload, index on the timestamp. */
+/** 700,000 outdated rows of 1,000,000, 80-byte payload, index on the timestamp. */
 async function cleanupBench(pool: pg.Pool, url: string): Promise<string[]> {
   const rows: string[] = [
     '## Cleanup',
