@@ -10,6 +10,7 @@ import {
 } from './support/app-table.js'
 import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
 import { type NodeProcess, reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { PartitionableProxy } from './support/tcp-proxy.js'
 
 // Short timings so that the pause test finishes fast: the server cuts a silent holder
 // after 1 s; the holder fences itself after 600 ms without a successful heartbeat.
@@ -239,5 +240,54 @@ describe('failover between real node processes', () => {
     await waitUntilSettled(db.pool, name)
     await stopAll(nodes)
     expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
+
+  it('a partitioned holder fences itself before the server hands the lock on, and queues again once healed', async () => {
+    const name = `failover-${++nameSeq}`
+    const config = await writeConfig({ name, policies: [POLICY], ...TIMING })
+    const target = new URL(db.url)
+    const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
+    const proxied = new URL(db.url)
+    proxied.port = String(await proxy.listen())
+    proxied.hostname = '127.0.0.1'
+    try {
+      const cut = startNode(proxied.toString(), config, `${name}-behind-the-proxy`)
+      const before = await waitFor('the proxied node to hold', async () => {
+        const row = await statusOf(db.pool, name)
+        return row?.nodeId === cut.id && row.epoch !== null ? row : undefined
+      })
+      const other = startNode(db.url, config, `${name}-direct`)
+      await waitFor('the direct node to queue', async () =>
+        (await statusOf(db.pool, name))?.waitingNodeIds.includes(other.id),
+      )
+
+      proxy.partition()
+      const after = await waitFor('the direct node to take over', async () => {
+        const row = await statusOf(db.pool, name)
+        return row?.nodeId === other.id && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
+      })
+      const fencedLine = await waitFor('the cut-off node to fence itself', async () =>
+        cut
+          .output()
+          .split('\n')
+          .find((line) => line.includes('fenced: no longer the holder')),
+      )
+      // Both clocks are this machine's: the node's log line and the server's acquired_at.
+      const fencedAt = new Date(fencedLine.split(' ')[0] as string).getTime()
+      expect(fencedAt).toBeLessThan(after.acquiredAt?.getTime() ?? 0)
+      expect(cut.child.exitCode).toBeNull()
+
+      proxy.heal()
+      await waitFor(
+        'the healed node to queue again',
+        async () => (await statusOf(db.pool, name))?.waitingNodeIds.includes(cut.id),
+        30_000,
+      )
+      await waitUntilSettled(db.pool, name)
+      await stopAll([cut, other])
+      expect(await safetyViolations(db.pool, name)).toEqual([])
+    } finally {
+      await proxy.close()
+    }
   })
 })

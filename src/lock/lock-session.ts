@@ -33,6 +33,8 @@ export class LockSession {
   constructor(connection: pg.ClientConfig, settings: LockSessionSettings) {
     this.#settings = settings
     this.#client = new pg.Client({
+      // A connect into a partition would otherwise wait out the kernel's SYN retries (minutes).
+      connectionTimeoutMillis: 10_000,
       ...connection,
       application_name: settings.nodeId,
       keepAlive: true,
