@@ -17,10 +17,12 @@ import pg from 'pg'
 import { resolveConnection } from '../src/cli/connection.js'
 import { migrateToLatest } from '../src/db/migrate.js'
 import { readStatus } from '../src/status/read-status.js'
+import { waitFor } from '../src/wait.js'
 
 const BIN = fileURLToPath(new URL('../../bin/pg-singleton.js', import.meta.url))
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10)
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+/** A takeover takes milliseconds, or about 3 s for a paused holder; 30 s means something broke. */
+const TIMEOUT_MS = 30_000
 
 async function main(): Promise<void> {
   const { url: serverUrl } = await resolveConnection((line) => process.stderr.write(`${line}\n`))
@@ -73,16 +75,6 @@ function startNode(url: string, config: string, id: string): Node {
     stdio: 'ignore',
   })
   return { id, child, exited: new Promise((resolve) => child.once('exit', () => resolve())) }
-}
-
-async function until<T>(probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const value = await probe()
-    if (value !== undefined) return value
-    if (Date.now() > deadline) throw new Error('benchmark timed out waiting for a takeover')
-    await sleep(5)
-  }
 }
 
 function rssMiB(pid: number | undefined): number {
@@ -140,12 +132,17 @@ async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
     for (let i = 0; i < 3; i++) spawnNode()
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of Object.keys(results)) {
-        const before = await until(async () => {
-          const row = (await readStatus(pool, 'bench'))[0]
-          return row?.nodeId && row.epoch !== null && row.waitingNodes === live().length - 1
-            ? row
-            : undefined
-        })
+        const before = await waitFor(
+          'a holder and two waiters',
+          async () => {
+            const row = (await readStatus(pool, 'bench'))[0]
+            return row?.nodeId && row.epoch !== null && row.waitingNodes === live().length - 1
+              ? row
+              : undefined
+          },
+          TIMEOUT_MS,
+          5,
+        )
         const holder = nodes.find((n) => n.id === before.nodeId) as Node
         if (round === 0 && kind === 'kill -9') {
           memory.holder.push(rssMiB(holder.child.pid))
@@ -156,10 +153,15 @@ async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
         else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
         else if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
         else await pool.query('SELECT pg_terminate_backend($1)', [before.backendPid])
-        const after = await until(async () => {
-          const row = (await readStatus(pool, 'bench'))[0]
-          return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
-        })
+        const after = await waitFor(
+          'a takeover',
+          async () => {
+            const row = (await readStatus(pool, 'bench'))[0]
+            return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
+          },
+          TIMEOUT_MS,
+          5,
+        )
         results[kind]?.push((after.acquiredAt as Date).getTime() - t0.getTime())
         if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGCONT') // it fences itself and queues again
         if (kind === 'kill -9' || kind === 'SIGTERM') {

@@ -1,22 +1,13 @@
 import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { describe, expect, it } from 'vitest'
 import { createEventsTable, insertRows } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
-import { reapNodes, runCli, startNode, writeConfig } from './support/nodes.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { failOnNodesLeftRunning, runCli, startNode, writeConfig } from './support/nodes.js'
 
-let db: TestDatabase
-
-beforeAll(async () => {
-  db = await createTestDatabase({ migrate: false })
-})
-afterAll(async () => {
-  await db?.drop()
-})
-afterEach(async () => {
-  expect(await reapNodes(), 'the test left node processes running').toEqual([])
-})
+const db = useTestDatabase({ migrate: false })
+failOnNodesLeftRunning()
 
 async function finish(args: string[], env: Record<string, string | undefined>, cwd?: string) {
   const cli = runCli(args, env, cwd)

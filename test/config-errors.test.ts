@@ -1,8 +1,8 @@
 import { writeFile } from 'node:fs/promises'
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it } from 'vitest'
 import { countRows, createEventsTable, insertRows } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase } from './support/database.js'
-import { reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { useTestDatabase } from './support/database.js'
+import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
 
 const good = {
   name: 'old-events',
@@ -11,22 +11,16 @@ const good = {
   olderThan: '1 hour',
   every: '1 second',
 }
-let db: TestDatabase
-
-beforeAll(async () => {
-  db = await createTestDatabase()
-  await createEventsTable(db.pool)
-  await db.pool.query('CREATE VIEW app.events_view AS SELECT * FROM app.events')
-  await db.pool.query(
-    'CREATE TABLE app.sessions (id int, created_at timestamptz, created_on date, created_local timestamp)',
-  )
+const db = useTestDatabase({
+  async setup({ pool }) {
+    await createEventsTable(pool)
+    await pool.query('CREATE VIEW app.events_view AS SELECT * FROM app.events')
+    await pool.query(
+      'CREATE TABLE app.sessions (id int, created_at timestamptz, created_on date, created_local timestamp)',
+    )
+  },
 })
-afterAll(async () => {
-  await db?.drop()
-})
-afterEach(async () => {
-  expect(await reapNodes(), 'the test left node processes running').toEqual([])
-})
+failOnNodesLeftRunning()
 
 /** Starts a node with this config and expects it to refuse, printing `message`. */
 async function refuses(config: object | string, message: RegExp): Promise<void> {

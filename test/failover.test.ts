@@ -1,4 +1,4 @@
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { describe, expect, it } from 'vitest'
 import {
   countRows,
   createEventsTable,
@@ -8,8 +8,13 @@ import {
   statusOf,
   waitUntilSettled,
 } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
-import { type NodeProcess, reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import {
+  failOnNodesLeftRunning,
+  type NodeProcess,
+  startNode,
+  writeConfig,
+} from './support/nodes.js'
 import { PartitionableProxy } from './support/tcp-proxy.js'
 
 // Short timings so that the pause test finishes fast: the server cuts a silent holder
@@ -24,20 +29,9 @@ const POLICY = {
   batchSize: 200,
 }
 
-let db: TestDatabase
+const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
+failOnNodesLeftRunning()
 let nameSeq = 0
-
-beforeAll(async () => {
-  db = await createTestDatabase()
-  await createEventsTable(db.pool)
-})
-afterAll(async () => {
-  await db?.drop()
-})
-afterEach(async () => {
-  const left = await reapNodes()
-  expect(left, 'the test left node processes running').toEqual([])
-})
 
 async function cluster(
   count: number,

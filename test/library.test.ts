@@ -1,7 +1,7 @@
 import { once } from 'node:events'
 import pg from 'pg'
 import { PgBoss } from 'pg-boss'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { describe, expect, it } from 'vitest'
 import { createSingleton, type RunReport } from '../src/index.js'
 import { queueName } from '../src/schedule/queue.js'
 import {
@@ -11,7 +11,7 @@ import {
   safetyViolations,
   statusOf,
 } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
+import { useTestDatabase, waitFor } from './support/database.js'
 
 const policy = {
   name: 'old-events',
@@ -21,15 +21,7 @@ const policy = {
   every: '1 hour',
   batchSize: 300,
 }
-let db: TestDatabase
-
-beforeAll(async () => {
-  db = await createTestDatabase()
-  await createEventsTable(db.pool)
-})
-afterAll(async () => {
-  await db?.drop()
-})
+const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
 
 describe('the library inside an app', () => {
   it('deletes exactly the outdated rows, in batches of at most batchSize, and records the run', async () => {

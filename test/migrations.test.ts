@@ -1,5 +1,5 @@
 import pg from 'pg'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { describe, expect, it } from 'vitest'
 import {
   assertSchemaCurrent,
   createSingleton,
@@ -7,19 +7,12 @@ import {
   migrateToLatest,
   SCHEMA_VERSION,
 } from '../src/index.js'
-import { createTestDatabase, type TestDatabase } from './support/database.js'
+import { useTestDatabase } from './support/database.js'
 
 const policies = [
   { name: 'p', table: 'public.t', column: 'ts', olderThan: '1 day', every: '1 minute' },
 ]
-let db: TestDatabase
-
-beforeAll(async () => {
-  db = await createTestDatabase({ migrate: false })
-})
-afterAll(async () => {
-  await db?.drop()
-})
+const db = useTestDatabase({ migrate: false })
 
 describe('migrations', () => {
   it('refuse to start a node on a database that was never migrated', async () => {

@@ -4,15 +4,13 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
 import { createSingleton, type RunReport } from '../src/index.js'
 import { countRows, createEventsTable, insertRows } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase } from './support/database.js'
+import { useTestDatabase } from './support/database.js'
 
-let db: TestDatabase
 const role = `cleaner_${randomBytes(4).toString('hex')}`
 const password = randomBytes(8).toString('hex')
+const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
 
 beforeAll(async () => {
-  db = await createTestDatabase()
-  await createEventsTable(db.pool)
   // The grants of the README's least-privilege role, word for word.
   await db.pool.query(`
     CREATE ROLE ${role} LOGIN PASSWORD '${password}';
@@ -26,7 +24,7 @@ beforeAll(async () => {
     GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgboss TO ${role};`)
 })
 afterAll(async () => {
-  await db?.drop()
+  await db.pool.query(`DROP OWNED BY ${role}`) // its grants in this database, which is dropped after
   const client = new pg.Client({ connectionString: inject('adminUrl') })
   await client.connect()
   await client.query(`DROP ROLE IF EXISTS ${role}`)

@@ -3,7 +3,7 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 // The built module: it starts initdb through a compiled helper next to it.
 import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
 import { migrateToLatest } from '../src/db/migrate.js'
@@ -15,7 +15,7 @@ import {
   statusOf,
 } from './support/app-table.js'
 import { waitFor } from './support/database.js'
-import { reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
 
 // A server of its own, since this test restarts it under the nodes.
 let home: string
@@ -40,9 +40,7 @@ afterAll(async () => {
   if (dataDir) await stopEmbedded(dataDir)
   if (home) await rm(home, { recursive: true, force: true })
 })
-afterEach(async () => {
-  expect(await reapNodes(), 'the test left node processes running').toEqual([])
-})
+failOnNodesLeftRunning()
 
 describe('a database restart', () => {
   it('drops every session; the nodes live on, queue again, and one holds a higher epoch and cleans', async () => {

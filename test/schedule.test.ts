@@ -1,20 +1,10 @@
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { describe, expect, it } from 'vitest'
 import { createEventsTable, safetyViolations, waitUntilSettled } from './support/app-table.js'
-import { createTestDatabase, type TestDatabase, waitFor } from './support/database.js'
-import { reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
 
-let db: TestDatabase
-
-beforeAll(async () => {
-  db = await createTestDatabase()
-  await createEventsTable(db.pool)
-})
-afterAll(async () => {
-  await db?.drop()
-})
-afterEach(async () => {
-  expect(await reapNodes(), 'the test left node processes running').toEqual([])
-})
+const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
+failOnNodesLeftRunning()
 
 interface Run {
   epoch: number

@@ -4,14 +4,16 @@ import { mkdir, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import pg from 'pg'
-import { sleep } from '../lock/starter.js'
 import { readStatus } from '../status/read-status.js'
+import { waitFor } from '../wait.js'
 import { resolveConnection } from './connection.js'
 import { EMBEDDED_HOME } from './embedded.js'
 
 const say = (line: string) => process.stdout.write(`${line}\n`)
 const BIN = fileURLToPath(new URL('../../../bin/pg-singleton.js', import.meta.url))
 const SINGLETON = 'demo-cleaner'
+/** Generous: the demo's steps take milliseconds to seconds; a hang should end with the node logs' location. */
+const TIMEOUT_MS = 30_000
 
 /**
  * A failover you can watch: a table with outdated rows, three real node processes, the
@@ -78,11 +80,16 @@ export async function demoCommand(): Promise<void> {
     }
 
     const holder = await waitFor(
+      'a holder',
       async () => (await readStatus(pool, SINGLETON))[0]?.nodeId ?? undefined,
-      30_000,
+      TIMEOUT_MS,
     )
     say(`Holder: ${holder}. The other two wait inside pg_advisory_lock.`)
-    await waitFor(async () => ((await outdated()) === 0 ? true : undefined), 30_000)
+    await waitFor(
+      'the outdated rows to be deleted',
+      async () => ((await outdated()) === 0 ? true : undefined),
+      TIMEOUT_MS,
+    )
     say('All outdated rows are deleted.')
     await printStatus(pool)
 
@@ -91,10 +98,15 @@ export async function demoCommand(): Promise<void> {
     const before = (await readStatus(pool, SINGLETON))[0]?.epoch ?? 0
     const killedAt = performance.now()
     victim?.kill('SIGKILL')
-    const next = await waitFor(async () => {
-      const row = (await readStatus(pool, SINGLETON))[0]
-      return row?.nodeId && (row.epoch ?? 0) > before ? row : undefined
-    }, 30_000)
+    const next = await waitFor(
+      'a new holder',
+      async () => {
+        const row = (await readStatus(pool, SINGLETON))[0]
+        return row?.nodeId && (row.epoch ?? 0) > before ? row : undefined
+      },
+      TIMEOUT_MS,
+      5,
+    )
     say(
       `${next.nodeId} took over with epoch ${next.epoch} after ${Math.round(performance.now() - killedAt)} ms (as seen by polling pgsingleton.status).`,
     )
@@ -103,7 +115,11 @@ export async function demoCommand(): Promise<void> {
       `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '2 minutes', 'made outdated after the kill' FROM generate_series(1, 5000)`,
     )
     say('Inserted 5000 more outdated rows...')
-    await waitFor(async () => ((await outdated()) === 0 ? true : undefined), 30_000)
+    await waitFor(
+      'the new rows to be deleted',
+      async () => ((await outdated()) === 0 ? true : undefined),
+      TIMEOUT_MS,
+    )
     say('...and the new holder deleted them.')
     await printStatus(pool)
 
@@ -133,17 +149,4 @@ export async function demoCommand(): Promise<void> {
 async function printStatus(pool: pg.Pool): Promise<void> {
   const { formatStatus } = await import('./commands.js')
   say(formatStatus(await readStatus(pool, SINGLETON)).trimEnd())
-}
-
-async function waitFor<T>(probe: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const value = await probe()
-    if (value !== undefined) return value
-    if (Date.now() > deadline)
-      throw new Error(
-        `the demo waited ${timeoutMs} ms for something that did not happen; see the node logs in ${EMBEDDED_HOME}`,
-      )
-    await sleep(20)
-  }
 }

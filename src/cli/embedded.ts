@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import pg from 'pg'
-import { sleep } from '../lock/starter.js'
+import { sleep } from '../wait.js'
 
 /** Where `run` keeps its embedded PostgreSQL when no DATABASE_URL is given: under the project. */
 export const EMBEDDED_HOME = '.pg-singleton'

@@ -1,5 +1,6 @@
 import type pg from 'pg'
 import { errorMessage } from '../errors.js'
+import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
 import { type Lease, LockSession, type LockSessionSettings } from './lock-session.js'
 
@@ -113,17 +114,4 @@ export class Starter {
       }
     }
   }
-}
-
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve()
-    const timer = setTimeout(done, ms)
-    function done() {
-      clearTimeout(timer)
-      signal?.removeEventListener('abort', done)
-      resolve()
-    }
-    signal?.addEventListener('abort', done)
-  })
 }

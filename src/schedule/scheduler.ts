@@ -4,7 +4,7 @@ import type { ResolvedPolicy } from '../config/policy.js'
 import { inTransaction, type TransactionLimits } from '../db/transaction.js'
 import { errorMessage } from '../errors.js'
 import type { Lease } from '../lock/lock-session.js'
-import { sleep } from '../lock/starter.js'
+import { sleep } from '../wait.js'
 import { type CleanupJob, queueName } from './queue.js'
 
 export interface ScheduledRun {

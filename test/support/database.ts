@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import pg from 'pg'
-import { inject } from 'vitest'
+import { afterAll, beforeAll, inject } from 'vitest'
 import { migrateToLatest } from '../../src/db/migrate.js'
 
 export interface TestDatabase {
@@ -35,6 +35,24 @@ export async function createTestDatabase(
       await client.end()
     },
   }
+}
+
+/**
+ * Gives a test file its own database for all its tests (made before them, dropped after
+ * them). The returned object is filled in by the time the tests run.
+ */
+export function useTestDatabase(
+  options: { migrate?: boolean; setup?: (db: TestDatabase) => Promise<void> } = {},
+): TestDatabase {
+  const db = {} as TestDatabase
+  beforeAll(async () => {
+    Object.assign(db, await createTestDatabase(options))
+    await options.setup?.(db)
+  })
+  afterAll(async () => {
+    await db.drop?.()
+  })
+  return db
 }
 
 export async function waitFor<T>(

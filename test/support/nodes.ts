@@ -4,6 +4,7 @@ import { writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { afterEach, expect } from 'vitest'
 
 export const BIN = fileURLToPath(new URL('../../bin/pg-singleton.js', import.meta.url))
 
@@ -74,4 +75,11 @@ export async function reapNodes(): Promise<string[]> {
   }
   await Promise.all(left.map((node) => node.exited))
   return left.map((node) => node.id)
+}
+
+/** Fails each test of the file that leaves a node process running (and kills it). */
+export function failOnNodesLeftRunning(): void {
+  afterEach(async () => {
+    expect(await reapNodes(), 'the test left node processes running').toEqual([])
+  })
 }
