@@ -75,7 +75,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     await this.stop()
   }
 
-  /** Every singleton's row of `pgsingleton.status` (or this one's with `name`). */
+  /** This singleton's row of `pgsingleton.status`. */
   async status(): Promise<SingletonStatus | undefined> {
     const [row] = await readStatus(this.#requirePool(), this.options.name)
     return row

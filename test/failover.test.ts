@@ -284,4 +284,56 @@ describe('failover between real node processes', () => {
       await proxy.close()
     }
   })
+
+  it('kill -9 of a worker that is not the holder: the holder sees its node gone and has the occurrence completed', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await db.pool.query('CREATE TABLE IF NOT EXISTS app.visits (created_at timestamptz NOT NULL)')
+    await insertRows(db.pool, 10_000, '2 hours')
+    await db.pool.query(
+      `INSERT INTO app.visits SELECT now() - interval '2 hours' FROM generate_series(1, 10000)`,
+    )
+    // Two slow runs, due together: each worker takes one, so one runs on the standby.
+    const visits = { ...POLICY, name: 'old-visits', table: 'app.visits', every: '1 hour' }
+    const { name, nodes } = await cluster(2, {
+      batchPauseMs: 50,
+      policies: [{ ...POLICY, every: '1 hour' }, visits],
+    })
+    const holderId = (await statusOf(db.pool, name))?.nodeId
+    const running = await waitFor('a run on the standby', async () => {
+      const { rows } = await db.pool.query(
+        `SELECT id, policy, scheduled_for, node_id FROM pgsingleton.cleanup_runs
+          WHERE singleton = $1 AND status = 'running' AND node_id <> $2 AND batches >= 2`,
+        [name, holderId],
+      )
+      return rows[0]
+    })
+    const worker = byId(nodes, running.node_id)
+    worker.signal('SIGKILL')
+    await worker.exited
+    await waitFor(
+      'the occurrence to be completed by the surviving node',
+      async () => {
+        // Matched in SQL: a JS Date would cut the occurrence's microseconds.
+        const { rows } = await db.pool.query(
+          `SELECT d.node_id FROM pgsingleton.cleanup_runs d JOIN pgsingleton.cleanup_runs k
+              ON k.id = $1 AND d.singleton = k.singleton AND d.policy = k.policy AND d.scheduled_for = k.scheduled_for
+           WHERE d.status = 'done'`,
+          [running.id],
+        )
+        return rows[0]?.node_id === holderId
+      },
+      30_000,
+    )
+    const { rows: lost } = await db.pool.query(
+      'SELECT status, error FROM pgsingleton.cleanup_runs WHERE id = $1',
+      [running.id],
+    )
+    expect(lost[0]).toMatchObject({ status: 'fenced', error: expect.stringMatching(/is gone/) })
+    expect(await countRows(db.pool, 'true')).toBe(0)
+    const { rows: left } = await db.pool.query('SELECT count(*)::int AS n FROM app.visits')
+    expect(left[0].n).toBe(0)
+    await waitUntilSettled(db.pool, name)
+    await stopAll(nodes.filter((n) => n !== worker))
+    expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
 })

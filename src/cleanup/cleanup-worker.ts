@@ -16,6 +16,11 @@ export async function ensureQueue(boss: PgBoss, singleton: string): Promise<void
     retryDelay: 1,
     retryBackoff: true,
     retryDelayMax: 60,
+    // Workers heartbeat their job, so pg-boss can fail the job of a worker that died
+    // (the holder closes such runs and cancels their jobs sooner, on its next tick).
+    heartbeatSeconds: 10,
+    // A run is batches of milliseconds each; an hour bounds one that is stuck.
+    expireInSeconds: 3600,
     notify: true,
   })
 }

@@ -1,8 +1,8 @@
-import { hostname } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
 import { loadConfigFile } from '../config/config-file.js'
 import { consoleLogger } from '../config/logger.js'
+import { defaultNodeId } from '../config/options.js'
 import { migrateToLatest } from '../db/migrate.js'
 import { createSingleton } from '../singleton.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
@@ -32,7 +32,7 @@ export async function runCommand(args: {
   verbose?: boolean
 }): Promise<void> {
   const file = await loadConfigFile(args.config)
-  const nodeId = args.nodeId ?? `${hostname()}:${process.pid}`
+  const nodeId = args.nodeId ?? defaultNodeId()
   const logger = consoleLogger(nodeId, args.verbose)
   const { url } = await resolveConnection(say)
   const singleton = createSingleton({ ...file, connectionString: url, nodeId, logger })

@@ -88,8 +88,11 @@ export const DEFAULTS = Object.freeze({
   workerPollingIntervalSeconds: 0.5,
 })
 
+/** `host:pid`, the host cut so that the whole fits application_name's 63 bytes. */
 export function defaultNodeId(): string {
-  return `${hostname()}:${process.pid}`
+  const pid = `:${process.pid}`
+  const host = hostname().replace(/[^\x20-\x7e]/g, '?')
+  return `${host.slice(0, 63 - pid.length)}${pid}`
 }
 
 /** Resolves and validates once, at construction; the result is frozen. */
@@ -113,10 +116,13 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     )
   }
   const nodeId = options.nodeId ?? defaultNodeId()
-  if (typeof nodeId !== 'string' || nodeId.length === 0 || nodeId.length > 63) {
+  // It becomes the lock session's application_name, which PostgreSQL keeps to 63 bytes of
+  // printable ASCII (anything else turns into '?'); the status view and the holder's
+  // check for lost workers match on it, so it must arrive intact.
+  if (typeof nodeId !== 'string' || !/^[\x20-\x7e]{1,63}$/.test(nodeId)) {
     throw new SingletonError(
       'INVALID_OPTION',
-      `nodeId: ${JSON.stringify(nodeId)} must be 1-63 characters (it becomes application_name).`,
+      `nodeId: ${JSON.stringify(nodeId)} must be 1-63 printable ASCII characters (it becomes application_name).`,
     )
   }
   const ms = (key: keyof typeof DEFAULTS, min: number, max: number): number => {

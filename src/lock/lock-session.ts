@@ -55,14 +55,8 @@ export class LockSession {
     // An idle client that errors emits 'error'; without a listener Node would end the process.
     this.#client.on('error', () => {})
     await this.#client.connect()
-    const { idleSessionTimeoutMs, lockWaitSliceMs, connectionCheckMs } = this.#settings
     const { rows } = await this.#client.query<{ pid: number; version: number }>(
-      `SELECT pg_backend_pid() AS pid, current_setting('server_version_num')::int AS version,
-              set_config('idle_session_timeout', $1, false),
-              set_config('lock_timeout', $2, false),
-              set_config('client_connection_check_interval', $3, false),
-              set_config('statement_timeout', '0', false)`,
-      [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, `${connectionCheckMs}ms`],
+      `SELECT pg_backend_pid() AS pid, current_setting('server_version_num')::int AS version`,
     )
     const first = rows[0]
     if (!first || first.version < 140000) {
@@ -71,9 +65,19 @@ export class LockSession {
         `PostgreSQL ${first?.version ?? '?'} is too old: the lock session needs idle_session_timeout (PostgreSQL 14+) to cut off a silent holder.`,
       )
     }
+    const { idleSessionTimeoutMs, lockWaitSliceMs, connectionCheckMs } = this.#settings
+    await this.#client.query(
+      `SELECT set_config('idle_session_timeout', $1, false),
+              set_config('lock_timeout', $2, false),
+              set_config('client_connection_check_interval', $3, false),
+              set_config('statement_timeout', '0', false)`,
+      [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, `${connectionCheckMs}ms`],
+    )
     // A transaction-mode pooler (PgBouncer) hands each statement to whichever server
     // connection is free: session settings and session locks do not stay with us. Two
-    // more statements must see the same backend and the setting we just made.
+    // more statements must see the same backend and the setting we just made. This
+    // catches a pooler that is switching connections; an idle pooler that happens to
+    // hand back the same one cannot be told from a direct connection.
     for (let i = 0; i < 2; i++) {
       const { rows: again } = await this.#client.query<{ pid: number; idle: string }>(
         `SELECT pg_backend_pid() AS pid, current_setting('idle_session_timeout') AS idle`,

@@ -60,11 +60,8 @@ export async function runScheduler(
   while (!fence.aborted) {
     let waitMs = MAX_TICK_MS
     try {
-      if (!prepared) {
-        await upsertSchedules(deps, lease)
-        prepared = true
-      }
-      waitMs = await tick(deps, lease, fence)
+      waitMs = await tick(deps, lease, fence, !prepared)
+      prepared = true
     } catch (error) {
       if (fence.aborted) return
       deps.onError(
@@ -78,10 +75,14 @@ export async function runScheduler(
   }
 }
 
-async function upsertSchedules(deps: SchedulerDeps, lease: Lease): Promise<void> {
+async function upsertSchedules(
+  client: pg.PoolClient,
+  deps: SchedulerDeps,
+  lease: Lease,
+): Promise<void> {
   // A new policy is due at once; a changed `every` takes effect from now without
   // pushing an occurrence that is already due further out.
-  await deps.pool.query(
+  await client.query(
     `INSERT INTO pgsingleton.schedules AS s (singleton, policy, every, next_run_at, updated_epoch)
      SELECT $1, p.policy, p.every::interval, now(), $2
        FROM unnest($3::text[], $4::text[]) AS p(policy, every)
@@ -94,7 +95,12 @@ async function upsertSchedules(deps: SchedulerDeps, lease: Lease): Promise<void>
   )
 }
 
-async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Promise<number> {
+async function tick(
+  deps: SchedulerDeps,
+  lease: Lease,
+  fence: AbortSignal,
+  prepare: boolean,
+): Promise<number> {
   const names = deps.policies.map((p) => p.name)
   const { scheduled, waitMs } = await inTransaction(deps.pool, deps.limits, async (client) => {
     const held = await client.query(
@@ -103,6 +109,8 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     )
     if (held.rowCount !== 1 || fence.aborted)
       return { scheduled: [] as ScheduledRun[], waitMs: MAX_TICK_MS }
+    // The holder's policies become the schedule, once per holdership, under the fence.
+    if (prepare) await upsertSchedules(client, deps, lease)
 
     // Runs that an older epoch scheduled and that are still open can never finish: their
     // fence has moved. This holder closes them and takes each occurrence over.
@@ -118,18 +126,34 @@ async function tick(deps: SchedulerDeps, lease: Lease, fence: AbortSignal): Prom
     // Their pg-boss jobs are cancelled too: a job left `active` by a killed worker would
     // otherwise hold the policy's singleton slot until it expires, and the re-issued
     // occurrence would queue behind it. A worker still running one is fenced anyway.
-    const staleJobs = superseded.rows.flatMap((row) => (row.job_id ? [row.job_id] : []))
+    // Runs whose worker's node is gone: every live node keeps a lock session named after
+    // it (holding or queued), so a run whose node has no session at all lost its worker
+    // to a crash. Closing the run makes a still-living worker stop at its next batch (the
+    // batch locks the run row and needs it `running`), and waits for a batch in flight.
+    const orphaned = await client.query<{ job_id: string | null }>(
+      `UPDATE pgsingleton.cleanup_runs r
+          SET status = 'fenced', finished_at = now(),
+              error = format('the worker on node %s is gone: it has no session in pg_stat_activity', r.node_id)
+        WHERE r.singleton = $1 AND r.status = 'running' AND r.node_id IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                           WHERE a.application_name = r.node_id AND a.datname = current_database())
+        RETURNING job_id`,
+      [lease.name],
+    )
+    const staleJobs = [...superseded.rows, ...orphaned.rows].flatMap((row) =>
+      row.job_id ? [row.job_id] : [],
+    )
     if (staleJobs.length > 0) await deps.boss.cancel(queueName(lease.name), staleJobs, { db })
 
-    // Every occurrence whose runs all ended fenced under an older epoch is unfinished:
-    // the ones just superseded, and the ones whose worker found its fence moved and
-    // recorded `fenced` itself before this tick could. Timestamps stay in SQL: a round
+    // Every occurrence whose runs all ended fenced is unfinished: the ones just closed
+    // above, and the ones whose worker found its fence moved and recorded `fenced` itself
+    // before this tick could. Timestamps stay in SQL: a round
     // trip through a JS Date would cut microseconds and make a different occurrence.
     const reissued = await client.query<RunRow>(
       `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, reissued)
        SELECT DISTINCT f.singleton, f.policy, $2::bigint, f.scheduled_for, $4, true
          FROM pgsingleton.cleanup_runs f
-        WHERE f.singleton = $1 AND f.status = 'fenced' AND f.epoch < $2 AND f.policy = ANY($3::text[])
+        WHERE f.singleton = $1 AND f.status = 'fenced' AND f.epoch <= $2 AND f.policy = ANY($3::text[])
           AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs d
                            WHERE d.singleton = f.singleton AND d.policy = f.policy
                              AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')
