@@ -3,7 +3,7 @@ import pg from 'pg'
 import { loadConfigFile } from '../config/config-file.js'
 import { consoleLogger } from '../config/logger.js'
 import { defaultNodeId } from '../config/options.js'
-import { migrateToLatest } from '../db/migrate.js'
+import { assertSchemaCurrent, migrateToLatest } from '../db/migrate.js'
 import { createSingleton } from '../singleton.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
 import { resolveConnection } from './connection.js'
@@ -64,6 +64,7 @@ export async function statusCommand(args: { json?: boolean; name?: string }): Pr
   const client = new pg.Client({ connectionString: url })
   await client.connect()
   try {
+    await assertSchemaCurrent(client)
     const rows = await readStatus(client, args.name)
     process.stdout.write(args.json ? `${JSON.stringify(rows, null, 2)}\n` : formatStatus(rows))
   } finally {

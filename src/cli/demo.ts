@@ -80,8 +80,11 @@ export async function demoCommand(): Promise<void> {
     }
 
     const holder = await waitFor(
-      'a holder',
-      async () => (await readStatus(pool, SINGLETON))[0]?.nodeId ?? undefined,
+      'a holder and two nodes queued',
+      async () => {
+        const row = (await readStatus(pool, SINGLETON))[0]
+        return row?.nodeId && row.waitingNodes === 2 ? row.nodeId : undefined
+      },
       TIMEOUT_MS,
     )
     say(`Holder: ${holder}. The other two wait inside pg_advisory_lock.`)

@@ -92,7 +92,7 @@ async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
 }
 
 /** Refuses a database that is not migrated, or migrated by a newer pg-singleton. */
-export async function assertSchemaCurrent(pool: pg.Pool): Promise<void> {
+export async function assertSchemaCurrent(pool: pg.Pool | pg.Client): Promise<void> {
   const found = await readSchemaVersion(pool)
   if (found === undefined || found < SCHEMA_VERSION) {
     throw new SingletonError(
@@ -104,7 +104,7 @@ export async function assertSchemaCurrent(pool: pg.Pool): Promise<void> {
   if (found > SCHEMA_VERSION) throw schemaTooNew(found)
 }
 
-async function readSchemaVersion(pool: pg.Pool): Promise<number | undefined> {
+async function readSchemaVersion(pool: pg.Pool | pg.Client): Promise<number | undefined> {
   try {
     const { rows } = await pool.query<{ schema_version: number }>(
       'SELECT schema_version FROM pgsingleton.meta',
