@@ -31,16 +31,21 @@ afterAll(async () => {
   await client.end()
 })
 
+/** The test database's URL, logging in as the least-privilege role. */
+function asRole(): string {
+  const url = new URL(db.url)
+  url.username = role
+  url.password = password
+  return url.toString()
+}
+
 describe('a node running as a least-privilege role', () => {
   it('holds, schedules and cleans with only the grants the README lists', async () => {
     await insertRows(db.pool, 30, '2 days')
     await insertRows(db.pool, 3, '1 hour')
-    const url = new URL(db.url)
-    url.username = role
-    url.password = password
     const node = createSingleton({
       name: 'least-privilege',
-      connectionString: url.toString(),
+      connectionString: asRole(),
       policies: [
         {
           name: 'old',
@@ -66,12 +71,9 @@ describe('a node running as a least-privilege role', () => {
     await db.pool.query(
       `CREATE TABLE app.audit (at timestamptz); GRANT SELECT ON app.audit TO ${role}`,
     )
-    const url = new URL(db.url)
-    url.username = role
-    url.password = password
     const node = createSingleton({
       name: 'least-privilege-audit',
-      connectionString: url.toString(),
+      connectionString: asRole(),
       policies: [
         { name: 'old', table: 'app.audit', column: 'at', olderThan: '1 day', every: '1 minute' },
       ],
