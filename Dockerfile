@@ -8,5 +8,5 @@ COPY src ./src
 COPY migrations ./migrations
 COPY bench ./bench
 COPY bin ./bin
-RUN npm ci --no-audit --no-fund && npm prune --omit=dev
+RUN npm ci --no-audit --no-fund && npm prune --omit=dev --omit=optional
 ENTRYPOINT ["node", "bin/pg-singleton.js"]

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { createEventsTable, insertRows } from './support/app-table.js'
-import { useTestDatabase, waitFor } from './support/database.js'
+import { createTestDatabase, useTestDatabase, waitFor } from './support/database.js'
 import { failOnNodesLeftRunning, runCli, startNode, writeConfig } from './support/nodes.js'
 
 const db = useTestDatabase({ migrate: false })
@@ -65,6 +65,20 @@ describe('the pg-singleton command', () => {
     expect((await finish(['status'], env)).output).toMatch(
       /holder\s+none \(last: cli-node, epoch 1\)/,
     )
+  })
+
+  it('migrates once when ten nodes run `migrate` at the same moment', async () => {
+    const fresh = await createTestDatabase({ migrate: false })
+    try {
+      const runs = await Promise.all(
+        Array.from({ length: 10 }, () => finish(['migrate'], { DATABASE_URL: fresh.url })),
+      )
+      for (const run of runs) expect(run.code, run.output).toBe(0)
+      expect(runs.filter((run) => /Applied 0001_initial/.test(run.output))).toHaveLength(1)
+      expect(runs.filter((run) => /up to date/.test(run.output))).toHaveLength(9)
+    } finally {
+      await fresh.drop()
+    }
   })
 
   it('reads DATABASE_URL from a .env file', async () => {
