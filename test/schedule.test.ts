@@ -75,4 +75,56 @@ describe('the schedule lives in the database', () => {
     expect(new Set(runs.map((r) => r.scheduledFor.getTime())).size).toBe(runs.length)
     expect(await safetyViolations(db.pool, name)).toEqual([])
   })
+
+  it('holds the next occurrence back while a slow run is still going, so the queue never piles up', async () => {
+    const name = 'slow-runs'
+    await db.pool.query('CREATE TABLE app.slow (created_at timestamptz NOT NULL)')
+    const refill = () =>
+      db.pool.query(
+        `INSERT INTO app.slow SELECT now() - interval '2 hours' FROM generate_series(1, 3000)`,
+      )
+    await refill()
+    // 30 batches of 100, 50 ms apart: the first run takes well over the 1 s schedule.
+    const config = await writeConfig({
+      name,
+      batchPauseMs: 50,
+      policies: [
+        {
+          name: 'slow',
+          table: 'app.slow',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+          batchSize: 100,
+        },
+      ],
+    })
+    const node = startNode(db.url, config, 'slow-node')
+    let mostOpen = 0
+    const done = await waitFor(
+      'three slow runs',
+      async () => {
+        const { rows } = await db.pool.query(
+          `SELECT count(*) FILTER (WHERE status IN ('scheduled', 'running'))::int AS open,
+                  count(*) FILTER (WHERE status = 'done')::int AS done
+             FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+          [name],
+        )
+        mostOpen = Math.max(mostOpen, rows[0].open)
+        return rows[0].done >= 3 ? rows[0].done : undefined
+      },
+      30_000,
+    )
+    expect(done).toBeGreaterThanOrEqual(3)
+    expect(mostOpen).toBe(1)
+    const { rows } = await db.pool.query(
+      `SELECT max(coalesced)::int AS most FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done'`,
+      [name],
+    )
+    expect(rows[0].most).toBeGreaterThanOrEqual(1) // the slots that came due during the slow run
+    await waitUntilSettled(db.pool, name)
+    node.signal('SIGTERM')
+    expect((await node.exited).code).toBe(0)
+    expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
 })

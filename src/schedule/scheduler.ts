@@ -38,6 +38,8 @@ interface RunRow {
 /** The longest the holder sleeps between two looks at the schedule. */
 const MAX_TICK_MS = 5000
 const MIN_TICK_MS = 20
+/** How often the holder looks again at a due policy whose previous run is still open. */
+const HELD_BACK_RECHECK_MS = 500
 
 /**
  * The holder's clock. Due times live in `pgsingleton.schedules` and are judged by the
@@ -46,9 +48,9 @@ const MIN_TICK_MS = 20
  * and inserts the pg-boss job together: either all of it commits or none does, so a
  * failover can neither double nor drop an occurrence.
  *
- * Misfires coalesce: when occurrences came due while nobody held the singleton (or the
- * holder was behind), the earliest missed one runs once and the schedule resumes at the
- * next slot of its grid after now(). A cleanup deletes everything outdated whenever it
+ * Misfires coalesce: when occurrences came due while nobody held the singleton, or while
+ * the policy's previous run was still going, the earliest missed one runs once and the
+ * schedule resumes at the next slot of its grid after now(). A cleanup deletes everything outdated whenever it
  * runs, so running once is the same work as running each missed slot.
  */
 export async function runScheduler(
@@ -169,7 +171,12 @@ async function tick(
                 floor(extract(epoch FROM now() - next_run_at) / extract(epoch FROM every))::bigint AS missed
            FROM pgsingleton.schedules
           WHERE singleton = $1 AND policy = ANY($3::text[]) AND next_run_at <= now()
-          FOR UPDATE
+            -- A run still waiting or working holds the next one back: slow runs never pile
+            -- up in the queue; the held-back slots coalesce into the run after it.
+            AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
+                             WHERE r.singleton = schedules.singleton AND r.policy = schedules.policy
+                               AND r.status IN ('scheduled', 'running'))
+          FOR UPDATE OF schedules
        ), advanced AS (
          UPDATE pgsingleton.schedules s
             SET last_scheduled_for = due.next_run_at,
@@ -214,10 +221,16 @@ async function tick(
       })
     }
 
+    // Sleep until the next due slot; a policy held back by its open run is looked at
+    // again every HELD_BACK_RECHECK_MS instead of at once.
     const next = await client.query<{ wait_ms: number | null }>(
-      `SELECT (extract(epoch FROM min(next_run_at) - now()) * 1000)::float8 AS wait_ms
-         FROM pgsingleton.schedules WHERE singleton = $1 AND policy = ANY($2::text[])`,
-      [lease.name, names],
+      `SELECT min(CASE WHEN EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
+                                     WHERE r.singleton = s.singleton AND r.policy = s.policy
+                                       AND r.status IN ('scheduled', 'running'))
+                       THEN greatest(extract(epoch FROM s.next_run_at - now()) * 1000, $3)
+                       ELSE extract(epoch FROM s.next_run_at - now()) * 1000 END)::float8 AS wait_ms
+         FROM pgsingleton.schedules s WHERE s.singleton = $1 AND s.policy = ANY($2::text[])`,
+      [lease.name, names, HELD_BACK_RECHECK_MS],
     )
     const wait = next.rows[0]?.wait_ms ?? MAX_TICK_MS
     return { scheduled: runs, waitMs: Math.min(MAX_TICK_MS, Math.max(MIN_TICK_MS, wait)) }
