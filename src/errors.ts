@@ -8,7 +8,6 @@ export type SingletonErrorCode =
   | 'SCHEMA_NOT_MIGRATED' // pgsingleton's migrations have not been run on this database
   | 'SCHEMA_TOO_NEW' // the database was migrated by a newer pg-singleton than this one
   | 'SESSION_NOT_KEPT' // the lock connection cannot keep a session (e.g. a transaction pooler)
-  | 'LOCK_SESSION_LOST' // the lock session ended while the node held or waited for the lock
   | 'CLEANUP_FAILED' // a cleanup batch failed; the run is recorded as failed and retried
 
 export class SingletonError extends Error {
