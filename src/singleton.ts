@@ -99,7 +99,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     this.#pool = pool
     if (options.migrate) await migrateToLatest(pool)
     await assertSchemaCurrent(pool)
-    await validatePolicies(pool, options.policies)
+    for (const warning of await validatePolicies(pool, options.policies)) {
+      options.logger.warn({}, warning)
+    }
 
     const connection: pg.ClientConfig = options.connectionString
       ? { connectionString: options.connectionString }

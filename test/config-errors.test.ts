@@ -1,7 +1,7 @@
 import { writeFile } from 'node:fs/promises'
 import { beforeAll, describe, expect, it } from 'vitest'
 import { countRows, createEventsTable, insertRows } from './support/app-table.js'
-import { useTestDatabase } from './support/database.js'
+import { useTestDatabase, waitFor } from './support/database.js'
 import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
 
 const good = {
@@ -121,5 +121,19 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
       await node.start()
       await node.stop()
     }
+  })
+
+  it('warns at start-up, and still runs, when no index starts with the column', async () => {
+    const config = await writeConfig({
+      name: 'unindexed',
+      policies: [{ ...good, table: 'app.sessions', column: 'created_at' }],
+    })
+    const node = startNode(db.url, config, 'unindexed-node')
+    await waitFor('the warning', async () => /holding the singleton/.test(node.output()))
+    expect(node.output()).toMatch(
+      /WARN .*policy "old-events": no index starts with column "created_at" of "app\.sessions"; each batch scans the table\. Consider CREATE INDEX ON "app"\."sessions" \("created_at"\)/,
+    )
+    node.signal('SIGTERM')
+    expect((await node.exited).code).toBe(0)
   })
 })

@@ -1,6 +1,7 @@
 import type pg from 'pg'
 import { INTERVAL_PARSE_ERRORS, sqlState } from '../db/sqlstate.js'
 import { SingletonError } from '../errors.js'
+import { quoteIdent, quoteQualified } from './identifier.js'
 import type { ResolvedPolicy } from './policy.js'
 
 const TIME_TYPES = ['timestamp with time zone', 'timestamp without time zone', 'date']
@@ -15,7 +16,8 @@ const TIME_TYPES = ['timestamp with time zone', 'timestamp without time zone', '
 export async function validatePolicies(
   pool: pg.Pool,
   policies: readonly ResolvedPolicy[],
-): Promise<void> {
+): Promise<string[]> {
+  const warnings: string[] = []
   for (const policy of policies) {
     const where = `policy "${policy.name}"`
     await checkInterval(pool, `${where}, field olderThan`, policy.olderThan, '0 seconds')
@@ -51,8 +53,10 @@ export async function validatePolicies(
       )
     }
 
-    const { rows: columns } = await pool.query<{ type: string }>(
-      `SELECT format_type(a.atttypid, NULL) AS type FROM pg_attribute a
+    const { rows: columns } = await pool.query<{ type: string; indexed: boolean }>(
+      `SELECT format_type(a.atttypid, NULL) AS type,
+              EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indkey[0] = a.attnum) AS indexed
+         FROM pg_attribute a
         WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped`,
       [table.oid, policy.column],
     )
@@ -69,7 +73,16 @@ export async function validatePolicies(
         `${where}, field column: "${policy.column}" is ${column.type}; it must be timestamptz, timestamp or date to judge which rows are outdated.`,
       )
     }
+    // Without an index that starts with the column, every batch scans the table from its
+    // first page, past the dead rows of the batches before it: fine for small tables, slow
+    // for big ones. Worth saying once, at start-up.
+    if (!column.indexed) {
+      warnings.push(
+        `${where}: no index starts with column "${policy.column}" of "${policy.tableText}"; each batch scans the table. Consider CREATE INDEX ON ${quoteQualified(policy.table)} (${quoteIdent(policy.column)}).`,
+      )
+    }
   }
+  return warnings
 }
 
 async function checkInterval(
