@@ -160,20 +160,14 @@ describe('the library inside an app', () => {
 
   it('a job carrying an old epoch deletes nothing and is recorded as fenced', async () => {
     await db.pool.query('TRUNCATE app.events')
-    const first = createSingleton({
-      name: 'lib-stale',
-      connectionString: db.url,
-      policies: [policy],
-    })
+    const node = () =>
+      createSingleton({ name: 'lib-stale', connectionString: db.url, policies: [policy] })
+    const first = node()
     const firstDone = once(first, 'cleanup:done')
     await first.start()
     await firstDone
     await first.stop()
-    const second = createSingleton({
-      name: 'lib-stale',
-      connectionString: db.url,
-      policies: [policy],
-    })
+    const second = node()
     const secondHolds = once(second, 'lock:acquired')
     await second.start()
     expect((await secondHolds)[0].epoch).toBe(2)
