@@ -6,6 +6,7 @@ import { migrationProvider, SCHEMA_VERSION } from '../../migrations/index.js'
 import { SingletonError } from '../errors.js'
 import { lockKey } from '../lock/lock-key.js'
 import { SQLSTATE, sqlState } from './sqlstate.js'
+import { withClient } from './transaction.js'
 
 export interface MigrationResult {
   /** Names of the migrations this call applied (empty when the schema was current). */
@@ -33,28 +34,26 @@ export async function migrateToLatest(pool: pg.Pool): Promise<MigrationResult> {
 const PG_BOSS_INSTALL_KEY = lockKey('install pg-boss')
 
 async function installPgBoss(pool: pg.Pool): Promise<void> {
-  const client = await pool.connect()
-  const onError = () => {} // reported by the statement that fails; unheard it would end the process
-  client.on('error', onError)
-  try {
+  await withClient(pool, async (client) => {
     await client.query('SELECT pg_advisory_lock($1)', [PG_BOSS_INSTALL_KEY.toString()])
-    const boss = new PgBoss({
-      db: { executeSql: (text: string, values?: unknown[]) => client.query(text, values) },
-      migrate: true,
-      supervise: false,
-      schedule: false,
-    })
-    const failures: Error[] = []
-    boss.on('error', (error) => failures.push(error))
-    await boss.start()
-    await boss.stop({ graceful: false, close: false })
-    if (failures[0]) throw failures[0]
-  } finally {
-    await client
-      .query('SELECT pg_advisory_unlock($1)', [PG_BOSS_INSTALL_KEY.toString()])
-      .catch(() => {})
-    client.release()
-  }
+    try {
+      const boss = new PgBoss({
+        db: { executeSql: (text: string, values?: unknown[]) => client.query(text, values) },
+        migrate: true,
+        supervise: false,
+        schedule: false,
+      })
+      const failures: Error[] = []
+      boss.on('error', (error) => failures.push(error))
+      await boss.start()
+      await boss.stop({ graceful: false, close: false })
+      if (failures[0]) throw failures[0]
+    } finally {
+      await client
+        .query('SELECT pg_advisory_unlock($1)', [PG_BOSS_INSTALL_KEY.toString()])
+        .catch(() => {})
+    }
+  })
 }
 
 async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
