@@ -35,6 +35,13 @@ interface RunRow {
   reissued: boolean
 }
 
+/** SQL: the schedule row `alias` has a run still waiting or working, which holds its next one back. */
+function hasOpenRun(alias: string): string {
+  return `EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
+                   WHERE r.singleton = ${alias}.singleton AND r.policy = ${alias}.policy
+                     AND r.status IN ('scheduled', 'running'))`
+}
+
 /** The longest the holder sleeps between two looks at the schedule. */
 const MAX_TICK_MS = 5000
 const MIN_TICK_MS = 20
@@ -50,8 +57,8 @@ const HELD_BACK_RECHECK_MS = 500
  *
  * Misfires coalesce: when occurrences came due while nobody held the singleton, or while
  * the policy's previous run was still going, the earliest missed one runs once and the
- * schedule resumes at the next slot of its grid after now(). A cleanup deletes everything outdated whenever it
- * runs, so running once is the same work as running each missed slot.
+ * schedule resumes at the next slot of its grid after now(). A cleanup deletes everything
+ * outdated whenever it runs, so running once is the same work as running each missed slot.
  */
 export async function runScheduler(
   deps: SchedulerDeps,
@@ -124,10 +131,6 @@ async function tick(
         RETURNING job_id`,
       [lease.name, lease.epoch],
     )
-    const db = { executeSql: (text: string, values?: unknown[]) => client.query(text, values) }
-    // Their pg-boss jobs are cancelled too: a job left `active` by a killed worker would
-    // otherwise hold the policy's singleton slot until it expires, and the re-issued
-    // occurrence would queue behind it. A worker still running one is fenced anyway.
     // Runs whose worker's node is gone: every live node keeps a lock session named after
     // it (holding or queued), so a run whose node has no session at all lost its worker
     // to a crash. Closing the run makes a still-living worker stop at its next batch (the
@@ -142,6 +145,10 @@ async function tick(
         RETURNING job_id`,
       [lease.name],
     )
+    // The pg-boss jobs of both are cancelled: a job left `active` by a killed worker would
+    // otherwise hold the policy's singleton slot until it expires, and the re-issued
+    // occurrence would queue behind it. A worker still running one is fenced anyway.
+    const db = { executeSql: (text: string, values?: unknown[]) => client.query(text, values) }
     const staleJobs = [...superseded.rows, ...orphaned.rows].flatMap((row) =>
       row.job_id ? [row.job_id] : [],
     )
@@ -149,8 +156,8 @@ async function tick(
 
     // Every occurrence whose runs all ended fenced is unfinished: the ones just closed
     // above, and the ones whose worker found its fence moved and recorded `fenced` itself
-    // before this tick could. Timestamps stay in SQL: a round
-    // trip through a JS Date would cut microseconds and make a different occurrence.
+    // before this tick could. Timestamps stay in SQL: a round trip through a JS Date would
+    // cut microseconds and make a different occurrence.
     const reissued = await client.query<RunRow>(
       `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, reissued)
        SELECT DISTINCT f.singleton, f.policy, $2::bigint, f.scheduled_for, $4, true
@@ -173,9 +180,7 @@ async function tick(
           WHERE singleton = $1 AND policy = ANY($3::text[]) AND next_run_at <= now()
             -- A run still waiting or working holds the next one back: slow runs never pile
             -- up in the queue; the held-back slots coalesce into the run after it.
-            AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
-                             WHERE r.singleton = schedules.singleton AND r.policy = schedules.policy
-                               AND r.status IN ('scheduled', 'running'))
+            AND NOT ${hasOpenRun('schedules')}
           FOR UPDATE OF schedules
        ), advanced AS (
          UPDATE pgsingleton.schedules s
@@ -224,9 +229,7 @@ async function tick(
     // Sleep until the next due slot; a policy held back by its open run is looked at
     // again every HELD_BACK_RECHECK_MS instead of at once.
     const next = await client.query<{ wait_ms: number | null }>(
-      `SELECT min(CASE WHEN EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
-                                     WHERE r.singleton = s.singleton AND r.policy = s.policy
-                                       AND r.status IN ('scheduled', 'running'))
+      `SELECT min(CASE WHEN ${hasOpenRun('s')}
                        THEN greatest(extract(epoch FROM s.next_run_at - now()) * 1000, $3)
                        ELSE extract(epoch FROM s.next_run_at - now()) * 1000 END)::float8 AS wait_ms
          FROM pgsingleton.schedules s WHERE s.singleton = $1 AND s.policy = ANY($2::text[])`,
