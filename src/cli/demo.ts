@@ -12,8 +12,13 @@ import { EMBEDDED_HOME } from './embedded.js'
 const say = (line: string) => process.stdout.write(`${line}\n`)
 const BIN = fileURLToPath(new URL('../../../bin/pg-singleton.js', import.meta.url))
 const SINGLETON = 'demo-cleaner'
-/** Generous: the demo's steps take milliseconds to seconds; a hang should end with the node logs' location. */
+/** Generous: the demo's steps take milliseconds to seconds. */
 const TIMEOUT_MS = 30_000
+
+/** Waits for one step of the demo; a step that hangs ends with where to look. */
+function step<T>(what: string, probe: () => Promise<T | undefined>, everyMs?: number): Promise<T> {
+  return waitFor(`${what} (see the node logs in ${EMBEDDED_HOME})`, probe, TIMEOUT_MS, everyMs)
+}
 
 /**
  * A failover you can watch: a table with outdated rows, three real node processes, the
@@ -79,19 +84,13 @@ export async function demoCommand(): Promise<void> {
       )
     }
 
-    const holder = await waitFor(
-      'a holder and two nodes queued',
-      async () => {
-        const row = (await readStatus(pool, SINGLETON))[0]
-        return row?.nodeId && row.waitingNodes === 2 ? row.nodeId : undefined
-      },
-      TIMEOUT_MS,
-    )
+    const holder = await step('a holder and two nodes queued', async () => {
+      const row = (await readStatus(pool, SINGLETON))[0]
+      return row?.nodeId && row.waitingNodes === 2 ? row.nodeId : undefined
+    })
     say(`Holder: ${holder}. The other two wait inside pg_advisory_lock.`)
-    await waitFor(
-      'the outdated rows to be deleted',
-      async () => ((await outdated()) === 0 ? true : undefined),
-      TIMEOUT_MS,
+    await step('the outdated rows to be deleted', async () =>
+      (await outdated()) === 0 ? true : undefined,
     )
     say('All outdated rows are deleted.')
     await printStatus(pool)
@@ -101,13 +100,12 @@ export async function demoCommand(): Promise<void> {
     const before = (await readStatus(pool, SINGLETON))[0]?.epoch ?? 0
     const killedAt = performance.now()
     victim?.kill('SIGKILL')
-    const next = await waitFor(
+    const next = await step(
       'a new holder',
       async () => {
         const row = (await readStatus(pool, SINGLETON))[0]
         return row?.nodeId && (row.epoch ?? 0) > before ? row : undefined
       },
-      TIMEOUT_MS,
       5,
     )
     say(
@@ -118,10 +116,8 @@ export async function demoCommand(): Promise<void> {
       `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '2 minutes', 'made outdated after the kill' FROM generate_series(1, 5000)`,
     )
     say('Inserted 5000 more outdated rows...')
-    await waitFor(
-      'the new rows to be deleted',
-      async () => ((await outdated()) === 0 ? true : undefined),
-      TIMEOUT_MS,
+    await step('the new rows to be deleted', async () =>
+      (await outdated()) === 0 ? true : undefined,
     )
     say('...and the new holder deleted them.')
     await printStatus(pool)
