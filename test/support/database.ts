@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto'
 import pg from 'pg'
 import { afterAll, beforeAll, inject } from 'vitest'
 import { migrateToLatest } from '../../src/db/migrate.js'
+import { waitFor as pollUntil } from '../../src/wait.js'
 
 export interface TestDatabase {
   url: string
@@ -55,17 +56,19 @@ export function useTestDatabase(
   return db
 }
 
-export async function waitFor<T>(
+/** The library's waitFor, reading `null` and `false` as "not yet" too, polling every 10 ms. */
+export function waitFor<T>(
   what: string,
   probe: () => Promise<T | undefined | null | false>,
   timeoutMs = 20_000,
 ): Promise<T> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const value = await probe()
-    if (value !== undefined && value !== null && value !== false) return value
-    if (Date.now() > deadline)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
+  return pollUntil(
+    what,
+    async () => {
+      const value = await probe()
+      return value === null || value === false ? undefined : value
+    },
+    timeoutMs,
+    10,
+  )
 }
