@@ -9,6 +9,9 @@ export type SingletonErrorCode =
   | 'SCHEMA_TOO_NEW' // the database was migrated by a newer pg-singleton than this one
   | 'SESSION_NOT_KEPT' // the lock connection cannot keep a session (e.g. a transaction pooler)
   | 'CLEANUP_FAILED' // a cleanup batch failed; the run is recorded as failed and retried
+  | 'ROWS_SKIPPED' // a run left rows it could not delete (locked, or refused by a constraint or trigger)
+  | 'POLICY_DISAGREEMENT' // live nodes hold different definitions of a policy; it is held back
+  | 'NODE_ID_IN_USE' // another live session of the singleton uses this node id
 
 export class SingletonError extends Error {
   override readonly name = 'SingletonError'

@@ -2,6 +2,13 @@ import type { BatchReport, RunReport } from './cleanup/run-cleanup.js'
 import type { Lease } from './lock/lock-session.js'
 import type { ScheduledRun } from './schedule/scheduler.js'
 
+/** Something worth an operator's attention that does not stop the node. */
+export interface SingletonWarning {
+  /** Stable: `UNINDEXED_COLUMN`, `POLICY_DISAGREEMENT`. */
+  code: string
+  message: string
+}
+
 /** Typed events of a singleton node. Listeners that throw are logged, never break the node. */
 export interface SingletonEvents {
   /** Connected and queued for the lock. */
@@ -15,8 +22,9 @@ export interface SingletonEvents {
   /** The holder scheduled a cleanup run (a due occurrence, or one taken over from an older epoch). */
   'schedule:sent': [ScheduledRun]
   'cleanup:batch': [BatchReport]
-  /** A cleanup run ended: `done`, `fenced` (stale epoch), or `skipped` (already finished). */
+  /** A cleanup run ended: `done`, `fenced`, `failed` (retried later), `exhausted`, or `skipped` (not waiting for a worker). */
   'cleanup:done': [RunReport]
+  warning: [SingletonWarning]
   /** Background failures: lock session, schedule ticks, cleanup batches. */
   error: [Error]
 }

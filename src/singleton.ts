@@ -1,15 +1,16 @@
 import { EventEmitter } from 'node:events'
 import pg from 'pg'
 import { PgBoss } from 'pg-boss'
-import { CleanupWorker, ensureQueue } from './cleanup/cleanup-worker.js'
+import { CleanupWorker } from './cleanup/cleanup-worker.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
-import type { TransactionLimits } from './db/transaction.js'
 import { errorMessage, SingletonError } from './errors.js'
-import type { SingletonEvents } from './events.js'
+import type { SingletonEvents, SingletonWarning } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
 import { Starter } from './lock/starter.js'
+import { ensureQueue } from './queue/cleanup-queue.js'
+import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { readStatus, type SingletonStatus } from './status/read-status.js'
 
@@ -99,9 +100,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     this.#pool = pool
     if (options.migrate) await migrateToLatest(pool)
     await assertSchemaCurrent(pool)
-    for (const warning of await validatePolicies(pool, options.policies)) {
-      options.logger.warn({}, warning)
-    }
+    const { definitions, warnings, understood } = await validatePolicies(pool, options.policies)
+    for (const line of understood) options.logger.info({}, line)
+    for (const message of warnings) this.#warn({ code: 'UNINDEXED_COLUMN', message })
 
     const connection: pg.ClientConfig = options.connectionString
       ? { connectionString: options.connectionString }
@@ -160,7 +161,6 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       {
         pool,
         nodeId: options.nodeId,
-        policies: options.policies,
         limits,
         batchPauseMs: options.batchPauseMs,
         onBatch: (batch) => this.#safeEmit('cleanup:batch', batch),
@@ -170,6 +170,21 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onRun: (report) => {
           options.logger.info({ ...report }, `cleanup run ${report.status}`)
           this.#safeEmit('cleanup:done', report)
+          if (report.status === 'failed' || report.status === 'exhausted') {
+            this.#emitError(
+              new SingletonError(
+                'CLEANUP_FAILED',
+                `policy "${report.policy}", run ${report.runId} ${report.status === 'failed' ? 'failed and will be retried' : 'failed on its last retry'}: ${report.reason}`,
+              ),
+            )
+          } else if (report.rowsSkipped > 0) {
+            this.#emitError(
+              new SingletonError(
+                'ROWS_SKIPPED',
+                `policy "${report.policy}", run ${report.runId}: ${report.rowsSkipped} outdated rows could not be deleted and are left for a later run; first reason: ${report.reason}`,
+              ),
+            )
+          }
         },
         onError: (error) => this.#emitError(error),
       },
@@ -180,6 +195,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       connection,
       {
         ...sessionSettings,
+        definitions,
         heartbeatMs: options.heartbeatMs,
         fenceAfterMs: options.fenceAfterMs,
         reconnectDelayMs: options.reconnectDelayMs,
@@ -199,11 +215,21 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             {
               pool,
               boss,
-              policies: options.policies,
+              definitions,
               limits,
               onScheduled: (run) => {
                 options.logger.info({ ...run }, 'cleanup run scheduled')
                 this.#safeEmit('schedule:sent', run)
+              },
+              onDisagreement: (policies) => {
+                if (policies.length === 0) {
+                  options.logger.info({}, 'the live nodes agree on every policy again')
+                  return
+                }
+                this.#warn({
+                  code: 'POLICY_DISAGREEMENT',
+                  message: `the live nodes hold different definitions of ${policies.map((p) => `"${p}"`).join(', ')}; held back until they agree (see pgsingleton.policy_status)`,
+                })
               },
               onError: (error) => this.#emitError(error),
             },
@@ -255,6 +281,11 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     } catch (error) {
       this.options.logger.error({ event, error: errorMessage(error) }, 'an event listener threw')
     }
+  }
+
+  #warn(warning: SingletonWarning): void {
+    this.options.logger.warn({ code: warning.code }, warning.message)
+    this.#safeEmit('warning', warning)
   }
 
   #emitError(error: unknown): void {

@@ -67,17 +67,22 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
     [
       'an interval that does not parse',
       { olderThan: '30 dayz' },
-      /policy "p", field olderThan: "30 dayz" is not a PostgreSQL interval/,
+      /policy "p", field olderThan: "30 dayz" is refused: "30 dayz" is not a "<number> <unit>" term; write one or more "<number> <unit>" terms/,
     ],
     [
       'a negative interval',
       { olderThan: '-1 day' },
-      /policy "p", field olderThan: "-1 day" must be a positive interval/,
+      /policy "p", field olderThan: "-1 day" is refused: signs are refused: every term must be positive/,
     ],
     [
       'a schedule faster than a second',
+      { every: '0.5 seconds' },
+      /policy "p", field every: "0\.5 seconds" must be a positive interval of at least 1 second/,
+    ],
+    [
+      'a unit PostgreSQL reads but pg-singleton does not accept',
       { every: '10 milliseconds' },
-      /policy "p", field every: "10 milliseconds" must be a positive interval of at least 1 second/,
+      /policy "p", field every: "10 milliseconds" is refused: "10 milliseconds" is not a "<number> <unit>" term/,
     ],
     [
       'a batch size that is not a number',
@@ -116,7 +121,7 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
       const node = createSingleton({
         name: `types-${column.replace('_', '-')}`,
         connectionString: db.url,
-        policies: [{ ...good, table: 'app.sessions', column }],
+        policies: [{ ...good, table: 'app.sessions', column, timeZone: 'UTC' }],
       })
       await node.start()
       await node.stop()
@@ -131,7 +136,7 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
     const node = startNode(db.url, config, 'unindexed-node')
     await waitFor('the warning', async () => /holding the singleton/.test(node.output()))
     expect(node.output()).toMatch(
-      /WARN .*policy "old-events": no index starts with column "created_at" of "app\.sessions"; each batch scans the table\. Consider CREATE INDEX ON "app"\."sessions" \("created_at"\)/,
+      /WARN .*policy "old-events": no index starts with column "created_at" of "app\.sessions"; each run reads the whole table\. Consider CREATE INDEX ON "app"\."sessions" \("created_at"\)/,
     )
     node.signal('SIGTERM')
     expect((await node.exited).code).toBe(0)

@@ -3,7 +3,7 @@ import pg from 'pg'
 import { PgBoss } from 'pg-boss'
 import { describe, expect, it } from 'vitest'
 import { createSingleton, type RunReport } from '../src/index.js'
-import { queueName } from '../src/schedule/queue.js'
+import { queueName } from '../src/queue/cleanup-queue.js'
 import {
   countRows,
   createEventsTable,
@@ -178,8 +178,9 @@ describe('the library inside an app', () => {
     boss.on('error', () => {})
     await boss.start()
     const { rows } = await db.pool.query(
-      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by)
-       VALUES ('lib-stale', 'old-events', 1, now(), 'a stale holder') RETURNING id`,
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, definition, fingerprint)
+       SELECT 'lib-stale', 'old-events', 1, now(), 'a stale holder', definition, fingerprint
+         FROM pgsingleton.node_policies WHERE singleton = 'lib-stale' LIMIT 1 RETURNING id`,
     )
     const runId = String(rows[0].id)
     const fenced = waitFor('the stale run to be fenced', async () => {
@@ -191,7 +192,7 @@ describe('the library inside an app', () => {
     })
     await boss.send(
       queueName('lib-stale'),
-      { runId, singleton: 'lib-stale', policy: 'old-events', epoch: 1 },
+      { runId, singleton: 'lib-stale', policy: 'old-events', epoch: 1, fingerprint: '' },
       { singletonKey: 'old-events' },
     )
     const run = await fenced
@@ -237,8 +238,8 @@ describe('the library inside an app', () => {
 
   it('keeps its own history short with a policy on pgsingleton.cleanup_runs, as the README suggests', async () => {
     await db.pool.query(
-      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, status, created_at, finished_at)
-       SELECT 'lib-history', 'old-events', 1, now() - i * interval '1 day', 'a node long gone', 'done', now() - i * interval '1 day', now() - i * interval '1 day'
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, status, created_at, finished_at, definition, fingerprint)
+       SELECT 'lib-history', 'old-events', 1, now() - i * interval '1 day', 'a node long gone', 'done', now() - i * interval '1 day', now() - i * interval '1 day', '{}', '-'
          FROM generate_series(31, 40) AS i`,
     )
     const node = createSingleton({

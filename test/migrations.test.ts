@@ -38,7 +38,7 @@ describe('migrations', () => {
     const { rows } = await db.pool.query(
       'SELECT name FROM pgsingleton.kysely_migration ORDER BY name',
     )
-    expect(rows.map((r) => r.name)).toEqual(['0001_initial'])
+    expect(rows.map((r) => r.name)).toEqual(['0001_initial', '0002_safe_deletes'])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
     )
@@ -64,7 +64,9 @@ describe('migrations', () => {
       const node = createSingleton({ name: 'm', connectionString: db.url, policies })
       await expect(node.start()).rejects.toMatchObject({
         code: 'SCHEMA_TOO_NEW',
-        message: expect.stringMatching(/newer than the 1 this pg-singleton knows/),
+        message: expect.stringMatching(
+          new RegExp(`newer than the ${SCHEMA_VERSION} this pg-singleton knows`),
+        ),
       })
     } finally {
       await db.pool.query('UPDATE pgsingleton.meta SET schema_version = $1', [SCHEMA_VERSION])
@@ -72,9 +74,39 @@ describe('migrations', () => {
   })
 
   it('keep epochs from ever going down', async () => {
-    await db.pool.query(`INSERT INTO pgsingleton.leases VALUES ('e', 5, 'n', 1, now(), now())`)
+    await db.pool.query(
+      `SET pgsingleton.protocol = 2; INSERT INTO pgsingleton.leases VALUES ('e', 5, 'n', 1, now(), now())`,
+    )
     await expect(
-      db.pool.query(`UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`),
+      db.pool.query(
+        `SET pgsingleton.protocol = 2; UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`,
+      ),
     ).rejects.toThrow(/may only increase/)
+  })
+
+  it('refuse an epoch bump by a node that does not speak the protocol the schema requires', async () => {
+    // A node of schema 1 declares no protocol: what its lock session would run.
+    const client = new pg.Client({ connectionString: db.url })
+    await client.connect()
+    try {
+      await expect(
+        client.query(
+          `INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
+           VALUES ('old', 1, 'last-week', pg_backend_pid(), now(), now())`,
+        ),
+      ).rejects.toThrow(
+        /node last-week speaks protocol 1, but this database .* requires protocol 2/,
+      )
+      await client.query(`SET pgsingleton.protocol = 2`)
+      await client.query(
+        `INSERT INTO pgsingleton.leases VALUES ('old', 1, 'this-week', pg_backend_pid(), now(), now())`,
+      )
+      await client.query(`RESET pgsingleton.protocol`)
+      await expect(
+        client.query(`UPDATE pgsingleton.leases SET epoch = epoch + 1 WHERE name = 'old'`),
+      ).rejects.toThrow(/requires protocol 2/)
+    } finally {
+      await client.end()
+    }
   })
 })

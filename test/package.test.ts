@@ -46,9 +46,9 @@ describe('the built package, imported by its name through package.json "exports"
       console.log(JSON.stringify({ names: Object.keys(migrations), provided: Object.keys(await migrationProvider.getMigrations()), SCHEMA_VERSION,
         up: typeof migrations['0001_initial'].up, down: typeof migrations['0001_initial'].down }))`)
     expect(result).toEqual({
-      names: ['0001_initial'],
-      provided: ['0001_initial'],
-      SCHEMA_VERSION: 1,
+      names: ['0001_initial', '0002_safe_deletes'],
+      provided: ['0001_initial', '0002_safe_deletes'],
+      SCHEMA_VERSION: 2,
       up: 'function',
       down: 'function',
     })

@@ -15,7 +15,7 @@ beforeAll(async () => {
   await db.pool.query(`
     CREATE ROLE ${role} LOGIN PASSWORD '${password}';
     GRANT USAGE ON SCHEMA pgsingleton TO ${role};
-    GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA pgsingleton TO ${role};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgsingleton TO ${role};
     GRANT EXECUTE ON FUNCTION pgsingleton.lock_key(text) TO ${role};
     GRANT USAGE ON SCHEMA app TO ${role};
     GRANT SELECT, DELETE ON app.events TO ${role};

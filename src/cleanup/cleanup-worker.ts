@@ -1,29 +1,6 @@
 import type { PgBoss } from 'pg-boss'
-import { type CleanupJob, queueName } from '../schedule/queue.js'
-import { type CleanupDeps, prepareStatements, type RunReport, runCleanup } from './run-cleanup.js'
-
-/**
- * The queue's policy is pg-boss's `singleton` with the policy name as `singletonKey`:
- * at most one active job per retention policy across the whole cluster, however many
- * nodes work the queue, while a re-issued occurrence can still queue behind it.
- */
-export async function ensureQueue(boss: PgBoss, singleton: string): Promise<void> {
-  const name = queueName(singleton)
-  if (await boss.getQueue(name)) return
-  await boss.createQueue(name, {
-    policy: 'singleton',
-    retryLimit: 5,
-    retryDelay: 1,
-    retryBackoff: true,
-    retryDelayMax: 60,
-    // Workers heartbeat their job, so pg-boss can fail the job of a worker that died
-    // (the holder closes such runs and cancels their jobs sooner, on its next tick).
-    heartbeatSeconds: 10,
-    // A run is batches of milliseconds each; an hour bounds one that is stuck.
-    expireInSeconds: 3600,
-    notify: true,
-  })
-}
+import { stopWorking, workJobs } from '../queue/cleanup-queue.js'
+import { type CleanupDeps, type RunReport, runCleanup } from './run-cleanup.js'
 
 export interface CleanupWorkerHooks {
   onRun(report: RunReport): void
@@ -38,7 +15,6 @@ export class CleanupWorker {
   readonly #singleton: string
   readonly #pollingIntervalSeconds: number
   readonly #stopping = new AbortController()
-  readonly #statements
   #workerId: string | undefined
 
   constructor(
@@ -53,27 +29,22 @@ export class CleanupWorker {
     this.#deps = deps
     this.#hooks = hooks
     this.#pollingIntervalSeconds = pollingIntervalSeconds
-    this.#statements = prepareStatements(deps.policies)
   }
 
   async start(): Promise<void> {
-    this.#workerId = await this.#boss.work<CleanupJob>(
-      queueName(this.#singleton),
-      {
-        batchSize: 1,
-        pollingIntervalSeconds: this.#pollingIntervalSeconds,
-        notifyPollingIntervalSeconds: 5,
-      },
-      async (jobs) => {
-        for (const job of jobs) {
-          const signal = AbortSignal.any([job.signal, this.#stopping.signal])
-          try {
-            const report = await runCleanup(this.#deps, this.#statements, job.data, signal)
-            this.#hooks.onRun(report)
-          } catch (error) {
-            this.#hooks.onError(error)
-            throw error // pg-boss retries the job, on this node or another
-          }
+    this.#workerId = await workJobs(
+      this.#boss,
+      this.#singleton,
+      this.#pollingIntervalSeconds,
+      async (job, jobSignal) => {
+        const signal = AbortSignal.any([jobSignal, this.#stopping.signal])
+        try {
+          this.#hooks.onRun(await runCleanup(this.#deps, job, signal))
+        } catch (error) {
+          // The run could not even be recorded (the database is unreachable); the holder
+          // sees its job end without it and issues the run again.
+          this.#hooks.onError(error)
+          throw error
         }
       },
     )
@@ -82,7 +53,6 @@ export class CleanupWorker {
   /** Lets the batch in flight commit, then stops taking jobs. */
   async stop(): Promise<void> {
     this.#stopping.abort('the node is stopping')
-    if (this.#workerId)
-      await this.#boss.offWork(queueName(this.#singleton), { id: this.#workerId, wait: true })
+    if (this.#workerId) await stopWorking(this.#boss, this.#singleton, this.#workerId)
   }
 }

@@ -1,21 +1,24 @@
 import type pg from 'pg'
-import type { ResolvedPolicy } from '../config/policy.js'
-import { SQLSTATE, sqlState } from '../db/sqlstate.js'
-import { inTransaction, type TransactionLimits } from '../db/transaction.js'
-import { errorMessage, SingletonError } from '../errors.js'
-import type { CleanupJob } from '../schedule/queue.js'
+import type { PolicyDefinition } from '../config/definition.js'
+import { mayBeTiedToRows } from '../db/sqlstate.js'
+import { errorMessage } from '../errors.js'
+import type { CleanupJob } from '../queue/cleanup-queue.js'
+import type { TransactionLimits } from '../runs/fence.js'
+import * as runs from '../runs/runs.js'
+import type { RunStatus } from '../runs/statuses.js'
 import { sleep } from '../wait.js'
-import { type BatchTarget, deleteBatch, deleteStatement } from './delete-batch.js'
-
-export type RunStatus = 'done' | 'fenced' | 'skipped'
 
 export interface RunReport {
   runId: string
   policy: string
   epoch: number
-  status: RunStatus
+  /** What the run ended as; `skipped` when it was not waiting for a worker. */
+  status: RunStatus | 'skipped'
   rowsDeleted: number
+  /** Rows it could not delete (held by other transactions, refused by a constraint or trigger). */
+  rowsSkipped: number
   batches: number
+  /** Why it did not finish, or the first reason rows were skipped. */
   reason?: string
 }
 
@@ -23,156 +26,175 @@ export interface BatchReport {
   runId: string
   policy: string
   epoch: number
+  relation: string
   rows: number
+  skipped: number
+  cutoff: Date | null
 }
 
 export interface CleanupDeps {
   readonly pool: pg.Pool
   readonly nodeId: string
-  readonly policies: readonly ResolvedPolicy[]
   readonly limits: TransactionLimits
   readonly batchPauseMs: number
   onBatch(batch: BatchReport): void
 }
 
-/** Prepared per policy once: the quoted delete statement never changes. */
-export function prepareStatements(
-  policies: readonly ResolvedPolicy[],
-): Map<string, { policy: ResolvedPolicy; statement: string }> {
-  return new Map(
-    policies.map((policy) => [policy.name, { policy, statement: deleteStatement(policy) }]),
-  )
+interface Leaf {
+  leaf: number
+  relation: string
+  relkind: string
+  strategy: 'index' | 'tidrange'
+  tuples_per_page: number | null
+  can_delete: boolean
 }
 
+/** Pages a TID-range batch spans when the table has no statistics yet. */
+const DEFAULT_SPAN_PAGES = 32
+
 /**
- * Works one cleanup job: batches until a batch comes back short, each its own fenced
- * transaction. Stops between batches when `signal` aborts (the node is stopping or the
- * job expired) and leaves the run `failed` for pg-boss to retry; stops for good, as
- * `fenced`, when the epoch has moved on.
+ * Works one job: claims its run, then deletes by the definition the run carries (never by
+ * this node's own config), table by table (a partitioned or inheritance parent is worked
+ * partition by partition) and batch by batch, each batch one fenced statement. A batch
+ * that fails for reasons tied to its rows is done again carefully; while careful batches
+ * keep finding such rows, the next ones stay careful. Stops between batches when
+ * `signal` aborts. Failures are recorded on the run (which the holder retries), never
+ * thrown, except when the database cannot be reached to record them.
  */
 export async function runCleanup(
   deps: CleanupDeps,
-  statements: ReturnType<typeof prepareStatements>,
   job: CleanupJob,
   signal: AbortSignal,
 ): Promise<RunReport> {
-  const base = { runId: job.runId, policy: job.policy, epoch: job.epoch }
-  const prepared = statements.get(job.policy)
-  if (!prepared) {
-    const error = new SingletonError(
-      'CLEANUP_FAILED',
-      `policy "${job.policy}" is not in this node's configuration; another node must run it`,
-    )
-    await markFailed(deps.pool, job.runId, error)
-    throw error
-  }
-  const claimed = await deps.pool.query<{ rows_deleted: string; batches: number }>(
-    `UPDATE pgsingleton.cleanup_runs
-        SET status = 'running', node_id = $3, started_at = coalesce(started_at, now()), finished_at = NULL, error = NULL
-      WHERE id = $1 AND singleton = $2 AND status IN ('scheduled', 'running', 'failed')
-      RETURNING rows_deleted, batches`,
-    [job.runId, job.singleton, deps.nodeId],
-  )
-  const claim = claimed.rows[0]
-  if (!claim)
+  const run = await runs.claim(deps.pool, job.runId, deps.nodeId)
+  if (!run) {
     return {
-      ...base,
+      runId: job.runId,
+      policy: job.policy,
+      epoch: job.epoch,
       status: 'skipped',
       rowsDeleted: 0,
+      rowsSkipped: 0,
       batches: 0,
-      reason: 'the run is already finished',
+      reason: 'the run is not waiting for a worker',
     }
-
-  const target: BatchTarget = {
-    runId: job.runId,
-    singleton: job.singleton,
-    epoch: job.epoch,
-    ...prepared,
   }
-  let rowsDeleted = Number(claim.rows_deleted)
-  let batches = claim.batches
-  for (;;) {
-    if (signal.aborted) {
-      const error = new SingletonError(
-        'CLEANUP_FAILED',
-        `interrupted between batches: ${String(signal.reason ?? 'stopping')}`,
-      )
-      await markFailed(deps.pool, job.runId, error)
-      throw error
-    }
-    let outcome: Awaited<ReturnType<typeof deleteBatch>>
-    try {
-      outcome = await inTransaction(deps.pool, deps.limits, (client) => deleteBatch(client, target))
-    } catch (error) {
-      const failure = new SingletonError(
-        'CLEANUP_FAILED',
-        `policy "${job.policy}", run ${job.runId}: batch failed: ${errorMessage(error)}`,
-        { cause: error },
-      )
-      await markFailed(deps.pool, job.runId, failure)
-      throw failure
-    }
-    if (outcome.kind === 'fenced') {
-      const reason = `epoch ${job.epoch} is no longer current: a newer holder took over`
-      await markFenced(deps.pool, job.runId, reason)
-      return { ...base, status: 'fenced', rowsDeleted, batches, reason }
-    }
-    if (outcome.kind === 'superseded') {
-      return {
-        ...base,
-        status: 'fenced',
-        rowsDeleted,
-        batches,
-        reason: 'superseded by a newer holder',
-      }
-    }
-    rowsDeleted += outcome.rows
-    batches += 1
-    deps.onBatch({ ...base, rows: outcome.rows })
-    if (outcome.rows < prepared.policy.batchSize) break
-    if (deps.batchPauseMs > 0) await sleep(deps.batchPauseMs, signal)
+  const report: RunReport = {
+    runId: run.runId,
+    policy: run.policy,
+    epoch: run.epoch,
+    status: 'running',
+    rowsDeleted: run.rowsDeleted,
+    rowsSkipped: run.rowsSkipped,
+    batches: run.batches,
   }
-  return finish(deps, job, { ...base, status: 'done', rowsDeleted, batches })
-}
+  const failed = async (reason: string, counts: boolean): Promise<RunReport> => {
+    const recorded = await runs.fail(deps.pool, run, reason, counts)
+    return { ...report, status: recorded?.status ?? 'fenced', reason }
+  }
 
-/** Marks the run done under the same fence as its batches: a stale holder cannot complete it. */
-async function finish(deps: CleanupDeps, job: CleanupJob, report: RunReport): Promise<RunReport> {
+  let leaves: Leaf[]
   try {
-    const done = await inTransaction(deps.pool, deps.limits, async (client) => {
-      const result = await client.query(
-        `UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now()
-          WHERE id = $1 AND status = 'running'
-            AND EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = $2 AND epoch = $3 FOR KEY SHARE)`,
-        [job.runId, job.singleton, job.epoch],
-      )
-      return result.rowCount === 1
-    })
-    if (done) return report
-    const reason = `epoch ${job.epoch} is no longer current: the run could not be completed`
-    await markFenced(deps.pool, job.runId, reason)
-    return { ...report, status: 'fenced', reason }
+    leaves = await listLeaves(deps.pool, run.definition)
   } catch (error) {
-    if (sqlState(error) !== SQLSTATE.UNIQUE_VIOLATION) throw error
-    const reason = 'this occurrence was already completed by another run'
-    await markFenced(deps.pool, job.runId, reason)
-    return { ...report, status: 'fenced', reason }
+    return failed(`policy "${run.policy}": ${errorMessage(error)}`, true)
   }
+
+  for (const leaf of leaves) {
+    const tuplesPerPage = leaf.tuples_per_page ?? 0
+    const request: runs.BatchRequest = {
+      leaf: leaf.leaf,
+      strategy: leaf.strategy,
+      cursor: null,
+      skip: null,
+      limit: run.definition.batchSize,
+      span:
+        tuplesPerPage > 0
+          ? Math.max(1, Math.ceil(run.definition.batchSize / tuplesPerPage))
+          : DEFAULT_SPAN_PAGES,
+      careful: false,
+    }
+    let next = request
+    for (;;) {
+      if (signal.aborted) {
+        return failed(`interrupted between batches: ${String(signal.reason ?? 'stopping')}`, false)
+      }
+      let batch: runs.BatchResult
+      try {
+        batch = await runs.recordBatch(deps.pool, deps.limits, run, next)
+      } catch (error) {
+        if (!next.careful && mayBeTiedToRows(error)) {
+          next = { ...next, careful: true }
+          continue
+        }
+        return failed(
+          `policy "${run.policy}", ${leaf.relation}: batch failed: ${errorMessage(error)}`,
+          true,
+        )
+      }
+      if (batch.outcome === 'superseded') {
+        return { ...report, status: 'fenced', reason: 'a holder closed the run before it finished' }
+      }
+      if (batch.outcome === 'fenced' || batch.outcome === 'disagree') {
+        const reason =
+          batch.outcome === 'fenced'
+            ? `epoch ${run.epoch} is no longer current: a newer holder took over`
+            : `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
+        await runs.fence(deps.pool, run, reason)
+        return { ...report, status: 'fenced', reason }
+      }
+      if (batch.selected > 0) {
+        report.batches += 1
+        report.rowsDeleted += batch.deleted
+        report.rowsSkipped += batch.skipped
+        report.reason ??= batch.firstError ?? undefined
+        deps.onBatch({
+          runId: run.runId,
+          policy: run.policy,
+          epoch: run.epoch,
+          relation: leaf.relation,
+          rows: batch.deleted,
+          skipped: batch.skipped,
+          cutoff: batch.cutoff,
+        })
+      }
+      if (batch.leafDone) break
+      next = {
+        ...next,
+        cursor: batch.cursor,
+        skip: batch.skip,
+        careful: next.careful && batch.skipped > 0,
+      }
+      if (deps.batchPauseMs > 0) await sleep(deps.batchPauseMs, signal)
+    }
+  }
+
+  const completed = await runs.complete(deps.pool, deps.limits, run)
+  if (completed.status === 'fenced')
+    return { ...report, status: 'fenced', reason: completed.reason }
+  return { ...report, status: 'done' }
 }
 
-async function markFenced(pool: pg.Pool, runId: string, reason: string): Promise<void> {
-  await pool.query(
-    `UPDATE pgsingleton.cleanup_runs SET status = 'fenced', finished_at = now(), error = $2
-      WHERE id = $1 AND status IN ('scheduled', 'running', 'failed')`,
-    [runId, reason],
+/**
+ * The tables the run deletes from, with what each allows. Refuses foreign-table
+ * partitions and tables this role may not delete from, naming them.
+ */
+async function listLeaves(pool: pg.Pool, definition: PolicyDefinition): Promise<Leaf[]> {
+  const { rows: tables } = await pool.query<{ t: string | null }>(
+    `SELECT to_regclass(format('%I.%I', $1::text, $2::text))::oid AS t`,
+    [definition.schema, definition.table],
   )
-}
-
-async function markFailed(pool: pg.Pool, runId: string, error: Error): Promise<void> {
-  await pool
-    .query(
-      `UPDATE pgsingleton.cleanup_runs SET status = 'failed', finished_at = now(), error = $2
-        WHERE id = $1 AND status IN ('scheduled', 'running')`,
-      [runId, error.message],
+  const table = tables[0]?.t
+  if (!table) throw new Error(`table "${definition.schema}"."${definition.table}" no longer exists`)
+  const { rows } = await pool.query<Leaf & { leaf: string }>(
+    'SELECT * FROM pgsingleton.cleanup_leaves($1, $2)',
+    [table, definition.column],
+  )
+  const unusable = rows.filter((leaf) => leaf.relkind !== 'r' || !leaf.can_delete)
+  if (unusable.length > 0) {
+    throw new Error(
+      `cannot delete from ${unusable.map((l) => l.relation).join(', ')} (a foreign table, or this role lacks SELECT and DELETE on it)`,
     )
-    .catch(() => {}) // the run stays as it was; the job's own retry or the next holder takes it over
+  }
+  return rows.map((row) => ({ ...row, leaf: Number(row.leaf) }))
 }

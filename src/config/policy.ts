@@ -1,5 +1,7 @@
 import { SingletonError } from '../errors.js'
 import { checkIdentifier, parseTableName, type QualifiedName } from './identifier.js'
+import { parseInterval } from './interval.js'
+import { Problems } from './problems.js'
 
 /** A retention policy as a user writes it, in the config file or in code. */
 export interface RetentionPolicy {
@@ -7,13 +9,22 @@ export interface RetentionPolicy {
   name: string
   /** `schema.table`, split at the first dot, or a bare table name in `public`. */
   table: string
-  /** A `timestamptz`, `timestamp` or `date` column: rows with `column < now() - olderThan` are outdated. */
+  /** A `timestamptz`, `timestamp` or `date` column: rows older than the cut-off are outdated. */
   column: string
-  /** A PostgreSQL interval, e.g. `'30 days'`; parsed by PostgreSQL at start-up. */
+  /**
+   * How old a row must be to go, e.g. `'30 days'`: one or more `<number> <unit>` terms
+   * with the unit spelled out. The cut-off is the database's `now()` minus this.
+   */
   olderThan: string
-  /** A PostgreSQL interval, e.g. `'1 minute'`: how often the policy runs. At least 1 second. */
+  /** How often the policy runs, e.g. `'1 minute'`; the same form, at least 1 second. */
   every: string
-  /** Rows deleted per batch, each batch its own short transaction. Default 1000. */
+  /**
+   * The IANA zone the column's values are written in, e.g. `'UTC'` or `'Europe/Berlin'`.
+   * Required for `timestamp` (without time zone) and `date` columns, which do not say
+   * which zone they are in; not needed for `timestamptz`.
+   */
+  timeZone?: string
+  /** The most rows one batch deletes, each batch its own short transaction. Default 1000. */
   batchSize?: number
 }
 
@@ -22,8 +33,10 @@ export interface ResolvedPolicy {
   readonly table: QualifiedName
   readonly tableText: string
   readonly column: string
+  /** Canonical form of the strict interval grammar, e.g. `'30 days'`. */
   readonly olderThan: string
   readonly every: string
+  readonly timeZone: string | undefined
   readonly batchSize: number
 }
 
@@ -32,63 +45,97 @@ export const DEFAULT_BATCH_SIZE = 1000
 export const MAX_BATCH_SIZE = 100_000
 /** Singleton and policy names end up in pg-boss queue names and keys, which allow this set. */
 export const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,100}$/
-const POLICY_KEYS = new Set(['name', 'table', 'column', 'olderThan', 'every', 'batchSize'])
+const POLICY_KEYS = new Set([
+  'name',
+  'table',
+  'column',
+  'olderThan',
+  'every',
+  'timeZone',
+  'batchSize',
+])
 
-/** Checks what can be checked without a database; `validatePolicies` checks the rest. */
+/**
+ * Checks what can be checked without a database, every policy and every field, and
+ * reports all problems at once; `validatePolicies` checks the rest against the database.
+ */
 export function resolvePolicies(policies: unknown): readonly ResolvedPolicy[] {
   if (!Array.isArray(policies) || policies.length === 0) {
     throw new SingletonError(
       'INVALID_OPTION',
-      'policies: expected a non-empty array of retention policies ({ name, table, column, olderThan, every, batchSize? }).',
+      'policies: expected a non-empty array of retention policies ({ name, table, column, olderThan, every, timeZone?, batchSize? }).',
     )
   }
+  const problems = new Problems()
   const seen = new Set<string>()
-  return Object.freeze(
-    policies.map((raw: unknown, index) => {
-      const policy = resolvePolicy(raw, index)
-      if (seen.has(policy.name)) {
-        throw new SingletonError(
-          'INVALID_OPTION',
-          `policies[${index}].name: "${policy.name}" is used by two policies; names must be unique.`,
-        )
-      }
-      seen.add(policy.name)
-      return policy
-    }),
-  )
+  const resolved: ResolvedPolicy[] = []
+  policies.forEach((raw: unknown, index) => {
+    const policy = resolvePolicy(raw, index, problems)
+    if (!policy) return
+    if (seen.has(policy.name)) {
+      problems.add(
+        `policies[${index}].name: "${policy.name}" is used by two policies; names must be unique.`,
+      )
+    }
+    seen.add(policy.name)
+    resolved.push(policy)
+  })
+  problems.throwIfAny('INVALID_OPTION')
+  return Object.freeze(resolved)
 }
 
-function resolvePolicy(raw: unknown, index: number): ResolvedPolicy {
+function resolvePolicy(
+  raw: unknown,
+  index: number,
+  problems: Problems,
+): ResolvedPolicy | undefined {
   const at = `policies[${index}]`
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
-    throw new SingletonError(
-      'INVALID_OPTION',
-      `${at}: expected an object, got ${JSON.stringify(raw)}.`,
-    )
+    problems.add(`${at}: expected an object, got ${JSON.stringify(raw)}.`)
+    return undefined
   }
+  const before = problems.count
   const record = raw as Record<string, unknown>
   for (const key of Object.keys(record)) {
     if (!POLICY_KEYS.has(key)) {
-      throw new SingletonError(
-        'INVALID_OPTION',
-        `${at}.${key}: unknown field; a policy has ${[...POLICY_KEYS].join(', ')}.`,
-      )
+      problems.add(`${at}.${key}: unknown field; a policy has ${[...POLICY_KEYS].join(', ')}.`)
     }
   }
-  const name = requireString(record, 'name', at)
+  const rawName = record.name
+  const name = typeof rawName === 'string' ? rawName : ''
   if (!NAME_PATTERN.test(name)) {
-    throw new SingletonError(
-      'INVALID_OPTION',
-      `${at}.name: "${name}" must be 1-100 letters, digits, "_", "-" or ".".`,
+    problems.add(
+      `${at}.name: ${JSON.stringify(rawName)} must be 1-100 letters, digits, "_", "-" or ".".`,
     )
   }
-  const where = `policy "${name}"`
-  const tableText = requireString(record, 'table', where)
-  const table = parseTableName(tableText, `${where}, field table`)
-  const column = requireString(record, 'column', where)
-  checkIdentifier(column, `${where}, field column`)
-  const olderThan = requireString(record, 'olderThan', where)
-  const every = requireString(record, 'every', where)
+  const where = NAME_PATTERN.test(name) ? `policy "${name}"` : at
+  const field = (check: () => void) => {
+    try {
+      check()
+    } catch (error) {
+      problems.add((error as Error).message)
+    }
+  }
+  const tableText = requireString(record, 'table', where, problems)
+  let table: QualifiedName | undefined
+  if (tableText !== undefined)
+    field(() => {
+      table = parseTableName(tableText, `${where}, field table`)
+    })
+  const column = requireString(record, 'column', where, problems)
+  if (column !== undefined) field(() => checkIdentifier(column, `${where}, field column`))
+  const olderThan = interval(record, 'olderThan', where, problems)
+  const every = interval(record, 'every', where, problems)
+  let timeZone: string | undefined
+  if (record.timeZone !== undefined) {
+    const zone = record.timeZone
+    // The name is checked against pg_timezone_names at start-up; here only its shape.
+    if (typeof zone !== 'string' || !/^[A-Za-z0-9_+\-/]{1,64}$/.test(zone)) {
+      problems.add(
+        `${where}, field timeZone: ${JSON.stringify(zone)} is not an IANA time zone name such as "UTC" or "Europe/Berlin".`,
+      )
+    } else timeZone = zone
+  }
   const batchSize = record.batchSize ?? DEFAULT_BATCH_SIZE
   if (
     typeof batchSize !== 'number' ||
@@ -96,21 +143,52 @@ function resolvePolicy(raw: unknown, index: number): ResolvedPolicy {
     batchSize < 1 ||
     batchSize > MAX_BATCH_SIZE
   ) {
-    throw new SingletonError(
-      'INVALID_OPTION',
+    problems.add(
       `${where}, field batchSize: ${JSON.stringify(batchSize)} is not an integer from 1 to ${MAX_BATCH_SIZE}.`,
     )
   }
-  return Object.freeze({ name, table, tableText, column, olderThan, every, batchSize })
+  if (problems.count > before || !table || column === undefined || !olderThan || !every)
+    return undefined
+  return Object.freeze({
+    name,
+    table,
+    tableText: tableText as string,
+    column,
+    olderThan,
+    every,
+    timeZone,
+    batchSize: batchSize as number,
+  })
 }
 
-function requireString(record: Record<string, unknown>, key: string, where: string): string {
+function interval(
+  record: Record<string, unknown>,
+  key: 'olderThan' | 'every',
+  where: string,
+  problems: Problems,
+): string | undefined {
+  const value = requireString(record, key, where, problems)
+  if (value === undefined) return undefined
+  const parsed = parseInterval(value)
+  if (!parsed.ok) {
+    problems.add(`${where}, field ${key}: "${value}" is refused: ${parsed.reason}.`)
+    return undefined
+  }
+  return parsed.canonical
+}
+
+function requireString(
+  record: Record<string, unknown>,
+  key: string,
+  where: string,
+  problems: Problems,
+): string | undefined {
   const value = record[key]
   if (typeof value !== 'string' || value.trim() === '') {
-    throw new SingletonError(
-      'INVALID_OPTION',
+    problems.add(
       `${where}, field ${key}: expected a non-empty string, got ${JSON.stringify(value)}.`,
     )
+    return undefined
   }
   return value
 }

@@ -1,119 +1,202 @@
 import type pg from 'pg'
 import { INTERVAL_PARSE_ERRORS, sqlState } from '../db/sqlstate.js'
-import { SingletonError } from '../errors.js'
+import { COLUMN_TYPES, type ColumnType, type PolicyDefinition } from './definition.js'
 import { quoteIdent, quoteQualified } from './identifier.js'
 import type { ResolvedPolicy } from './policy.js'
+import { Problems } from './problems.js'
 
-const TIME_TYPES = ['timestamp with time zone', 'timestamp without time zone', 'date']
+export interface ValidatedPolicies {
+  readonly definitions: readonly PolicyDefinition[]
+  /** Worth saying, not worth refusing (a column no index starts with). */
+  readonly warnings: readonly string[]
+  /** One line per policy: the definition as this node understood it, and its cut-off now. */
+  readonly understood: readonly string[]
+}
+
+interface Leaf {
+  relation: string
+  relkind: string
+  strategy: string
+  can_delete: boolean
+}
 
 /**
- * Checks every policy against the database before anything is deleted: the table exists
- * and is a table, the column exists and holds a time, the intervals parse (PostgreSQL
- * parses them, so what is accepted here is exactly what the delete will use) and are
- * positive, and this role may delete. Looks up names as bound values in the catalogs,
- * so a hostile name can only fail to be found.
+ * Checks every policy against the database before anything is deleted, and reports every
+ * problem of every policy at once: the table exists and is a table; it and each of its
+ * partitions or children may be read and deleted from; the column exists and holds a
+ * time; a `timestamp` or `date` column says which zone its values are in, and the zone is
+ * one PostgreSQL knows; the intervals are positive by PostgreSQL's own reading. Names are
+ * looked up as bound values in the catalogs, so a hostile name can only fail to be found.
  */
 export async function validatePolicies(
-  pool: pg.Pool,
+  pool: pg.Pool | pg.Client,
   policies: readonly ResolvedPolicy[],
-): Promise<string[]> {
+): Promise<ValidatedPolicies> {
+  const problems = new Problems()
+  const definitions: PolicyDefinition[] = []
   const warnings: string[] = []
+  const understood: string[] = []
   for (const policy of policies) {
+    const before = problems.count
     const where = `policy "${policy.name}"`
-    await checkInterval(pool, `${where}, field olderThan`, policy.olderThan, '0 seconds')
-    await checkInterval(pool, `${where}, field every`, policy.every, '1 second')
+    await checkInterval(pool, problems, `${where}, field olderThan`, policy.olderThan, '0 seconds')
+    await checkInterval(pool, problems, `${where}, field every`, policy.every, '1 second')
 
-    const { rows: tables } = await pool.query<{
-      oid: number
-      relkind: string
-      can_delete: boolean
-    }>(
-      `SELECT c.oid, c.relkind, has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'DELETE') AS can_delete
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    const { rows: tables } = await pool.query<{ oid: number; relkind: string }>(
+      `SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = $1 AND c.relname = $2`,
       [policy.table.schema, policy.table.name],
     )
     const table = tables[0]
     if (!table) {
-      throw new SingletonError(
-        'INVALID_POLICY',
+      problems.add(
         `${where}, field table: "${policy.tableText}" names no table (looked for table "${policy.table.name}" in schema "${policy.table.schema}"; names are case-sensitive and taken literally).`,
       )
+      continue
     }
     if (table.relkind !== 'r' && table.relkind !== 'p') {
-      throw new SingletonError(
-        'INVALID_POLICY',
+      problems.add(
         `${where}, field table: "${policy.tableText}" is not a table (relkind ${table.relkind}); only tables can be cleaned.`,
       )
-    }
-    if (!table.can_delete) {
-      throw new SingletonError(
-        'INVALID_POLICY',
-        `${where}, field table: the current role may not SELECT and DELETE on "${policy.tableText}"; grant both.`,
-      )
+      continue
     }
 
-    const { rows: columns } = await pool.query<{ type: string; indexed: boolean }>(
-      `SELECT format_type(a.atttypid, NULL) AS type,
-              EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indkey[0] = a.attnum) AS indexed
-         FROM pg_attribute a
+    const { rows: columns } = await pool.query<{ type: string }>(
+      `SELECT format_type(a.atttypid, NULL) AS type FROM pg_attribute a
         WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped`,
       [table.oid, policy.column],
     )
-    const column = columns[0]
-    if (!column) {
-      throw new SingletonError(
-        'INVALID_POLICY',
+    const columnType = columns[0]?.type
+    if (columnType === undefined) {
+      problems.add(
         `${where}, field column: table "${policy.tableText}" has no column "${policy.column}".`,
       )
+      continue
     }
-    if (!TIME_TYPES.includes(column.type)) {
-      throw new SingletonError(
-        'INVALID_POLICY',
-        `${where}, field column: "${policy.column}" is ${column.type}; it must be timestamptz, timestamp or date to judge which rows are outdated.`,
+    if (!(COLUMN_TYPES as readonly string[]).includes(columnType)) {
+      problems.add(
+        `${where}, field column: "${policy.column}" is ${columnType}; it must be timestamptz, timestamp or date to judge which rows are outdated.`,
+      )
+      continue
+    }
+    const timeZone = await checkZone(pool, problems, where, policy, columnType as ColumnType)
+
+    const { rows: leaves } = await pool.query<Leaf>(
+      'SELECT relation, relkind, strategy, can_delete FROM pgsingleton.cleanup_leaves($1, $2)',
+      [table.oid, policy.column],
+    )
+    const foreign = leaves.filter((leaf) => leaf.relkind === 'f')
+    if (foreign.length > 0) {
+      problems.add(
+        `${where}, field table: "${policy.tableText}" has foreign-table partitions (${foreign.map((l) => l.relation).join(', ')}); pg-singleton deletes only from tables in this database.`,
       )
     }
-    // Without an index that starts with the column, every batch scans the table from its
-    // first page, past the dead rows of the batches before it: fine for small tables, slow
-    // for big ones. Worth saying once, at start-up.
-    if (!column.indexed) {
+    const denied = leaves.filter((leaf) => !leaf.can_delete)
+    if (denied.length > 0) {
+      problems.add(
+        `${where}, field table: the current role may not SELECT and DELETE on ${denied.map((l) => `"${l.relation}"`).join(', ')}; grant both${leaves.length > 1 ? ' (on every partition or child too: pg-singleton deletes from each of them directly)' : ''}.`,
+      )
+    }
+    if (problems.count > before || timeZone === undefined) continue
+
+    // Without an index that starts with the column, each run reads the whole table, page
+    // range by page range: fine for small tables, slow for big ones. Worth saying once.
+    const unindexed = leaves.filter((leaf) => leaf.strategy !== 'index')
+    if (unindexed.length > 0) {
       warnings.push(
-        `${where}: no index starts with column "${policy.column}" of "${policy.tableText}"; each batch scans the table. Consider CREATE INDEX ON ${quoteQualified(policy.table)} (${quoteIdent(policy.column)}).`,
+        `${where}: no index starts with column "${policy.column}" of ${unindexed.map((l) => `"${l.relation}"`).join(', ')}; each run reads the whole table. Consider CREATE INDEX ON ${quoteQualified(policy.table)} (${quoteIdent(policy.column)}).`,
       )
     }
+    const definition: PolicyDefinition = Object.freeze({
+      name: policy.name,
+      schema: policy.table.schema,
+      table: policy.table.name,
+      column: policy.column,
+      columnType: columnType as ColumnType,
+      timeZone,
+      olderThan: policy.olderThan,
+      every: policy.every,
+      batchSize: policy.batchSize,
+    })
+    definitions.push(definition)
+    understood.push(await describe(pool, definition, leaves.length))
   }
-  return warnings
+  problems.throwIfAny('INVALID_POLICY')
+  return { definitions, warnings, understood }
+}
+
+/**
+ * A `timestamp` or `date` value does not say which zone it was written in; read in the
+ * session's TimeZone, UTC wall times in a database set to Asia/Tokyo look nine hours
+ * older than they are. Such a column needs the policy to say its zone.
+ */
+async function checkZone(
+  pool: pg.Pool | pg.Client,
+  problems: Problems,
+  where: string,
+  policy: ResolvedPolicy,
+  columnType: ColumnType,
+): Promise<string | null | undefined> {
+  if (columnType === 'timestamp with time zone') return null
+  if (policy.timeZone === undefined) {
+    const kind = columnType === 'date' ? 'a date' : 'a timestamp without time zone'
+    problems.add(
+      `${where}, field timeZone: column "${policy.column}" is ${kind}, which does not say which zone its values are in, so pg-singleton will not guess (the database session's TimeZone would decide, and rows could be judged hours older than they are). Add the zone the app writes them in, e.g. "timeZone": "UTC".`,
+    )
+    return undefined
+  }
+  const { rows } = await pool.query<{ name: string }>(
+    'SELECT name FROM pg_timezone_names WHERE lower(name) = lower($1) ORDER BY name = $1 DESC LIMIT 1',
+    [policy.timeZone],
+  )
+  const name = rows[0]?.name
+  if (!name) {
+    problems.add(
+      `${where}, field timeZone: "${policy.timeZone}" is not a time zone PostgreSQL knows (see pg_timezone_names); use an IANA name such as "UTC" or "Europe/Berlin".`,
+    )
+    return undefined
+  }
+  return name
 }
 
 async function checkInterval(
-  pool: pg.Pool,
+  pool: pg.Pool | pg.Client,
+  problems: Problems,
   where: string,
   value: string,
   minimum: string,
 ): Promise<void> {
-  let atLeast: boolean
   try {
     const { rows } = await pool.query<{ at_least: boolean }>(
       "SELECT $1::interval >= $2::interval AND $1::interval > interval '0' AS at_least",
       [value, minimum],
     )
-    atLeast = rows[0]?.at_least === true
-  } catch (error) {
-    if (INTERVAL_PARSE_ERRORS.includes(sqlState(error) ?? '')) {
-      throw new SingletonError(
-        'INVALID_POLICY',
-        `${where}: "${value}" is not a PostgreSQL interval (${(error as Error).message}); write e.g. '30 days' or '1 minute'.`,
-        {
-          cause: error,
-        },
-      )
+    if (rows[0]?.at_least !== true) {
+      problems.add(`${where}: "${value}" must be a positive interval of at least ${minimum}.`)
     }
-    throw error
+  } catch (error) {
+    if (!INTERVAL_PARSE_ERRORS.includes(sqlState(error) ?? '')) throw error
+    problems.add(`${where}: PostgreSQL cannot read "${value}" (${(error as Error).message}).`)
   }
-  if (!atLeast) {
-    throw new SingletonError(
-      'INVALID_POLICY',
-      `${where}: "${value}" must be a positive interval of at least ${minimum}.`,
-    )
-  }
+}
+
+async function describe(
+  pool: pg.Pool | pg.Client,
+  definition: PolicyDefinition,
+  leaves: number,
+): Promise<string> {
+  const { rows } = await pool.query<{ older: string; every: string; cutoff: Date }>(
+    'SELECT $1::interval::text AS older, $2::interval::text AS every, pgsingleton.cutoff($1::interval) AS cutoff',
+    [definition.olderThan, definition.every],
+  )
+  const row = rows[0]
+  const zone = definition.timeZone
+    ? `, read in zone ${definition.timeZone}`
+    : ' (timestamptz: needs no zone)'
+  const parts = leaves > 1 ? `, ${leaves} partitions or children` : ''
+  return (
+    `policy "${definition.name}": delete rows of ${quoteQualified({ schema: definition.schema, name: definition.table })}${parts} ` +
+    `whose ${quoteIdent(definition.column)} (${definition.columnType}${zone}) is older than ${definition.olderThan} ` +
+    `(PostgreSQL: '${row?.older}'); cut-off now ${row?.cutoff.toISOString()}; every ${definition.every} ('${row?.every}'); at most ${definition.batchSize} rows a batch`
+  )
 }

@@ -13,7 +13,24 @@ export const SQLSTATE = {
   INTERVAL_FIELD_OVERFLOW: '22015',
   NUMERIC_VALUE_OUT_OF_RANGE: '22003',
   UNIQUE_VIOLATION: '23505',
+  DEADLOCK_DETECTED: '40P01',
 } as const
+
+/**
+ * Failures that can be tied to the rows a batch touched: integrity (23), data (22),
+ * triggers (09, 27), raised by a trigger (P0), a lock held on a row or a referencing row,
+ * a deadlock. A batch that fails this way is done again carefully, row by row where
+ * needed (pgsingleton.cleanup_batch, which lists the same conditions).
+ */
+export function mayBeTiedToRows(error: unknown): boolean {
+  const code = sqlState(error)
+  if (!code) return false
+  return (
+    ['23', '22', '09', '27', 'P0'].includes(code.slice(0, 2)) ||
+    code === SQLSTATE.LOCK_NOT_AVAILABLE ||
+    code === SQLSTATE.DEADLOCK_DETECTED
+  )
+}
 
 /** Parsing an interval string fails with one of these. */
 export const INTERVAL_PARSE_ERRORS: readonly string[] = [

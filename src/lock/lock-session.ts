@@ -1,6 +1,14 @@
 import pg from 'pg'
+import { fingerprint, type PolicyDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { SingletonError } from '../errors.js'
+
+/**
+ * The protocol this code speaks, declared on the lock session. A database migrated to a
+ * schema that requires more refuses this node's epoch bumps, with a message that says to
+ * upgrade (migrations/0002).
+ */
+export const PROTOCOL = 2
 
 export interface Lease {
   readonly name: string
@@ -70,8 +78,14 @@ export class LockSession {
       `SELECT set_config('idle_session_timeout', $1, false),
               set_config('lock_timeout', $2, false),
               set_config('client_connection_check_interval', $3, false),
-              set_config('statement_timeout', '0', false)`,
-      [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, `${connectionCheckMs}ms`],
+              set_config('statement_timeout', '0', false),
+              set_config('pgsingleton.protocol', $4, false)`,
+      [
+        `${idleSessionTimeoutMs}ms`,
+        `${lockWaitSliceMs}ms`,
+        `${connectionCheckMs}ms`,
+        String(PROTOCOL),
+      ],
     )
     // A transaction-mode pooler (PgBouncer) hands each statement to whichever server
     // connection is free: session settings and session locks do not stay with us. Two
@@ -91,6 +105,70 @@ export class LockSession {
       }
     }
     this.#backendPid = first.pid
+  }
+
+  /**
+   * Makes this node live and records the policy definitions it holds, before it queues
+   * for the lock (and again after every reconnect, since each session does it). Live
+   * means this session holds the node's membership lock: other nodes read that from
+   * pg_locks, so a node that crashed, froze past idle_session_timeout or lost its
+   * connection stops counting the moment the server ends its session. The lock is taken
+   * first and the rows written after, so a second node with the same id can never
+   * overwrite the definitions of the live one.
+   */
+  async register(definitions: readonly PolicyDefinition[]): Promise<void> {
+    const { name, nodeId } = this.#settings
+    const { rows } = await this.#client.query<{ got: boolean; holder: number | null }>(
+      `SELECT pg_try_advisory_lock(pgsingleton.member_key($1, $2)) AS got,
+              (SELECT n.backend_pid FROM pgsingleton.live_nodes n
+                WHERE n.singleton = $1 AND n.node_id = $2) AS holder`,
+      [name, nodeId],
+    )
+    if (rows[0]?.got !== true) {
+      throw new SingletonError(
+        'NODE_ID_IN_USE',
+        `node id "${nodeId}" is in use by another live session of singleton "${name}"${rows[0]?.holder ? ` (backend pid ${rows[0].holder})` : ''}: give every node its own node id. ` +
+          'If this node was just restarted, the server has not yet ended its previous session; it will retry.',
+      )
+    }
+    const held = definitions.map((definition) => ({
+      policy: definition.name,
+      fingerprint: fingerprint(definition),
+      definition,
+    }))
+    await this.#client.query('BEGIN')
+    try {
+      await this.#client.query(
+        `INSERT INTO pgsingleton.nodes AS n (singleton, node_id, backend_pid, member_key, registered_at)
+         VALUES ($1, $2, pg_backend_pid(), pgsingleton.member_key($1, $2), now())
+         ON CONFLICT (singleton, node_id) DO UPDATE
+           SET backend_pid = excluded.backend_pid, member_key = excluded.member_key,
+               registered_at = excluded.registered_at`,
+        [name, nodeId],
+      )
+      await this.#client.query(
+        'DELETE FROM pgsingleton.node_policies WHERE singleton = $1 AND node_id = $2',
+        [name, nodeId],
+      )
+      await this.#client.query(
+        `INSERT INTO pgsingleton.node_policies (singleton, node_id, policy, fingerprint, definition)
+         SELECT $1, $2, d.policy, d.fingerprint, d.definition
+           FROM jsonb_to_recordset($3::jsonb) AS d(policy text, fingerprint text, definition jsonb)`,
+        [name, nodeId, JSON.stringify(held)],
+      )
+      // Registrations of nodes gone for a week are only clutter.
+      await this.#client.query(
+        `DELETE FROM pgsingleton.nodes n
+          WHERE n.singleton = $1 AND n.registered_at < now() - interval '7 days'
+            AND NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                             WHERE l.singleton = n.singleton AND l.node_id = n.node_id)`,
+        [name],
+      )
+      await this.#client.query('COMMIT')
+    } catch (error) {
+      await this.#client.query('ROLLBACK').catch(() => {})
+      throw error
+    }
   }
 
   /**

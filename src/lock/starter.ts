@@ -1,4 +1,5 @@
 import type pg from 'pg'
+import type { PolicyDefinition } from '../config/definition.js'
 import { errorMessage } from '../errors.js'
 import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
@@ -13,6 +14,8 @@ export interface StarterHooks {
 }
 
 export interface StarterSettings extends LockSessionSettings {
+  /** Registered on every lock session before it queues. */
+  readonly definitions: readonly PolicyDefinition[]
   readonly heartbeatMs: number
   readonly fenceAfterMs: number
   readonly reconnectDelayMs: number
@@ -76,6 +79,7 @@ export class Starter {
       stop.addEventListener('abort', abortWait)
       try {
         await session.connect()
+        await session.register(this.#settings.definitions)
         this.#hooks.onWaiting()
         const acquired = await session.acquire(stop)
         stop.removeEventListener('abort', abortWait)

@@ -1,0 +1,576 @@
+import { type Kysely, sql } from 'kysely'
+
+/**
+ * Schema 2: deletes that cannot take a row the user meant to keep.
+ *
+ * - A run carries the policy definition it was issued with; workers delete by that, never
+ *   by their own config, and every batch re-checks that all live nodes agree on it.
+ * - Nodes register their definitions and hold a membership lock, so "live" is read from
+ *   the server's lock table, not from anything a node claims.
+ * - One batch is one statement: `pgsingleton.cleanup_batch` checks the fence, the run's
+ *   owner and the agreement, deletes at most `batchSize` rows of one leaf table (reading
+ *   `timestamp` and `date` values in the policy's zone), steps around rows that cannot go,
+ *   and records its progress and audit row, all in the caller's transaction.
+ * - Runs get an ownership token (`attempt`), retries with backoff, a final `exhausted`
+ *   status, and at most one open run per policy.
+ * - Nodes declare the protocol they speak; a node from before this schema can neither
+ *   bump an epoch nor commit a batch.
+ *
+ * Raw SQL on purpose, as in 0001.
+ */
+export const UP = String.raw`
+-- What the nodes must speak: a lock session declares pgsingleton.protocol, and the epoch
+-- bump of a node that speaks less is refused with a message that says to upgrade it.
+ALTER TABLE pgsingleton.meta ADD COLUMN protocol integer NOT NULL DEFAULT 2;
+UPDATE pgsingleton.meta SET schema_version = 2, protocol = 2;
+SELECT set_config('pgsingleton.protocol', '2', true);
+
+CREATE OR REPLACE FUNCTION pgsingleton.leases_epoch_never_decreases() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  required integer;
+  spoken integer;
+BEGIN
+  IF TG_OP = 'UPDATE' AND NEW.epoch < OLD.epoch THEN
+    RAISE EXCEPTION 'pgsingleton.leases: epoch of % may only increase (% -> %)',
+      OLD.name, OLD.epoch, NEW.epoch;
+  END IF;
+  IF TG_OP = 'INSERT' OR NEW.epoch <> OLD.epoch THEN
+    SELECT m.protocol INTO required FROM pgsingleton.meta m;
+    spoken := coalesce(nullif(current_setting('pgsingleton.protocol', true), '')::integer, 1);
+    IF spoken < required THEN
+      RAISE EXCEPTION USING
+        ERRCODE = 'object_not_in_prerequisite_state',
+        MESSAGE = format('pg-singleton: node %s speaks protocol %s, but this database (pgsingleton schema version %s) requires protocol %s',
+                         NEW.node_id, spoken, (SELECT schema_version FROM pgsingleton.meta), required),
+        HINT = 'Upgrade pg-singleton on this node; until then it cannot hold the singleton.';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER epoch_never_decreases ON pgsingleton.leases;
+CREATE TRIGGER epoch_never_decreases BEFORE INSERT OR UPDATE ON pgsingleton.leases
+FOR EACH ROW EXECUTE FUNCTION pgsingleton.leases_epoch_never_decreases();
+-- A holder from before this schema loses its epoch now: its next heartbeat fences it.
+UPDATE pgsingleton.leases SET epoch = epoch + 1;
+
+-- The cut-off of an interval: the database's now() minus the interval, counted in UTC
+-- (a day is 24 hours, a month a calendar month in UTC), whatever the session's TimeZone.
+CREATE FUNCTION pgsingleton.cutoff(older_than interval) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT ((now() AT TIME ZONE 'UTC') - older_than) AT TIME ZONE 'UTC' $$;
+
+-- The one definition of "outdated", as SQL text over $1 (the cut-off, timestamptz) and $2
+-- (the policy's zone). The first term of each is a plain range on the column (an index
+-- serves it); the second is the exact rule. A timestamp is read in the policy's zone;
+-- where a wall time is ambiguous (clocks going back) PostgreSQL reads it as the later
+-- instant, so the row is judged younger. A date goes only once its whole day, in the
+-- zone, is older than the cut-off.
+CREATE FUNCTION pgsingleton.outdated_predicate(column_name text, column_type text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  RETURN CASE column_type
+    WHEN 'timestamp with time zone' THEN
+      format('%1$I < $1', column_name)
+    WHEN 'timestamp without time zone' THEN
+      format('%1$I < ($1 AT TIME ZONE $2) AND (%1$I AT TIME ZONE $2) < $1', column_name)
+    WHEN 'date' THEN
+      format('%1$I < ($1 AT TIME ZONE $2)::date AND ((%1$I + 1)::timestamp AT TIME ZONE $2) <= $1', column_name)
+  END;
+END $$;
+
+-- The fence: takes the lease row FOR KEY SHARE at the given epoch and says whether it is
+-- current. Every protected write calls it first in its transaction; the next holder's
+-- epoch bump (FOR UPDATE) waits for such a transaction, and no transaction of an older
+-- epoch passes it once the bump has committed.
+CREATE FUNCTION pgsingleton.fence(p_singleton text, p_epoch bigint) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+  SELECT EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = p_singleton AND epoch = p_epoch FOR KEY SHARE)
+$$;
+
+-- Nodes and the definitions they hold. A node is live while its lock session holds its
+-- membership lock (pgsingleton.member_key), read from pg_locks: the server's truth,
+-- visible to every role, gone the moment the session is.
+CREATE FUNCTION pgsingleton.member_key(singleton text, node_id text) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pgsingleton.lock_key(singleton || E'\n' || node_id) $$;
+
+CREATE TABLE pgsingleton.nodes (
+  singleton text NOT NULL,
+  node_id text NOT NULL,
+  -- the lock session that holds the membership lock; a stale row never matches a live lock
+  backend_pid integer NOT NULL,
+  member_key bigint NOT NULL,
+  registered_at timestamptz NOT NULL DEFAULT now(),
+  package_version text,
+  PRIMARY KEY (singleton, node_id)
+);
+CREATE TABLE pgsingleton.node_policies (
+  singleton text NOT NULL,
+  node_id text NOT NULL,
+  policy text NOT NULL,
+  fingerprint text NOT NULL,
+  definition jsonb NOT NULL,
+  PRIMARY KEY (singleton, node_id, policy),
+  FOREIGN KEY (singleton, node_id) REFERENCES pgsingleton.nodes ON DELETE CASCADE
+);
+
+CREATE VIEW pgsingleton.live_nodes AS
+WITH held AS MATERIALIZED (
+  SELECT l.pid, (l.classid::bigint << 32) | l.objid::bigint AS key
+    FROM pg_locks l
+   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT n.singleton, n.node_id, n.backend_pid, n.registered_at, n.package_version
+  FROM pgsingleton.nodes n
+  JOIN held h ON h.pid = n.backend_pid AND h.key = n.member_key;
+
+-- The fingerprint all live nodes share for a policy, or NULL when they do not all have
+-- it with the same definition (or no node is live).
+CREATE FUNCTION pgsingleton.agreed_fingerprint(p_singleton text, p_policy text) RETURNS text
+LANGUAGE sql STABLE AS $$
+  SELECT CASE WHEN count(*) > 0 AND count(np.fingerprint) = count(*)
+                   AND count(DISTINCT np.fingerprint) = 1
+              THEN min(np.fingerprint) END
+    FROM pgsingleton.live_nodes l
+    LEFT JOIN pgsingleton.node_policies np
+      ON np.singleton = l.singleton AND np.node_id = l.node_id AND np.policy = p_policy
+   WHERE l.singleton = p_singleton
+$$;
+
+-- Runs: the definition they were issued with, an ownership token, retries, a final status
+-- for retries that ran out, and skipped rows.
+UPDATE pgsingleton.cleanup_runs
+   SET status = 'fenced', finished_at = now(),
+       error = 'closed by the upgrade to pgsingleton schema 2; a holder issues the occurrence again'
+ WHERE status IN ('scheduled', 'running', 'failed');
+ALTER TABLE pgsingleton.cleanup_runs
+  DROP CONSTRAINT cleanup_runs_status_check,
+  ADD CONSTRAINT cleanup_runs_status_check
+    CHECK (status IN ('scheduled', 'running', 'failed', 'done', 'fenced', 'exhausted')),
+  ADD COLUMN definition jsonb,
+  ADD COLUMN fingerprint text,
+  -- claimed by attempt n; every later write of the run names its attempt
+  ADD COLUMN attempt integer NOT NULL DEFAULT 0,
+  ADD COLUMN failures integer NOT NULL DEFAULT 0,
+  ADD COLUMN retry_at timestamptz,
+  ADD COLUMN rows_skipped bigint NOT NULL DEFAULT 0,
+  -- Runs written by a node of schema 1 carry no definition; new ones must.
+  ADD CONSTRAINT cleanup_runs_definition_recorded
+    CHECK (definition IS NOT NULL AND fingerprint IS NOT NULL) NOT VALID;
+-- A policy never has more than one open run.
+CREATE UNIQUE INDEX cleanup_runs_one_open_per_policy
+  ON pgsingleton.cleanup_runs (singleton, policy) WHERE status IN ('scheduled', 'running', 'failed');
+CREATE INDEX cleanup_runs_policy_finished
+  ON pgsingleton.cleanup_runs (singleton, policy, finished_at);
+
+ALTER TABLE pgsingleton.cleanup_batches
+  ADD COLUMN rows_skipped integer NOT NULL DEFAULT 0,
+  ADD COLUMN cutoff timestamptz,
+  ADD COLUMN relation text,
+  -- A batch of a schema-1 node records no cut-off: the insert fails and its delete rolls back.
+  ADD CONSTRAINT cleanup_batches_cutoff_recorded CHECK (cutoff IS NOT NULL AND relation IS NOT NULL) NOT VALID;
+
+-- The tables a policy's rows live in: the table itself and every table that inherits from
+-- it (partitions at any depth, inheritance children), without partitioned parents, which
+-- hold no rows. A batch works on one of them with DELETE FROM ONLY, so a ctid means one row.
+CREATE FUNCTION pgsingleton.cleanup_leaves(p_table regclass, p_column text)
+RETURNS TABLE (leaf oid, relation text, relkind "char", strategy text, tuples_per_page float8, can_delete boolean)
+LANGUAGE sql STABLE AS $$
+  WITH RECURSIVE tree(relid) AS (
+    SELECT p_table::oid
+    UNION
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid
+  )
+  SELECT c.oid,
+         format('%I.%I', n.nspname, c.relname),
+         c.relkind,
+         -- an index whose first column is the policy's column serves a walk in column order;
+         -- without one, the batches walk the table's pages in order instead
+         CASE WHEN EXISTS (
+                SELECT 1 FROM pg_index x
+                  JOIN pg_class ic ON ic.oid = x.indexrelid
+                  JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = p_column AND a.attnum = x.indkey[0]
+                 WHERE x.indrelid = c.oid AND x.indisvalid AND x.indpred IS NULL)
+              THEN 'index' ELSE 'tidrange' END,
+         CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages END,
+         has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'DELETE')
+    FROM tree
+    JOIN pg_class c ON c.oid = tree.relid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.relkind IN ('r', 'f')
+   ORDER BY c.oid
+$$;
+
+-- One batch of a run, in the caller's transaction (one statement: the caller sets
+-- lock_timeout and statement_timeout LOCAL in the same message).
+--
+-- outcome: 'deleted' (progress recorded), 'fenced' (the run's epoch is no longer current),
+-- 'superseded' (the run is not running under this attempt), 'disagree' (the live nodes no
+-- longer all hold the run's definition). Only 'deleted' writes anything.
+--
+-- strategy 'index' walks the leaf in column order from p_cursor (a jsonb column value),
+-- stepping over p_skip (rows at the cursor value that could not go); 'tidrange' walks its
+-- pages from p_cursor (a jsonb tid), p_span pages at a time. Neither takes more than the
+-- definition's batchSize rows.
+--
+-- p_careful: lock only rows no one else holds (FOR UPDATE SKIP LOCKED) and, when the
+-- delete fails for reasons tied to rows (a foreign key, a check, a trigger, a lock held on
+-- a referencing row), find those rows by trial deletes that are rolled back, skip them,
+-- and delete the rest. The first error is recorded on the run.
+CREATE FUNCTION pgsingleton.cleanup_batch(
+  p_run bigint, p_attempt integer, p_leaf oid, p_strategy text, p_cursor jsonb, p_skip tid[],
+  p_limit integer, p_span integer, p_careful boolean,
+  OUT outcome text, OUT selected integer, OUT deleted integer, OUT skipped integer,
+  OUT next_cursor jsonb, OUT next_skip tid[], OUT leaf_done boolean, OUT first_error text,
+  OUT cutoff timestamptz, OUT batch integer)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  run pgsingleton.cleanup_runs;
+  def jsonb;
+  parent regclass;
+  leaf_sql text;
+  col text;
+  col_type text;
+  cast_to text;
+  zone text;
+  pred text;
+  lim integer;
+  tids tid[] := '{}';
+  ties tid[] := '{}';
+  same_value boolean := false;
+  still tid[];
+  lockable tid[];
+  good tid[] := '{}';
+  bad tid[] := '{}';
+  chunk tid[];
+  los integer[];
+  his integer[];
+  lo integer;
+  hi integer;
+  mid integer;
+  from_tid tid;
+  to_tid tid;
+  last_tid tid;
+  blocks bigint;
+  delete_sql text;
+  message text;
+  detail text;
+BEGIN
+  outcome := 'deleted'; selected := 0; deleted := 0; skipped := 0; leaf_done := false;
+  next_cursor := p_cursor; next_skip := coalesce(p_skip, '{}');
+
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: there is no run %', p_run;
+  END IF;
+  IF NOT pgsingleton.fence(run.singleton, run.epoch) THEN
+    outcome := 'fenced';
+    RETURN;
+  END IF;
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run FOR UPDATE;
+  IF run.status <> 'running' OR run.attempt <> p_attempt THEN
+    outcome := 'superseded';
+    RETURN;
+  END IF;
+  IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
+    outcome := 'disagree';
+    RETURN;
+  END IF;
+
+  -- The definition is checked against the database again: the table, that the leaf is
+  -- it or inherits from it, and that the column still has the type the policy was checked with.
+  def := run.definition;
+  col := def->>'column';
+  col_type := def->>'columnType';
+  zone := coalesce(def->>'timeZone', 'UTC');
+  parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
+  IF parent IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'undefined_table',
+      MESSAGE = format('policy %s: table %I.%I no longer exists', run.policy, def->>'schema', def->>'table');
+  END IF;
+  IF p_leaf <> parent::oid AND NOT EXISTS (
+       SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf) THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: relation %s is not %s or one of its partitions or children', run.policy, p_leaf::regclass, parent);
+  END IF;
+  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = p_leaf AND c.relkind = 'r';
+  IF leaf_sql IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
+      MESSAGE = format('policy %s: %s is not a table that holds rows', run.policy, p_leaf::regclass);
+  END IF;
+  IF (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+       WHERE a.attrelid = p_leaf AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)
+     IS DISTINCT FROM col_type THEN
+    RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+      MESSAGE = format('policy %s: column %I of %s is no longer %s', run.policy, col, leaf_sql, col_type);
+  END IF;
+  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
+                           WHEN 'timestamp without time zone' THEN 'timestamp'
+                           WHEN 'date' THEN 'date' END;
+  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
+  END IF;
+
+  lim := least(p_limit, (def->>'batchSize')::integer);
+  IF lim IS NULL OR lim < 1 THEN
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: the batch limit must be at least 1';
+  END IF;
+  cutoff := pgsingleton.cutoff((def->>'olderThan')::interval);
+  pred := pgsingleton.outdated_predicate(col, col_type);
+  -- A foreign key that is checked at commit would fail the batch after the fact, where
+  -- the rows that hold it can no longer be found; check every constraint per statement.
+  SET CONSTRAINTS ALL IMMEDIATE;
+
+  IF p_strategy = 'index' THEN
+    EXECUTE format(
+      'SELECT coalesce(array_agg(ctid ORDER BY v), ''{}''), count(*)::int, to_jsonb(max(v)),
+              coalesce(array_agg(ctid) FILTER (WHERE v = top), ''{}''),
+              coalesce(bool_or(top = ($3 #>> ''{}'')::%4$s), false)
+         FROM (SELECT ctid, v, max(v) OVER () AS top
+                 FROM (SELECT ctid, %1$I AS v FROM ONLY %2$s
+                        WHERE %3$s %5$s AND NOT (ctid = ANY ($4))
+                        ORDER BY %1$I LIMIT $5) picked) s',
+      col, leaf_sql, pred, cast_to,
+      CASE WHEN p_cursor IS NULL THEN '' ELSE format('AND %I >= ($3 #>> ''{}'')::%s', col, cast_to) END)
+      INTO tids, selected, next_cursor, ties, same_value
+      USING cutoff, zone, p_cursor, next_skip, lim;
+    IF selected = 0 THEN
+      next_cursor := p_cursor;
+    END IF;
+    leaf_done := selected < lim;
+  ELSIF p_strategy = 'tidrange' THEN
+    from_tid := coalesce((p_cursor #>> '{}')::tid, '(0,0)'::tid);
+    blocks := pg_relation_size(p_leaf) / current_setting('block_size')::bigint;
+    IF (from_tid::text::point)[0] >= blocks THEN
+      leaf_done := true;
+      RETURN;
+    END IF;
+    to_tid := format('(%s,0)', (from_tid::text::point)[0]::bigint + greatest(p_span, 1))::tid;
+    EXECUTE format(
+      'SELECT coalesce(array_agg(ctid ORDER BY ctid), ''{}''), count(*)::int
+         FROM (SELECT ctid FROM ONLY %1$s WHERE ctid >= $3 AND ctid < $4 AND %2$s LIMIT $5) s',
+      leaf_sql, pred)
+      INTO tids, selected
+      USING cutoff, zone, from_tid, to_tid, lim;
+    IF selected >= lim THEN
+      last_tid := tids[selected];
+      from_tid := format('(%s,%s)', (last_tid::text::point)[0]::bigint, (last_tid::text::point)[1]::bigint + 1)::tid;
+    ELSE
+      from_tid := to_tid;
+    END IF;
+    next_cursor := to_jsonb(from_tid::text);
+    leaf_done := (from_tid::text::point)[0] >= blocks;
+  ELSE
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: unknown strategy %', p_strategy;
+  END IF;
+
+  IF selected = 0 THEN
+    RETURN;
+  END IF;
+
+  delete_sql := format('DELETE FROM ONLY %s WHERE ctid = ANY ($3) AND %s', leaf_sql, pred);
+  IF NOT p_careful THEN
+    EXECUTE delete_sql USING cutoff, zone, tids;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+  ELSE
+    -- Rows still outdated, and of those the ones no other transaction holds.
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY ($3) AND %s', leaf_sql, pred)
+      INTO still USING cutoff, zone, tids;
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY ($3) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
+      INTO lockable USING cutoff, zone, still;
+    bad := ARRAY(SELECT unnest(still) EXCEPT SELECT unnest(lockable));
+    IF cardinality(bad) > 0 THEN
+      first_error := format('%s row(s) of %s were locked by other transactions; they are left for a later run', cardinality(bad), leaf_sql);
+    END IF;
+    -- Locks held on referencing rows (checked by foreign keys) are waited for only briefly here.
+    PERFORM set_config('lock_timeout',
+      CASE WHEN current_setting('lock_timeout') = '0' THEN '100'
+           ELSE least(100, ceil(extract(epoch FROM current_setting('lock_timeout')::interval) * 1000))::text END,
+      true);
+    BEGIN
+      EXECUTE delete_sql USING cutoff, zone, lockable;
+      GET DIAGNOSTICS deleted = ROW_COUNT;
+    EXCEPTION
+      WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+        OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+        GET STACKED DIAGNOSTICS message = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+        first_error := coalesce(first_error, message || coalesce(' (' || nullif(detail, '') || ')', ''));
+        -- Halve until the rows that fail are alone. Each trial is rolled back (PS000), so
+        -- the transaction never collects committed subtransactions; then the good rows go
+        -- in one delete.
+        los := ARRAY[]::integer[]; his := ARRAY[]::integer[];
+        IF cardinality(lockable) = 1 THEN
+          bad := bad || lockable;
+        ELSE
+          mid := cardinality(lockable) / 2;
+          los := ARRAY[1, mid + 1]; his := ARRAY[mid, cardinality(lockable)];
+        END IF;
+        WHILE cardinality(los) > 0 LOOP
+          lo := los[cardinality(los)]; hi := his[cardinality(his)];
+          los := los[1:cardinality(los) - 1]; his := his[1:cardinality(his) - 1];
+          chunk := lockable[lo:hi];
+          BEGIN
+            EXECUTE delete_sql USING cutoff, zone, chunk;
+            RAISE SQLSTATE 'PS000';
+          EXCEPTION
+            WHEN SQLSTATE 'PS000' THEN
+              good := good || chunk;
+            WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+              OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+              IF lo = hi THEN
+                bad := bad || chunk;
+              ELSE
+                mid := (lo + hi) / 2;
+                los := los || ARRAY[lo, mid + 1]; his := his || ARRAY[mid, hi];
+              END IF;
+          END;
+        END LOOP;
+        IF cardinality(good) > 0 THEN
+          BEGIN
+            EXECUTE delete_sql USING cutoff, zone, good;
+            GET DIAGNOSTICS deleted = ROW_COUNT;
+          EXCEPTION
+            WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+              OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+              bad := bad || good;
+          END;
+        END IF;
+    END;
+    skipped := cardinality(bad);
+  END IF;
+
+  IF p_strategy = 'index' THEN
+    -- Rows that stayed behind at the cursor's value are stepped over by the next batch.
+    next_skip := ARRAY(SELECT unnest(bad) INTERSECT SELECT unnest(ties))
+                 || CASE WHEN same_value THEN coalesce(p_skip, '{}') ELSE '{}' END;
+  END IF;
+
+  UPDATE pgsingleton.cleanup_runs r
+     SET rows_deleted = r.rows_deleted + deleted,
+         rows_skipped = r.rows_skipped + skipped,
+         batches = r.batches + 1,
+         error = coalesce(r.error, first_error)
+   WHERE r.id = p_run
+  RETURNING r.batches INTO batch;
+  INSERT INTO pgsingleton.cleanup_batches
+    (run_id, batch, epoch, began_at, ended_at, rows_deleted, rows_skipped, cutoff, relation)
+  VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), deleted, skipped, cutoff, leaf_sql);
+END $fn$;
+
+-- One row per policy: whether the live nodes agree on it, its schedule, its last run and
+-- its last error. pgsingleton.status stays lean for tight polling loops; this is the
+-- per-policy view.
+CREATE VIEW pgsingleton.policy_status AS
+WITH live AS MATERIALIZED (SELECT singleton, node_id FROM pgsingleton.live_nodes),
+policies AS (
+  SELECT singleton, policy FROM pgsingleton.schedules
+  UNION
+  SELECT np.singleton, np.policy FROM pgsingleton.node_policies np
+    JOIN live l ON l.singleton = np.singleton AND l.node_id = np.node_id
+),
+held AS (
+  SELECT p.singleton, p.policy, l.node_id, np.fingerprint, np.definition
+    FROM policies p
+    JOIN live l ON l.singleton = p.singleton
+    LEFT JOIN pgsingleton.node_policies np
+      ON np.singleton = p.singleton AND np.node_id = l.node_id AND np.policy = p.policy
+),
+agreement AS (
+  SELECT singleton, policy,
+         CASE WHEN count(fingerprint) = count(*) AND count(DISTINCT fingerprint) = 1
+              THEN 'agree' ELSE 'disagree' END AS agreement,
+         count(*)::integer AS live_nodes,
+         jsonb_agg(jsonb_build_object('node_id', node_id, 'fingerprint', fingerprint, 'definition', definition)
+                   ORDER BY node_id) AS node_definitions
+    FROM held GROUP BY singleton, policy
+)
+SELECT p.singleton,
+       p.policy,
+       coalesce(a.agreement, 'no live node') AS agreement,
+       coalesce(a.live_nodes, 0) AS live_nodes,
+       CASE WHEN a.agreement = 'agree' THEN a.node_definitions -> 0 -> 'definition' END AS definition,
+       CASE WHEN a.agreement = 'disagree' THEN a.node_definitions END AS node_definitions,
+       s.next_run_at,
+       o.status AS open_run_status,
+       o.retry_at,
+       last.status AS last_status,
+       last.finished_at AS last_run_at,
+       last.rows_deleted AS last_rows_deleted,
+       last.rows_skipped AS last_rows_skipped,
+       err.error AS last_error,
+       err.finished_at AS last_error_at
+  FROM policies p
+  LEFT JOIN agreement a ON a.singleton = p.singleton AND a.policy = p.policy
+  LEFT JOIN pgsingleton.schedules s ON s.singleton = p.singleton AND s.policy = p.policy
+  LEFT JOIN LATERAL (
+    SELECT r.status, r.retry_at FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy
+       AND r.status IN ('scheduled', 'running', 'failed')
+  ) o ON true
+  LEFT JOIN LATERAL (
+    SELECT r.status, r.finished_at, r.rows_deleted, r.rows_skipped FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.finished_at IS NOT NULL
+       AND r.status IN ('done', 'failed', 'exhausted')
+     ORDER BY r.finished_at DESC LIMIT 1
+  ) last ON true
+  LEFT JOIN LATERAL (
+    SELECT r.error, r.finished_at FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.finished_at IS NOT NULL
+       AND r.status IN ('done', 'failed', 'exhausted') AND r.error IS NOT NULL
+     ORDER BY r.finished_at DESC LIMIT 1
+  ) err ON true;
+`
+
+export const DOWN = `
+DROP VIEW IF EXISTS pgsingleton.policy_status;
+DROP FUNCTION IF EXISTS pgsingleton.cleanup_batch(bigint, integer, oid, text, jsonb, tid[], integer, integer, boolean);
+DROP FUNCTION IF EXISTS pgsingleton.cleanup_leaves(regclass, text);
+ALTER TABLE pgsingleton.cleanup_batches
+  DROP CONSTRAINT cleanup_batches_cutoff_recorded,
+  DROP COLUMN relation, DROP COLUMN cutoff, DROP COLUMN rows_skipped;
+DROP INDEX pgsingleton.cleanup_runs_policy_finished;
+DROP INDEX pgsingleton.cleanup_runs_one_open_per_policy;
+UPDATE pgsingleton.cleanup_runs SET status = 'failed' WHERE status = 'exhausted';
+ALTER TABLE pgsingleton.cleanup_runs
+  DROP CONSTRAINT cleanup_runs_definition_recorded,
+  DROP CONSTRAINT cleanup_runs_status_check,
+  ADD CONSTRAINT cleanup_runs_status_check CHECK (status IN ('scheduled', 'running', 'done', 'fenced', 'failed')),
+  DROP COLUMN rows_skipped, DROP COLUMN retry_at, DROP COLUMN failures, DROP COLUMN attempt,
+  DROP COLUMN fingerprint, DROP COLUMN definition;
+DROP FUNCTION IF EXISTS pgsingleton.agreed_fingerprint(text, text);
+DROP VIEW IF EXISTS pgsingleton.live_nodes;
+DROP TABLE IF EXISTS pgsingleton.node_policies;
+DROP TABLE IF EXISTS pgsingleton.nodes;
+DROP FUNCTION IF EXISTS pgsingleton.member_key(text, text);
+DROP FUNCTION IF EXISTS pgsingleton.fence(text, bigint);
+DROP FUNCTION IF EXISTS pgsingleton.outdated_predicate(text, text);
+DROP FUNCTION IF EXISTS pgsingleton.cutoff(interval);
+DROP TRIGGER epoch_never_decreases ON pgsingleton.leases;
+CREATE OR REPLACE FUNCTION pgsingleton.leases_epoch_never_decreases() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.epoch < OLD.epoch THEN
+    RAISE EXCEPTION 'pgsingleton.leases: epoch of % may only increase (% -> %)',
+      OLD.name, OLD.epoch, NEW.epoch;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER epoch_never_decreases BEFORE UPDATE ON pgsingleton.leases
+FOR EACH ROW EXECUTE FUNCTION pgsingleton.leases_epoch_never_decreases();
+ALTER TABLE pgsingleton.meta DROP COLUMN protocol;
+UPDATE pgsingleton.meta SET schema_version = 1;
+`
+
+export async function up(db: Kysely<unknown>): Promise<void> {
+  await sql.raw(UP).execute(db)
+}
+
+export async function down(db: Kysely<unknown>): Promise<void> {
+  await sql.raw(DOWN).execute(db)
+}

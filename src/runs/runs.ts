@@ -1,0 +1,456 @@
+import pg from 'pg'
+import type { PolicyDefinition } from '../config/definition.js'
+import { SQLSTATE, sqlState } from '../db/sqlstate.js'
+import { type FenceToken, localSettings, type TransactionLimits, withFence } from './fence.js'
+import { OPEN_SQL, type RunStatus } from './statuses.js'
+
+/**
+ * The run state machine of `pgsingleton.cleanup_runs`, and its only writer. Each export is
+ * one named transition:
+ *
+ *   issue          (holder)  → scheduled       a due occurrence, or one taken over
+ *   retryDue       (holder)  failed → scheduled    after its backoff
+ *   takeOver       (holder)  open → fenced     runs of older epochs, runs whose worker is gone
+ *   claim          (worker)  scheduled → running    attempt n owns the run from here on
+ *   recordBatch    (worker)  running → running  one fenced batch, progress and audit row
+ *   complete       (worker)  running → done     under the fence
+ *   fence          (worker)  running → fenced   its epoch moved, or the nodes disagree
+ *   fail           (worker)  running → failed | exhausted
+ *
+ * Every worker transition names the attempt it belongs to, so an abandoned attempt of the
+ * same job can never overwrite what a later one wrote.
+ */
+
+type Queryable = Pick<pg.PoolClient, 'query'>
+
+/** The holder's token: who issues, under which epoch. */
+export type FenceTokenWithNode = FenceToken & { readonly nodeId: string }
+
+/** How a failing run backs off: 1 s, 2 s, 4 s, ... at most a minute, five failures in all. */
+export const RETRY = { limit: 5, firstDelaySeconds: 1, maxDelaySeconds: 60 } as const
+
+export interface IssuedRun {
+  runId: string
+  policy: string
+  scheduledFor: Date
+  epoch: number
+  /** Other occurrences this run stands for: slots missed while nobody held, runs fenced before they finished. */
+  coalesced: number
+  /** True when this takes over an occurrence an earlier run left unfinished. */
+  reissued: boolean
+}
+
+export interface Claim extends FenceToken {
+  readonly runId: string
+  readonly policy: string
+  readonly attempt: number
+  readonly definition: PolicyDefinition
+  readonly rowsDeleted: number
+  readonly rowsSkipped: number
+  readonly batches: number
+}
+
+/** What the holder issues a policy with: the definition every live node agreed on. */
+export interface AgreedPolicy {
+  readonly definition: PolicyDefinition
+  readonly fingerprint: string
+}
+
+interface IssuedRow {
+  id: string
+  policy: string
+  scheduled_for: Date
+  coalesced: number
+  reissued: boolean
+}
+
+const toIssued =
+  (epoch: number) =>
+  (row: IssuedRow): IssuedRun => ({
+    runId: String(row.id),
+    policy: row.policy,
+    scheduledFor: row.scheduled_for,
+    epoch,
+    coalesced: Number(row.coalesced),
+    reissued: row.reissued,
+  })
+
+/**
+ * Holder, in a fenced tick: closes the open runs that can no longer finish. Runs of an
+ * older epoch are superseded (their fence has moved). A running run whose node is no
+ * longer live (it holds no membership lock) lost its worker; closing it needs its row
+ * lock, which a batch in flight holds, and a batch needs the run `running`, so a worker
+ * that was only slow stops at its next batch. Returns the pg-boss jobs to cancel.
+ */
+export async function takeOver(tx: Queryable, lease: FenceToken): Promise<string[]> {
+  const superseded = await tx.query<{ job_id: string | null }>(
+    `UPDATE pgsingleton.cleanup_runs
+        SET status = 'fenced', finished_at = now(),
+            error = format('superseded: epoch %s took over before the run finished', $2::bigint)
+      WHERE singleton = $1 AND epoch < $2 AND status IN (${OPEN_SQL})
+      RETURNING job_id`,
+    [lease.singleton, lease.epoch],
+  )
+  const orphaned = await tx.query<{ job_id: string | null }>(
+    `UPDATE pgsingleton.cleanup_runs r
+        SET status = 'fenced', finished_at = now(),
+            error = format('the worker on node %s is gone: it no longer holds its membership lock', r.node_id)
+      WHERE r.singleton = $1 AND r.status = 'running'
+        AND NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                         WHERE l.singleton = r.singleton AND l.node_id = r.node_id)
+      RETURNING job_id`,
+    [lease.singleton],
+  )
+  return [...superseded.rows, ...orphaned.rows].flatMap((row) => (row.job_id ? [row.job_id] : []))
+}
+
+/** Holder, in a fenced tick: failed runs whose backoff is over are scheduled again. */
+export async function retryDue(tx: Queryable, lease: FenceToken): Promise<IssuedRun[]> {
+  const { rows } = await tx.query<IssuedRow>(
+    `UPDATE pgsingleton.cleanup_runs SET status = 'scheduled', retry_at = NULL
+      WHERE singleton = $1 AND epoch = $2 AND status = 'failed' AND retry_at <= now()
+      RETURNING id, policy, scheduled_for, coalesced, reissued`,
+    [lease.singleton, lease.epoch],
+  )
+  return rows.map(toIssued(lease.epoch))
+}
+
+/**
+ * Holder, in a fenced tick: issues at most one run per agreed policy that has no open
+ * run. The run is the policy's due slot (advancing its schedule past now() on its grid),
+ * or, when none is due, the latest occurrence that earlier runs left unfinished (fenced
+ * with no later run). Either way it stands for every missed slot and every unfinished
+ * occurrence before it: a cleanup deletes everything outdated whenever it runs, so
+ * running once does the work of all of them.
+ */
+export async function issue(
+  tx: Queryable,
+  lease: FenceTokenWithNode,
+  agreed: readonly AgreedPolicy[],
+): Promise<IssuedRun[]> {
+  if (agreed.length === 0) return []
+  const { rows } = await tx.query<IssuedRow>(
+    `WITH agreed AS (
+       SELECT * FROM jsonb_to_recordset($3::jsonb) AS a(policy text, fingerprint text, definition jsonb)
+     ), free AS (
+       SELECT a.* FROM agreed a
+        WHERE NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
+                           WHERE r.singleton = $1 AND r.policy = a.policy AND r.status IN (${OPEN_SQL}))
+     ), due AS (
+       SELECT s.singleton, s.policy, s.next_run_at,
+              floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint AS missed
+         FROM pgsingleton.schedules s JOIN free f ON f.policy = s.policy
+        WHERE s.singleton = $1 AND s.next_run_at <= now()
+          FOR UPDATE OF s
+     ), advanced AS (
+       UPDATE pgsingleton.schedules s
+          SET last_scheduled_for = due.next_run_at,
+              next_run_at = due.next_run_at + s.every * (due.missed + 1)::double precision,
+              updated_epoch = $2
+         FROM due
+        WHERE s.singleton = due.singleton AND s.policy = due.policy
+        RETURNING s.policy, due.next_run_at AS slot, due.missed
+     ), unfinished AS (
+       SELECT f.policy, max(r.scheduled_for) AS latest, count(DISTINCT r.scheduled_for) AS n
+         FROM free f
+         JOIN pgsingleton.cleanup_runs r
+           ON r.singleton = $1 AND r.policy = f.policy AND r.status = 'fenced'
+        WHERE r.scheduled_for > coalesce(
+                (SELECT max(c.scheduled_for) FROM pgsingleton.cleanup_runs c
+                  WHERE c.singleton = $1 AND c.policy = f.policy AND c.status <> 'fenced'),
+                '-infinity')
+        GROUP BY f.policy
+     )
+     INSERT INTO pgsingleton.cleanup_runs
+       (singleton, policy, epoch, scheduled_for, scheduled_by, coalesced, reissued, definition, fingerprint)
+     SELECT $1, f.policy, $2, coalesce(a.slot, u.latest), $4,
+            coalesce(a.missed, 0) + coalesce(u.n, 0) - CASE WHEN a.slot IS NULL THEN 1 ELSE 0 END,
+            a.slot IS NULL, f.definition, f.fingerprint
+       FROM free f
+       LEFT JOIN advanced a ON a.policy = f.policy
+       LEFT JOIN unfinished u ON u.policy = f.policy
+      WHERE a.slot IS NOT NULL OR u.latest IS NOT NULL
+     RETURNING id, policy, scheduled_for, coalesced, reissued`,
+    [
+      lease.singleton,
+      lease.epoch,
+      JSON.stringify(
+        agreed.map((a) => ({
+          policy: a.definition.name,
+          fingerprint: a.fingerprint,
+          definition: a.definition,
+        })),
+      ),
+      lease.nodeId,
+    ],
+  )
+  return rows.map(toIssued(lease.epoch))
+}
+
+/** An open run of this epoch whose job may have ended without it. */
+export interface RunWithJob {
+  runId: string
+  policy: string
+  status: 'scheduled' | 'running'
+  jobId: string
+  fingerprint: string
+  issued: IssuedRun
+}
+
+/** Holder: open runs of this epoch whose job is older than `seconds`, to check against pg-boss. */
+export async function openWithOldJobs(
+  tx: Queryable,
+  lease: FenceToken,
+  seconds: number,
+): Promise<RunWithJob[]> {
+  const { rows } = await tx.query<
+    IssuedRow & { status: 'scheduled' | 'running'; job_id: string; fingerprint: string }
+  >(
+    `SELECT id, policy, status, job_id, fingerprint, scheduled_for, coalesced, reissued
+       FROM pgsingleton.cleanup_runs
+      WHERE singleton = $1 AND epoch = $2 AND status IN ('scheduled', 'running') AND job_id IS NOT NULL
+        AND coalesce(started_at, created_at) < now() - $3 * interval '1 second'`,
+    [lease.singleton, lease.epoch, seconds],
+  )
+  return rows.map((row) => ({
+    runId: String(row.id),
+    policy: row.policy,
+    status: row.status,
+    jobId: row.job_id,
+    fingerprint: row.fingerprint,
+    issued: toIssued(lease.epoch)(row),
+  }))
+}
+
+/** Holder: a running run whose job ended without it is closed; its occurrence is issued again. */
+export async function closeLost(tx: Queryable, run: RunWithJob, reason: string): Promise<void> {
+  await tx.query(
+    `UPDATE pgsingleton.cleanup_runs SET status = 'fenced', finished_at = now(), error = $3
+      WHERE id = $1 AND job_id = $2 AND status = 'running'`,
+    [run.runId, run.jobId, reason],
+  )
+}
+
+/**
+ * Holder: a scheduled run whose job ended unclaimed gets `jobId` instead. False when the
+ * run moved on meanwhile (then the caller's transaction must not keep the new job).
+ */
+export async function replaceJob(tx: Queryable, run: RunWithJob, jobId: string): Promise<boolean> {
+  const result = await tx.query(
+    `UPDATE pgsingleton.cleanup_runs SET job_id = $3
+      WHERE id = $1 AND job_id = $2 AND status = 'scheduled'`,
+    [run.runId, run.jobId, jobId],
+  )
+  return result.rowCount === 1
+}
+
+/** Holder: records the pg-boss job that carries a run (sent in the same transaction). */
+export async function attachJob(tx: Queryable, runId: string, jobId: string): Promise<void> {
+  await tx.query('UPDATE pgsingleton.cleanup_runs SET job_id = $2 WHERE id = $1', [runId, jobId])
+}
+
+/**
+ * Worker: takes a scheduled run; from here on attempt n owns it. Undefined when the run
+ * is not waiting for a worker (already taken, finished, or closed by a holder).
+ */
+export async function claim(
+  pool: pg.Pool,
+  runId: string,
+  nodeId: string,
+): Promise<Claim | undefined> {
+  const { rows } = await pool.query<{
+    singleton: string
+    policy: string
+    epoch: string
+    attempt: number
+    definition: PolicyDefinition
+    rows_deleted: string
+    rows_skipped: string
+    batches: number
+  }>(
+    `UPDATE pgsingleton.cleanup_runs
+        SET status = 'running', attempt = attempt + 1, node_id = $2,
+            started_at = coalesce(started_at, now()), finished_at = NULL, error = NULL, retry_at = NULL
+      WHERE id = $1 AND status = 'scheduled'
+      RETURNING singleton, policy, epoch, attempt, definition, rows_deleted, rows_skipped, batches`,
+    [runId, nodeId],
+  )
+  const row = rows[0]
+  if (!row) return undefined
+  return {
+    runId,
+    singleton: row.singleton,
+    policy: row.policy,
+    epoch: Number(row.epoch),
+    attempt: row.attempt,
+    definition: row.definition,
+    rowsDeleted: Number(row.rows_deleted),
+    rowsSkipped: Number(row.rows_skipped),
+    batches: row.batches,
+  }
+}
+
+export interface BatchRequest {
+  /** The oid of the table the batch deletes from (the policy's table, a partition or a child). */
+  readonly leaf: number
+  readonly strategy: 'index' | 'tidrange'
+  /** Where the previous batch of this leaf stopped (opaque; null to start). */
+  readonly cursor: unknown
+  /** Rows at the cursor that could not go (opaque; null for none). */
+  readonly skip: string | null
+  readonly limit: number
+  /** Pages per batch of the tidrange strategy. */
+  readonly span: number
+  /** Step around rows that cannot go, at some cost; used after a batch failed. */
+  readonly careful: boolean
+}
+
+export interface BatchResult {
+  outcome: 'deleted' | 'fenced' | 'superseded' | 'disagree'
+  selected: number
+  deleted: number
+  skipped: number
+  cursor: unknown
+  skip: string | null
+  leafDone: boolean
+  firstError: string | null
+  cutoff: Date | null
+}
+
+/**
+ * Worker: one batch, in one round trip. The limits and the batch go in one message, so
+ * they run as one implicit transaction that commits when the batch returns: a worker
+ * frozen after sending it holds no lock, and a transaction pooler keeps the message on
+ * one server connection. Everything in the message is a validated number or an escaped
+ * literal. The fence, the owner check, the agreement check, the delete, the progress and
+ * the audit row are all in `pgsingleton.cleanup_batch`.
+ */
+export async function recordBatch(
+  pool: pg.Pool,
+  limits: TransactionLimits,
+  run: Claim,
+  request: BatchRequest,
+): Promise<BatchResult> {
+  const int = (value: number) => {
+    if (!Number.isSafeInteger(value)) throw new Error(`not an integer: ${value}`)
+    return String(value)
+  }
+  const literal = (value: string) => pg.escapeLiteral(value)
+  const text =
+    `${localSettings(limits)}; SELECT * FROM pgsingleton.cleanup_batch(` +
+    [
+      int(Number(run.runId)),
+      int(run.attempt),
+      int(request.leaf),
+      literal(request.strategy),
+      request.cursor === null ? 'NULL' : `${literal(JSON.stringify(request.cursor))}::jsonb`,
+      request.skip === null ? 'NULL' : `${literal(request.skip)}::tid[]`,
+      int(request.limit),
+      int(request.span),
+      request.careful ? 'true' : 'false',
+    ].join(', ') +
+    ')'
+  const results = (await pool.query(text)) as unknown as pg.QueryResult[]
+  const row = results[results.length - 1]?.rows[0] as
+    | {
+        outcome: BatchResult['outcome']
+        selected: number
+        deleted: number
+        skipped: number
+        next_cursor: unknown
+        next_skip: string | null
+        leaf_done: boolean
+        first_error: string | null
+        cutoff: Date | null
+      }
+    | undefined
+  if (!row) throw new Error('pgsingleton.cleanup_batch returned no row')
+  return {
+    outcome: row.outcome,
+    selected: row.selected,
+    deleted: row.deleted,
+    skipped: row.skipped,
+    cursor: row.next_cursor,
+    skip: row.next_skip,
+    leafDone: row.leaf_done,
+    firstError: row.first_error,
+    cutoff: row.cutoff,
+  }
+}
+
+/**
+ * Worker: marks the run done under the same fence as its batches, so a stale holder's
+ * worker cannot complete it. An occurrence is completed at most once (a unique index);
+ * a run that would be a second completion is fenced instead.
+ */
+export async function complete(
+  pool: pg.Pool,
+  limits: TransactionLimits,
+  run: Claim,
+): Promise<{ status: 'done' } | { status: 'fenced'; reason: string }> {
+  try {
+    const fenced = await withFence(pool, limits, run, async (tx) => {
+      const result = await tx.query(
+        `UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now()
+          WHERE id = $1 AND attempt = $2 AND status = 'running'`,
+        [run.runId, run.attempt],
+      )
+      return result.rowCount === 1
+    })
+    if (!fenced.fenced && fenced.result) return { status: 'done' }
+    const reason = fenced.fenced
+      ? `epoch ${run.epoch} is no longer current: the run could not be completed`
+      : 'the run was closed by a holder before it could be completed'
+    await fence(pool, run, reason)
+    return { status: 'fenced', reason }
+  } catch (error) {
+    if (sqlState(error) !== SQLSTATE.UNIQUE_VIOLATION) throw error
+    const reason = 'this occurrence was already completed by another run'
+    await fence(pool, run, reason)
+    return { status: 'fenced', reason }
+  }
+}
+
+/** Worker: closes its own run without finishing it; a holder issues the occurrence again. */
+export async function fence(pool: pg.Pool, run: Claim, reason: string): Promise<void> {
+  await pool.query(
+    `UPDATE pgsingleton.cleanup_runs SET status = 'fenced', finished_at = now(), error = $3
+      WHERE id = $1 AND attempt = $2 AND status = 'running'`,
+    [run.runId, run.attempt, reason],
+  )
+}
+
+/**
+ * Worker: the run failed. It waits to be retried with backoff, or, after its last
+ * allowed failure, is `exhausted`. An interruption (the node is stopping) does not count
+ * as a failure and is retried at once.
+ */
+export async function fail(
+  pool: pg.Pool,
+  run: Claim,
+  error: string,
+  counts: boolean,
+): Promise<{ status: RunStatus; retryAt: Date | null } | undefined> {
+  const { rows } = await pool.query<{ status: RunStatus; retry_at: Date | null }>(
+    `UPDATE pgsingleton.cleanup_runs
+        SET failures = failures + $4,
+            status = CASE WHEN failures + $4 >= $5 THEN 'exhausted' ELSE 'failed' END,
+            retry_at = CASE WHEN failures + $4 >= $5 THEN NULL
+                            ELSE now() + least($7::float8, $6::float8 * 2 ^ greatest(failures + $4 - 1, 0))
+                                         * interval '1 second' END,
+            finished_at = now(), error = $3
+      WHERE id = $1 AND attempt = $2 AND status = 'running'
+      RETURNING status, retry_at`,
+    [
+      run.runId,
+      run.attempt,
+      error,
+      counts ? 1 : 0,
+      RETRY.limit,
+      RETRY.firstDelaySeconds,
+      RETRY.maxDelaySeconds,
+    ],
+  )
+  const row = rows[0]
+  return row ? { status: row.status, retryAt: row.retry_at } : undefined
+}
