@@ -5,6 +5,11 @@ import { consoleLogger } from '../config/logger.js'
 import { defaultNodeId } from '../config/options.js'
 import { assertSchemaCurrent, migrateToLatest } from '../db/migrate.js'
 import { createSingleton } from '../singleton.js'
+import {
+  describeDisagreement,
+  type PolicyStatus,
+  readPolicyStatus,
+} from '../status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
 import { resolveConnection } from './connection.js'
 import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
@@ -66,7 +71,19 @@ export async function statusCommand(args: { json?: boolean; name?: string }): Pr
   try {
     await assertSchemaCurrent(client)
     const rows = await readStatus(client, args.name)
-    process.stdout.write(args.json ? `${JSON.stringify(rows, null, 2)}\n` : formatStatus(rows))
+    const policies = await readPolicyStatus(client, args.name)
+    process.stdout.write(
+      args.json
+        ? `${JSON.stringify(
+            rows.map((row) => ({
+              ...row,
+              policies: policies.filter((p) => p.singleton === row.name),
+            })),
+            null,
+            2,
+          )}\n`
+        : formatStatus(rows, policies),
+    )
   } finally {
     await client.end()
   }
@@ -86,7 +103,7 @@ export async function embeddedCommand(action: string | undefined): Promise<void>
   throw new Error('usage: pg-singleton embedded start|url|stop')
 }
 
-export function formatStatus(rows: SingletonStatus[]): string {
+export function formatStatus(rows: SingletonStatus[], policies: PolicyStatus[] = []): string {
   if (rows.length === 0) return 'No singleton has run against this database yet.\n'
   const time = (value: Date | null) => (value ? value.toISOString() : '-')
   return rows
@@ -98,8 +115,31 @@ export function formatStatus(rows: SingletonStatus[]): string {
           : `  holder      none (last: ${row.lastNodeId}, epoch ${row.lastEpoch})`,
         `  waiting     ${row.waitingNodes}${row.waitingNodeIds.length > 0 ? ` (${row.waitingNodeIds.join(', ')})` : ''}`,
         `  last run    ${row.lastRunAt ? `${row.lastRunPolicy} ${row.lastRunStatus} at ${time(row.lastRunAt)}, ${row.lastRunRows} rows deleted` : 'none yet'}`,
+        ...policies.filter((p) => p.singleton === row.name).flatMap(formatPolicy),
         '',
       ].join('\n'),
     )
     .join('\n')
+}
+
+function formatPolicy(p: PolicyStatus): string[] {
+  const time = (value: Date | null) => (value ? value.toISOString() : '-')
+  const head = `  policy      ${p.policy}: `
+  if (p.agreement === 'disagree') {
+    return [
+      `${head}DISAGREE: held back until every live node holds the same definition`,
+      ...describeDisagreement(p).map((line) => `                ${line}`),
+    ]
+  }
+  const state = p.agreement === 'agree' ? `next ${time(p.nextRunAt)}` : 'no live node has it'
+  const open = p.openRunStatus
+    ? `, run ${p.openRunStatus}${p.retryAt ? ` (retry at ${time(p.retryAt)})` : ''}`
+    : ''
+  const last = p.lastRunAt
+    ? `; last ${p.lastStatus} at ${time(p.lastRunAt)}, ${p.lastRowsDeleted} deleted${p.lastRowsSkipped ? `, ${p.lastRowsSkipped} skipped` : ''}`
+    : ''
+  const error = p.lastError
+    ? [`                last error at ${time(p.lastErrorAt)}: ${p.lastError}`]
+    : []
+  return [`${head}${state}${open}${last}`, ...error]
 }

@@ -58,6 +58,21 @@ export function parseInterval(value: unknown): ParsedInterval {
     if (Number(amount) <= 0) {
       return { ok: false, reason: `"${words[i]} ${words[i + 1]}" is not positive; ${EXAMPLE}` }
     }
+    if (amount.includes('.') && (unit === 'month' || unit === 'year')) {
+      return {
+        ok: false,
+        reason: `"${words[i]} ${words[i + 1]}": months and years must be whole numbers (PostgreSQL rounds a fraction of a year down to whole months, so "0.01 years" is nothing at all); write "18 months" rather than "1.5 years"; ${EXAMPLE}`,
+      }
+    }
+    if ((amount.split('.')[1] ?? '').length > 6) {
+      return {
+        ok: false,
+        reason: `"${words[i]} ${words[i + 1]}" has more than 6 decimals, finer than PostgreSQL's microseconds; ${EXAMPLE}`,
+      }
+    }
+    if (terms.some((t) => t.unit === unit)) {
+      return { ok: false, reason: `"${unit}" appears twice; give each unit once; ${EXAMPLE}` }
+    }
     terms.push({ amount, unit })
   }
   const canonical = terms
@@ -74,6 +89,7 @@ function whyRefused(text: string): string | undefined {
   if (/(^|\s)[-+]/.test(text) || /\d\s*-/.test(text))
     return 'signs are refused: every term must be positive'
   if (/^p/i.test(text) && /\d/.test(text)) return 'ISO 8601 forms such as "P30D" are refused'
+  if (/\d[eE][+-]?\d/.test(text)) return 'numbers with exponents are refused'
   if (/(^|\s)@|\bago\b/i.test(text)) return 'PostgreSQL\'s "@" and "ago" forms are refused'
   if (/\d[a-z]/i.test(text))
     return 'a number and its unit need a space between them, and units are spelled out (PostgreSQL reads "6M" as 6 minutes)'

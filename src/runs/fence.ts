@@ -17,16 +17,18 @@ export interface FenceToken {
 /**
  * The session settings of every statement the runs module sends, SET LOCAL so that they
  * end with the transaction and never leak into the app's pool (and work through a
- * transaction pooler). Times are read in UTC whatever the role's TimeZone, so schedule
- * arithmetic is the same on every node. The limits are validated numbers, which is why
- * they can be written into the statement.
+ * transaction pooler). The limits are validated numbers, which is why they can be
+ * written into the statement. With `utc`, times are read in UTC whatever the role's
+ * TimeZone, so schedule arithmetic is the same on every node; batches leave the zone as
+ * it is, since pgsingleton.cleanup_batch depends on no session setting (and the tests
+ * hold it to that in databases set east and west of UTC).
  */
-export function localSettings(limits: TransactionLimits): string {
+export function localSettings(limits: TransactionLimits, { utc }: { utc: boolean }): string {
   return (
     `SET LOCAL lock_timeout = ${Math.round(limits.lockTimeoutMs)}; ` +
     `SET LOCAL statement_timeout = ${Math.round(limits.statementTimeoutMs)}; ` +
-    `SET LOCAL idle_in_transaction_session_timeout = ${Math.round(limits.idleInTransactionTimeoutMs)}; ` +
-    `SET LOCAL TimeZone = 'UTC'`
+    `SET LOCAL idle_in_transaction_session_timeout = ${Math.round(limits.idleInTransactionTimeoutMs)}` +
+    (utc ? `; SET LOCAL TimeZone = 'UTC'` : '')
   )
 }
 
@@ -44,7 +46,7 @@ export function withFence<T>(
   work: (client: pg.PoolClient) => Promise<T>,
 ): Promise<{ fenced: true } | { fenced: false; result: T }> {
   return withClient(pool, async (client, drop) => {
-    await client.query(`BEGIN; ${localSettings(limits)}`)
+    await client.query(`BEGIN; ${localSettings(limits, { utc: true })}`)
     try {
       const { rows } = await client.query<{ current: boolean }>(
         'SELECT pgsingleton.fence($1, $2) AS current',

@@ -337,7 +337,7 @@ export async function recordBatch(
   }
   const literal = (value: string) => pg.escapeLiteral(value)
   const text =
-    `${localSettings(limits)}; SELECT * FROM pgsingleton.cleanup_batch(` +
+    `${localSettings(limits, { utc: false })}; SELECT * FROM pgsingleton.cleanup_batch(` +
     [
       int(Number(run.runId)),
       int(run.attempt),

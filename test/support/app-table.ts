@@ -76,10 +76,11 @@ export async function safetyViolations(pool: pg.Pool, singleton: string): Promis
 }
 
 /**
- * The continuity invariant: every occurrence that a fenced run left unfinished has a
- * later run (done, or still open). A holder re-issues such occurrences on its ticks, so
- * this is checked while a holder runs; a holder stopped before its first tick leaves them
- * for the next one.
+ * The continuity invariant: every occurrence that a fenced run left unfinished is covered
+ * by a later run (done, exhausted, or still open) of the same or a later occurrence. A
+ * holder issues one run per policy for all of them (a cleanup deletes everything outdated
+ * whenever it runs), so this is checked while a holder runs; a holder stopped before its
+ * first tick leaves them for the next one.
  */
 export async function unfinishedOccurrences(pool: pg.Pool, singleton: string): Promise<string[]> {
   const lost = await pool.query(
@@ -87,12 +88,12 @@ export async function unfinishedOccurrences(pool: pg.Pool, singleton: string): P
       WHERE f.singleton = $1 AND f.status = 'fenced'
         AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs d
                          WHERE d.singleton = f.singleton AND d.policy = f.policy
-                           AND d.scheduled_for = f.scheduled_for AND d.status <> 'fenced')`,
+                           AND d.scheduled_for >= f.scheduled_for AND d.status <> 'fenced')`,
     [singleton],
   )
   return lost.rows.map(
     (row) =>
-      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and has no later run`,
+      `occurrence ${row.policy}@${row.scheduled_for.toISOString()} was fenced and no later run covers it`,
   )
 }
 

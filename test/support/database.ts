@@ -28,8 +28,9 @@ export async function createTestDatabase(
   return {
     url: url.toString(),
     pool,
-    async drop() {
-      await pool.end()
+    async drop(this: TestDatabase) {
+      // The test may have swapped the pool (say, to pick up a new database setting).
+      await this.pool.end()
       const client = new pg.Client({ connectionString: adminUrl })
       await client.connect()
       await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)

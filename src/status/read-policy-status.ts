@@ -1,0 +1,103 @@
+import type pg from 'pg'
+import { differences, type PolicyDefinition } from '../config/definition.js'
+
+export type Agreement = 'agree' | 'disagree' | 'no live node'
+
+/** One row of `pgsingleton.policy_status`, in camelCase. */
+export interface PolicyStatus {
+  singleton: string
+  policy: string
+  /** Whether every live node holds the same definition; the policy runs only when they do. */
+  agreement: Agreement
+  liveNodes: number
+  /** The agreed definition, when they agree. */
+  definition: PolicyDefinition | null
+  /** When they disagree: each live node's definition (null where the node lacks the policy). */
+  nodeDefinitions:
+    | { nodeId: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
+    | null
+  nextRunAt: Date | null
+  openRunStatus: string | null
+  retryAt: Date | null
+  lastStatus: string | null
+  lastRunAt: Date | null
+  lastRowsDeleted: number | null
+  lastRowsSkipped: number | null
+  lastError: string | null
+  lastErrorAt: Date | null
+}
+
+interface Row {
+  singleton: string
+  policy: string
+  agreement: Agreement
+  live_nodes: number
+  definition: PolicyDefinition | null
+  node_definitions:
+    | { node_id: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
+    | null
+  next_run_at: Date | null
+  open_run_status: string | null
+  retry_at: Date | null
+  last_status: string | null
+  last_run_at: Date | null
+  last_rows_deleted: string | null
+  last_rows_skipped: string | null
+  last_error: string | null
+  last_error_at: Date | null
+}
+
+/** Reads `pgsingleton.policy_status`: every policy, or those of the singleton named. */
+export async function readPolicyStatus(
+  db: pg.Pool | pg.Client,
+  singleton?: string,
+): Promise<PolicyStatus[]> {
+  const { rows } = await db.query<Row>(
+    `SELECT * FROM pgsingleton.policy_status
+      WHERE $1::text IS NULL OR singleton = $1 ORDER BY singleton, policy`,
+    [singleton ?? null],
+  )
+  const num = (value: string | null) => (value === null ? null : Number(value))
+  return rows.map((row) => ({
+    singleton: row.singleton,
+    policy: row.policy,
+    agreement: row.agreement,
+    liveNodes: row.live_nodes,
+    definition: row.definition,
+    nodeDefinitions:
+      row.node_definitions?.map((n) => ({
+        nodeId: n.node_id,
+        fingerprint: n.fingerprint,
+        definition: n.definition,
+      })) ?? null,
+    nextRunAt: row.next_run_at,
+    openRunStatus: row.open_run_status,
+    retryAt: row.retry_at,
+    lastStatus: row.last_status,
+    lastRunAt: row.last_run_at,
+    lastRowsDeleted: num(row.last_rows_deleted),
+    lastRowsSkipped: num(row.last_rows_skipped),
+    lastError: row.last_error,
+    lastErrorAt: row.last_error_at,
+  }))
+}
+
+/**
+ * How the live nodes' definitions of a disagreed policy differ, one line per node, each
+ * against the first node's: `node-b: olderThan "30 days" vs "1 day"`, or `lacks it`.
+ */
+export function describeDisagreement(status: PolicyStatus): string[] {
+  const nodes = status.nodeDefinitions ?? []
+  const reference = nodes.find((n) => n.definition)
+  return nodes.map((node) => {
+    if (!node.definition) return `${node.nodeId}: does not have this policy`
+    if (!reference?.definition || node === reference)
+      return `${node.nodeId}: ${summary(node.definition)}`
+    const diff = differences(node.definition, reference.definition)
+    return `${node.nodeId}: ${diff.length > 0 ? `differs from ${reference.nodeId} in ${diff.join(', ')}` : 'the same'}`
+  })
+}
+
+function summary(d: PolicyDefinition): string {
+  return `"${d.schema}"."${d.table}"."${d.column}" older than ${d.olderThan}${d.timeZone ? ` in ${d.timeZone}` : ''}, every ${d.every}, batchSize ${d.batchSize}`
+}

@@ -1,0 +1,270 @@
+import { once } from 'node:events'
+import { describe, expect, it } from 'vitest'
+import { createSingleton, type RetentionPolicy, type RunReport } from '../src/index.js'
+import { readPolicyStatus } from '../src/status/read-policy-status.js'
+import { sleep } from '../src/wait.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { openClient } from './support/run-harness.js'
+
+const db = useTestDatabase({ setup: ({ pool }) => pool.query('CREATE SCHEMA app').then(() => {}) })
+
+let seq = 0
+async function cleanOnce(
+  policy: RetentionPolicy,
+  extra: object = {},
+): Promise<{ report: RunReport; errors: Error[]; name: string }> {
+  const name = `sd-${++seq}`
+  const node = createSingleton({ name, connectionString: db.url, policies: [policy], ...extra })
+  const errors: Error[] = []
+  node.on('error', (error) => errors.push(error))
+  const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+  await node.start()
+  const [report] = await done
+  await node.stop()
+  return { report, errors, name }
+}
+
+async function batchesOf(singleton: string) {
+  const { rows } = await db.pool.query<{ relation: string; rows_deleted: number; n: number }>(
+    `SELECT b.relation, b.rows_deleted, b.rows_skipped FROM pgsingleton.cleanup_batches b
+       JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
+      WHERE r.singleton = $1 ORDER BY b.run_id, b.batch`,
+    [singleton],
+  )
+  return rows
+}
+
+async function count(sql: string): Promise<number> {
+  const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM ${sql}`)
+  return rows[0].n
+}
+
+describe('partitioned and inheritance tables: no batch deletes more than batchSize', () => {
+  it('a range-partitioned table is cleaned partition by partition, each batch within batchSize', async () => {
+    await db.pool.query(`CREATE TABLE app.metrics (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz NOT NULL, v int)
+        PARTITION BY RANGE (at);
+      CREATE TABLE app.metrics_old PARTITION OF app.metrics FOR VALUES FROM ('-infinity') TO (now() - interval '2 days');
+      CREATE TABLE app.metrics_mid PARTITION OF app.metrics FOR VALUES FROM (now() - interval '2 days') TO (now() - interval '12 hours');
+      CREATE TABLE app.metrics_new PARTITION OF app.metrics DEFAULT;
+      CREATE INDEX ON app.metrics (at);
+      INSERT INTO app.metrics (at, v) SELECT now() - interval '3 days' - g * interval '1 second', g FROM generate_series(1, 700) g;
+      INSERT INTO app.metrics (at, v) SELECT now() - interval '36 hours' + g * interval '1 second', g FROM generate_series(1, 700) g;
+      INSERT INTO app.metrics (at, v) SELECT now() - interval '18 hours' - g * interval '1 second', g FROM generate_series(1, 300) g;
+      INSERT INTO app.metrics (at, v) SELECT now() - interval '1 hour', g FROM generate_series(1, 300) g;`)
+    // Every partition's first pages hold rows at the same ctids: a delete by ctid through
+    // the parent would take the same slots in each of them.
+    const { report, name } = await cleanOnce({
+      name: 'metrics',
+      table: 'app.metrics',
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+      batchSize: 100,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 1400, rowsSkipped: 0 })
+    const batches = await batchesOf(name)
+    expect(Math.max(...batches.map((b) => b.rows_deleted))).toBeLessThanOrEqual(100)
+    expect(new Set(batches.map((b) => b.relation))).toEqual(
+      new Set(['app.metrics_old', 'app.metrics_mid']),
+    )
+    expect(batches.reduce((sum, b) => sum + b.rows_deleted, 0)).toBe(1400)
+    expect(await count(`app.metrics WHERE at < now() - interval '1 day'`)).toBe(0)
+    expect(await count('app.metrics')).toBe(600)
+  })
+
+  it('an inheritance parent with rows of its own and two children, one with more columns', async () => {
+    await db.pool.query(`CREATE TABLE app.logs (at timestamp NOT NULL, line text);
+      CREATE TABLE app.logs_web (status int) INHERITS (app.logs);
+      CREATE TABLE app.logs_jobs () INHERITS (app.logs);
+      CREATE INDEX ON app.logs (at);
+      INSERT INTO app.logs (at, line) SELECT (now() AT TIME ZONE 'UTC') - interval '2 days', 'parent' FROM generate_series(1, 230);
+      INSERT INTO app.logs_web (at, line, status) SELECT (now() AT TIME ZONE 'UTC') - interval '2 days', 'web', 200 FROM generate_series(1, 170);
+      INSERT INTO app.logs_jobs (at, line) SELECT (now() AT TIME ZONE 'UTC') - interval '2 days', 'jobs' FROM generate_series(1, 90);
+      INSERT INTO app.logs_jobs (at, line) SELECT (now() AT TIME ZONE 'UTC') - interval '1 hour', 'young' FROM generate_series(1, 40);`)
+    const { report, name } = await cleanOnce({
+      name: 'logs',
+      table: 'app.logs',
+      column: 'at',
+      timeZone: 'UTC',
+      olderThan: '1 day',
+      every: '1 hour',
+      batchSize: 50,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 490 })
+    const batches = await batchesOf(name)
+    expect(Math.max(...batches.map((b) => b.rows_deleted))).toBeLessThanOrEqual(50)
+    expect(new Set(batches.map((b) => b.relation))).toEqual(
+      new Set(['app.logs', 'app.logs_web', 'app.logs_jobs']),
+    )
+    expect(await count('app.logs')).toBe(40)
+    expect(await count(`app.logs WHERE line <> 'young'`)).toBe(0)
+  })
+})
+
+describe('rows that cannot go never stall the policy', () => {
+  it('rows held by foreign keys (immediate and deferred) and a trigger are skipped and counted; the rest go; a minute of every second piles nothing up', async () => {
+    await db.pool.query(`
+      CREATE TABLE app.accounts (id int PRIMARY KEY, created_at timestamptz NOT NULL, note text);
+      CREATE INDEX ON app.accounts (created_at);
+      CREATE TABLE app.orders (id serial PRIMARY KEY, account_id int REFERENCES app.accounts);
+      CREATE TABLE app.invoices (id serial PRIMARY KEY,
+        account_id int REFERENCES app.accounts DEFERRABLE INITIALLY DEFERRED);
+      CREATE FUNCTION app.refuse_held() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF OLD.note = 'legal hold' THEN RAISE EXCEPTION 'account % is under legal hold', OLD.id; END IF;
+        RETURN OLD;
+      END $$;
+      CREATE TRIGGER legal_hold BEFORE DELETE ON app.accounts FOR EACH ROW EXECUTE FUNCTION app.refuse_held();
+      INSERT INTO app.accounts SELECT g, now() - interval '2 days' - g * interval '1 second', NULL FROM generate_series(1, 3000) g;
+      INSERT INTO app.accounts SELECT g, now() - interval '1 hour', NULL FROM generate_series(3001, 3100) g;
+      INSERT INTO app.orders (account_id) VALUES (17), (400), (1999), (2000), (2950);
+      INSERT INTO app.invoices (account_id) VALUES (5), (2500);
+      UPDATE app.accounts SET note = 'legal hold' WHERE id IN (1, 1500, 2999);`)
+    const held = [1, 5, 17, 400, 1500, 1999, 2000, 2500, 2950, 2999]
+    const node = createSingleton({
+      name: 'accounts',
+      connectionString: db.url,
+      policies: [
+        {
+          name: 'accounts',
+          table: 'app.accounts',
+          column: 'created_at',
+          olderThan: '1 day',
+          every: '1 second',
+          batchSize: 500,
+        },
+      ],
+    })
+    const errors: Error[] = []
+    node.on('error', (error) => errors.push(error))
+    const reports: RunReport[] = []
+    node.on('cleanup:done', (report) => reports.push(report))
+    await node.start()
+    const started = Date.now()
+    let mostOpen = 0
+    while (Date.now() - started < 60_000) {
+      const { rows } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs WHERE singleton = 'accounts' AND status IN ('scheduled', 'running', 'failed')`,
+      )
+      mostOpen = Math.max(mostOpen, rows[0].n)
+      await sleep(200)
+    }
+    const [status] = await readPolicyStatus(db.pool, 'accounts')
+    await node.stop()
+
+    expect(mostOpen).toBe(1)
+    const { rows: left } = await db.pool.query<{ id: number }>(
+      `SELECT id FROM app.accounts WHERE created_at < now() - interval '1 day' ORDER BY id`,
+    )
+    expect(left.map((r) => r.id)).toEqual(held)
+    expect(await count('app.accounts')).toBe(110)
+
+    const { rows: runs } = await db.pool.query(
+      `SELECT status, rows_deleted::int AS deleted, rows_skipped::int AS skipped, error
+         FROM pgsingleton.cleanup_runs WHERE singleton = 'accounts' ORDER BY id`,
+    )
+    // Once a second for a minute, each run done and nothing left open or retried.
+    expect(runs.length).toBeGreaterThanOrEqual(30)
+    expect(runs.length).toBeLessThanOrEqual(62)
+    expect(runs.every((r) => r.status === 'done')).toBe(true)
+    expect(runs[0]).toMatchObject({ deleted: 2990, skipped: 10 })
+    for (const run of runs.slice(1)) expect(run).toMatchObject({ deleted: 0, skipped: 10 })
+    const firstErrors = runs.map((r) => r.error as string)
+    expect(
+      firstErrors.every((e) => /foreign key constraint|legal hold/.test(e)),
+      firstErrors[0],
+    ).toBe(true)
+
+    expect(status).toMatchObject({
+      agreement: 'agree',
+      lastStatus: 'done',
+      lastRowsSkipped: 10,
+      lastError: expect.stringMatching(/foreign key constraint|legal hold/),
+    })
+    expect(errors.some((e) => (e as { code?: string }).code === 'ROWS_SKIPPED')).toBe(true)
+    expect(reports.some((r) => r.status === 'done' && r.rowsSkipped === 10)).toBe(true)
+  }, 90_000)
+
+  it('rows an app transaction holds locked are stepped around and picked up by a later run', async () => {
+    await db.pool.query(`CREATE TABLE app.sessions (id int PRIMARY KEY, seen_at timestamptz NOT NULL);
+      CREATE INDEX ON app.sessions (seen_at);
+      INSERT INTO app.sessions SELECT g, now() - interval '3 days' FROM generate_series(1, 2000) g;`)
+    const app = await openClient(db.url)
+    try {
+      await app.query('BEGIN')
+      await app.query('SELECT * FROM app.sessions WHERE id % 100 = 0 FOR UPDATE')
+      const policy = {
+        name: 'sessions',
+        table: 'app.sessions',
+        column: 'seen_at',
+        olderThan: '1 day',
+        every: '1 hour',
+        batchSize: 300,
+      }
+      const first = await cleanOnce(policy, { batchLockTimeoutMs: 200 })
+      expect(first.report).toMatchObject({ status: 'done', rowsDeleted: 1980, rowsSkipped: 20 })
+      expect(first.report.reason).toMatch(/locked by other transactions/)
+      expect(await count('app.sessions')).toBe(20)
+      await app.query('COMMIT')
+      const second = await cleanOnce(policy, { batchLockTimeoutMs: 200 })
+      expect(second.report).toMatchObject({ status: 'done', rowsDeleted: 20, rowsSkipped: 0 })
+      expect(await count('app.sessions')).toBe(0)
+    } finally {
+      await app.end()
+    }
+  })
+
+  it('a run that keeps failing is retried with backoff, holds its policy back, and ends exhausted; then the next occurrence runs', async () => {
+    await db.pool.query(`CREATE TABLE app.audit (at timestamptz NOT NULL);
+      INSERT INTO app.audit SELECT now() - interval '2 days' FROM generate_series(1, 50);
+      CREATE FUNCTION app.out_of_room() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN RAISE EXCEPTION USING ERRCODE = 'insufficient_resources', MESSAGE = 'the archive is full'; END $$;
+      CREATE TRIGGER archive_full BEFORE DELETE ON app.audit FOR EACH STATEMENT EXECUTE FUNCTION app.out_of_room();`)
+    const node = createSingleton({
+      name: 'audit',
+      connectionString: db.url,
+      policies: [
+        { name: 'audit', table: 'app.audit', column: 'at', olderThan: '1 day', every: '1 second' },
+      ],
+    })
+    const errors: Error[] = []
+    node.on('error', (error) => errors.push(error))
+    await node.start()
+    try {
+      const exhausted = await waitFor(
+        'the run to be exhausted',
+        async () => {
+          const { rows } = await db.pool.query(
+            `SELECT id, failures, error FROM pgsingleton.cleanup_runs WHERE singleton = 'audit' AND status = 'exhausted'`,
+          )
+          return rows[0]
+        },
+        45_000,
+      )
+      expect(exhausted).toMatchObject({
+        failures: 5,
+        error: expect.stringMatching(/the archive is full/),
+      })
+      const { rows: before } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs WHERE singleton = 'audit' AND id < $1`,
+        [exhausted.id],
+      )
+      expect(before[0].n).toBe(0) // every second came due, yet only this run existed
+      expect(errors.filter((e) => /failed and will be retried/.test(e.message))).toHaveLength(4)
+      expect(errors.some((e) => /failed on its last retry/.test(e.message))).toBe(true)
+
+      await db.pool.query('DROP TRIGGER archive_full ON app.audit')
+      const after = await waitFor('the next occurrence to be done', async () => {
+        const { rows } = await db.pool.query(
+          `SELECT status, coalesced FROM pgsingleton.cleanup_runs WHERE singleton = 'audit' AND id > $1 ORDER BY id LIMIT 1`,
+          [exhausted.id],
+        )
+        return rows[0]?.status === 'done' ? rows[0] : undefined
+      })
+      expect(await count('app.audit')).toBe(0)
+      expect(after.coalesced).toBeGreaterThan(10) // the slots it waited out, in one run
+    } finally {
+      await node.stop()
+    }
+  }, 60_000)
+})
