@@ -25,7 +25,10 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10)
 const TIMEOUT_MS = 30_000
 
 async function main(): Promise<void> {
-  const { url: serverUrl } = await resolveConnection((line) => process.stderr.write(`${line}\n`))
+  const { url: serverUrl } = await resolveConnection(
+    (line) => process.stderr.write(`${line}\n`),
+    { embedded: !process.env.DATABASE_URL },
+  )
   const dbName = `pgs_bench_${randomBytes(4).toString('hex')}`
   const admin = new pg.Client({ connectionString: serverUrl })
   await admin.connect()
@@ -42,6 +45,7 @@ async function main(): Promise<void> {
     lines.push('# pg-singleton benchmark report', '', machine(version), '')
     lines.push(...(await failoverBench(pool, url.toString())))
     lines.push(...(await cleanupBench(pool, url.toString())))
+    lines.push(...(await cannotGoBench(pool, url.toString())))
   } finally {
     await pool.end()
     await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`)
@@ -261,6 +265,152 @@ async function cleanupBench(pool: pg.Pool, url: string): Promise<string[]> {
     '`finished_at` in `pgsingleton.cleanup_runs`. Start to done: from `start()` of a fresh node to its `cleanup:done` event,',
     'adding validation, pg-boss start-up, the lock, the first tick and the job hand-off. Longest batch transaction: from',
     '`pgsingleton.cleanup_batches` (`ended_at - began_at`).',
+    '',
+  )
+  return rows
+}
+
+/**
+ * What rows that cannot go cost: the same table cleaned with nothing in the way, with 1%
+ * of its outdated rows held locked by an app transaction, and with 1% held by a foreign
+ * key, against one bulk DELETE and against batches that always lock with SKIP LOCKED, each
+ * on an identical copy in the same run.
+ */
+async function cannotGoBench(pool: pg.Pool, url: string): Promise<string[]> {
+  const rows: string[] = [
+    '## Rows that cannot go',
+    '',
+    '| way | rows deleted | rows skipped | time | × bulk DELETE |',
+    '|---|---|---|---|---|',
+  ]
+  const { createSingleton } = await import('../src/index.js')
+  const total = 200_000
+  const outdated = 140_000
+  const fresh = async () => {
+    await pool.query('DROP TABLE IF EXISTS public.bench_refs, public.bench_accounts')
+    await pool.query(
+      'CREATE TABLE public.bench_accounts (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, payload text)',
+    )
+    await pool.query(
+      `INSERT INTO public.bench_accounts SELECT i, now() - ($1 - i) * interval '10 seconds', repeat('x', 80)
+         FROM generate_series(1, $1) AS i`,
+      [total],
+    )
+    await pool.query('CREATE INDEX ON public.bench_accounts (created_at)')
+    await pool.query(
+      'CREATE TABLE public.bench_refs (account_id bigint REFERENCES public.bench_accounts)',
+    )
+    await pool.query('VACUUM ANALYZE public.bench_accounts')
+  }
+  // The newest 60,000 rows span 600,000 s: the rest are outdated.
+  const olderThan = '600000 seconds'
+  const timed = async (work: () => Promise<void>) => {
+    const started = performance.now()
+    await work()
+    return (performance.now() - started) / 1000
+  }
+  let bulk = 0
+  const row = (way: string, deleted: number, skipped: number, seconds: number) =>
+    rows.push(
+      `| ${way} | ${deleted.toLocaleString('en')} | ${skipped.toLocaleString('en')} | ${seconds.toFixed(2)} s | ${(seconds / bulk).toFixed(2)} |`,
+    )
+
+  await fresh()
+  let deleted = 0
+  bulk = await timed(async () => {
+    const result = await pool.query(
+      `DELETE FROM public.bench_accounts WHERE created_at < now() - $1::interval`,
+      [olderThan],
+    )
+    deleted = result.rowCount ?? 0
+  })
+  row('one bulk `DELETE` (reference)', deleted, 0, bulk)
+
+  await fresh()
+  let skipLocked = 0
+  const always = await timed(async () => {
+    for (;;) {
+      const result = await pool.query(
+        `DELETE FROM public.bench_accounts WHERE id IN (
+           SELECT id FROM public.bench_accounts WHERE created_at < now() - $1::interval
+            ORDER BY created_at LIMIT 5000 FOR UPDATE SKIP LOCKED)`,
+        [olderThan],
+      )
+      skipLocked += result.rowCount ?? 0
+      if ((result.rowCount ?? 0) < 5000) break
+    }
+  })
+  row(
+    'batches of 5000 that always lock `FOR UPDATE SKIP LOCKED` (reference)',
+    skipLocked,
+    0,
+    always,
+  )
+
+  const clean = async (
+    label: string,
+    prepare: () => Promise<void>,
+    release?: () => Promise<void>,
+  ) => {
+    await fresh()
+    await prepare()
+    const node = createSingleton({
+      name: `bench-cannot-go-${label.length}`,
+      connectionString: url,
+      batchLockTimeoutMs: 200,
+      policies: [
+        {
+          name: 'p',
+          table: 'public.bench_accounts',
+          column: 'created_at',
+          olderThan,
+          every: '1 hour',
+          batchSize: 5000,
+        },
+      ],
+    })
+    node.on('error', () => {})
+    let report = { rowsDeleted: 0, rowsSkipped: 0 }
+    const done = new Promise<typeof report>((resolve) => node.once('cleanup:done', resolve))
+    await node.start()
+    report = await done
+    await node.stop()
+    await release?.()
+    const { rows: measured } = await pool.query(
+      `SELECT extract(epoch FROM max(finished_at) - min(started_at)) AS run_s FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+      [`bench-cannot-go-${label.length}`],
+    )
+    row(label, report.rowsDeleted, report.rowsSkipped, Number(measured[0].run_s))
+  }
+  await clean('pg-singleton, batches of 5000, nothing in the way', async () => {})
+  const app = new pg.Client({ connectionString: url })
+  await app.connect()
+  await clean(
+    'pg-singleton, 1% of the outdated rows locked by an app transaction',
+    async () => {
+      await app.query('BEGIN')
+      await app.query(
+        `SELECT 1 FROM public.bench_accounts WHERE id <= $1 AND id % 100 = 0 FOR UPDATE`,
+        [outdated],
+      )
+    },
+    async () => {
+      await app.query('ROLLBACK')
+    },
+  )
+  await app.end()
+  await clean('pg-singleton, 1% of the outdated rows held by a foreign key', async () => {
+    await pool.query(
+      `INSERT INTO public.bench_refs SELECT id FROM public.bench_accounts WHERE id <= $1 AND id % 100 = 0`,
+      [outdated],
+    )
+  })
+  await pool.query('DROP TABLE IF EXISTS public.bench_refs, public.bench_accounts')
+  rows.push(
+    '',
+    `${outdated.toLocaleString('en')} of ${total.toLocaleString('en')} rows outdated, time-ordered, index on the timestamp, each way on a fresh identical table.`,
+    "pg-singleton's time is its run's `started_at` to `finished_at`; a batch that meets a locked row waits `batchLockTimeoutMs`",
+    '(200 ms here) before it is redone carefully. The references are plain SQL from this process.',
     '',
   )
   return rows

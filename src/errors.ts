@@ -12,6 +12,7 @@ export type SingletonErrorCode =
   | 'ROWS_SKIPPED' // a run left rows it could not delete (locked, or refused by a constraint or trigger)
   | 'POLICY_DISAGREEMENT' // live nodes hold different definitions of a policy; it is held back
   | 'NODE_ID_IN_USE' // another live session of the singleton uses this node id
+  | 'UNSUPPORTED_DEPENDENCY' // the app's pg or pg-boss is outside the supported range
 
 export class SingletonError extends Error {
   override readonly name = 'SingletonError'

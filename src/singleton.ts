@@ -5,6 +5,7 @@ import { CleanupWorker } from './cleanup/cleanup-worker.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
+import { assertPeersSupported } from './dependencies.js'
 import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents, SingletonWarning } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
@@ -89,6 +90,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
   async #start(): Promise<void> {
     const options = this.options
+    assertPeersSupported()
     const pool =
       options.pool ??
       new pg.Pool({
@@ -104,9 +106,11 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     for (const line of understood) options.logger.info({}, line)
     for (const message of warnings) this.#warn({ code: 'UNINDEXED_COLUMN', message })
 
-    const connection: pg.ClientConfig = options.connectionString
-      ? { connectionString: options.connectionString }
-      : { ...(pool as unknown as { options: pg.ClientConfig }).options }
+    const connection: pg.ClientConfig = options.lockConnectionString
+      ? { connectionString: options.lockConnectionString }
+      : options.connectionString
+        ? { connectionString: options.connectionString }
+        : { ...(pool as unknown as { options: pg.ClientConfig }).options }
     const sessionSettings = {
       name: options.name,
       nodeId: options.nodeId,
@@ -170,6 +174,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onRun: (report) => {
           options.logger.info({ ...report }, `cleanup run ${report.status}`)
           this.#safeEmit('cleanup:done', report)
+          if (report.interrupted) return // a requested stop is not an error
           if (report.status === 'failed' || report.status === 'exhausted') {
             this.#emitError(
               new SingletonError(
@@ -285,6 +290,10 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
   #warn(warning: SingletonWarning): void {
     this.options.logger.warn({ code: warning.code }, warning.message)
+    // An app that gave neither a logger nor a listener would never see it.
+    if (!this.options.loggerGiven && this.listenerCount('warning') === 0) {
+      process.emitWarning(warning.message, { type: 'PgSingletonWarning', code: warning.code })
+    }
     this.#safeEmit('warning', warning)
   }
 

@@ -1,4 +1,4 @@
-import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
@@ -93,29 +93,55 @@ describe('the pg-singleton command', () => {
     }
   })
 
-  it('without DATABASE_URL, starts an embedded PostgreSQL under the project, says so, and migrates it', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-embedded-'))
-    await chmod(dir, 0o755) // as root, the server runs as the postgres user, who must reach the project
+  it('without DATABASE_URL, `migrate`, `status` and `run` start nothing and say what to set', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-no-url-'))
+    try {
+      const config = await writeConfig({ name: 'x', policies: [] })
+      for (const args of [
+        ['migrate'],
+        ['status'],
+        ['status', '--json'],
+        ['run', '--config', config],
+      ]) {
+        const { code, output } = await finish(args, { DATABASE_URL: undefined }, dir)
+        expect(code, output).not.toBe(0)
+        expect(output).toMatch(
+          /DATABASE_URL is not set: .* pass --embedded\. Nothing was started\./,
+        )
+      }
+      expect(await readdir(dir)).toEqual([]) // no .pg-singleton, no data directory
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('with --embedded, starts an embedded PostgreSQL under the project, however long its path, says so, and migrates it', async () => {
+    // Deeper than a Unix socket path may be (107 bytes): the server listens on TCP only.
+    const base = await mkdtemp(join(tmpdir(), 'pg-singleton-embedded-'))
+    const dir = join(base, 'a-project-folder-with-a-long-name', 'x'.repeat(60), 'y'.repeat(40))
+    await mkdir(dir, { recursive: true })
+    for (let p = dir; p.startsWith(base); p = join(p, '..')) await chmod(p, 0o755) // as root, the server runs as the postgres user, who must reach the project
     const env = {
       DATABASE_URL: undefined,
       PG_SINGLETON_EMBEDDED_PORT: String(55000 + Math.floor(Math.random() * 5000)),
     }
+    expect(dir.length).toBeGreaterThan(150)
     try {
-      const first = await finish(['migrate'], env, dir)
+      const first = await finish(['migrate', '--embedded'], env, dir)
       expect(first.code, first.output).toBe(0)
       expect(first.output).toMatch(
-        /No DATABASE_URL: started the embedded PostgreSQL on 127\.0\.0\.1:\d+ \(data in .*\.pg-singleton\/pgdata\)/,
+        /Embedded PostgreSQL: started the one on 127\.0\.0\.1:\d+ \(data in .*\.pg-singleton\/pgdata\)/,
       )
       expect(first.output).toMatch(/up to date/) // resolving the connection already migrated it
-      const second = await finish(['status'], env, dir)
-      expect(second.output).toMatch(/No DATABASE_URL: using the embedded PostgreSQL/)
+      const second = await finish(['status', '--embedded'], env, dir)
+      expect(second.output).toMatch(/Embedded PostgreSQL: using the one/)
       expect(second.output).toMatch(/No singleton has run against this database yet/)
       const url = await finish(['embedded', 'url'], env, dir)
       expect(url.output).toMatch(/postgres:\/\/postgres:.*@127\.0\.0\.1:\d+\/postgres/)
     } finally {
       const stop = await finish(['embedded', 'stop'], env, dir)
       expect(stop.output).toMatch(/Stopped the embedded PostgreSQL/)
-      await rm(dir, { recursive: true, force: true })
+      await rm(base, { recursive: true, force: true })
     }
   })
 })

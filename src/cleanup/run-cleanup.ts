@@ -20,6 +20,8 @@ export interface RunReport {
   batches: number
   /** Why it did not finish, or the first reason rows were skipped. */
   reason?: string
+  /** The node was stopping: the run waits to be retried, and this is no error. */
+  interrupted?: boolean
 }
 
 export interface BatchReport {
@@ -90,7 +92,7 @@ export async function runCleanup(
   }
   const failed = async (reason: string, counts: boolean): Promise<RunReport> => {
     const recorded = await runs.fail(deps.pool, run, reason, counts)
-    return { ...report, status: recorded?.status ?? 'fenced', reason }
+    return { ...report, status: recorded?.status ?? 'fenced', reason, interrupted: !counts }
   }
 
   let leaves: Leaf[]

@@ -16,8 +16,8 @@ import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
 
-export async function migrateCommand(): Promise<void> {
-  const { url } = await resolveConnection(say)
+export async function migrateCommand(args: { embedded: boolean }): Promise<void> {
+  const { url } = await resolveConnection(say, args)
   const pool = new pg.Pool({ connectionString: url, max: 1 })
   try {
     const result = await migrateToLatest(pool)
@@ -35,12 +35,19 @@ export async function runCommand(args: {
   config: string
   nodeId?: string
   verbose?: boolean
+  embedded: boolean
 }): Promise<void> {
   const file = await loadConfigFile(args.config)
   const nodeId = args.nodeId ?? defaultNodeId()
   const logger = consoleLogger(nodeId, args.verbose)
-  const { url } = await resolveConnection(say)
-  const singleton = createSingleton({ ...file, connectionString: url, nodeId, logger })
+  const { url } = await resolveConnection(say, args)
+  const singleton = createSingleton({
+    ...file,
+    connectionString: url,
+    lockConnectionString: process.env.PG_SINGLETON_LOCK_URL || undefined,
+    nodeId,
+    logger,
+  })
   singleton.on('error', () => {}) // already logged by the logger; a node lives through background errors
 
   let stopping: Promise<void> | undefined
@@ -64,8 +71,12 @@ export async function runCommand(args: {
   logger.info({ singleton: file.name, policies: file.policies.length }, 'started')
 }
 
-export async function statusCommand(args: { json?: boolean; name?: string }): Promise<void> {
-  const { url } = await resolveConnection(say)
+export async function statusCommand(args: {
+  json?: boolean
+  name?: string
+  embedded: boolean
+}): Promise<void> {
+  const { url } = await resolveConnection(say, args)
   const client = new pg.Client({ connectionString: url })
   await client.connect()
   try {
@@ -96,7 +107,7 @@ export async function embeddedCommand(action: string | undefined): Promise<void>
     return
   }
   if (action === 'start' || action === 'url') {
-    const { url } = await resolveConnection(say)
+    const { url } = await resolveConnection(say, { embedded: true })
     process.stdout.write(`${url}\n`)
     return
   }

@@ -1,6 +1,7 @@
 import { join } from 'node:path'
 import pg from 'pg'
 import { migrateToLatest } from '../db/migrate.js'
+import { SingletonError } from '../errors.js'
 import { EMBEDDED_DEFAULT_PORT, EMBEDDED_HOME, ensureEmbedded } from './embedded.js'
 
 export interface Connection {
@@ -9,17 +10,30 @@ export interface Connection {
 }
 
 /**
- * DATABASE_URL when set; otherwise the embedded PostgreSQL under ./.pg-singleton, started
- * if needed and migrated, so a new user can try everything with no database at all.
+ * DATABASE_URL, or, only when asked for (`--embedded`, the demo), the embedded PostgreSQL
+ * under ./.pg-singleton, started if needed and migrated. Without either, nothing is
+ * started: a command that quietly ran against a database of its own while the real
+ * cluster ran elsewhere would report on the wrong database.
  */
-export async function resolveConnection(say: (line: string) => void): Promise<Connection> {
+export async function resolveConnection(
+  say: (line: string) => void,
+  { embedded }: { embedded: boolean },
+): Promise<Connection> {
   const url = process.env.DATABASE_URL
-  if (url) return { url, embedded: false }
+  if (!embedded) {
+    if (url) return { url, embedded: false }
+    throw new SingletonError(
+      'INVALID_OPTION',
+      'DATABASE_URL is not set: set it (in the environment or a .env file) to the PostgreSQL your app uses, ' +
+        'e.g. DATABASE_URL=postgres://app@db/app. To try pg-singleton on a local embedded PostgreSQL instead, pass --embedded. Nothing was started.',
+    )
+  }
+  if (url) say('--embedded: using the embedded PostgreSQL, not DATABASE_URL.')
   const port = Number(process.env.PG_SINGLETON_EMBEDDED_PORT ?? EMBEDDED_DEFAULT_PORT)
   const dataDir = join(EMBEDDED_HOME, 'pgdata')
   const server = await ensureEmbedded(dataDir, port)
   say(
-    `No DATABASE_URL: ${server.started ? 'started' : 'using'} the embedded PostgreSQL on 127.0.0.1:${port} (data in ${server.dataDir}). ` +
+    `Embedded PostgreSQL: ${server.started ? 'started' : 'using'} the one on 127.0.0.1:${port} (data in ${server.dataDir}). ` +
       'It keeps running for other local nodes; stop it with `pg-singleton embedded stop`.',
   )
   const pool = new pg.Pool({ connectionString: server.url, max: 1 })

@@ -25,7 +25,9 @@ function step<T>(what: string, probe: () => Promise<T | undefined>, everyMs?: nu
  * holder killed with SIGKILL, the next node taking over, and the rows still cleaned.
  */
 export async function demoCommand(): Promise<void> {
-  const { url } = await resolveConnection((line) => say(line))
+  // Always the embedded PostgreSQL: the demo creates and drops a schema of its own, which
+  // has no business in the database a DATABASE_URL (or a .env file) points at.
+  const { url } = await resolveConnection((line) => say(line), { embedded: true })
   const pool = new pg.Pool({ connectionString: url, max: 2 })
   const nodes: ChildProcess[] = []
   try {

@@ -75,7 +75,9 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
     const ids = asRoot ? postgresUserIds() : {}
     const child = spawn(
       postgres,
-      ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', absolute],
+      // TCP only: a Unix socket under a long project path would pass the 107-byte limit
+      // of socket paths, and nothing here needs one.
+      ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', ''],
       {
         detached: true,
         stdio: ['ignore', log, log],

@@ -7,16 +7,23 @@ import { demoCommand } from './demo.js'
 const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in PostgreSQL
 
 Usage:
-  pg-singleton migrate                      create or upgrade the pgsingleton schema
+  pg-singleton migrate                      create or upgrade the pgsingleton schema (and pg-boss's)
   pg-singleton run [--config F] [--node-id ID] [--verbose]
                                             run a node: queue for the lock, schedule and clean
-  pg-singleton status [--json] [--name N]   who holds the singleton, who waits, last run
+  pg-singleton status [--json] [--name N]   who holds the singleton, who waits, each policy
   pg-singleton demo                         three nodes, a table to clean, a failover, live
-  pg-singleton embedded start|url|stop      the embedded PostgreSQL used without DATABASE_URL
+                                            (always on the embedded PostgreSQL)
+  pg-singleton embedded start|url|stop      the embedded PostgreSQL for trying things out
+
+Options:
+  --embedded     use the embedded PostgreSQL (data under ./.pg-singleton) instead of
+                 DATABASE_URL; without DATABASE_URL every command but demo and embedded
+                 needs it
 
 Environment (a .env file in the working directory is loaded):
-  DATABASE_URL                  the PostgreSQL to use; without it an embedded PostgreSQL
-                                is started with its data under ./.pg-singleton
+  DATABASE_URL                  the PostgreSQL to use
+  PG_SINGLETON_LOCK_URL         where the lock session connects, when DATABASE_URL goes
+                                through a transaction pooler (PgBouncer): PostgreSQL itself
   PG_SINGLETON_EMBEDDED_PORT    port of the embedded PostgreSQL (default 54329)
 
 --config defaults to ./pg-singleton.config.json.
@@ -33,6 +40,7 @@ export async function main(argv: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
       name: { type: 'string' },
       verbose: { type: 'boolean', short: 'v', default: false },
+      embedded: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
   })
@@ -43,17 +51,18 @@ export async function main(argv: string[]): Promise<number> {
   }
   switch (command) {
     case 'migrate':
-      await migrateCommand()
+      await migrateCommand({ embedded: values.embedded })
       return 0
     case 'run':
       await runCommand({
         config: values.config,
         nodeId: values['node-id'],
         verbose: values.verbose,
+        embedded: values.embedded,
       })
       return -1 // keeps running until a signal
     case 'status':
-      await statusCommand({ json: values.json, name: values.name })
+      await statusCommand({ json: values.json, name: values.name, embedded: values.embedded })
       return 0
     case 'demo':
       await demoCommand()

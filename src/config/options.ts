@@ -18,6 +18,12 @@ export interface SingletonOptions {
   connectionString?: string
   /** The app's pool, used for scheduling, cleanup and status. Never used for the lock. */
   pool?: pg.Pool
+  /**
+   * Where the lock session connects, when it must not go where the pool goes: an app whose
+   * pool runs through PgBouncer in transaction mode points this at PostgreSQL itself (or
+   * a session-mode pool). Default: `connectionString`, or the pool's own settings.
+   */
+  lockConnectionString?: string
   /** The app's pg-boss instance, already started. Without it pg-singleton starts its own. */
   boss?: PgBoss
   /** Shown as `application_name` and in `pgsingleton.status`. Default: `host:pid`. */
@@ -53,6 +59,10 @@ export interface SingletonOptions {
   workerPollingIntervalSeconds?: number
   /** Run pg-singleton's migrations in `start()`. Default false: run `pg-singleton migrate`. */
   migrate?: boolean
+  /**
+   * pino-shaped (`logger.info(fields, message)`). Without one, pg-singleton logs nothing,
+   * except warnings nobody listens to (`warning` event), which go to the console.
+   */
   logger?: Logger
 }
 
@@ -61,6 +71,7 @@ export interface ResolvedOptions {
   readonly policies: readonly ResolvedPolicy[]
   readonly connectionString: string | undefined
   readonly pool: pg.Pool | undefined
+  readonly lockConnectionString: string | undefined
   readonly boss: PgBoss | undefined
   readonly nodeId: string
   readonly heartbeatMs: number
@@ -74,6 +85,8 @@ export interface ResolvedOptions {
   readonly workerPollingIntervalSeconds: number
   readonly migrate: boolean
   readonly logger: Logger
+  /** False when the app gave no logger: warnings nobody listens to then go to the console. */
+  readonly loggerGiven: boolean
 }
 
 export const DEFAULTS = Object.freeze({
@@ -140,6 +153,7 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     policies: resolvePolicies(options.policies),
     connectionString: options.connectionString,
     pool: options.pool,
+    lockConnectionString: options.lockConnectionString,
     boss: options.boss,
     nodeId,
     heartbeatMs: ms('heartbeatMs', 50, 60_000),
@@ -153,6 +167,7 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     workerPollingIntervalSeconds: ms('workerPollingIntervalSeconds', 0.5, 3600),
     migrate: options.migrate ?? false,
     logger: options.logger ?? silentLogger,
+    loggerGiven: options.logger !== undefined,
   }
   // The order that makes self-fencing safe: a heartbeat must have a chance to succeed
   // before the fence deadline, and the node must fence before the server's
