@@ -25,10 +25,9 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10)
 const TIMEOUT_MS = 30_000
 
 async function main(): Promise<void> {
-  const { url: serverUrl } = await resolveConnection(
-    (line) => process.stderr.write(`${line}\n`),
-    { embedded: !process.env.DATABASE_URL },
-  )
+  const { url: serverUrl } = await resolveConnection((line) => process.stderr.write(`${line}\n`), {
+    embedded: !process.env.DATABASE_URL,
+  })
   const dbName = `pgs_bench_${randomBytes(4).toString('hex')}`
   const admin = new pg.Client({ connectionString: serverUrl })
   await admin.connect()

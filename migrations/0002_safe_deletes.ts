@@ -1,5 +1,3 @@
-import { type Kysely, sql } from 'kysely'
-
 /**
  * Schema 2: deletes that cannot take a row the user meant to keep.
  *
@@ -52,20 +50,36 @@ DROP TRIGGER epoch_never_decreases ON pgsingleton.leases;
 CREATE TRIGGER epoch_never_decreases BEFORE INSERT OR UPDATE ON pgsingleton.leases
 FOR EACH ROW EXECUTE FUNCTION pgsingleton.leases_epoch_never_decreases();
 -- A holder from before this schema loses its epoch now: its next heartbeat fences it.
+-- FOR UPDATE first, as every epoch bump does: it waits for a batch in flight (which holds
+-- the lease FOR KEY SHARE), which a plain UPDATE of a non-key column would not.
+SELECT 1 FROM pgsingleton.leases FOR UPDATE;
 UPDATE pgsingleton.leases SET epoch = epoch + 1;
 
 -- The cut-off of an interval: the database's now() minus the interval, counted in UTC
--- (a day is 24 hours, a month a calendar month in UTC), whatever the session's TimeZone.
+-- (a day is 24 hours, a month a calendar month in UTC). No text zone name is read (a
+-- name given to AT TIME ZONE is looked up among the session's timezone_abbreviations
+-- first, which a database or role can redefine): the arithmetic runs with the TimeZone
+-- setting at UTC, which only ever reads the zone database, and the caller's setting is
+-- put back.
 CREATE FUNCTION pgsingleton.cutoff(older_than interval) RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT ((now() AT TIME ZONE 'UTC') - older_than) AT TIME ZONE 'UTC' $$;
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  caller text := current_setting('TimeZone');
+  result timestamptz;
+BEGIN
+  PERFORM set_config('TimeZone', 'UTC', true);
+  result := (now()::timestamp - older_than)::timestamptz;
+  PERFORM set_config('TimeZone', caller, true);
+  RETURN result;
+END $$;
 
--- The one definition of "outdated", as SQL text over $1 (the cut-off, timestamptz) and $2
--- (the policy's zone). The first term of each is a plain range on the column (an index
--- serves it); the second is the exact rule. A timestamp is read in the policy's zone;
--- where a wall time is ambiguous (clocks going back) PostgreSQL reads it as the later
--- instant, so the row is judged younger. A date goes only once its whole day, in the
--- zone, is older than the cut-off.
+-- The one definition of "outdated", as SQL text over $1 (the cut-off, timestamptz), to
+-- run with the TimeZone setting at the policy's zone (pgsingleton.cleanup_batch sets it
+-- for its transaction). The first term of each is a plain range on the column (an index
+-- serves it); the second is the exact rule. A timestamp is read in the zone; where a wall
+-- time is ambiguous (clocks going back) PostgreSQL reads it as the later instant, so the
+-- row is judged younger. A date goes only once its whole day, in the zone, is older than
+-- the cut-off.
 CREATE FUNCTION pgsingleton.outdated_predicate(column_name text, column_type text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
@@ -73,9 +87,9 @@ BEGIN
     WHEN 'timestamp with time zone' THEN
       format('%1$I < $1', column_name)
     WHEN 'timestamp without time zone' THEN
-      format('%1$I < ($1 AT TIME ZONE $2) AND (%1$I AT TIME ZONE $2) < $1', column_name)
+      format('%1$I < $1::timestamp AND %1$I::timestamptz < $1', column_name)
     WHEN 'date' THEN
-      format('%1$I < ($1 AT TIME ZONE $2)::date AND ((%1$I + 1)::timestamp AT TIME ZONE $2) <= $1', column_name)
+      format('%1$I < $1::date AND (%1$I + 1)::timestamptz <= $1', column_name)
   END;
 END $$;
 
@@ -174,7 +188,9 @@ ALTER TABLE pgsingleton.cleanup_batches
 
 -- The tables a policy's rows live in: the table itself and every table that inherits from
 -- it (partitions at any depth, inheritance children), without partitioned parents, which
--- hold no rows. A batch works on one of them with DELETE FROM ONLY, so a ctid means one row.
+-- hold no rows, and without partitions being detached (DETACH ... CONCURRENTLY), which
+-- queries through the parent no longer see. A batch works on one of them with DELETE FROM
+-- ONLY, so a ctid means one row.
 CREATE FUNCTION pgsingleton.cleanup_leaves(p_table regclass, p_column text)
 RETURNS TABLE (leaf oid, relation text, relkind "char", strategy text, tuples_per_page float8, can_delete boolean)
 LANGUAGE sql STABLE AS $$
@@ -182,6 +198,7 @@ LANGUAGE sql STABLE AS $$
     SELECT p_table::oid
     UNION
     SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid
+     WHERE NOT i.inhdetachpending
   )
   SELECT c.oid,
          format('%I.%I', n.nspname, c.relname),
@@ -204,27 +221,40 @@ LANGUAGE sql STABLE AS $$
    ORDER BY c.oid
 $$;
 
+-- Nodes register their definitions under this lock, exclusively; batches check the
+-- agreement under it, shared. A node that registers while a batch is in flight waits for
+-- it, and every batch after sees the node.
+CREATE FUNCTION pgsingleton.agreement_key(singleton text) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pgsingleton.lock_key(singleton || E'\nagreement') $$;
+
 -- One batch of a run, in the caller's transaction (one statement: the caller sets
 -- lock_timeout and statement_timeout LOCAL in the same message).
 --
 -- outcome: 'deleted' (progress recorded), 'fenced' (the run's epoch is no longer current),
 -- 'superseded' (the run is not running under this attempt), 'disagree' (the live nodes no
--- longer all hold the run's definition). Only 'deleted' writes anything.
+-- longer all hold the run's definition), 'not live' (the node that claimed the run holds
+-- no membership lock). Only 'deleted' writes anything.
 --
--- strategy 'index' walks the leaf in column order from p_cursor (a jsonb column value),
--- stepping over p_skip (rows at the cursor value that could not go); 'tidrange' walks its
--- pages from p_cursor (a jsonb tid), p_span pages at a time. Neither takes more than the
--- definition's batchSize rows.
+-- strategy 'index' walks the leaf in (column, ctid) order from the cursor (p_cursor->'at',
+-- the last row's column value and ctid); 'tidrange' walks its pages from the cursor (a
+-- tid), p_span pages at a time. Neither takes more than the definition's batchSize rows,
+-- and both move past every row they selected, deleted or not. A row version this run's
+-- own batches made (a soft-delete trigger that updates the row it refuses to delete moves
+-- it further along the walk) is not taken again: p_cursor->'xids' lists the transactions
+-- of the batches that left rows in place.
 --
 -- p_careful: lock only rows no one else holds (FOR UPDATE SKIP LOCKED) and, when the
 -- delete fails for reasons tied to rows (a foreign key, a check, a trigger, a lock held on
 -- a referencing row), find those rows by trial deletes that are rolled back, skip them,
--- and delete the rest. The first error is recorded on the run.
+-- and delete the rest. Rows the delete leaves without an error (a trigger that returns
+-- NULL, a rule, a row security policy) are counted as skipped too. The first reason is
+-- recorded on the run.
 CREATE FUNCTION pgsingleton.cleanup_batch(
-  p_run bigint, p_attempt integer, p_leaf oid, p_strategy text, p_cursor jsonb, p_skip tid[],
+  p_run bigint, p_attempt integer, p_leaf oid, p_strategy text, p_cursor jsonb,
   p_limit integer, p_span integer, p_careful boolean,
   OUT outcome text, OUT selected integer, OUT deleted integer, OUT skipped integer,
-  OUT next_cursor jsonb, OUT next_skip tid[], OUT leaf_done boolean, OUT first_error text,
+  OUT next_cursor jsonb, OUT leaf_done boolean, OUT first_error text,
   OUT cutoff timestamptz, OUT batch integer)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -235,12 +265,11 @@ DECLARE
   col text;
   col_type text;
   cast_to text;
-  zone text;
   pred text;
   lim integer;
   tids tid[] := '{}';
-  ties tid[] := '{}';
-  same_value boolean := false;
+  gone tid[] := '{}';
+  kept tid[];
   still tid[];
   lockable tid[];
   good tid[] := '{}';
@@ -251,6 +280,8 @@ DECLARE
   lo integer;
   hi integer;
   mid integer;
+  pos jsonb := p_cursor->'at';
+  xids xid[] := ARRAY(SELECT x::xid FROM jsonb_array_elements_text(coalesce(p_cursor->'xids', '[]')) AS x);
   from_tid tid;
   to_tid tid;
   last_tid tid;
@@ -260,7 +291,12 @@ DECLARE
   detail text;
 BEGIN
   outcome := 'deleted'; selected := 0; deleted := 0; skipped := 0; leaf_done := false;
-  next_cursor := p_cursor; next_skip := coalesce(p_skip, '{}');
+  next_cursor := p_cursor;
+  IF cardinality(xids) > 10000 THEN
+    -- Ten thousand batches each left rows in place: give this table up until the next run.
+    leaf_done := true;
+    RETURN;
+  END IF;
 
   SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run;
   IF NOT FOUND THEN
@@ -275,6 +311,12 @@ BEGIN
     outcome := 'superseded';
     RETURN;
   END IF;
+  PERFORM pg_advisory_xact_lock_shared(pgsingleton.agreement_key(run.singleton));
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                  WHERE l.singleton = run.singleton AND l.node_id = run.node_id) THEN
+    outcome := 'not live';
+    RETURN;
+  END IF;
   IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
     outcome := 'disagree';
     RETURN;
@@ -285,24 +327,17 @@ BEGIN
   def := run.definition;
   col := def->>'column';
   col_type := def->>'columnType';
-  zone := coalesce(def->>'timeZone', 'UTC');
   parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
   IF parent IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'undefined_table',
       MESSAGE = format('policy %s: table %I.%I no longer exists', run.policy, def->>'schema', def->>'table');
   END IF;
-  IF p_leaf <> parent::oid AND NOT EXISTS (
-       SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf) THEN
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf AND l.relkind = 'r') THEN
     RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-      MESSAGE = format('policy %s: relation %s is not %s or one of its partitions or children', run.policy, p_leaf::regclass, parent);
+      MESSAGE = format('policy %s: relation %s is not a table of %s that holds rows (the table itself, or one of its partitions or children)', run.policy, p_leaf::regclass, parent);
   END IF;
   SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-   WHERE c.oid = p_leaf AND c.relkind = 'r';
-  IF leaf_sql IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
-      MESSAGE = format('policy %s: %s is not a table that holds rows', run.policy, p_leaf::regclass);
-  END IF;
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
   IF (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
        WHERE a.attrelid = p_leaf AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)
      IS DISTINCT FROM col_type THEN
@@ -322,68 +357,76 @@ BEGIN
     RAISE EXCEPTION 'pgsingleton.cleanup_batch: the batch limit must be at least 1';
   END IF;
   cutoff := pgsingleton.cutoff((def->>'olderThan')::interval);
+  -- timestamp and date values are read in the policy's zone: this transaction's TimeZone
+  -- is set to it (a zone name here only ever reads the zone database, never the session's
+  -- timezone_abbreviations). The setting ends with the transaction.
+  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
   pred := pgsingleton.outdated_predicate(col, col_type);
   -- A foreign key that is checked at commit would fail the batch after the fact, where
   -- the rows that hold it can no longer be found; check every constraint per statement.
   SET CONSTRAINTS ALL IMMEDIATE;
 
   IF p_strategy = 'index' THEN
+    -- (column, ctid) order: the cursor passes every row it selected, even where many rows
+    -- share one value and some of them stay.
     EXECUTE format(
-      'SELECT coalesce(array_agg(ctid ORDER BY v), ''{}''), count(*)::int, to_jsonb(max(v)),
-              coalesce(array_agg(ctid) FILTER (WHERE v = top), ''{}''),
-              coalesce(bool_or(top = ($3 #>> ''{}'')::%4$s), false)
-         FROM (SELECT ctid, v, max(v) OVER () AS top
-                 FROM (SELECT ctid, %1$I AS v FROM ONLY %2$s
-                        WHERE %3$s %5$s AND NOT (ctid = ANY ($4))
-                        ORDER BY %1$I LIMIT $5) picked) s',
-      col, leaf_sql, pred, cast_to,
-      CASE WHEN p_cursor IS NULL THEN '' ELSE format('AND %I >= ($3 #>> ''{}'')::%s', col, cast_to) END)
-      INTO tids, selected, next_cursor, ties, same_value
-      USING cutoff, zone, p_cursor, next_skip, lim;
+      'SELECT coalesce(array_agg(ctid ORDER BY v, ctid), ''{}''), count(*)::int,
+              (array_agg(jsonb_build_array(to_jsonb(v), ctid::text) ORDER BY v DESC, ctid DESC))[1]
+         FROM (SELECT ctid, %1$I AS v FROM ONLY %2$s
+                WHERE %3$s %4$s AND xmin <> ALL ($4)
+                ORDER BY %1$I, ctid LIMIT $3) picked',
+      col, leaf_sql, pred,
+      CASE WHEN pos IS NULL THEN ''
+           ELSE format('AND %1$I >= ($2->>0)::%2$s AND (%1$I, ctid) > (($2->>0)::%2$s, ($2->>1)::tid)', col, cast_to) END)
+      INTO tids, selected, pos
+      USING cutoff, pos, lim, xids;
     IF selected = 0 THEN
-      next_cursor := p_cursor;
+      pos := p_cursor->'at';
     END IF;
     leaf_done := selected < lim;
   ELSIF p_strategy = 'tidrange' THEN
-    from_tid := coalesce((p_cursor #>> '{}')::tid, '(0,0)'::tid);
+    from_tid := coalesce((pos #>> '{}')::tid, '(0,0)'::tid);
     blocks := pg_relation_size(p_leaf) / current_setting('block_size')::bigint;
     IF (from_tid::text::point)[0] >= blocks THEN
       leaf_done := true;
       RETURN;
     END IF;
-    to_tid := format('(%s,0)', (from_tid::text::point)[0]::bigint + greatest(p_span, 1))::tid;
+    to_tid := format('(%s,0)', least((from_tid::text::point)[0]::bigint + greatest(p_span, 1), 4294967295))::tid;
     EXECUTE format(
       'SELECT coalesce(array_agg(ctid ORDER BY ctid), ''{}''), count(*)::int
-         FROM (SELECT ctid FROM ONLY %1$s WHERE ctid >= $3 AND ctid < $4 AND %2$s LIMIT $5) s',
+         FROM (SELECT ctid FROM ONLY %1$s WHERE ctid >= $2 AND ctid < $3 AND %2$s AND xmin <> ALL ($5)
+                ORDER BY ctid LIMIT $4) s',
       leaf_sql, pred)
       INTO tids, selected
-      USING cutoff, zone, from_tid, to_tid, lim;
+      USING cutoff, from_tid, to_tid, lim, xids;
     IF selected >= lim THEN
       last_tid := tids[selected];
       from_tid := format('(%s,%s)', (last_tid::text::point)[0]::bigint, (last_tid::text::point)[1]::bigint + 1)::tid;
     ELSE
       from_tid := to_tid;
     END IF;
-    next_cursor := to_jsonb(from_tid::text);
+    pos := to_jsonb(from_tid::text);
     leaf_done := (from_tid::text::point)[0] >= blocks;
   ELSE
     RAISE EXCEPTION 'pgsingleton.cleanup_batch: unknown strategy %', p_strategy;
   END IF;
 
+  next_cursor := jsonb_build_object('at', pos, 'xids', coalesce(p_cursor->'xids', '[]'));
   IF selected = 0 THEN
     RETURN;
   END IF;
 
-  delete_sql := format('DELETE FROM ONLY %s WHERE ctid = ANY ($3) AND %s', leaf_sql, pred);
+  delete_sql := format(
+    'WITH d AS (DELETE FROM ONLY %s WHERE ctid = ANY ($2) AND %s RETURNING ctid)
+     SELECT coalesce(array_agg(ctid), ''{}'') FROM d', leaf_sql, pred);
   IF NOT p_careful THEN
-    EXECUTE delete_sql USING cutoff, zone, tids;
-    GET DIAGNOSTICS deleted = ROW_COUNT;
+    EXECUTE delete_sql INTO gone USING cutoff, tids;
   ELSE
     -- Rows still outdated, and of those the ones no other transaction holds.
-    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY ($3) AND %s', leaf_sql, pred)
-      INTO still USING cutoff, zone, tids;
-    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY ($3) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
-      INTO lockable USING cutoff, zone, still;
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY ($2) AND %s', leaf_sql, pred)
+      INTO still USING cutoff, tids;
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY ($2) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
+      INTO lockable USING cutoff, still;
     bad := ARRAY(SELECT unnest(still) EXCEPT SELECT unnest(lockable));
     IF cardinality(bad) > 0 THEN
       first_error := format('%s row(s) of %s were locked by other transactions; they are left for a later run', cardinality(bad), leaf_sql);
@@ -394,8 +437,7 @@ BEGIN
            ELSE least(100, ceil(extract(epoch FROM current_setting('lock_timeout')::interval) * 1000))::text END,
       true);
     BEGIN
-      EXECUTE delete_sql USING cutoff, zone, lockable;
-      GET DIAGNOSTICS deleted = ROW_COUNT;
+      EXECUTE delete_sql INTO gone USING cutoff, lockable;
     EXCEPTION
       WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
         OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
@@ -416,7 +458,7 @@ BEGIN
           los := los[1:cardinality(los) - 1]; his := his[1:cardinality(his) - 1];
           chunk := lockable[lo:hi];
           BEGIN
-            EXECUTE delete_sql USING cutoff, zone, chunk;
+            EXECUTE delete_sql USING cutoff, chunk;
             RAISE SQLSTATE 'PS000';
           EXCEPTION
             WHEN SQLSTATE 'PS000' THEN
@@ -433,8 +475,7 @@ BEGIN
         END LOOP;
         IF cardinality(good) > 0 THEN
           BEGIN
-            EXECUTE delete_sql USING cutoff, zone, good;
-            GET DIAGNOSTICS deleted = ROW_COUNT;
+            EXECUTE delete_sql INTO gone USING cutoff, good;
           EXCEPTION
             WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
               OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
@@ -442,14 +483,18 @@ BEGIN
           END;
         END IF;
     END;
-    skipped := cardinality(bad);
   END IF;
-
-  IF p_strategy = 'index' THEN
-    -- Rows that stayed behind at the cursor's value are stepped over by the next batch.
-    next_skip := ARRAY(SELECT unnest(bad) INTERSECT SELECT unnest(ties))
-                 || CASE WHEN same_value THEN coalesce(p_skip, '{}') ELSE '{}' END;
+  deleted := cardinality(gone);
+  -- Selected, not refused with an error, yet not deleted: kept by a trigger that returned
+  -- NULL (a soft delete, which may also have moved the row), a rule or a row security
+  -- policy, or changed by another transaction since it was selected.
+  kept := ARRAY(SELECT unnest(tids) EXCEPT SELECT unnest(gone) EXCEPT SELECT unnest(bad));
+  IF cardinality(kept) > 0 THEN
+    first_error := coalesce(first_error, format('%s row(s) of %s were left in place by the delete itself (a trigger, a rule or a row security policy), or changed by another transaction meanwhile, without an error', cardinality(kept), leaf_sql));
+    next_cursor := jsonb_set(next_cursor, '{xids}',
+      (next_cursor->'xids') || to_jsonb(xid(pg_current_xact_id())::text));
   END IF;
+  skipped := cardinality(bad) + cardinality(kept);
 
   UPDATE pgsingleton.cleanup_runs r
      SET rows_deleted = r.rows_deleted + deleted,
@@ -529,7 +574,8 @@ SELECT p.singleton,
 
 export const DOWN = `
 DROP VIEW IF EXISTS pgsingleton.policy_status;
-DROP FUNCTION IF EXISTS pgsingleton.cleanup_batch(bigint, integer, oid, text, jsonb, tid[], integer, integer, boolean);
+DROP FUNCTION IF EXISTS pgsingleton.cleanup_batch(bigint, integer, oid, text, jsonb, integer, integer, boolean);
+DROP FUNCTION IF EXISTS pgsingleton.agreement_key(text);
 DROP FUNCTION IF EXISTS pgsingleton.cleanup_leaves(regclass, text);
 ALTER TABLE pgsingleton.cleanup_batches
   DROP CONSTRAINT cleanup_batches_cutoff_recorded,
@@ -566,11 +612,3 @@ FOR EACH ROW EXECUTE FUNCTION pgsingleton.leases_epoch_never_decreases();
 ALTER TABLE pgsingleton.meta DROP COLUMN protocol;
 UPDATE pgsingleton.meta SET schema_version = 1;
 `
-
-export async function up(db: Kysely<unknown>): Promise<void> {
-  await sql.raw(UP).execute(db)
-}
-
-export async function down(db: Kysely<unknown>): Promise<void> {
-  await sql.raw(DOWN).execute(db)
-}

@@ -4,7 +4,7 @@ import type { ScheduledRun } from './schedule/scheduler.js'
 
 /** Something worth an operator's attention that does not stop the node. */
 export interface SingletonWarning {
-  /** Stable: `UNINDEXED_COLUMN`, `POLICY_DISAGREEMENT`. */
+  /** Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `POLICY_DISAGREEMENT`. */
   code: string
   message: string
 }

@@ -2,7 +2,13 @@
  * pg-singleton's public API. Everything not exported here is internal.
  */
 
-export { migrationProvider, migrations, SCHEMA_VERSION } from '../migrations/index.js'
+export {
+  migrationFiles,
+  migrationProvider,
+  migrations,
+  SCHEMA_VERSION,
+  withPgSingletonMigrations,
+} from '../migrations/index.js'
 export type { BatchReport, RunReport } from './cleanup/run-cleanup.js'
 export { type ConfigFile, loadConfigFile } from './config/config-file.js'
 export type { ColumnType, PolicyDefinition } from './config/definition.js'

@@ -1,6 +1,9 @@
 import { EventEmitter } from 'node:events'
 import pg from 'pg'
-import { PgBoss } from 'pg-boss'
+import type { PgBoss } from 'pg-boss'
+// A namespace import: a pg-boss of another major, without this export, must not fail the
+// import of pg-singleton itself; start() names the version instead.
+import * as pgBoss from 'pg-boss'
 import { CleanupWorker } from './cleanup/cleanup-worker.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
@@ -104,7 +107,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     await assertSchemaCurrent(pool)
     const { definitions, warnings, understood } = await validatePolicies(pool, options.policies)
     for (const line of understood) options.logger.info({}, line)
-    for (const message of warnings) this.#warn({ code: 'UNINDEXED_COLUMN', message })
+    for (const warning of warnings) this.#warn(warning)
 
     const connection: pg.ClientConfig = options.lockConnectionString
       ? { connectionString: options.lockConnectionString }
@@ -129,7 +132,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
     const boss =
       options.boss ??
-      new PgBoss({
+      new pgBoss.PgBoss({
         ...(options.connectionString
           ? { connectionString: options.connectionString }
           : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
@@ -194,7 +197,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onError: (error) => this.#emitError(error),
       },
     )
-    await this.#worker.start()
+    // The worker starts once the node is registered: a node whose definitions do not count
+    // towards the agreement may not delete (claim() checks it too).
+    const worker = this.#worker
 
     this.#starter = new Starter(
       connection,
@@ -206,6 +211,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         reconnectDelayMs: options.reconnectDelayMs,
       },
       {
+        onRegistered: () => {
+          worker.start().catch((error) => this.#emitError(error)) // idempotent
+        },
         onWaiting: () => {
           options.logger.info({}, 'queued for the lock')
           this.#safeEmit('lock:waiting', { nodeId: options.nodeId })
@@ -249,7 +257,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onError: (error) => this.#emitError(error),
       },
     )
-    this.#starter.start()
+    await this.#starter.start()
   }
 
   async #shutdown(): Promise<void> {

@@ -25,7 +25,7 @@ describe('the pg-singleton command', () => {
 
   it('migrates idempotently, runs, and reports status for people and as JSON', async () => {
     const env = { DATABASE_URL: db.url }
-    expect((await finish(['migrate'], env)).output).toMatch(/Applied 0001_initial/)
+    expect((await finish(['migrate'], env)).output).toMatch(/Applied pgsingleton_0001_initial/)
     expect((await finish(['migrate'], env)).output).toMatch(/up to date/)
     await createEventsTable(db.pool)
     await insertRows(db.pool, 42, '2 days')
@@ -74,7 +74,9 @@ describe('the pg-singleton command', () => {
         Array.from({ length: 10 }, () => finish(['migrate'], { DATABASE_URL: fresh.url })),
       )
       for (const run of runs) expect(run.code, run.output).toBe(0)
-      expect(runs.filter((run) => /Applied 0001_initial/.test(run.output))).toHaveLength(1)
+      expect(
+        runs.filter((run) => /Applied pgsingleton_0001_initial/.test(run.output)),
+      ).toHaveLength(1)
       expect(runs.filter((run) => /up to date/.test(run.output))).toHaveLength(9)
     } finally {
       await fresh.drop()

@@ -252,6 +252,7 @@ describe('the library inside an app', () => {
           column: 'created_at',
           olderThan: '30 days',
           every: '1 hour',
+          allowCascade: true, // the runs' batches go with them
         },
       ],
     })

@@ -36,9 +36,12 @@ describe('migrations', () => {
       await Promise.all(pools.map((pool) => pool.end()))
     }
     const { rows } = await db.pool.query(
-      'SELECT name FROM pgsingleton.kysely_migration ORDER BY name',
+      'SELECT name FROM pgsingleton.pgsingleton_migration ORDER BY name',
     )
-    expect(rows.map((r) => r.name)).toEqual(['0001_initial', '0002_safe_deletes'])
+    expect(rows.map((r) => r.name)).toEqual([
+      'pgsingleton_0001_initial',
+      'pgsingleton_0002_safe_deletes',
+    ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
     )

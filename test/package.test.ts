@@ -32,8 +32,10 @@ describe('the built package, imported by its name through package.json "exports"
         'loadConfigFile',
         'lockKey',
         'migrateToLatest',
+        'migrationFiles',
         'migrationProvider',
         'migrations',
+        'withPgSingletonMigrations',
         'readStatus',
         'silentLogger',
       ].sort(),
@@ -44,10 +46,18 @@ describe('the built package, imported by its name through package.json "exports"
     const result = await inNode(`
       const { migrations, migrationProvider, SCHEMA_VERSION } = await import('pg-singleton/migrations')
       console.log(JSON.stringify({ names: Object.keys(migrations), provided: Object.keys(await migrationProvider.getMigrations()), SCHEMA_VERSION,
-        up: typeof migrations['0001_initial'].up, down: typeof migrations['0001_initial'].down }))`)
+        up: typeof migrations['pgsingleton_0001_initial'].up, down: typeof migrations['pgsingleton_0001_initial'].down }))`)
     expect(result).toEqual({
-      names: ['0001_initial', '0002_safe_deletes'],
-      provided: ['0001_initial', '0002_safe_deletes'],
+      names: [
+        'pgsingleton_0001_initial',
+        'pgsingleton_0002_safe_deletes',
+        'pgsingleton_pgboss_schema',
+      ],
+      provided: [
+        'pgsingleton_0001_initial',
+        'pgsingleton_0002_safe_deletes',
+        'pgsingleton_pgboss_schema',
+      ],
       SCHEMA_VERSION: 2,
       up: 'function',
       down: 'function',

@@ -4,7 +4,14 @@ import { withFence } from '../src/runs/fence.js'
 import * as runs from '../src/runs/runs.js'
 import { RUN_STATUSES } from '../src/runs/statuses.js'
 import { useTestDatabase } from './support/database.js'
-import { definitionsOf, Holder, issueNow, LIMITS, workRun } from './support/run-harness.js'
+import {
+  definitionsOf,
+  Holder,
+  issueNow,
+  LIMITS,
+  openClient,
+  workRun,
+} from './support/run-harness.js'
 
 const db = useTestDatabase({
   setup: async ({ pool }) => {
@@ -79,11 +86,11 @@ describe('the run state machine, driven transition by transition against Postgre
       ),
     ).rejects.toThrow(/cleanup_runs_one_open_per_policy/)
 
-    const worked = await workRun(db.pool, run?.runId ?? '', 'w1')
+    const worked = await workRun(db.pool, run?.runId ?? '', h.nodeId)
     expect(worked.status).toBe('done')
     expect(worked.batches.map((b) => b.deleted)).toEqual([100, 100, 50])
     expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'done', attempt: 1 })
-    expect(await runs.claim(db.pool, run?.runId ?? '', 'w2')).toBeUndefined()
+    expect(await runs.claim(db.pool, run?.runId ?? '', h.nodeId)).toBeUndefined()
 
     const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM app.events')
     expect(rows[0].n).toBe(10)
@@ -94,7 +101,7 @@ describe('the run state machine, driven transition by transition against Postgre
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
     const id = run?.runId ?? ''
-    const first = await runs.claim(db.pool, id, 'w1')
+    const first = await runs.claim(db.pool, id, h.nodeId)
     if (!first) throw new Error('no claim')
     expect(await runs.fail(db.pool, first, 'boom', true)).toMatchObject({ status: 'failed' })
     // Its backoff over (the clock moved on), the holder schedules it again, and attempt 2 takes it.
@@ -103,7 +110,7 @@ describe('the run state machine, driven transition by transition against Postgre
       runs.retryDue(tx, h.token()),
     )
     expect(retried).toMatchObject({ fenced: false, result: [{ runId: id }] })
-    const second = await runs.claim(db.pool, id, 'w2')
+    const second = await runs.claim(db.pool, id, h.nodeId)
     expect(second?.attempt).toBe(2)
 
     // Attempt 1 wakes up and tries everything it could.
@@ -113,7 +120,6 @@ describe('the run state machine, driven transition by transition against Postgre
           leaf: Number((await db.pool.query(`SELECT 'app.events'::regclass::oid AS o`)).rows[0].o),
           strategy: 'index',
           cursor: null,
-          skip: null,
           limit: 10,
           span: 1,
           careful: false,
@@ -133,7 +139,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const id = run?.runId ?? ''
     const delays: number[] = []
     for (let failure = 1; failure <= runs.RETRY.limit; failure++) {
-      const claim = await runs.claim(db.pool, id, 'w')
+      const claim = await runs.claim(db.pool, id, h.nodeId)
       if (!claim) throw new Error('no claim')
       const result = await runs.fail(db.pool, claim, `failure ${failure}`, true)
       const row = await runRow(id)
@@ -158,7 +164,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const { h, definition } = await holder('sm-interrupt')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    const claim = await runs.claim(db.pool, run?.runId ?? '', 'w')
+    const claim = await runs.claim(db.pool, run?.runId ?? '', h.nodeId)
     if (!claim) throw new Error('no claim')
     await runs.fail(db.pool, claim, 'interrupted between batches', false)
     expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'failed', failures: 0 })
@@ -180,7 +186,6 @@ describe('the run state machine, driven transition by transition against Postgre
       leaf,
       strategy: 'index',
       cursor: null,
-      skip: null,
       limit: 10,
       span: 1,
       careful: false,
@@ -238,12 +243,66 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(await issue()).toMatchObject({ fenced: false, result: [] })
   })
 
+  it('a node that is not live may not claim: its definitions do not count towards the agreement', async () => {
+    const { h, definition } = await holder('sm-unregistered')
+    await h.hold()
+    const [run] = await issueNow(db.pool, h, definition)
+    expect(await runs.claim(db.pool, run?.runId ?? '', 'never-registered')).toBeUndefined()
+    expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'scheduled', attempt: 0 })
+  })
+
+  it('a node that registers while a batch is in flight waits for it; the batches after it see the node', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await insertAged(40, '2 days')
+    const { h, definition } = await holder('sm-join', POLICY, 'keeper')
+    await h.hold()
+    const [run] = await issueNow(db.pool, h, definition)
+    const claim = await runs.claim(db.pool, run?.runId ?? '', 'keeper')
+    if (!claim) throw new Error('no claim')
+    const leaf = Number((await db.pool.query(`SELECT 'app.events'::regclass::oid AS o`)).rows[0].o)
+    const request: runs.BatchRequest = {
+      leaf,
+      strategy: 'index',
+      cursor: null,
+      limit: 10,
+      span: 1,
+      careful: false,
+    }
+    // The app holds the table: the batch waits inside its delete, after its agreement check.
+    const app = await openClient(db.url)
+    await app.query('BEGIN; LOCK TABLE app.events IN SHARE MODE')
+    const slow = { ...LIMITS, lockTimeoutMs: 20_000 }
+    const inFlight = runs.recordBatch(db.pool, slow, claim, request)
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    let joined = false
+    const other = holder('sm-join', { ...POLICY, olderThan: '90 days' }, 'other').then((o) => {
+      joined = true
+      return o
+    })
+    await new Promise((resolve) => setTimeout(resolve, 500))
+    expect(joined).toBe(false) // its registration waits for the batch
+    await app.query('COMMIT')
+    await app.end()
+    expect((await inFlight).outcome).toBe('deleted')
+    await other
+    expect((await runs.recordBatch(db.pool, LIMITS, claim, request)).outcome).toBe('disagree')
+    const { rows } = await db.pool.query(
+      `SELECT max(b.ended_at) < (SELECT registered_at FROM pgsingleton.nodes WHERE singleton = 'sm-join' AND node_id = 'other') AS before
+         FROM pgsingleton.cleanup_batches b WHERE b.run_id = $1`,
+      [claim.runId],
+    )
+    expect(rows[0].before).toBe(true)
+  })
+
   it('takeOver closes a running run whose node holds no membership lock, and the occurrence is issued again', async () => {
     const { h, definition } = await holder('sm-orphan')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    // Claimed by a worker whose node is not live (it never registered, or its session ended).
-    await runs.claim(db.pool, run?.runId ?? '', 'a-node-that-died')
+    // Claimed by a worker on another node, whose lock session then ends (a crash).
+    const worker = await holder('sm-orphan', POLICY, 'a-node-that-died')
+    expect(await runs.claim(db.pool, run?.runId ?? '', 'a-node-that-died')).toBeDefined()
+    worker.h.session.destroy()
+    await new Promise((resolve) => setTimeout(resolve, 200))
     const result = await withFence(db.pool, LIMITS, h.token(), async (tx) => {
       await runs.takeOver(tx, h.token())
       return runs.issue(tx, h.token(), [{ definition, fingerprint: fingerprint(definition) }])
@@ -269,7 +328,6 @@ describe('the run state machine, driven transition by transition against Postgre
       leaf,
       strategy: 'index',
       cursor: null,
-      skip: null,
       limit: 10,
       span: 1,
       careful: false,

@@ -101,6 +101,106 @@ describe('partitioned and inheritance tables: no batch deletes more than batchSi
   })
 })
 
+describe('what a delete may touch besides the outdated rows', () => {
+  it('a partition being detached (DETACH ... CONCURRENTLY left half done) is not cleaned', async () => {
+    await db.pool.query(`CREATE TABLE app.readings (at timestamptz NOT NULL) PARTITION BY RANGE (at);
+      CREATE TABLE app.readings_old PARTITION OF app.readings FOR VALUES FROM ('-infinity') TO ('2020-01-01');
+      CREATE TABLE app.readings_new PARTITION OF app.readings FOR VALUES FROM ('2020-01-01') TO ('infinity');
+      INSERT INTO app.readings SELECT '2019-06-01'::timestamptz FROM generate_series(1, 30);
+      INSERT INTO app.readings SELECT now() - interval '2 days' FROM generate_series(1, 20);`)
+    // The detach waits for a transaction that uses the table, and gives up: the partition
+    // stays "detach pending", already invisible through the parent.
+    const app = await openClient(db.url)
+    const detacher = await openClient(db.url)
+    try {
+      await app.query('BEGIN; SELECT count(*) FROM app.readings')
+      await detacher.query(`SET statement_timeout = '500ms'`)
+      await expect(
+        detacher.query('ALTER TABLE app.readings DETACH PARTITION app.readings_old CONCURRENTLY'),
+      ).rejects.toThrow(/statement timeout/)
+      await app.query('COMMIT')
+    } finally {
+      await app.end()
+      await detacher.end()
+    }
+    const { rows } = await db.pool.query(
+      `SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'app.readings_old'::regclass`,
+    )
+    expect(rows).toEqual([{ inhdetachpending: true }])
+    const { report } = await cleanOnce({
+      name: 'readings',
+      table: 'app.readings',
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 20 })
+    expect(await count('app.readings_old')).toBe(30)
+  })
+
+  it('refuses a table whose foreign keys would cascade to young rows, unless the policy allows it, and a table with DELETE rules', async () => {
+    await db.pool.query(`CREATE TABLE app.messages (id int PRIMARY KEY, at timestamptz NOT NULL,
+        reply_to int REFERENCES app.messages ON DELETE CASCADE);
+      INSERT INTO app.messages VALUES (1, now() - interval '40 days', NULL), (2, now() - interval '1 hour', 1);
+      CREATE TABLE app.ruled (at timestamptz NOT NULL);
+      CREATE RULE keep_a_copy AS ON DELETE TO app.ruled DO ALSO NOTIFY ruled;`)
+    const policy = {
+      name: 'messages',
+      table: 'app.messages',
+      column: 'at',
+      olderThan: '30 days',
+      every: '1 hour',
+    }
+    const refused = createSingleton({
+      name: 'cascade-refused',
+      connectionString: db.url,
+      policies: [policy, { ...policy, name: 'ruled', table: 'app.ruled' }],
+    })
+    const error = await refused.start().then(
+      () => undefined,
+      (e: Error & { code: string }) => e,
+    )
+    expect(error?.code).toBe('INVALID_POLICY')
+    expect(error?.message).toMatch(
+      /policy "messages", field table: deleting outdated rows of "app\.messages" would also delete or change the rows that reference them, however young: app\.messages \(messages_reply_to_fkey\) ON DELETE CASCADE\. Set "allowCascade": true/,
+    )
+    expect(error?.message).toMatch(
+      /policy "ruled", field table: "app\.ruled" has DELETE rules \(keep_a_copy on app\.ruled\)/,
+    )
+    expect(await count('app.messages')).toBe(2)
+
+    const { report } = await cleanOnce({ ...policy, allowCascade: true })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 1 })
+    expect(await count('app.messages')).toBe(0) // the reply went with it, as allowed
+  })
+
+  it('rows the delete leaves in place without an error (a trigger returning NULL) are counted, and the walk moves past them', async () => {
+    await db.pool.query(`CREATE TABLE app.notes (id int PRIMARY KEY, on_day date NOT NULL, archived boolean NOT NULL DEFAULT false);
+      CREATE INDEX ON app.notes (on_day);
+      CREATE FUNCTION app.soft_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF OLD.id <= 10 THEN UPDATE app.notes SET archived = true WHERE id = OLD.id; RETURN NULL; END IF;
+        RETURN OLD;
+      END $$;
+      CREATE TRIGGER soft_delete BEFORE DELETE ON app.notes FOR EACH ROW EXECUTE FUNCTION app.soft_delete();
+      INSERT INTO app.notes (id, on_day) SELECT g, current_date - 40 FROM generate_series(1, 20) AS g;`)
+    // Twenty rows on one day, batches of five: the first two batches are all kept.
+    const { report, name } = await cleanOnce({
+      name: 'notes',
+      table: 'app.notes',
+      column: 'on_day',
+      timeZone: 'UTC',
+      olderThan: '30 days',
+      every: '1 hour',
+      batchSize: 5,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 10, rowsSkipped: 10 })
+    expect(report.reason).toMatch(/left in place by the delete itself/)
+    expect((await batchesOf(name)).length).toBe(4)
+    expect(await count('app.notes WHERE id > 10')).toBe(0)
+  })
+})
+
 describe('rows that cannot go never stall the policy', () => {
   it('rows held by foreign keys (immediate and deferred) and a trigger are skipped and counted; the rest go; a minute of every second piles nothing up', async () => {
     await db.pool.query(`

@@ -225,6 +225,41 @@ describe('"outdated" is judged in the policy\'s zone, never the session\'s', () 
   })
 })
 
+describe('zone names are read from the zone database, never as abbreviations', () => {
+  it('a database whose timezone_abbreviations make EST mean UTC+10 still reads EST as UTC-5', async () => {
+    const db = await createTestDatabase()
+    try {
+      const name = new URL(db.url).pathname.slice(1)
+      await db.pool.query(`ALTER DATABASE ${name} SET timezone_abbreviations = 'Australia'`)
+      await db.pool.end()
+      db.pool = new pg.Pool({ connectionString: db.url, max: 4 })
+      // The trap: through AT TIME ZONE, 'EST' is now fifteen hours off.
+      const { rows: trap } = await db.pool.query(
+        `SELECT extract(hour FROM '2024-01-01 12:00'::timestamp AT TIME ZONE 'EST' AT TIME ZONE 'UTC')::int AS h`,
+      )
+      expect(trap[0].h).toBe(2)
+      await db.pool.query(`CREATE SCHEMA app;
+        CREATE TABLE app.est_wall (label text, at timestamp NOT NULL);
+        INSERT INTO app.est_wall VALUES
+          ('1 hour old',   (now() AT TIME ZONE 'America/Panama') - interval '1 hour'),
+          ('10 hours old', (now() AT TIME ZONE 'America/Panama') - interval '10 hours'),
+          ('20 hours old', (now() AT TIME ZONE 'America/Panama') - interval '20 hours');`)
+      const report = await cleanOnce(db, {
+        name: 'est',
+        table: 'app.est_wall',
+        column: 'at',
+        timeZone: 'EST', // UTC-5 all year in the zone database, as America/Panama
+        olderThan: '12 hours',
+        every: '1 hour',
+      })
+      expect(report).toMatchObject({ status: 'done', rowsDeleted: 1 })
+      expect(await labels(db, 'app.est_wall')).toEqual(['1 hour old', '10 hours old'])
+    } finally {
+      await db.drop()
+    }
+  })
+})
+
 describe('a database where the role itself has another TimeZone', () => {
   it('judges by the policy zone too (role settings reach every session of the node)', async () => {
     const db = await createTestDatabase()

@@ -16,6 +16,7 @@ export class CleanupWorker {
   readonly #pollingIntervalSeconds: number
   readonly #stopping = new AbortController()
   #workerId: string | undefined
+  #starting: Promise<void> | undefined
 
   constructor(
     boss: PgBoss,
@@ -31,7 +32,14 @@ export class CleanupWorker {
     this.#pollingIntervalSeconds = pollingIntervalSeconds
   }
 
-  async start(): Promise<void> {
+  /** Idempotent; after stop() it does nothing. */
+  start(): Promise<void> {
+    this.#starting ??= this.#start()
+    return this.#starting
+  }
+
+  async #start(): Promise<void> {
+    if (this.#stopping.signal.aborted) return
     this.#workerId = await workJobs(
       this.#boss,
       this.#singleton,
@@ -53,6 +61,7 @@ export class CleanupWorker {
   /** Lets the batch in flight commit, then stops taking jobs. */
   async stop(): Promise<void> {
     this.#stopping.abort('the node is stopping')
+    await this.#starting?.catch(() => {})
     if (this.#workerId) await stopWorking(this.#boss, this.#singleton, this.#workerId)
   }
 }

@@ -53,6 +53,8 @@ interface Leaf {
 
 /** Pages a TID-range batch spans when the table has no statistics yet. */
 const DEFAULT_SPAN_PAGES = 32
+/** And at most: a table left nearly empty could otherwise ask for billions of pages. */
+const MAX_SPAN_PAGES = 131_072
 
 /**
  * Works one job: claims its run, then deletes by the definition the run carries (never by
@@ -108,11 +110,13 @@ export async function runCleanup(
       leaf: leaf.leaf,
       strategy: leaf.strategy,
       cursor: null,
-      skip: null,
       limit: run.definition.batchSize,
       span:
         tuplesPerPage > 0
-          ? Math.max(1, Math.ceil(run.definition.batchSize / tuplesPerPage))
+          ? Math.min(
+              MAX_SPAN_PAGES,
+              Math.max(1, Math.ceil(run.definition.batchSize / tuplesPerPage)),
+            )
           : DEFAULT_SPAN_PAGES,
       careful: false,
     }
@@ -137,11 +141,13 @@ export async function runCleanup(
       if (batch.outcome === 'superseded') {
         return { ...report, status: 'fenced', reason: 'a holder closed the run before it finished' }
       }
-      if (batch.outcome === 'fenced' || batch.outcome === 'disagree') {
+      if (batch.outcome !== 'deleted') {
         const reason =
           batch.outcome === 'fenced'
             ? `epoch ${run.epoch} is no longer current: a newer holder took over`
-            : `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
+            : batch.outcome === 'disagree'
+              ? `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
+              : `node ${deps.nodeId} is not live (its lock session is gone or reconnecting), so it may not delete`
         await runs.fence(deps.pool, run, reason)
         return { ...report, status: 'fenced', reason }
       }
@@ -161,10 +167,13 @@ export async function runCleanup(
         })
       }
       if (batch.leafDone) break
+      // Every batch moves its cursor past what it selected; one that did not would loop.
+      if (batch.selected > 0 && JSON.stringify(batch.cursor) === JSON.stringify(next.cursor)) {
+        return failed(`policy "${run.policy}", ${leaf.relation}: the batch did not move on`, true)
+      }
       next = {
         ...next,
         cursor: batch.cursor,
-        skip: batch.skip,
         careful: next.careful && batch.skipped > 0,
       }
       if (deps.batchPauseMs > 0) await sleep(deps.batchPauseMs, signal)

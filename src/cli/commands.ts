@@ -1,5 +1,7 @@
+import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import pg from 'pg'
+import { migrationFiles } from '../../migrations/index.js'
 import { loadConfigFile } from '../config/config-file.js'
 import { consoleLogger } from '../config/logger.js'
 import { defaultNodeId } from '../config/options.js'
@@ -16,7 +18,24 @@ import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
 
-export async function migrateCommand(args: { embedded: boolean }): Promise<void> {
+export async function migrateCommand(args: {
+  embedded: boolean
+  sql?: boolean
+  out?: string
+}): Promise<void> {
+  if (args.sql) {
+    // The same migrations as SQL, for teams that run their own migration tool.
+    const files = migrationFiles()
+    if (!args.out) {
+      for (const [name, text] of Object.entries(files))
+        process.stdout.write(`-- ==== ${name}\n${text}\n`)
+      return
+    }
+    await mkdir(args.out, { recursive: true })
+    for (const [name, text] of Object.entries(files)) await writeFile(join(args.out, name), text)
+    say(`Wrote ${Object.keys(files).join(', ')} to ${args.out}.`)
+    return
+  }
   const { url } = await resolveConnection(say, args)
   const pool = new pg.Pool({ connectionString: url, max: 1 })
   try {

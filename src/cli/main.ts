@@ -8,6 +8,7 @@ const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in Postgr
 
 Usage:
   pg-singleton migrate                      create or upgrade the pgsingleton schema (and pg-boss's)
+  pg-singleton migrate --sql [--out DIR]    print (or write to DIR) the same migrations as SQL files
   pg-singleton run [--config F] [--node-id ID] [--verbose]
                                             run a node: queue for the lock, schedule and clean
   pg-singleton status [--json] [--name N]   who holds the singleton, who waits, each policy
@@ -41,6 +42,8 @@ export async function main(argv: string[]): Promise<number> {
       name: { type: 'string' },
       verbose: { type: 'boolean', short: 'v', default: false },
       embedded: { type: 'boolean', default: false },
+      sql: { type: 'boolean', default: false },
+      out: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   })
@@ -51,7 +54,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   switch (command) {
     case 'migrate':
-      await migrateCommand({ embedded: values.embedded })
+      await migrateCommand({ embedded: values.embedded, sql: values.sql, out: values.out })
       return 0
     case 'run':
       await runCommand({

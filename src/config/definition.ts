@@ -25,6 +25,8 @@ export interface PolicyDefinition {
   readonly olderThan: string
   readonly every: string
   readonly batchSize: number
+  /** Deleting may cascade to rows that reference the table (the user said so). */
+  readonly allowCascade: boolean
 }
 
 /**
@@ -42,6 +44,7 @@ export function fingerprint(definition: PolicyDefinition): string {
     definition.olderThan,
     definition.every,
     definition.batchSize,
+    definition.allowCascade,
   ])
   return createHash('sha256').update(canonical).digest('hex').slice(0, 16)
 }

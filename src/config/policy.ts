@@ -26,6 +26,12 @@ export interface RetentionPolicy {
   timeZone?: string
   /** The most rows one batch deletes, each batch its own short transaction. Default 1000. */
   batchSize?: number
+  /**
+   * Accept that deleting an outdated row also deletes or changes rows that reference it,
+   * however young (foreign keys with ON DELETE CASCADE, SET NULL or SET DEFAULT). Without
+   * it such a table is refused. Default false.
+   */
+  allowCascade?: boolean
 }
 
 export interface ResolvedPolicy {
@@ -38,6 +44,7 @@ export interface ResolvedPolicy {
   readonly every: string
   readonly timeZone: string | undefined
   readonly batchSize: number
+  readonly allowCascade: boolean
 }
 
 export const DEFAULT_BATCH_SIZE = 1000
@@ -53,6 +60,7 @@ const POLICY_KEYS = new Set([
   'every',
   'timeZone',
   'batchSize',
+  'allowCascade',
 ])
 
 /**
@@ -147,6 +155,12 @@ function resolvePolicy(
       `${where}, field batchSize: ${JSON.stringify(batchSize)} is not an integer from 1 to ${MAX_BATCH_SIZE}.`,
     )
   }
+  const allowCascade = record.allowCascade ?? false
+  if (typeof allowCascade !== 'boolean') {
+    problems.add(
+      `${where}, field allowCascade: ${JSON.stringify(allowCascade)} is not true or false.`,
+    )
+  }
   if (problems.count > before || !table || column === undefined || !olderThan || !every)
     return undefined
   return Object.freeze({
@@ -158,6 +172,7 @@ function resolvePolicy(
     every,
     timeZone,
     batchSize: batchSize as number,
+    allowCascade: allowCascade === true,
   })
 }
 

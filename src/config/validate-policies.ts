@@ -1,5 +1,6 @@
 import type pg from 'pg'
 import { INTERVAL_PARSE_ERRORS, sqlState } from '../db/sqlstate.js'
+import type { SingletonWarning } from '../events.js'
 import { COLUMN_TYPES, type ColumnType, type PolicyDefinition } from './definition.js'
 import { quoteIdent, quoteQualified } from './identifier.js'
 import type { ResolvedPolicy } from './policy.js'
@@ -7,13 +8,14 @@ import { Problems } from './problems.js'
 
 export interface ValidatedPolicies {
   readonly definitions: readonly PolicyDefinition[]
-  /** Worth saying, not worth refusing (a column no index starts with). */
-  readonly warnings: readonly string[]
+  /** Worth saying, not worth refusing (a column no index starts with, a legacy zone name). */
+  readonly warnings: readonly SingletonWarning[]
   /** One line per policy: the definition as this node understood it, and its cut-off now. */
   readonly understood: readonly string[]
 }
 
 interface Leaf {
+  leaf: number
   relation: string
   relkind: string
   strategy: string
@@ -34,7 +36,7 @@ export async function validatePolicies(
 ): Promise<ValidatedPolicies> {
   const problems = new Problems()
   const definitions: PolicyDefinition[] = []
-  const warnings: string[] = []
+  const warnings: SingletonWarning[] = []
   const understood: string[] = []
   for (const policy of policies) {
     const before = problems.count
@@ -82,7 +84,7 @@ export async function validatePolicies(
     const timeZone = await checkZone(pool, problems, where, policy, columnType as ColumnType)
 
     const { rows: leaves } = await pool.query<Leaf>(
-      'SELECT relation, relkind, strategy, can_delete FROM pgsingleton.cleanup_leaves($1, $2)',
+      'SELECT leaf, relation, relkind, strategy, can_delete FROM pgsingleton.cleanup_leaves($1, $2)',
       [table.oid, policy.column],
     )
     const foreign = leaves.filter((leaf) => leaf.relkind === 'f')
@@ -97,15 +99,23 @@ export async function validatePolicies(
         `${where}, field table: the current role may not SELECT and DELETE on ${denied.map((l) => `"${l.relation}"`).join(', ')}; grant both${leaves.length > 1 ? ' (on every partition or child too: pg-singleton deletes from each of them directly)' : ''}.`,
       )
     }
+    await checkSideEffects(pool, problems, where, policy, [table.oid, ...leaves.map((l) => l.leaf)])
     if (problems.count > before || timeZone === undefined) continue
+    if (timeZone && !timeZone.includes('/') && !['UTC', 'GMT', 'UCT', 'Zulu'].includes(timeZone)) {
+      warnings.push({
+        code: 'LEGACY_ZONE_NAME',
+        message: `${where}: timeZone "${timeZone}" is a legacy zone name, read from the zone database (never as an abbreviation); if the app writes the local time of a region, name the region, e.g. "America/New_York" or "Europe/Berlin".`,
+      })
+    }
 
     // Without an index that starts with the column, each run reads the whole table, page
     // range by page range: fine for small tables, slow for big ones. Worth saying once.
     const unindexed = leaves.filter((leaf) => leaf.strategy !== 'index')
     if (unindexed.length > 0) {
-      warnings.push(
-        `${where}: no index starts with column "${policy.column}" of ${unindexed.map((l) => `"${l.relation}"`).join(', ')}; each run reads the whole table. Consider CREATE INDEX ON ${quoteQualified(policy.table)} (${quoteIdent(policy.column)}).`,
-      )
+      warnings.push({
+        code: 'UNINDEXED_COLUMN',
+        message: `${where}: no index starts with column "${policy.column}" of ${unindexed.map((l) => `"${l.relation}"`).join(', ')}; each run reads the whole table. Consider CREATE INDEX ON ${quoteQualified(policy.table)} (${quoteIdent(policy.column)}).`,
+      })
     }
     const definition: PolicyDefinition = Object.freeze({
       name: policy.name,
@@ -117,12 +127,52 @@ export async function validatePolicies(
       olderThan: policy.olderThan,
       every: policy.every,
       batchSize: policy.batchSize,
+      allowCascade: policy.allowCascade,
     })
     definitions.push(definition)
     understood.push(await describe(pool, definition, leaves.length))
   }
   problems.throwIfAny('INVALID_POLICY')
   return { definitions, warnings, understood }
+}
+
+/**
+ * Deleting a row can delete or change others: foreign keys that reference the table with
+ * ON DELETE CASCADE, SET NULL or SET DEFAULT reach rows however young they are, and a
+ * DELETE rule can do anything. A policy on such a table is refused unless it says
+ * `allowCascade` (foreign keys only; rules are always refused).
+ */
+async function checkSideEffects(
+  pool: pg.Pool | pg.Client,
+  problems: Problems,
+  where: string,
+  policy: ResolvedPolicy,
+  relations: number[],
+): Promise<void> {
+  const { rows: keys } = await pool.query<{ key: string }>(
+    `SELECT DISTINCT format('%s (%s) ON DELETE %s', c.conrelid::regclass, c.conname,
+              CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' ELSE 'SET DEFAULT' END) AS key
+       FROM pg_constraint c
+      WHERE c.contype = 'f' AND c.confrelid = ANY ($1::oid[]) AND c.confdeltype IN ('c', 'n', 'd')
+        AND c.conparentid = 0
+      ORDER BY 1`,
+    [relations],
+  )
+  if (keys.length > 0 && !policy.allowCascade) {
+    problems.add(
+      `${where}, field table: deleting outdated rows of "${policy.tableText}" would also delete or change the rows that reference them, however young: ${keys.map((k) => k.key).join(', ')}. Set "allowCascade": true to accept that, or change the foreign key.`,
+    )
+  }
+  const { rows: rules } = await pool.query<{ rule: string }>(
+    `SELECT format('%s on %s', r.rulename, r.ev_class::regclass) AS rule FROM pg_rewrite r
+      WHERE r.ev_class = ANY ($1::oid[]) AND r.ev_type = '4' ORDER BY 1`,
+    [relations],
+  )
+  if (rules.length > 0) {
+    problems.add(
+      `${where}, field table: "${policy.tableText}" has DELETE rules (${rules.map((r) => r.rule).join(', ')}); a rule can make a delete do anything, so pg-singleton does not clean such tables.`,
+    )
+  }
 }
 
 /**

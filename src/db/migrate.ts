@@ -1,10 +1,17 @@
 import { Kysely, PostgresDialect } from 'kysely'
 import { Migrator } from 'kysely/migration'
 import type pg from 'pg'
-import { PgBoss } from 'pg-boss'
-import { migrationProvider, SCHEMA_VERSION } from '../../migrations/index.js'
+// A namespace import: a pg-boss of another major, without this export, must not fail the
+// import of pg-singleton itself; start() names the version instead.
+import * as pgBoss from 'pg-boss'
+import {
+  LEGACY_NAMES,
+  MIGRATION_LOCK,
+  PG_BOSS_INSTALL_LOCK,
+  SCHEMA_VERSION,
+  schemaMigrations,
+} from '../../migrations/index.js'
 import { SingletonError } from '../errors.js'
-import { lockKey } from '../lock/lock-key.js'
 import { SQLSTATE, sqlState } from './sqlstate.js'
 import { withClient } from './transaction.js'
 
@@ -29,15 +36,13 @@ export async function migrateToLatest(pool: pg.Pool): Promise<MigrationResult> {
 /**
  * pg-boss migrates under its own advisory lock, but two first installs at once still race
  * on CREATE SCHEMA; one session-level lock of ours around the whole install serializes
- * them. The key cannot be a singleton's: singleton names have no spaces.
+ * them (the same key the Kysely route's pg-boss step takes).
  */
-const PG_BOSS_INSTALL_KEY = lockKey('install pg-boss')
-
 async function installPgBoss(pool: pg.Pool): Promise<void> {
   await withClient(pool, async (client) => {
-    await client.query('SELECT pg_advisory_lock($1)', [PG_BOSS_INSTALL_KEY.toString()])
+    await client.query('SELECT pg_advisory_lock($1)', [PG_BOSS_INSTALL_LOCK])
     try {
-      const boss = new PgBoss({
+      const boss = new pgBoss.PgBoss({
         db: { executeSql: (text: string, values?: unknown[]) => client.query(text, values) },
         migrate: true,
         supervise: false,
@@ -49,9 +54,7 @@ async function installPgBoss(pool: pg.Pool): Promise<void> {
       await boss.stop({ graceful: false, close: false })
       if (failures[0]) throw failures[0]
     } finally {
-      await client
-        .query('SELECT pg_advisory_unlock($1)', [PG_BOSS_INSTALL_KEY.toString()])
-        .catch(() => {})
+      await client.query('SELECT pg_advisory_unlock($1)', [PG_BOSS_INSTALL_LOCK]).catch(() => {})
     }
   })
 }
@@ -59,6 +62,7 @@ async function installPgBoss(pool: pg.Pool): Promise<void> {
 async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
   const found = await readSchemaVersion(pool)
   if (found !== undefined && found > SCHEMA_VERSION) throw schemaTooNew(found)
+  await renameLegacyMigrations(pool)
 
   // Kysely ends the pool it was given on destroy(); this one is borrowed, so give it a
   // wrapper whose end() does nothing.
@@ -66,10 +70,13 @@ async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
   try {
     const migrator = new Migrator({
       db,
-      provider: migrationProvider,
+      provider: { getMigrations: async () => ({ ...schemaMigrations }) },
+      // Not Kysely's default names: Kysely's Migrator, when an app leaves its own table's
+      // schema unset, takes a table of the default name in any schema for its own, and
+      // then fails to find it on its search_path.
       migrationTableSchema: 'pgsingleton',
-      migrationTableName: 'kysely_migration',
-      migrationLockTableName: 'kysely_migration_lock',
+      migrationTableName: MIGRATION_TABLE,
+      migrationLockTableName: `${MIGRATION_TABLE}_lock`,
     })
     const { error, results } = await migrator.migrateToLatest()
     if (error) {
@@ -81,13 +88,55 @@ async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
         },
       )
     }
+    // A step another route (an app's migrator, the SQL files) had applied succeeds here
+    // without doing anything: what this call applied is what moved the version.
+    const after = (await readSchemaVersion(pool)) ?? 0
     return {
-      applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),
-      schemaVersion: SCHEMA_VERSION,
+      applied: (results ?? [])
+        .filter((r) => r.status === 'Success')
+        .map((r) => r.migrationName)
+        .filter((name) => {
+          const version = Number(/^pgsingleton_(\d+)_/.exec(name)?.[1])
+          return version > (found ?? 0) && version <= after
+        }),
+      schemaVersion: after,
     }
   } finally {
     await db.destroy()
   }
+}
+
+const MIGRATION_TABLE = 'pgsingleton_migration'
+
+/**
+ * Databases an earlier pg-singleton migrated keep their bookkeeping in tables named as
+ * Kysely's defaults (`pgsingleton.kysely_migration`), with the first migration recorded as
+ * `0001_initial`. Both get today's names, so such a database upgrades with no manual
+ * step. Under the migration lock: ten processes at once rename once.
+ */
+async function renameLegacyMigrations(pool: pg.Pool): Promise<void> {
+  await withClient(pool, async (client) => {
+    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK])
+    try {
+      const { rows } = await client.query<{ legacy: boolean; current: boolean }>(
+        `SELECT to_regclass('pgsingleton.kysely_migration') IS NOT NULL AS legacy,
+                to_regclass('pgsingleton.${MIGRATION_TABLE}') IS NOT NULL AS current`,
+      )
+      if (!rows[0]?.legacy || rows[0].current) return
+      await client.query(`ALTER TABLE pgsingleton.kysely_migration RENAME TO ${MIGRATION_TABLE}`)
+      await client.query(
+        `ALTER TABLE IF EXISTS pgsingleton.kysely_migration_lock RENAME TO ${MIGRATION_TABLE}_lock`,
+      )
+      for (const [legacy, name] of Object.entries(LEGACY_NAMES)) {
+        await client.query(`UPDATE pgsingleton.${MIGRATION_TABLE} SET name = $2 WHERE name = $1`, [
+          legacy,
+          name,
+        ])
+      }
+    } finally {
+      await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]).catch(() => {})
+    }
+  })
 }
 
 /** Refuses a database that is not migrated, or migrated by a newer pg-singleton. */

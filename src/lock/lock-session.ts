@@ -138,9 +138,14 @@ export class LockSession {
     }))
     await this.#client.query('BEGIN')
     try {
+      // Waits for batches in flight, which check the agreement under the same lock shared;
+      // every batch after this commits sees this node's definitions.
+      await this.#client.query('SELECT pg_advisory_xact_lock(pgsingleton.agreement_key($1))', [
+        name,
+      ])
       await this.#client.query(
         `INSERT INTO pgsingleton.nodes AS n (singleton, node_id, backend_pid, member_key, registered_at)
-         VALUES ($1, $2, pg_backend_pid(), pgsingleton.member_key($1, $2), now())
+         VALUES ($1, $2, pg_backend_pid(), pgsingleton.member_key($1, $2), clock_timestamp())
          ON CONFLICT (singleton, node_id) DO UPDATE
            SET backend_pid = excluded.backend_pid, member_key = excluded.member_key,
                registered_at = excluded.registered_at`,

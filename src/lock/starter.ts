@@ -6,6 +6,8 @@ import { holdUntilLost } from './hold.js'
 import { type Lease, LockSession, type LockSessionSettings } from './lock-session.js'
 
 export interface StarterHooks {
+  /** The node is live and its definitions are recorded (after every reconnect). */
+  onRegistered(): void
   onWaiting(): void
   /** The node holds the singleton; `fence` aborts when it must stop acting as holder. */
   onAcquired(lease: Lease, fence: AbortSignal): void
@@ -34,6 +36,8 @@ export class Starter {
   readonly #hooks: StarterHooks
   readonly #stop = new AbortController()
   #loop: Promise<void> | undefined
+  #firstAttempt: Promise<void> | undefined
+  #firstAttemptDone: (() => void) | undefined
   #held: LockSession | undefined
   #lease: Lease | undefined
 
@@ -47,8 +51,13 @@ export class Starter {
     return this.#lease
   }
 
-  start(): void {
+  /** Starts the loop; resolves once its first connection has registered the node, or failed to. */
+  start(): Promise<void> {
+    this.#firstAttempt ??= new Promise((resolve) => {
+      this.#firstAttemptDone = resolve
+    })
     this.#loop ??= this.#run()
+    return this.#firstAttempt
   }
 
   /**
@@ -58,6 +67,7 @@ export class Starter {
    */
   async stop(beforeRelease: () => Promise<void>): Promise<Lease | undefined> {
     this.#stop.abort()
+    this.#firstAttemptDone?.()
     await this.#loop
     await beforeRelease()
     const lease = this.#lease
@@ -80,6 +90,8 @@ export class Starter {
       try {
         await session.connect()
         await session.register(this.#settings.definitions)
+        this.#hooks.onRegistered()
+        this.#firstAttemptDone?.()
         this.#hooks.onWaiting()
         const acquired = await session.acquire(stop)
         stop.removeEventListener('abort', abortWait)
@@ -107,6 +119,7 @@ export class Starter {
           this.#held = undefined
           this.#lease = undefined
         }
+        this.#firstAttemptDone?.()
         if (stop.aborted) break
         this.#hooks.onError(
           new Error(`lock session failed, reconnecting in ${delay} ms: ${errorMessage(error)}`, {

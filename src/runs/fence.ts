@@ -19,9 +19,10 @@ export interface FenceToken {
  * end with the transaction and never leak into the app's pool (and work through a
  * transaction pooler). The limits are validated numbers, which is why they can be
  * written into the statement. With `utc`, times are read in UTC whatever the role's
- * TimeZone, so schedule arithmetic is the same on every node; batches leave the zone as
- * it is, since pgsingleton.cleanup_batch depends on no session setting (and the tests
- * hold it to that in databases set east and west of UTC).
+ * TimeZone, so schedule arithmetic is the same on every node. Batches leave it to
+ * pgsingleton.cleanup_batch, which sets the policy's zone for its own transaction (the
+ * tests run it in databases set east and west of UTC, so a predicate that leaned on the
+ * session's zone would fail them).
  */
 export function localSettings(limits: TransactionLimits, { utc }: { utc: boolean }): string {
   return (

@@ -251,7 +251,9 @@ export async function attachJob(tx: Queryable, runId: string, jobId: string): Pr
 
 /**
  * Worker: takes a scheduled run; from here on attempt n owns it. Undefined when the run
- * is not waiting for a worker (already taken, finished, or closed by a holder).
+ * is not waiting for a worker (already taken, finished, or closed by a holder), or when
+ * this node is not live: a node whose definitions do not count towards the agreement
+ * (it has not registered, or its lock session is gone) may not delete.
  */
 export async function claim(
   pool: pg.Pool,
@@ -272,6 +274,8 @@ export async function claim(
         SET status = 'running', attempt = attempt + 1, node_id = $2,
             started_at = coalesce(started_at, now()), finished_at = NULL, error = NULL, retry_at = NULL
       WHERE id = $1 AND status = 'scheduled'
+        AND EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                     WHERE l.singleton = cleanup_runs.singleton AND l.node_id = $2)
       RETURNING singleton, policy, epoch, attempt, definition, rows_deleted, rows_skipped, batches`,
     [runId, nodeId],
   )
@@ -296,8 +300,6 @@ export interface BatchRequest {
   readonly strategy: 'index' | 'tidrange'
   /** Where the previous batch of this leaf stopped (opaque; null to start). */
   readonly cursor: unknown
-  /** Rows at the cursor that could not go (opaque; null for none). */
-  readonly skip: string | null
   readonly limit: number
   /** Pages per batch of the tidrange strategy. */
   readonly span: number
@@ -306,12 +308,11 @@ export interface BatchRequest {
 }
 
 export interface BatchResult {
-  outcome: 'deleted' | 'fenced' | 'superseded' | 'disagree'
+  outcome: 'deleted' | 'fenced' | 'superseded' | 'disagree' | 'not live'
   selected: number
   deleted: number
   skipped: number
   cursor: unknown
-  skip: string | null
   leafDone: boolean
   firstError: string | null
   cutoff: Date | null
@@ -344,7 +345,6 @@ export async function recordBatch(
       int(request.leaf),
       literal(request.strategy),
       request.cursor === null ? 'NULL' : `${literal(JSON.stringify(request.cursor))}::jsonb`,
-      request.skip === null ? 'NULL' : `${literal(request.skip)}::tid[]`,
       int(request.limit),
       int(request.span),
       request.careful ? 'true' : 'false',
@@ -358,7 +358,6 @@ export async function recordBatch(
         deleted: number
         skipped: number
         next_cursor: unknown
-        next_skip: string | null
         leaf_done: boolean
         first_error: string | null
         cutoff: Date | null
@@ -371,7 +370,6 @@ export async function recordBatch(
     deleted: row.deleted,
     skipped: row.skipped,
     cursor: row.next_cursor,
-    skip: row.next_skip,
     leafDone: row.leaf_done,
     firstError: row.first_error,
     cutoff: row.cutoff,

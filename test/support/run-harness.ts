@@ -119,7 +119,6 @@ export async function workRun(
       leaf: Number(leaf.leaf),
       strategy: leaf.strategy,
       cursor: null,
-      skip: null,
       limit: limit ?? claim.definition.batchSize,
       span: 4,
       careful: false,
@@ -139,7 +138,6 @@ export async function workRun(
       request = {
         ...request,
         cursor: batch.cursor,
-        skip: batch.skip,
         careful: request.careful && batch.skipped > 0,
       }
     }

@@ -1,0 +1,573 @@
+-- pg-singleton schema version 2 (pgsingleton_0002_safe_deletes).
+-- Safe to run by any route, any number of times, at the same moment as another route:
+-- it applies only on top of version 1 and records 2 in pgsingleton.meta.
+DO $pgsingleton_migration$
+DECLARE
+  found integer := 0;
+BEGIN
+  PERFORM pg_advisory_xact_lock(-7089759982357046742);
+  IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
+    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
+  END IF;
+  IF found >= 2 THEN
+    RETURN; -- applied already, by this route or another
+  END IF;
+  IF found < 1 THEN
+    RAISE EXCEPTION 'pg-singleton: schema version 2 needs version 1 first; the database has %', found;
+  END IF;
+  EXECUTE $pgsingleton_step$
+-- What the nodes must speak: a lock session declares pgsingleton.protocol, and the epoch
+-- bump of a node that speaks less is refused with a message that says to upgrade it.
+ALTER TABLE pgsingleton.meta ADD COLUMN protocol integer NOT NULL DEFAULT 2;
+UPDATE pgsingleton.meta SET schema_version = 2, protocol = 2;
+SELECT set_config('pgsingleton.protocol', '2', true);
+
+CREATE OR REPLACE FUNCTION pgsingleton.leases_epoch_never_decreases() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  required integer;
+  spoken integer;
+BEGIN
+  IF TG_OP = 'UPDATE' AND NEW.epoch < OLD.epoch THEN
+    RAISE EXCEPTION 'pgsingleton.leases: epoch of % may only increase (% -> %)',
+      OLD.name, OLD.epoch, NEW.epoch;
+  END IF;
+  IF TG_OP = 'INSERT' OR NEW.epoch <> OLD.epoch THEN
+    SELECT m.protocol INTO required FROM pgsingleton.meta m;
+    spoken := coalesce(nullif(current_setting('pgsingleton.protocol', true), '')::integer, 1);
+    IF spoken < required THEN
+      RAISE EXCEPTION USING
+        ERRCODE = 'object_not_in_prerequisite_state',
+        MESSAGE = format('pg-singleton: node %s speaks protocol %s, but this database (pgsingleton schema version %s) requires protocol %s',
+                         NEW.node_id, spoken, (SELECT schema_version FROM pgsingleton.meta), required),
+        HINT = 'Upgrade pg-singleton on this node; until then it cannot hold the singleton.';
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+DROP TRIGGER epoch_never_decreases ON pgsingleton.leases;
+CREATE TRIGGER epoch_never_decreases BEFORE INSERT OR UPDATE ON pgsingleton.leases
+FOR EACH ROW EXECUTE FUNCTION pgsingleton.leases_epoch_never_decreases();
+-- A holder from before this schema loses its epoch now: its next heartbeat fences it.
+-- FOR UPDATE first, as every epoch bump does: it waits for a batch in flight (which holds
+-- the lease FOR KEY SHARE), which a plain UPDATE of a non-key column would not.
+SELECT 1 FROM pgsingleton.leases FOR UPDATE;
+UPDATE pgsingleton.leases SET epoch = epoch + 1;
+
+-- The cut-off of an interval: the database's now() minus the interval, counted in UTC
+-- (a day is 24 hours, a month a calendar month in UTC). No text zone name is read (a
+-- name given to AT TIME ZONE is looked up among the session's timezone_abbreviations
+-- first, which a database or role can redefine): the arithmetic runs with the TimeZone
+-- setting at UTC, which only ever reads the zone database, and the caller's setting is
+-- put back.
+CREATE FUNCTION pgsingleton.cutoff(older_than interval) RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  caller text := current_setting('TimeZone');
+  result timestamptz;
+BEGIN
+  PERFORM set_config('TimeZone', 'UTC', true);
+  result := (now()::timestamp - older_than)::timestamptz;
+  PERFORM set_config('TimeZone', caller, true);
+  RETURN result;
+END $$;
+
+-- The one definition of "outdated", as SQL text over $1 (the cut-off, timestamptz), to
+-- run with the TimeZone setting at the policy's zone (pgsingleton.cleanup_batch sets it
+-- for its transaction). The first term of each is a plain range on the column (an index
+-- serves it); the second is the exact rule. A timestamp is read in the zone; where a wall
+-- time is ambiguous (clocks going back) PostgreSQL reads it as the later instant, so the
+-- row is judged younger. A date goes only once its whole day, in the zone, is older than
+-- the cut-off.
+CREATE FUNCTION pgsingleton.outdated_predicate(column_name text, column_type text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  RETURN CASE column_type
+    WHEN 'timestamp with time zone' THEN
+      format('%1$I < $1', column_name)
+    WHEN 'timestamp without time zone' THEN
+      format('%1$I < $1::timestamp AND %1$I::timestamptz < $1', column_name)
+    WHEN 'date' THEN
+      format('%1$I < $1::date AND (%1$I + 1)::timestamptz <= $1', column_name)
+  END;
+END $$;
+
+-- The fence: takes the lease row FOR KEY SHARE at the given epoch and says whether it is
+-- current. Every protected write calls it first in its transaction; the next holder's
+-- epoch bump (FOR UPDATE) waits for such a transaction, and no transaction of an older
+-- epoch passes it once the bump has committed.
+CREATE FUNCTION pgsingleton.fence(p_singleton text, p_epoch bigint) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+  SELECT EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = p_singleton AND epoch = p_epoch FOR KEY SHARE)
+$$;
+
+-- Nodes and the definitions they hold. A node is live while its lock session holds its
+-- membership lock (pgsingleton.member_key), read from pg_locks: the server's truth,
+-- visible to every role, gone the moment the session is.
+CREATE FUNCTION pgsingleton.member_key(singleton text, node_id text) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pgsingleton.lock_key(singleton || E'\n' || node_id) $$;
+
+CREATE TABLE pgsingleton.nodes (
+  singleton text NOT NULL,
+  node_id text NOT NULL,
+  -- the lock session that holds the membership lock; a stale row never matches a live lock
+  backend_pid integer NOT NULL,
+  member_key bigint NOT NULL,
+  registered_at timestamptz NOT NULL DEFAULT now(),
+  package_version text,
+  PRIMARY KEY (singleton, node_id)
+);
+CREATE TABLE pgsingleton.node_policies (
+  singleton text NOT NULL,
+  node_id text NOT NULL,
+  policy text NOT NULL,
+  fingerprint text NOT NULL,
+  definition jsonb NOT NULL,
+  PRIMARY KEY (singleton, node_id, policy),
+  FOREIGN KEY (singleton, node_id) REFERENCES pgsingleton.nodes ON DELETE CASCADE
+);
+
+CREATE VIEW pgsingleton.live_nodes AS
+WITH held AS MATERIALIZED (
+  SELECT l.pid, (l.classid::bigint << 32) | l.objid::bigint AS key
+    FROM pg_locks l
+   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT n.singleton, n.node_id, n.backend_pid, n.registered_at, n.package_version
+  FROM pgsingleton.nodes n
+  JOIN held h ON h.pid = n.backend_pid AND h.key = n.member_key;
+
+-- The fingerprint all live nodes share for a policy, or NULL when they do not all have
+-- it with the same definition (or no node is live).
+CREATE FUNCTION pgsingleton.agreed_fingerprint(p_singleton text, p_policy text) RETURNS text
+LANGUAGE sql STABLE AS $$
+  SELECT CASE WHEN count(*) > 0 AND count(np.fingerprint) = count(*)
+                   AND count(DISTINCT np.fingerprint) = 1
+              THEN min(np.fingerprint) END
+    FROM pgsingleton.live_nodes l
+    LEFT JOIN pgsingleton.node_policies np
+      ON np.singleton = l.singleton AND np.node_id = l.node_id AND np.policy = p_policy
+   WHERE l.singleton = p_singleton
+$$;
+
+-- Runs: the definition they were issued with, an ownership token, retries, a final status
+-- for retries that ran out, and skipped rows.
+UPDATE pgsingleton.cleanup_runs
+   SET status = 'fenced', finished_at = now(),
+       error = 'closed by the upgrade to pgsingleton schema 2; a holder issues the occurrence again'
+ WHERE status IN ('scheduled', 'running', 'failed');
+ALTER TABLE pgsingleton.cleanup_runs
+  DROP CONSTRAINT cleanup_runs_status_check,
+  ADD CONSTRAINT cleanup_runs_status_check
+    CHECK (status IN ('scheduled', 'running', 'failed', 'done', 'fenced', 'exhausted')),
+  ADD COLUMN definition jsonb,
+  ADD COLUMN fingerprint text,
+  -- claimed by attempt n; every later write of the run names its attempt
+  ADD COLUMN attempt integer NOT NULL DEFAULT 0,
+  ADD COLUMN failures integer NOT NULL DEFAULT 0,
+  ADD COLUMN retry_at timestamptz,
+  ADD COLUMN rows_skipped bigint NOT NULL DEFAULT 0,
+  -- Runs written by a node of schema 1 carry no definition; new ones must.
+  ADD CONSTRAINT cleanup_runs_definition_recorded
+    CHECK (definition IS NOT NULL AND fingerprint IS NOT NULL) NOT VALID;
+-- A policy never has more than one open run.
+CREATE UNIQUE INDEX cleanup_runs_one_open_per_policy
+  ON pgsingleton.cleanup_runs (singleton, policy) WHERE status IN ('scheduled', 'running', 'failed');
+CREATE INDEX cleanup_runs_policy_finished
+  ON pgsingleton.cleanup_runs (singleton, policy, finished_at);
+
+ALTER TABLE pgsingleton.cleanup_batches
+  ADD COLUMN rows_skipped integer NOT NULL DEFAULT 0,
+  ADD COLUMN cutoff timestamptz,
+  ADD COLUMN relation text,
+  -- A batch of a schema-1 node records no cut-off: the insert fails and its delete rolls back.
+  ADD CONSTRAINT cleanup_batches_cutoff_recorded CHECK (cutoff IS NOT NULL AND relation IS NOT NULL) NOT VALID;
+
+-- The tables a policy's rows live in: the table itself and every table that inherits from
+-- it (partitions at any depth, inheritance children), without partitioned parents, which
+-- hold no rows, and without partitions being detached (DETACH ... CONCURRENTLY), which
+-- queries through the parent no longer see. A batch works on one of them with DELETE FROM
+-- ONLY, so a ctid means one row.
+CREATE FUNCTION pgsingleton.cleanup_leaves(p_table regclass, p_column text)
+RETURNS TABLE (leaf oid, relation text, relkind "char", strategy text, tuples_per_page float8, can_delete boolean)
+LANGUAGE sql STABLE AS $$
+  WITH RECURSIVE tree(relid) AS (
+    SELECT p_table::oid
+    UNION
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid
+     WHERE NOT i.inhdetachpending
+  )
+  SELECT c.oid,
+         format('%I.%I', n.nspname, c.relname),
+         c.relkind,
+         -- an index whose first column is the policy's column serves a walk in column order;
+         -- without one, the batches walk the table's pages in order instead
+         CASE WHEN EXISTS (
+                SELECT 1 FROM pg_index x
+                  JOIN pg_class ic ON ic.oid = x.indexrelid
+                  JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = p_column AND a.attnum = x.indkey[0]
+                 WHERE x.indrelid = c.oid AND x.indisvalid AND x.indpred IS NULL)
+              THEN 'index' ELSE 'tidrange' END,
+         CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages END,
+         has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'DELETE')
+    FROM tree
+    JOIN pg_class c ON c.oid = tree.relid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.relkind IN ('r', 'f')
+   ORDER BY c.oid
+$$;
+
+-- Nodes register their definitions under this lock, exclusively; batches check the
+-- agreement under it, shared. A node that registers while a batch is in flight waits for
+-- it, and every batch after sees the node.
+CREATE FUNCTION pgsingleton.agreement_key(singleton text) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT pgsingleton.lock_key(singleton || E'\nagreement') $$;
+
+-- One batch of a run, in the caller's transaction (one statement: the caller sets
+-- lock_timeout and statement_timeout LOCAL in the same message).
+--
+-- outcome: 'deleted' (progress recorded), 'fenced' (the run's epoch is no longer current),
+-- 'superseded' (the run is not running under this attempt), 'disagree' (the live nodes no
+-- longer all hold the run's definition), 'not live' (the node that claimed the run holds
+-- no membership lock). Only 'deleted' writes anything.
+--
+-- strategy 'index' walks the leaf in (column, ctid) order from the cursor (p_cursor->'at',
+-- the last row's column value and ctid); 'tidrange' walks its pages from the cursor (a
+-- tid), p_span pages at a time. Neither takes more than the definition's batchSize rows,
+-- and both move past every row they selected, deleted or not. A row version this run's
+-- own batches made (a soft-delete trigger that updates the row it refuses to delete moves
+-- it further along the walk) is not taken again: p_cursor->'xids' lists the transactions
+-- of the batches that left rows in place.
+--
+-- p_careful: lock only rows no one else holds (FOR UPDATE SKIP LOCKED) and, when the
+-- delete fails for reasons tied to rows (a foreign key, a check, a trigger, a lock held on
+-- a referencing row), find those rows by trial deletes that are rolled back, skip them,
+-- and delete the rest. Rows the delete leaves without an error (a trigger that returns
+-- NULL, a rule, a row security policy) are counted as skipped too. The first reason is
+-- recorded on the run.
+CREATE FUNCTION pgsingleton.cleanup_batch(
+  p_run bigint, p_attempt integer, p_leaf oid, p_strategy text, p_cursor jsonb,
+  p_limit integer, p_span integer, p_careful boolean,
+  OUT outcome text, OUT selected integer, OUT deleted integer, OUT skipped integer,
+  OUT next_cursor jsonb, OUT leaf_done boolean, OUT first_error text,
+  OUT cutoff timestamptz, OUT batch integer)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  run pgsingleton.cleanup_runs;
+  def jsonb;
+  parent regclass;
+  leaf_sql text;
+  col text;
+  col_type text;
+  cast_to text;
+  pred text;
+  lim integer;
+  tids tid[] := '{}';
+  gone tid[] := '{}';
+  kept tid[];
+  still tid[];
+  lockable tid[];
+  good tid[] := '{}';
+  bad tid[] := '{}';
+  chunk tid[];
+  los integer[];
+  his integer[];
+  lo integer;
+  hi integer;
+  mid integer;
+  pos jsonb := p_cursor->'at';
+  xids xid[] := ARRAY(SELECT x::xid FROM jsonb_array_elements_text(coalesce(p_cursor->'xids', '[]')) AS x);
+  from_tid tid;
+  to_tid tid;
+  last_tid tid;
+  blocks bigint;
+  delete_sql text;
+  message text;
+  detail text;
+BEGIN
+  outcome := 'deleted'; selected := 0; deleted := 0; skipped := 0; leaf_done := false;
+  next_cursor := p_cursor;
+  IF cardinality(xids) > 10000 THEN
+    -- Ten thousand batches each left rows in place: give this table up until the next run.
+    leaf_done := true;
+    RETURN;
+  END IF;
+
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: there is no run %', p_run;
+  END IF;
+  IF NOT pgsingleton.fence(run.singleton, run.epoch) THEN
+    outcome := 'fenced';
+    RETURN;
+  END IF;
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run FOR UPDATE;
+  IF run.status <> 'running' OR run.attempt <> p_attempt THEN
+    outcome := 'superseded';
+    RETURN;
+  END IF;
+  PERFORM pg_advisory_xact_lock_shared(pgsingleton.agreement_key(run.singleton));
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                  WHERE l.singleton = run.singleton AND l.node_id = run.node_id) THEN
+    outcome := 'not live';
+    RETURN;
+  END IF;
+  IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
+    outcome := 'disagree';
+    RETURN;
+  END IF;
+
+  -- The definition is checked against the database again: the table, that the leaf is
+  -- it or inherits from it, and that the column still has the type the policy was checked with.
+  def := run.definition;
+  col := def->>'column';
+  col_type := def->>'columnType';
+  parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
+  IF parent IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'undefined_table',
+      MESSAGE = format('policy %s: table %I.%I no longer exists', run.policy, def->>'schema', def->>'table');
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf AND l.relkind = 'r') THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: relation %s is not a table of %s that holds rows (the table itself, or one of its partitions or children)', run.policy, p_leaf::regclass, parent);
+  END IF;
+  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
+  IF (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+       WHERE a.attrelid = p_leaf AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)
+     IS DISTINCT FROM col_type THEN
+    RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+      MESSAGE = format('policy %s: column %I of %s is no longer %s', run.policy, col, leaf_sql, col_type);
+  END IF;
+  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
+                           WHEN 'timestamp without time zone' THEN 'timestamp'
+                           WHEN 'date' THEN 'date' END;
+  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
+  END IF;
+
+  lim := least(p_limit, (def->>'batchSize')::integer);
+  IF lim IS NULL OR lim < 1 THEN
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: the batch limit must be at least 1';
+  END IF;
+  cutoff := pgsingleton.cutoff((def->>'olderThan')::interval);
+  -- timestamp and date values are read in the policy's zone: this transaction's TimeZone
+  -- is set to it (a zone name here only ever reads the zone database, never the session's
+  -- timezone_abbreviations). The setting ends with the transaction.
+  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
+  pred := pgsingleton.outdated_predicate(col, col_type);
+  -- A foreign key that is checked at commit would fail the batch after the fact, where
+  -- the rows that hold it can no longer be found; check every constraint per statement.
+  SET CONSTRAINTS ALL IMMEDIATE;
+
+  IF p_strategy = 'index' THEN
+    -- (column, ctid) order: the cursor passes every row it selected, even where many rows
+    -- share one value and some of them stay.
+    EXECUTE format(
+      'SELECT coalesce(array_agg(ctid ORDER BY v, ctid), ''{}''), count(*)::int,
+              (array_agg(jsonb_build_array(to_jsonb(v), ctid::text) ORDER BY v DESC, ctid DESC))[1]
+         FROM (SELECT ctid, %1$I AS v FROM ONLY %2$s
+                WHERE %3$s %4$s AND xmin <> ALL ($4)
+                ORDER BY %1$I, ctid LIMIT $3) picked',
+      col, leaf_sql, pred,
+      CASE WHEN pos IS NULL THEN ''
+           ELSE format('AND %1$I >= ($2->>0)::%2$s AND (%1$I, ctid) > (($2->>0)::%2$s, ($2->>1)::tid)', col, cast_to) END)
+      INTO tids, selected, pos
+      USING cutoff, pos, lim, xids;
+    IF selected = 0 THEN
+      pos := p_cursor->'at';
+    END IF;
+    leaf_done := selected < lim;
+  ELSIF p_strategy = 'tidrange' THEN
+    from_tid := coalesce((pos #>> '{}')::tid, '(0,0)'::tid);
+    blocks := pg_relation_size(p_leaf) / current_setting('block_size')::bigint;
+    IF (from_tid::text::point)[0] >= blocks THEN
+      leaf_done := true;
+      RETURN;
+    END IF;
+    to_tid := format('(%s,0)', least((from_tid::text::point)[0]::bigint + greatest(p_span, 1), 4294967295))::tid;
+    EXECUTE format(
+      'SELECT coalesce(array_agg(ctid ORDER BY ctid), ''{}''), count(*)::int
+         FROM (SELECT ctid FROM ONLY %1$s WHERE ctid >= $2 AND ctid < $3 AND %2$s AND xmin <> ALL ($5)
+                ORDER BY ctid LIMIT $4) s',
+      leaf_sql, pred)
+      INTO tids, selected
+      USING cutoff, from_tid, to_tid, lim, xids;
+    IF selected >= lim THEN
+      last_tid := tids[selected];
+      from_tid := format('(%s,%s)', (last_tid::text::point)[0]::bigint, (last_tid::text::point)[1]::bigint + 1)::tid;
+    ELSE
+      from_tid := to_tid;
+    END IF;
+    pos := to_jsonb(from_tid::text);
+    leaf_done := (from_tid::text::point)[0] >= blocks;
+  ELSE
+    RAISE EXCEPTION 'pgsingleton.cleanup_batch: unknown strategy %', p_strategy;
+  END IF;
+
+  next_cursor := jsonb_build_object('at', pos, 'xids', coalesce(p_cursor->'xids', '[]'));
+  IF selected = 0 THEN
+    RETURN;
+  END IF;
+
+  delete_sql := format(
+    'WITH d AS (DELETE FROM ONLY %s WHERE ctid = ANY ($2) AND %s RETURNING ctid)
+     SELECT coalesce(array_agg(ctid), ''{}'') FROM d', leaf_sql, pred);
+  IF NOT p_careful THEN
+    EXECUTE delete_sql INTO gone USING cutoff, tids;
+  ELSE
+    -- Rows still outdated, and of those the ones no other transaction holds.
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY ($2) AND %s', leaf_sql, pred)
+      INTO still USING cutoff, tids;
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY ($2) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
+      INTO lockable USING cutoff, still;
+    bad := ARRAY(SELECT unnest(still) EXCEPT SELECT unnest(lockable));
+    IF cardinality(bad) > 0 THEN
+      first_error := format('%s row(s) of %s were locked by other transactions; they are left for a later run', cardinality(bad), leaf_sql);
+    END IF;
+    -- Locks held on referencing rows (checked by foreign keys) are waited for only briefly here.
+    PERFORM set_config('lock_timeout',
+      CASE WHEN current_setting('lock_timeout') = '0' THEN '100'
+           ELSE least(100, ceil(extract(epoch FROM current_setting('lock_timeout')::interval) * 1000))::text END,
+      true);
+    BEGIN
+      EXECUTE delete_sql INTO gone USING cutoff, lockable;
+    EXCEPTION
+      WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+        OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+        GET STACKED DIAGNOSTICS message = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+        first_error := coalesce(first_error, message || coalesce(' (' || nullif(detail, '') || ')', ''));
+        -- Halve until the rows that fail are alone. Each trial is rolled back (PS000), so
+        -- the transaction never collects committed subtransactions; then the good rows go
+        -- in one delete.
+        los := ARRAY[]::integer[]; his := ARRAY[]::integer[];
+        IF cardinality(lockable) = 1 THEN
+          bad := bad || lockable;
+        ELSE
+          mid := cardinality(lockable) / 2;
+          los := ARRAY[1, mid + 1]; his := ARRAY[mid, cardinality(lockable)];
+        END IF;
+        WHILE cardinality(los) > 0 LOOP
+          lo := los[cardinality(los)]; hi := his[cardinality(his)];
+          los := los[1:cardinality(los) - 1]; his := his[1:cardinality(his) - 1];
+          chunk := lockable[lo:hi];
+          BEGIN
+            EXECUTE delete_sql USING cutoff, chunk;
+            RAISE SQLSTATE 'PS000';
+          EXCEPTION
+            WHEN SQLSTATE 'PS000' THEN
+              good := good || chunk;
+            WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+              OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+              IF lo = hi THEN
+                bad := bad || chunk;
+              ELSE
+                mid := (lo + hi) / 2;
+                los := los || ARRAY[lo, mid + 1]; his := his || ARRAY[mid, hi];
+              END IF;
+          END;
+        END LOOP;
+        IF cardinality(good) > 0 THEN
+          BEGIN
+            EXECUTE delete_sql INTO gone USING cutoff, good;
+          EXCEPTION
+            WHEN integrity_constraint_violation OR raise_exception OR assert_failure OR lock_not_available
+              OR deadlock_detected OR data_exception OR triggered_action_exception OR triggered_data_change_violation THEN
+              bad := bad || good;
+          END;
+        END IF;
+    END;
+  END IF;
+  deleted := cardinality(gone);
+  -- Selected, not refused with an error, yet not deleted: kept by a trigger that returned
+  -- NULL (a soft delete, which may also have moved the row), a rule or a row security
+  -- policy, or changed by another transaction since it was selected.
+  kept := ARRAY(SELECT unnest(tids) EXCEPT SELECT unnest(gone) EXCEPT SELECT unnest(bad));
+  IF cardinality(kept) > 0 THEN
+    first_error := coalesce(first_error, format('%s row(s) of %s were left in place by the delete itself (a trigger, a rule or a row security policy), or changed by another transaction meanwhile, without an error', cardinality(kept), leaf_sql));
+    next_cursor := jsonb_set(next_cursor, '{xids}',
+      (next_cursor->'xids') || to_jsonb(xid(pg_current_xact_id())::text));
+  END IF;
+  skipped := cardinality(bad) + cardinality(kept);
+
+  UPDATE pgsingleton.cleanup_runs r
+     SET rows_deleted = r.rows_deleted + deleted,
+         rows_skipped = r.rows_skipped + skipped,
+         batches = r.batches + 1,
+         error = coalesce(r.error, first_error)
+   WHERE r.id = p_run
+  RETURNING r.batches INTO batch;
+  INSERT INTO pgsingleton.cleanup_batches
+    (run_id, batch, epoch, began_at, ended_at, rows_deleted, rows_skipped, cutoff, relation)
+  VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), deleted, skipped, cutoff, leaf_sql);
+END $fn$;
+
+-- One row per policy: whether the live nodes agree on it, its schedule, its last run and
+-- its last error. pgsingleton.status stays lean for tight polling loops; this is the
+-- per-policy view.
+CREATE VIEW pgsingleton.policy_status AS
+WITH live AS MATERIALIZED (SELECT singleton, node_id FROM pgsingleton.live_nodes),
+policies AS (
+  SELECT singleton, policy FROM pgsingleton.schedules
+  UNION
+  SELECT np.singleton, np.policy FROM pgsingleton.node_policies np
+    JOIN live l ON l.singleton = np.singleton AND l.node_id = np.node_id
+),
+held AS (
+  SELECT p.singleton, p.policy, l.node_id, np.fingerprint, np.definition
+    FROM policies p
+    JOIN live l ON l.singleton = p.singleton
+    LEFT JOIN pgsingleton.node_policies np
+      ON np.singleton = p.singleton AND np.node_id = l.node_id AND np.policy = p.policy
+),
+agreement AS (
+  SELECT singleton, policy,
+         CASE WHEN count(fingerprint) = count(*) AND count(DISTINCT fingerprint) = 1
+              THEN 'agree' ELSE 'disagree' END AS agreement,
+         count(*)::integer AS live_nodes,
+         jsonb_agg(jsonb_build_object('node_id', node_id, 'fingerprint', fingerprint, 'definition', definition)
+                   ORDER BY node_id) AS node_definitions
+    FROM held GROUP BY singleton, policy
+)
+SELECT p.singleton,
+       p.policy,
+       coalesce(a.agreement, 'no live node') AS agreement,
+       coalesce(a.live_nodes, 0) AS live_nodes,
+       CASE WHEN a.agreement = 'agree' THEN a.node_definitions -> 0 -> 'definition' END AS definition,
+       CASE WHEN a.agreement = 'disagree' THEN a.node_definitions END AS node_definitions,
+       s.next_run_at,
+       o.status AS open_run_status,
+       o.retry_at,
+       last.status AS last_status,
+       last.finished_at AS last_run_at,
+       last.rows_deleted AS last_rows_deleted,
+       last.rows_skipped AS last_rows_skipped,
+       err.error AS last_error,
+       err.finished_at AS last_error_at
+  FROM policies p
+  LEFT JOIN agreement a ON a.singleton = p.singleton AND a.policy = p.policy
+  LEFT JOIN pgsingleton.schedules s ON s.singleton = p.singleton AND s.policy = p.policy
+  LEFT JOIN LATERAL (
+    SELECT r.status, r.retry_at FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy
+       AND r.status IN ('scheduled', 'running', 'failed')
+  ) o ON true
+  LEFT JOIN LATERAL (
+    SELECT r.status, r.finished_at, r.rows_deleted, r.rows_skipped FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.finished_at IS NOT NULL
+       AND r.status IN ('done', 'failed', 'exhausted')
+     ORDER BY r.finished_at DESC LIMIT 1
+  ) last ON true
+  LEFT JOIN LATERAL (
+    SELECT r.error, r.finished_at FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.finished_at IS NOT NULL
+       AND r.status IN ('done', 'failed', 'exhausted') AND r.error IS NOT NULL
+     ORDER BY r.finished_at DESC LIMIT 1
+  ) err ON true;
+$pgsingleton_step$;
+END $pgsingleton_migration$;
