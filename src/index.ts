@@ -22,7 +22,15 @@ export { SingletonError, type SingletonErrorCode } from './errors.js'
 export type { SingletonEvents, SingletonWarning } from './events.js'
 export { lockKey } from './lock/lock-key.js'
 export type { Lease } from './lock/lock-session.js'
+export {
+  forgetSingleton,
+  pausePolicy,
+  requestRun,
+  resumePolicy,
+} from './operations/controls.js'
+export { type PlannedTable, type PolicyPlan, planPolicies } from './operations/plan.js'
 export type { ScheduledRun } from './schedule/scheduler.js'
 export { createSingleton, Singleton } from './singleton.js'
+export { type Agreement, type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
 export type { SingletonStatus } from './status/read-status.js'
 export { readStatus } from './status/read-status.js'

@@ -13,9 +13,12 @@ import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents, SingletonWarning } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
 import { Starter } from './lock/starter.js'
+import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
+import { type PolicyPlan, planPolicies } from './operations/plan.js'
 import { ensureQueue } from './queue/cleanup-queue.js'
 import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
+import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from './status/read-status.js'
 
 /** The server checks a waiting lock session's socket this often (client_connection_check_interval). */
@@ -89,6 +92,30 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   /** The node id that holds this singleton now, by the server's lock table; null if none. */
   async whereis(): Promise<string | null> {
     return (await this.status())?.nodeId ?? null
+  }
+
+  /** This singleton's rows of `pgsingleton.policy_status`. */
+  policyStatus(): Promise<PolicyStatus[]> {
+    return readPolicyStatus(this.#requirePool(), this.options.name)
+  }
+
+  /** Pauses a policy cluster-wide (stored in the database; whoever holds honours it). */
+  pause(policy: string): Promise<void> {
+    return pausePolicy(this.#requirePool(), this.options.name, policy, this.nodeId)
+  }
+
+  resume(policy: string): Promise<void> {
+    return resumePolicy(this.#requirePool(), this.options.name, policy, this.nodeId)
+  }
+
+  /** Asks the holder for a run of the policy now, outside its schedule. */
+  runNow(policy: string): Promise<void> {
+    return requestRun(this.#requirePool(), this.options.name, policy, this.nodeId)
+  }
+
+  /** What each of this node's policies would delete now; deletes nothing. */
+  async plan(): Promise<PolicyPlan[]> {
+    return (await planPolicies(this.#requirePool(), this.options.policies)).plans
   }
 
   async #start(): Promise<void> {

@@ -101,6 +101,20 @@ LANGUAGE sql VOLATILE AS $$
   SELECT EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = p_singleton AND epoch = p_epoch FOR KEY SHARE)
 $$;
 
+-- What operators decide per policy, whether or not a node has run it yet: paused (no run
+-- is issued, and a run in flight stops at its next batch), and a run asked for now.
+CREATE TABLE pgsingleton.policy_controls (
+  singleton text NOT NULL,
+  policy text NOT NULL,
+  paused boolean NOT NULL DEFAULT false,
+  changed_at timestamptz NOT NULL DEFAULT now(),
+  changed_by text,
+  run_now_at timestamptz,
+  PRIMARY KEY (singleton, policy)
+);
+-- When a policy's schedule began: a policy that never succeeded is overdue from then.
+ALTER TABLE pgsingleton.schedules ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
+
 -- Nodes and the definitions they hold. A node is live while its lock session holds its
 -- membership lock (pgsingleton.member_key), read from pg_locks: the server's truth,
 -- visible to every role, gone the moment the session is.
@@ -233,7 +247,8 @@ AS $$ SELECT pgsingleton.lock_key(singleton || E'\nagreement') $$;
 -- outcome: 'deleted' (progress recorded), 'fenced' (the run's epoch is no longer current),
 -- 'superseded' (the run is not running under this attempt), 'disagree' (the live nodes no
 -- longer all hold the run's definition), 'not live' (the node that claimed the run holds
--- no membership lock). Only 'deleted' writes anything.
+-- no membership lock), 'paused' (an operator paused the policy). Only 'deleted' writes
+-- anything.
 --
 -- strategy 'index' walks the leaf in (column, ctid) order from the cursor (p_cursor->'at',
 -- the last row's column value and ctid); 'tidrange' walks its pages from the cursor (a
@@ -318,6 +333,11 @@ BEGIN
   END IF;
   IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
     outcome := 'disagree';
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+              WHERE c.singleton = run.singleton AND c.policy = run.policy AND c.paused) THEN
+    outcome := 'paused';
     RETURN;
   END IF;
 
@@ -507,13 +527,17 @@ BEGIN
   VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), deleted, skipped, cutoff, leaf_sql);
 END $fn$;
 
--- One row per policy: whether the live nodes agree on it, its schedule, its last run and
--- its last error. pgsingleton.status stays lean for tight polling loops; this is the
+-- One row per policy: whether the live nodes agree on it, whether it is paused, its
+-- schedule, its last run, its last success and error, what it deleted in the last day,
+-- and whether it is overdue (no success for more than twice its interval). Times are
+-- timestamptz. pgsingleton.status stays lean for tight polling loops; this is the
 -- per-policy view.
 CREATE VIEW pgsingleton.policy_status AS
 WITH live AS MATERIALIZED (SELECT singleton, node_id FROM pgsingleton.live_nodes),
 policies AS (
   SELECT singleton, policy FROM pgsingleton.schedules
+  UNION
+  SELECT singleton, policy FROM pgsingleton.policy_controls
   UNION
   SELECT np.singleton, np.policy FROM pgsingleton.node_policies np
     JOIN live l ON l.singleton = np.singleton AND l.node_id = np.node_id
@@ -536,22 +560,30 @@ agreement AS (
 )
 SELECT p.singleton,
        p.policy,
+       coalesce(c.paused, false) AS paused,
        coalesce(a.agreement, 'no live node') AS agreement,
        coalesce(a.live_nodes, 0) AS live_nodes,
        CASE WHEN a.agreement = 'agree' THEN a.node_definitions -> 0 -> 'definition' END AS definition,
        CASE WHEN a.agreement = 'disagree' THEN a.node_definitions END AS node_definitions,
+       s.every,
        s.next_run_at,
+       c.run_now_at,
        o.status AS open_run_status,
        o.retry_at,
        last.status AS last_status,
        last.finished_at AS last_run_at,
        last.rows_deleted AS last_rows_deleted,
        last.rows_skipped AS last_rows_skipped,
+       ok.finished_at AS last_success_at,
        err.error AS last_error,
-       err.finished_at AS last_error_at
+       err.finished_at AS last_error_at,
+       coalesce(day.rows, 0) AS rows_deleted_24h,
+       coalesce(NOT coalesce(c.paused, false)
+                AND coalesce(ok.finished_at, s.created_at) < now() - 2 * s.every, false) AS overdue
   FROM policies p
   LEFT JOIN agreement a ON a.singleton = p.singleton AND a.policy = p.policy
   LEFT JOIN pgsingleton.schedules s ON s.singleton = p.singleton AND s.policy = p.policy
+  LEFT JOIN pgsingleton.policy_controls c ON c.singleton = p.singleton AND c.policy = p.policy
   LEFT JOIN LATERAL (
     SELECT r.status, r.retry_at FROM pgsingleton.cleanup_runs r
      WHERE r.singleton = p.singleton AND r.policy = p.policy
@@ -564,10 +596,56 @@ SELECT p.singleton,
      ORDER BY r.finished_at DESC LIMIT 1
   ) last ON true
   LEFT JOIN LATERAL (
+    SELECT r.finished_at FROM pgsingleton.cleanup_runs r
+     WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.status = 'done'
+     ORDER BY r.finished_at DESC LIMIT 1
+  ) ok ON true
+  LEFT JOIN LATERAL (
     SELECT r.error, r.finished_at FROM pgsingleton.cleanup_runs r
      WHERE r.singleton = p.singleton AND r.policy = p.policy AND r.finished_at IS NOT NULL
        AND r.status IN ('done', 'failed', 'exhausted') AND r.error IS NOT NULL
      ORDER BY r.finished_at DESC LIMIT 1
-  ) err ON true;
+  ) err ON true
+  LEFT JOIN LATERAL (
+    SELECT sum(b.rows_deleted)::bigint AS rows FROM pgsingleton.cleanup_runs r
+      JOIN pgsingleton.cleanup_batches b ON b.run_id = r.id
+     WHERE r.singleton = p.singleton AND r.policy = p.policy
+       AND (r.finished_at IS NULL OR r.finished_at > now() - interval '24 hours')
+       AND b.ended_at > now() - interval '24 hours'
+  ) day ON true;
+
+-- What a policy would delete now, table by table, without deleting: the exact count of
+-- outdated rows, the oldest, and how the batches would find them (the plan of the
+-- batch's own selection). Run it in a read-only transaction; it sets TimeZone to the
+-- policy's zone for that transaction, as batches do.
+CREATE FUNCTION pgsingleton.plan_leaf(p_leaf oid, p_definition jsonb, p_strategy text,
+  OUT outdated bigint, OUT oldest text, OUT access text)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  leaf_sql text;
+  col text := p_definition->>'column';
+  pred text := pgsingleton.outdated_predicate(p_definition->>'column', p_definition->>'columnType');
+  cut timestamptz := pgsingleton.cutoff((p_definition->>'olderThan')::interval);
+  plan jsonb;
+BEGIN
+  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
+  PERFORM set_config('TimeZone', coalesce(p_definition->>'timeZone', 'UTC'), true);
+  EXECUTE format('SELECT count(*), min(%1$I)::text FROM ONLY %2$s WHERE %3$s', col, leaf_sql, pred)
+    INTO outdated, oldest USING cut;
+  EXECUTE format(
+    'EXPLAIN (FORMAT JSON) SELECT ctid FROM ONLY %2$s WHERE %3$s %4$s LIMIT %5$s',
+    col, leaf_sql, pred,
+    CASE WHEN p_strategy = 'index' THEN format('ORDER BY %I, ctid', col)
+         ELSE format('AND ctid >= %L::tid AND ctid < %L::tid ORDER BY ctid', '(0,0)', '(32,0)') END,
+    (p_definition->>'batchSize')::integer)
+    INTO plan USING cut;
+  SELECT string_agg(DISTINCT CASE WHEN n ? 'Index Name' THEN format('%s on %s', n->>'Node Type', n->>'Index Name')
+                                  ELSE n->>'Node Type' END, ', ')
+    INTO access
+    FROM jsonb_path_query(plan, 'strict $.**') AS n
+   WHERE jsonb_typeof(n) = 'object' AND n ? 'Node Type'
+     AND n->>'Node Type' IN ('Index Scan', 'Index Only Scan', 'Bitmap Index Scan', 'Seq Scan', 'Tid Range Scan', 'Tid Scan');
+END $fn$;
 $pgsingleton_step$;
 END $pgsingleton_migration$;

@@ -147,7 +147,9 @@ export async function runCleanup(
             ? `epoch ${run.epoch} is no longer current: a newer holder took over`
             : batch.outcome === 'disagree'
               ? `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
-              : `node ${deps.nodeId} is not live (its lock session is gone or reconnecting), so it may not delete`
+              : batch.outcome === 'paused'
+                ? `policy "${run.policy}" was paused; the occurrence runs again after resume`
+                : `node ${deps.nodeId} is not live (its lock session is gone or reconnecting), so it may not delete`
         await runs.fence(deps.pool, run, reason)
         return { ...report, status: 'fenced', reason }
       }

@@ -13,6 +13,7 @@ import {
   readPolicyStatus,
 } from '../status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
+import { sleep } from '../wait.js'
 import { resolveConnection } from './connection.js'
 import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
 
@@ -94,12 +95,14 @@ export async function statusCommand(args: {
   json?: boolean
   name?: string
   embedded: boolean
+  watch?: boolean
 }): Promise<void> {
   const { url } = await resolveConnection(say, args)
   const client = new pg.Client({ connectionString: url })
   await client.connect()
   try {
     await assertSchemaCurrent(client)
+    if (args.watch) return await watch(client, args.name)
     const rows = await readStatus(client, args.name)
     const policies = await readPolicyStatus(client, args.name)
     process.stdout.write(
@@ -119,6 +122,27 @@ export async function statusCommand(args: {
   }
 }
 
+/** Redraws the status every second until Ctrl-C. */
+async function watch(client: pg.Client, name: string | undefined): Promise<void> {
+  let stopped = false
+  const stop = () => {
+    stopped = true
+  }
+  process.once('SIGINT', stop)
+  process.once('SIGTERM', stop)
+  while (!stopped) {
+    const [rows, policies, now] = await Promise.all([
+      readStatus(client, name),
+      readPolicyStatus(client, name),
+      client.query<{ now: Date }>('SELECT now()'),
+    ])
+    process.stdout.write(
+      `\x1b[2J\x1b[H${now.rows[0]?.now.toISOString()} (every 1 s; Ctrl-C to stop)\n\n${formatStatus(rows, policies)}`,
+    )
+    await sleep(1000)
+  }
+}
+
 export async function embeddedCommand(action: string | undefined): Promise<void> {
   if (action === 'stop') {
     const stopped = await stopEmbedded(join(EMBEDDED_HOME, 'pgdata'))
@@ -134,21 +158,30 @@ export async function embeddedCommand(action: string | undefined): Promise<void>
 }
 
 export function formatStatus(rows: SingletonStatus[], policies: PolicyStatus[] = []): string {
-  if (rows.length === 0) return 'No singleton has run against this database yet.\n'
+  const names = [
+    ...new Set([...rows.map((r) => r.name), ...policies.map((p) => p.singleton)]),
+  ].sort()
+  if (names.length === 0) return 'No singleton has run against this database yet.\n'
   const time = (value: Date | null) => (value ? value.toISOString() : '-')
-  return rows
-    .map((row) =>
-      [
-        `${row.name}`,
-        row.nodeId
-          ? `  holder      ${row.nodeId} (backend ${row.backendPid}, epoch ${row.epoch ?? '?'}, since ${time(row.acquiredAt)}, heartbeat ${time(row.heartbeatAt)})`
-          : `  holder      none (last: ${row.lastNodeId}, epoch ${row.lastEpoch})`,
-        `  waiting     ${row.waitingNodes}${row.waitingNodeIds.length > 0 ? ` (${row.waitingNodeIds.join(', ')})` : ''}`,
-        `  last run    ${row.lastRunAt ? `${row.lastRunPolicy} ${row.lastRunStatus} at ${time(row.lastRunAt)}, ${row.lastRunRows} rows deleted` : 'none yet'}`,
-        ...policies.filter((p) => p.singleton === row.name).flatMap(formatPolicy),
+  return names
+    .map((name) => {
+      const row = rows.find((r) => r.name === name)
+      const lines = !row
+        ? ['  holder      none (never held)']
+        : [
+            row.nodeId
+              ? `  holder      ${row.nodeId} (backend ${row.backendPid}, epoch ${row.epoch ?? '?'}, since ${time(row.acquiredAt)}, heartbeat ${time(row.heartbeatAt)})`
+              : `  holder      none (last: ${row.lastNodeId}, epoch ${row.lastEpoch})`,
+            `  waiting     ${row.waitingNodes}${row.waitingNodeIds.length > 0 ? ` (${row.waitingNodeIds.join(', ')})` : ''}`,
+            `  last run    ${row.lastRunAt ? `${row.lastRunPolicy} ${row.lastRunStatus} at ${time(row.lastRunAt)}, ${row.lastRunRows} rows deleted` : 'none yet'}`,
+          ]
+      return [
+        name,
+        ...lines,
+        ...policies.filter((p) => p.singleton === name).flatMap(formatPolicy),
         '',
-      ].join('\n'),
-    )
+      ].join('\n')
+    })
     .join('\n')
 }
 
@@ -161,12 +194,18 @@ function formatPolicy(p: PolicyStatus): string[] {
       ...describeDisagreement(p).map((line) => `                ${line}`),
     ]
   }
-  const state = p.agreement === 'agree' ? `next ${time(p.nextRunAt)}` : 'no live node has it'
+  const state =
+    (p.paused
+      ? 'PAUSED'
+      : p.agreement === 'agree'
+        ? `next ${time(p.nextRunAt)}`
+        : 'no live node has it') +
+    (p.overdue ? ' (OVERDUE: no success for over twice its interval)' : '')
   const open = p.openRunStatus
     ? `, run ${p.openRunStatus}${p.retryAt ? ` (retry at ${time(p.retryAt)})` : ''}`
     : ''
   const last = p.lastRunAt
-    ? `; last ${p.lastStatus} at ${time(p.lastRunAt)}, ${p.lastRowsDeleted} deleted${p.lastRowsSkipped ? `, ${p.lastRowsSkipped} skipped` : ''}`
+    ? `; last ${p.lastStatus} at ${time(p.lastRunAt)}, ${p.lastRowsDeleted} deleted${p.lastRowsSkipped ? `, ${p.lastRowsSkipped} skipped` : ''}; ${p.rowsDeleted24h} in 24 h`
     : ''
   const error = p.lastError
     ? [`                last error at ${time(p.lastErrorAt)}: ${p.lastError}`]

@@ -3,6 +3,7 @@ import { config as loadDotenv } from 'dotenv'
 import { SingletonError } from '../errors.js'
 import { embeddedCommand, migrateCommand, runCommand, statusCommand } from './commands.js'
 import { demoCommand } from './demo.js'
+import { controlCommand, forgetCommand, planCommand } from './operator-commands.js'
 
 const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in PostgreSQL
 
@@ -11,7 +12,15 @@ Usage:
   pg-singleton migrate --sql [--out DIR]    print (or write to DIR) the same migrations as SQL files
   pg-singleton run [--config F] [--node-id ID] [--verbose]
                                             run a node: queue for the lock, schedule and clean
-  pg-singleton status [--json] [--name N]   who holds the singleton, who waits, each policy
+  pg-singleton status [--json] [--watch] [--name N]
+                                            who holds the singleton, who waits, each policy
+  pg-singleton plan [--config F] [--json]   what each policy would delete now, and how;
+                                            deletes nothing
+  pg-singleton pause|resume POLICY [--name N]
+                                            stop, or start again, a policy's runs
+  pg-singleton run-now POLICY [--name N]    a run of the policy now, outside its schedule
+  pg-singleton forget [--name N]            remove every record of a singleton that no
+                                            longer exists (refused while a node of it lives)
   pg-singleton demo                         three nodes, a table to clean, a failover, live
                                             (always on the embedded PostgreSQL)
   pg-singleton embedded start|url|stop      the embedded PostgreSQL for trying things out
@@ -39,6 +48,7 @@ export async function main(argv: string[]): Promise<number> {
       config: { type: 'string', short: 'c', default: './pg-singleton.config.json' },
       'node-id': { type: 'string' },
       json: { type: 'boolean', default: false },
+      watch: { type: 'boolean', default: false },
       name: { type: 'string' },
       verbose: { type: 'boolean', short: 'v', default: false },
       embedded: { type: 'boolean', default: false },
@@ -65,7 +75,27 @@ export async function main(argv: string[]): Promise<number> {
       })
       return -1 // keeps running until a signal
     case 'status':
-      await statusCommand({ json: values.json, name: values.name, embedded: values.embedded })
+      await statusCommand({
+        json: values.json,
+        name: values.name,
+        embedded: values.embedded,
+        watch: values.watch,
+      })
+      return 0
+    case 'plan':
+      await planCommand({ config: values.config, embedded: values.embedded, json: values.json })
+      return 0
+    case 'pause':
+    case 'resume':
+    case 'run-now':
+      await controlCommand(command, action, {
+        config: values.config,
+        name: values.name,
+        embedded: values.embedded,
+      })
+      return 0
+    case 'forget':
+      await forgetCommand({ config: values.config, name: values.name, embedded: values.embedded })
       return 0
     case 'demo':
       await demoCommand()

@@ -117,11 +117,12 @@ export async function retryDue(tx: Queryable, lease: FenceToken): Promise<Issued
 
 /**
  * Holder, in a fenced tick: issues at most one run per agreed policy that has no open
- * run. The run is the policy's due slot (advancing its schedule past now() on its grid),
- * or, when none is due, the latest occurrence that earlier runs left unfinished (fenced
- * with no later run). Either way it stands for every missed slot and every unfinished
- * occurrence before it: a cleanup deletes everything outdated whenever it runs, so
- * running once does the work of all of them.
+ * run and is not paused. The run is the policy's due slot (advancing its schedule past
+ * now() on its grid), or, when none is due, the latest occurrence that earlier runs left
+ * unfinished (fenced with no later run), or else a run an operator asked for
+ * (`run-now`, which leaves the schedule's grid as it is). Either way it stands for every
+ * missed slot and every unfinished occurrence before it: a cleanup deletes everything
+ * outdated whenever it runs, so running once does the work of all of them.
  */
 export async function issue(
   tx: Queryable,
@@ -136,6 +137,16 @@ export async function issue(
        SELECT a.* FROM agreed a
         WHERE NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
                            WHERE r.singleton = $1 AND r.policy = a.policy AND r.status IN (${OPEN_SQL}))
+          AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                           WHERE c.singleton = $1 AND c.policy = a.policy AND c.paused)
+     ), requested AS (
+       -- RETURNING of an UPDATE gives the new values: the request is read here, and cleared below.
+       SELECT c.policy, c.run_now_at AS asked FROM pgsingleton.policy_controls c JOIN free f ON f.policy = c.policy
+        WHERE c.singleton = $1 AND c.run_now_at IS NOT NULL
+          FOR UPDATE OF c
+     ), cleared AS (
+       UPDATE pgsingleton.policy_controls c SET run_now_at = NULL
+         FROM requested q WHERE c.singleton = $1 AND c.policy = q.policy
      ), due AS (
        SELECT s.singleton, s.policy, s.next_run_at,
               floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint AS missed
@@ -163,13 +174,15 @@ export async function issue(
      )
      INSERT INTO pgsingleton.cleanup_runs
        (singleton, policy, epoch, scheduled_for, scheduled_by, coalesced, reissued, definition, fingerprint)
-     SELECT $1, f.policy, $2, coalesce(a.slot, u.latest), $4,
-            coalesce(a.missed, 0) + coalesce(u.n, 0) - CASE WHEN a.slot IS NULL THEN 1 ELSE 0 END,
-            a.slot IS NULL, f.definition, f.fingerprint
+     SELECT $1, f.policy, $2, coalesce(a.slot, u.latest, q.asked), $4,
+            coalesce(a.missed, 0) + coalesce(u.n, 0)
+              - CASE WHEN a.slot IS NULL AND u.latest IS NOT NULL THEN 1 ELSE 0 END,
+            a.slot IS NULL AND u.latest IS NOT NULL, f.definition, f.fingerprint
        FROM free f
        LEFT JOIN advanced a ON a.policy = f.policy
        LEFT JOIN unfinished u ON u.policy = f.policy
-      WHERE a.slot IS NOT NULL OR u.latest IS NOT NULL
+       LEFT JOIN requested q ON q.policy = f.policy
+      WHERE a.slot IS NOT NULL OR u.latest IS NOT NULL OR q.asked IS NOT NULL
      RETURNING id, policy, scheduled_for, coalesced, reissued`,
     [
       lease.singleton,
@@ -308,7 +321,7 @@ export interface BatchRequest {
 }
 
 export interface BatchResult {
-  outcome: 'deleted' | 'fenced' | 'superseded' | 'disagree' | 'not live'
+  outcome: 'deleted' | 'fenced' | 'superseded' | 'disagree' | 'not live' | 'paused'
   selected: number
   deleted: number
   skipped: number

@@ -7,6 +7,8 @@ export type Agreement = 'agree' | 'disagree' | 'no live node'
 export interface PolicyStatus {
   singleton: string
   policy: string
+  /** An operator paused it: no run starts. */
+  paused: boolean
   /** Whether every live node holds the same definition; the policy runs only when they do. */
   agreement: Agreement
   liveNodes: number
@@ -16,35 +18,48 @@ export interface PolicyStatus {
   nodeDefinitions:
     | { nodeId: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
     | null
+  every: string | null
   nextRunAt: Date | null
+  /** An operator asked for a run now, not issued yet. */
+  runNowAt: Date | null
   openRunStatus: string | null
   retryAt: Date | null
   lastStatus: string | null
   lastRunAt: Date | null
   lastRowsDeleted: number | null
   lastRowsSkipped: number | null
+  lastSuccessAt: Date | null
   lastError: string | null
   lastErrorAt: Date | null
+  rowsDeleted24h: number
+  /** No success for more than twice its interval (and not paused): the thing to alert on. */
+  overdue: boolean
 }
 
 interface Row {
   singleton: string
   policy: string
+  paused: boolean
   agreement: Agreement
   live_nodes: number
   definition: PolicyDefinition | null
   node_definitions:
     | { node_id: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
     | null
+  every: string | null
   next_run_at: Date | null
+  run_now_at: Date | null
   open_run_status: string | null
   retry_at: Date | null
   last_status: string | null
   last_run_at: Date | null
   last_rows_deleted: string | null
   last_rows_skipped: string | null
+  last_success_at: Date | null
   last_error: string | null
   last_error_at: Date | null
+  rows_deleted_24h: string
+  overdue: boolean
 }
 
 /** Reads `pgsingleton.policy_status`: every policy, or those of the singleton named. */
@@ -53,7 +68,7 @@ export async function readPolicyStatus(
   singleton?: string,
 ): Promise<PolicyStatus[]> {
   const { rows } = await db.query<Row>(
-    `SELECT * FROM pgsingleton.policy_status
+    `SELECT *, every::text AS every FROM pgsingleton.policy_status
       WHERE $1::text IS NULL OR singleton = $1 ORDER BY singleton, policy`,
     [singleton ?? null],
   )
@@ -61,6 +76,7 @@ export async function readPolicyStatus(
   return rows.map((row) => ({
     singleton: row.singleton,
     policy: row.policy,
+    paused: row.paused,
     agreement: row.agreement,
     liveNodes: row.live_nodes,
     definition: row.definition,
@@ -70,15 +86,20 @@ export async function readPolicyStatus(
         fingerprint: n.fingerprint,
         definition: n.definition,
       })) ?? null,
+    every: row.every,
     nextRunAt: row.next_run_at,
+    runNowAt: row.run_now_at,
     openRunStatus: row.open_run_status,
     retryAt: row.retry_at,
     lastStatus: row.last_status,
     lastRunAt: row.last_run_at,
     lastRowsDeleted: num(row.last_rows_deleted),
     lastRowsSkipped: num(row.last_rows_skipped),
+    lastSuccessAt: row.last_success_at,
     lastError: row.last_error,
     lastErrorAt: row.last_error_at,
+    rowsDeleted24h: Number(row.rows_deleted_24h),
+    overdue: row.overdue,
   }))
 }
 
