@@ -8,5 +8,8 @@ COPY src ./src
 COPY migrations ./migrations
 COPY bench ./bench
 COPY bin ./bin
-RUN npm ci --no-audit --no-fund && npm prune --omit=dev --omit=optional
+# pg and pg-boss are peer dependencies, an app's own: this image, standing in for an app,
+# installs them after dropping the development tools.
+RUN npm ci --no-audit --no-fund && npm prune --omit=dev --omit=optional \
+  && npm install --no-save --no-audit --no-fund --omit=dev --omit=optional pg@8 pg-boss@12
 ENTRYPOINT ["node", "bin/pg-singleton.js"]

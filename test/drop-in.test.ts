@@ -98,6 +98,46 @@ describe('pg-singleton inside an app that already exists', () => {
     expect(rows).toEqual([{ status: 'failed', failures: 0 }])
   })
 
+  it('lockConnectionString: the lock session connects there, the pool where the app says', async () => {
+    const role = `locker_${Math.random().toString(36).slice(2, 8)}`
+    await db.pool.query(`CREATE ROLE ${role} LOGIN SUPERUSER PASSWORD 'x'`)
+    try {
+      const lockUrl = new URL(db.url)
+      lockUrl.username = role
+      lockUrl.password = 'x'
+      const node = createSingleton({
+        name: 'drop-in-lock-url',
+        nodeId: 'lock-url-node',
+        connectionString: db.url,
+        lockConnectionString: lockUrl.toString(),
+        policies: [
+          {
+            name: 'p',
+            table: 'app.events',
+            column: 'created_at',
+            olderThan: '1 day',
+            every: '1 hour',
+          },
+        ],
+      })
+      const acquired = once(node, 'lock:acquired')
+      await node.start()
+      await acquired
+      const { rows } = await db.pool.query(
+        `SELECT application_name, usename FROM pg_stat_activity
+          WHERE application_name LIKE 'lock-url-node%' ORDER BY application_name`,
+      )
+      expect(rows.find((r) => r.application_name === 'lock-url-node')?.usename).toBe(role)
+      expect(
+        rows.filter((r) => r.application_name !== 'lock-url-node').every((r) => r.usename !== role),
+      ).toBe(true)
+      expect(await node.whereis()).toBe('lock-url-node')
+      await node.stop()
+    } finally {
+      await db.pool.query(`DROP ROLE ${role}`)
+    }
+  })
+
   it('prints a warning to the console when the app gave neither a logger nor a listener, and not otherwise', async () => {
     const policies = [
       { name: 'p', table: 'app.unindexed', column: 'at', olderThan: '1 day', every: '1 hour' },
