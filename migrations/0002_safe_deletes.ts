@@ -102,6 +102,32 @@ LANGUAGE sql VOLATILE AS $$
   SELECT EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = p_singleton AND epoch = p_epoch FOR KEY SHARE)
 $$;
 
+-- One slice of a standby's wait for the singleton's lock: 'acquired', 'waiting' when the
+-- slice ran out, or 'moved' when this statement runs on another server session than the
+-- one that holds the node's membership lock (a transaction pooler moves statements
+-- between server connections; a lock taken through it would stay on one of them). The
+-- lock_timeout of the slice is caught here, so a standby that waits for hours writes no
+-- ERROR into the server log; and each slice answers, so the node notices a connection
+-- that died without a word.
+CREATE FUNCTION pgsingleton.wait_for_lock(p_singleton text, p_node_id text, p_slice_ms integer)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT EXISTS (
+      SELECT 1 FROM pg_locks l
+       WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = pg_backend_pid()
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = pgsingleton.member_key(p_singleton, p_node_id)) THEN
+    RETURN 'moved';
+  END IF;
+  PERFORM set_config('lock_timeout', greatest(p_slice_ms, 1)::text, true);
+  BEGIN
+    PERFORM pg_advisory_lock(pgsingleton.lock_key(p_singleton));
+    RETURN 'acquired';
+  EXCEPTION WHEN lock_not_available THEN
+    RETURN 'waiting';
+  END;
+END $$;
+
 -- What operators decide per policy, whether or not a node has run it yet: paused (no run
 -- is issued, and a run in flight stops at its next batch), and a run asked for now.
 CREATE TABLE pgsingleton.policy_controls (
@@ -651,6 +677,7 @@ END $fn$;
 `
 
 export const DOWN = `
+DROP FUNCTION IF EXISTS pgsingleton.wait_for_lock(text, text, integer);
 DROP FUNCTION IF EXISTS pgsingleton.plan_leaf(oid, jsonb, text);
 DROP VIEW IF EXISTS pgsingleton.policy_status;
 DROP TABLE IF EXISTS pgsingleton.policy_controls;

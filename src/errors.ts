@@ -13,6 +13,7 @@ export type SingletonErrorCode =
   | 'POLICY_DISAGREEMENT' // live nodes hold different definitions of a policy; it is held back
   | 'NODE_ID_IN_USE' // another live session of the singleton uses this node id
   | 'UNSUPPORTED_DEPENDENCY' // the app's pg or pg-boss is outside the supported range
+  | 'NODE_NOT_LIVE' // a worker got a job while its node's lock session was reconnecting; the job goes to another
 
 export class SingletonError extends Error {
   override readonly name = 'SingletonError'
@@ -24,7 +25,20 @@ export class SingletonError extends Error {
   }
 }
 
-/** The message of anything thrown, for logs and `cleanup_runs.error`. */
+/**
+ * The message of anything thrown, for logs and `cleanup_runs.error`. Not every thrown
+ * thing is an Error: an object says what it holds rather than `[object Object]`.
+ */
 export function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error)
+  if (error instanceof Error) return error.message
+  if (typeof error === 'object' && error !== null) {
+    const message = (error as { message?: unknown }).message
+    if (typeof message === 'string') return message
+    try {
+      return JSON.stringify(error)
+    } catch {
+      return Object.prototype.toString.call(error)
+    }
+  }
+  return String(error)
 }

@@ -12,6 +12,7 @@ import { assertPeersSupported } from './dependencies.js'
 import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents, SingletonWarning } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
+import { connectionKeepsSession } from './lock/session-pinning.js'
 import { Starter } from './lock/starter.js'
 import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
 import { type PolicyPlan, planPolicies } from './operations/plan.js'
@@ -121,12 +122,18 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   async #start(): Promise<void> {
     const options = this.options
     assertPeersSupported()
+    // Every query has a client-side deadline (the batch's statement_timeout plus a
+    // margin): a query on a connection whose path died without a word is abandoned, and
+    // the connection (dropped on the error) replaced.
+    const queryDeadlineMs = options.batchStatementTimeoutMs + options.deadConnectionAfterMs
     const pool =
       options.pool ??
       new pg.Pool({
         connectionString: options.connectionString,
         max: 4,
         application_name: `${options.nodeId} pool`,
+        keepAlive: true,
+        query_timeout: queryDeadlineMs,
       })
     if (!options.pool) pool.on('error', (error) => this.#emitError(error))
     this.#pool = pool
@@ -147,6 +154,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       idleSessionTimeoutMs: options.idleSessionTimeoutMs,
       lockWaitSliceMs: options.lockWaitSliceMs,
       connectionCheckMs: CONNECTION_CHECK_MS,
+      deadAfterMs: options.deadConnectionAfterMs,
     }
     // Fail start() now, not in the background, where the lock connection cannot keep a
     // session (a transaction pooler) or the server is too old.
@@ -157,18 +165,33 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       await probe.close()
     }
 
-    const boss =
-      options.boss ??
-      new pgBoss.PgBoss({
-        ...(options.connectionString
-          ? { connectionString: options.connectionString }
-          : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
-        application_name: `${options.nodeId} pg-boss`,
-        max: 4,
-        schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
-        migrate: false, // `pg-singleton migrate` installs pg-boss's schema; nodes need no CREATE
-        useListenNotify: Boolean(options.connectionString),
-      })
+    // LISTEN needs a session: through a transaction pooler pg-boss polls instead.
+    const pooled = options.connectionString
+      ? !(await connectionKeepsSession({ connectionString: options.connectionString }))
+      : true
+    if (options.connectionString && pooled) {
+      options.logger.info(
+        {},
+        'the pool goes through a transaction pooler: pg-boss polls its queue instead of LISTEN',
+      )
+    }
+    const bossOptions = {
+      ...(options.connectionString
+        ? { connectionString: options.connectionString }
+        : { db: { executeSql: (text: string, values?: unknown[]) => pool.query(text, values) } }),
+      application_name: `${options.nodeId} pg-boss`,
+      max: 4,
+      // pg-boss hands its options to its pg.Pool as they are (its types do not list these):
+      // keepalive, and a client-side deadline; its own maintenance can take longer than a
+      // batch, so a minute, which still ends a query on a dead path. Its LISTEN connection
+      // has a heartbeat of its own.
+      keepAlive: true,
+      query_timeout: Math.max(60_000, queryDeadlineMs),
+      schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
+      migrate: false, // `pg-singleton migrate` installs pg-boss's schema; nodes need no CREATE
+      useListenNotify: !pooled,
+    }
+    const boss = options.boss ?? new pgBoss.PgBoss(bossOptions as pgBoss.ConstructorOptions)
     this.#boss = boss
     if (!options.boss) {
       boss.on('error', (error) => this.#emitError(error))
@@ -233,6 +256,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       {
         ...sessionSettings,
         definitions,
+        stepDownCoolOffMs: options.stepDownAfterMs,
         heartbeatMs: options.heartbeatMs,
         fenceAfterMs: options.fenceAfterMs,
         reconnectDelayMs: options.reconnectDelayMs,
@@ -275,13 +299,24 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             },
             lease,
             fence,
-          )
+            options.stepDownAfterMs,
+          ).then((stepDown) => {
+            // A holder that cannot do its job gives the lock to a healthier node.
+            if (stepDown) this.#starter?.stepDown(stepDown)
+          })
         },
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
           this.#safeEmit('lock:lost', { lease, reason })
         },
         onError: (error) => this.#emitError(error),
+        onWarning: (message) => this.#warn({ code: 'SESSION_SETTING_REFUSED', message }),
+        onFatal: (error) => {
+          // It cannot run safely here (a transaction pooler in front of the lock session):
+          // it stops, and says why. The CLI exits non-zero on this code.
+          this.#emitError(error)
+          this.stop().catch((stopError) => this.#emitError(stopError))
+        },
       },
     )
     await this.#starter.start()
@@ -333,7 +368,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   }
 
   #emitError(error: unknown): void {
-    const wrapped = error instanceof Error ? error : new Error(String(error))
+    const wrapped =
+      error instanceof Error ? error : new Error(errorMessage(error), { cause: error })
     this.options.logger.error({ error: wrapped.message }, 'background error')
     if (this.listenerCount('error') > 0) this.#safeEmit('error', wrapped)
   }

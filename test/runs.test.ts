@@ -3,6 +3,18 @@ import { fingerprint } from '../src/config/definition.js'
 import { withFence } from '../src/runs/fence.js'
 import * as runs from '../src/runs/runs.js'
 import { RUN_STATUSES } from '../src/runs/statuses.js'
+
+/** A claim that must succeed. */
+async function claimed(
+  pool: import('pg').Pool,
+  runId: string,
+  nodeId: string,
+): Promise<runs.Claim> {
+  const claim = await runs.claim(pool, runId, nodeId)
+  if (typeof claim === 'string') throw new Error(`run ${runId} could not be claimed: ${claim}`)
+  return claim
+}
+
 import { useTestDatabase } from './support/database.js'
 import {
   definitionsOf,
@@ -90,7 +102,7 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(worked.status).toBe('done')
     expect(worked.batches.map((b) => b.deleted)).toEqual([100, 100, 50])
     expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'done', attempt: 1 })
-    expect(await runs.claim(db.pool, run?.runId ?? '', h.nodeId)).toBeUndefined()
+    expect(await runs.claim(db.pool, run?.runId ?? '', h.nodeId)).toBe('not waiting')
 
     const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM app.events')
     expect(rows[0].n).toBe(10)
@@ -101,8 +113,7 @@ describe('the run state machine, driven transition by transition against Postgre
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
     const id = run?.runId ?? ''
-    const first = await runs.claim(db.pool, id, h.nodeId)
-    if (!first) throw new Error('no claim')
+    const first = await claimed(db.pool, id, h.nodeId)
     expect(await runs.fail(db.pool, first, 'boom', true)).toMatchObject({ status: 'failed' })
     // Its backoff over (the clock moved on), the holder schedules it again, and attempt 2 takes it.
     await db.pool.query(`UPDATE pgsingleton.cleanup_runs SET retry_at = now() WHERE id = $1`, [id])
@@ -110,7 +121,7 @@ describe('the run state machine, driven transition by transition against Postgre
       runs.retryDue(tx, h.token()),
     )
     expect(retried).toMatchObject({ fenced: false, result: [{ runId: id }] })
-    const second = await runs.claim(db.pool, id, h.nodeId)
+    const second = await claimed(db.pool, id, h.nodeId)
     expect(second?.attempt).toBe(2)
 
     // Attempt 1 wakes up and tries everything it could.
@@ -139,8 +150,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const id = run?.runId ?? ''
     const delays: number[] = []
     for (let failure = 1; failure <= runs.RETRY.limit; failure++) {
-      const claim = await runs.claim(db.pool, id, h.nodeId)
-      if (!claim) throw new Error('no claim')
+      const claim = await claimed(db.pool, id, h.nodeId)
       const result = await runs.fail(db.pool, claim, `failure ${failure}`, true)
       const row = await runRow(id)
       if (failure < runs.RETRY.limit) {
@@ -164,8 +174,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const { h, definition } = await holder('sm-interrupt')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    const claim = await runs.claim(db.pool, run?.runId ?? '', h.nodeId)
-    if (!claim) throw new Error('no claim')
+    const claim = await claimed(db.pool, run?.runId ?? '', h.nodeId)
     await runs.fail(db.pool, claim, 'interrupted between batches', false)
     expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'failed', failures: 0 })
   })
@@ -176,8 +185,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const a = await holder('sm-epochs', POLICY, 'a')
     await a.h.hold()
     const [run] = await issueNow(db.pool, a.h, a.definition)
-    const claim = await runs.claim(db.pool, run?.runId ?? '', 'a')
-    if (!claim) throw new Error('no claim')
+    const claim = await claimed(db.pool, run?.runId ?? '', 'a')
     await a.h.close()
     const b = await holder('sm-epochs', POLICY, 'b')
     await b.h.hold()
@@ -247,7 +255,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const { h, definition } = await holder('sm-unregistered')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    expect(await runs.claim(db.pool, run?.runId ?? '', 'never-registered')).toBeUndefined()
+    expect(await runs.claim(db.pool, run?.runId ?? '', 'never-registered')).toBe('not live')
     expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'scheduled', attempt: 0 })
   })
 
@@ -257,8 +265,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const { h, definition } = await holder('sm-join', POLICY, 'keeper')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    const claim = await runs.claim(db.pool, run?.runId ?? '', 'keeper')
-    if (!claim) throw new Error('no claim')
+    const claim = await claimed(db.pool, run?.runId ?? '', 'keeper')
     const leaf = Number((await db.pool.query(`SELECT 'app.events'::regclass::oid AS o`)).rows[0].o)
     const request: runs.BatchRequest = {
       leaf,
@@ -300,7 +307,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const [run] = await issueNow(db.pool, h, definition)
     // Claimed by a worker on another node, whose lock session then ends (a crash).
     const worker = await holder('sm-orphan', POLICY, 'a-node-that-died')
-    expect(await runs.claim(db.pool, run?.runId ?? '', 'a-node-that-died')).toBeDefined()
+    await claimed(db.pool, run?.runId ?? '', 'a-node-that-died')
     worker.h.session.destroy()
     await new Promise((resolve) => setTimeout(resolve, 200))
     const result = await withFence(db.pool, LIMITS, h.token(), async (tx) => {
@@ -320,8 +327,7 @@ describe('the run state machine, driven transition by transition against Postgre
     const { h, definition } = await holder('sm-agree', POLICY, 'keeper')
     await h.hold()
     const [run] = await issueNow(db.pool, h, definition)
-    const claim = await runs.claim(db.pool, run?.runId ?? '', 'keeper')
-    if (!claim) throw new Error('no claim')
+    const claim = await claimed(db.pool, run?.runId ?? '', 'keeper')
     const other = await holder('sm-agree', { ...POLICY, olderThan: '1 day' }, 'other')
     const leaf = Number((await db.pool.query(`SELECT 'app.events'::regclass::oid AS o`)).rows[0].o)
     const request: runs.BatchRequest = {

@@ -49,9 +49,10 @@ export class CleanupWorker {
         try {
           this.#hooks.onRun(await runCleanup(this.#deps, job, signal))
         } catch (error) {
-          // The run could not even be recorded (the database is unreachable); the holder
-          // sees its job end without it and issues the run again.
-          this.#hooks.onError(error)
+          // The run could not even be claimed or recorded (this node is not live, or the
+          // database is unreachable): the job fails, and the holder, seeing the run outlive
+          // its job, gives it a new one. Only an unreachable database is an error.
+          if ((error as { code?: string }).code !== 'NODE_NOT_LIVE') this.#hooks.onError(error)
           throw error
         }
       },

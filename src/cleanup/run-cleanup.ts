@@ -1,7 +1,7 @@
 import type pg from 'pg'
 import type { PolicyDefinition } from '../config/definition.js'
 import { mayBeTiedToRows } from '../db/sqlstate.js'
-import { errorMessage } from '../errors.js'
+import { errorMessage, SingletonError } from '../errors.js'
 import type { CleanupJob } from '../queue/cleanup-queue.js'
 import type { TransactionLimits } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
@@ -71,7 +71,15 @@ export async function runCleanup(
   signal: AbortSignal,
 ): Promise<RunReport> {
   const run = await runs.claim(deps.pool, job.runId, deps.nodeId)
-  if (!run) {
+  if (run === 'not live') {
+    // This node's lock session is reconnecting: it may not delete now. The job fails, and
+    // the holder gives the run a new job at its next tick, for whichever node is live.
+    throw new SingletonError(
+      'NODE_NOT_LIVE',
+      `run ${job.runId}: node ${deps.nodeId} is not live yet (its lock session is reconnecting); the holder hands the run to a new job`,
+    )
+  }
+  if (run === 'not waiting') {
     return {
       runId: job.runId,
       policy: job.policy,

@@ -68,7 +68,16 @@ export async function runCommand(args: {
     nodeId,
     logger,
   })
-  singleton.on('error', () => {}) // already logged by the logger; a node lives through background errors
+  // Background errors are already logged, and a node lives through them, except one that
+  // says it cannot run safely here (the lock session goes through a transaction pooler):
+  // the node has stopped itself, and the process exits non-zero.
+  singleton.on('error', (error) => {
+    if ((error as { code?: string }).code !== 'SESSION_NOT_KEPT') return
+    singleton.stop().then(
+      () => process.exit(1),
+      () => process.exit(1),
+    )
+  })
 
   let stopping: Promise<void> | undefined
   const stop = (signal: string) => {

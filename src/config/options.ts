@@ -44,6 +44,18 @@ export interface SingletonOptions {
   idleSessionTimeoutMs?: number
   /** A standby waits inside `pg_advisory_lock` in slices of this `lock_timeout`. Default 5000 ms. */
   lockWaitSliceMs?: number
+  /**
+   * A statement that has not answered this long after it should have (a standby's wait
+   * slice after its slice, any of pg-singleton's queries after its statement timeout) is
+   * taken as a dead connection: it is dropped and replaced. Default 5000 ms.
+   */
+  deadConnectionAfterMs?: number
+  /**
+   * A holder whose schedule ticks have failed for this long (its pool is broken while its
+   * lock session is fine) gives the lock up so that a healthier node can hold, and queues
+   * again after as long. Default 30000 ms.
+   */
+  stepDownAfterMs?: number
   /** First delay before reconnecting a lost lock session; doubles up to 5 s. Default 200 ms. */
   reconnectDelayMs?: number
   /** Pause between two cleanup batches, to leave room for app traffic. Default 0 ms. */
@@ -78,6 +90,8 @@ export interface ResolvedOptions {
   readonly fenceAfterMs: number
   readonly idleSessionTimeoutMs: number
   readonly lockWaitSliceMs: number
+  readonly deadConnectionAfterMs: number
+  readonly stepDownAfterMs: number
   readonly reconnectDelayMs: number
   readonly batchPauseMs: number
   readonly batchLockTimeoutMs: number
@@ -94,6 +108,8 @@ export const DEFAULTS = Object.freeze({
   fenceAfterMs: 2000,
   idleSessionTimeoutMs: 3000,
   lockWaitSliceMs: 5000,
+  deadConnectionAfterMs: 5000,
+  stepDownAfterMs: 30_000,
   reconnectDelayMs: 200,
   batchPauseMs: 0,
   batchLockTimeoutMs: 2000,
@@ -160,6 +176,8 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     fenceAfterMs: ms('fenceAfterMs', 100, 600_000),
     idleSessionTimeoutMs: ms('idleSessionTimeoutMs', 200, 3_600_000),
     lockWaitSliceMs: ms('lockWaitSliceMs', 100, 600_000),
+    deadConnectionAfterMs: ms('deadConnectionAfterMs', 500, 600_000),
+    stepDownAfterMs: ms('stepDownAfterMs', 1000, 3_600_000),
     reconnectDelayMs: ms('reconnectDelayMs', 10, 60_000),
     batchPauseMs: ms('batchPauseMs', 0, 600_000),
     batchLockTimeoutMs: ms('batchLockTimeoutMs', 10, 600_000),

@@ -153,6 +153,11 @@ export async function assertSchemaCurrent(pool: pg.Pool | pg.Client): Promise<vo
 }
 
 async function readSchemaVersion(pool: pg.Pool | pg.Client): Promise<number | undefined> {
+  // Looked up first, so that a database not migrated yet puts no ERROR in the server log.
+  const { rows: found } = await pool.query<{ exists: boolean }>(
+    `SELECT to_regclass('pgsingleton.meta') IS NOT NULL AS exists`,
+  )
+  if (!found[0]?.exists) return undefined
   try {
     const { rows } = await pool.query<{ schema_version: number }>(
       'SELECT schema_version FROM pgsingleton.meta',

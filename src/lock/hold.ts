@@ -1,4 +1,4 @@
-import { errorMessage } from '../errors.js'
+import { errorMessage, SingletonError } from '../errors.js'
 import type { Lease, LockSession } from './lock-session.js'
 
 export interface HoldTiming {
@@ -6,10 +6,14 @@ export interface HoldTiming {
   readonly fenceAfterMs: number
 }
 
+/** How often a holder checks again that no other client is handed its session (a transaction pooler). */
+const PIN_CHECK_MS = 10_000
+
 /**
  * Keeps the lock session proving itself while the node holds the singleton, and
- * resolves with the reason the holdership ended: `stopped` when `stop` fires, anything
- * else when the node must fence itself.
+ * resolves with the reason the holdership ended: `stopped` when `stop` fires, `stepped
+ * down: ...` when `stepDown` fires, anything else when the node must fence itself. Rejects
+ * when the session turns out not to be a session at all (a transaction pooler).
  *
  * The fence deadline counts from when the last successful heartbeat was *sent*: the
  * server saw that query no earlier, so its idle_session_timeout clock started no earlier,
@@ -22,10 +26,12 @@ export function holdUntilLost(
   lease: Lease,
   timing: HoldTiming,
   stop: AbortSignal,
+  stepDown: AbortSignal,
 ): Promise<string> {
-  return new Promise((resolve) => {
+  return new Promise((resolve, reject) => {
     let lastOkSentAt = performance.now()
     let beatTimer: NodeJS.Timeout | undefined
+    let lastPinCheck = performance.now()
     let finished = false
     const watchdog = setInterval(
       () => {
@@ -39,29 +45,39 @@ export function holdUntilLost(
       Math.max(10, Math.min(100, timing.heartbeatMs / 4)),
     )
     const onStop = () => finish('stopped')
-    const finish = (reason: string) => {
+    const onStepDown = () => finish(`stepped down: ${String(stepDown.reason)}`)
+    const finish = (reason: string, fatal?: Error) => {
       if (finished) return
       finished = true
       clearInterval(watchdog)
       clearTimeout(beatTimer)
       stop.removeEventListener('abort', onStop)
-      resolve(reason)
+      stepDown.removeEventListener('abort', onStepDown)
+      if (fatal) reject(fatal)
+      else resolve(reason)
     }
     const beat = async () => {
       const sentAt = performance.now()
       try {
-        if (await session.heartbeat(lease.epoch)) {
+        if ((await session.heartbeat(lease.epoch)) === 'current') {
           lastOkSentAt = sentAt
         } else {
           finish(`epoch ${lease.epoch} is no longer current: another node took over`)
         }
+        if (!finished && performance.now() - lastPinCheck > PIN_CHECK_MS) {
+          lastPinCheck = performance.now()
+          await session.assertStillPinned()
+        }
       } catch (error) {
-        finish(`heartbeat failed: ${errorMessage(error)}`)
+        // A lock session that turned out to be pooled is the caller's to stop for good.
+        const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
+        finish(`heartbeat failed: ${errorMessage(error)}`, pooled ? error : undefined)
       }
       if (!finished) beatTimer = setTimeout(beat, timing.heartbeatMs)
     }
     session.onLost((error) => finish(`lock session lost: ${errorMessage(error)}`))
     stop.addEventListener('abort', onStop)
+    stepDown.addEventListener('abort', onStepDown)
     if (stop.aborted) finish('stopped')
     else beatTimer = setTimeout(beat, timing.heartbeatMs)
   })

@@ -1,7 +1,8 @@
 import pg from 'pg'
 import { fingerprint, type PolicyDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
-import { SingletonError } from '../errors.js'
+import { errorMessage, SingletonError } from '../errors.js'
+import { keepsSession, sessionNotKept } from './session-pinning.js'
 
 /**
  * The protocol this code speaks, declared on the lock session. A database migrated to a
@@ -25,7 +26,30 @@ export interface LockSessionSettings {
   readonly lockWaitSliceMs: number
   /** How often the server checks, during a long lock wait, that our socket is still there. */
   readonly connectionCheckMs: number
+  /**
+   * A statement of the lock session that has not answered this long after it should have
+   * (a wait slice after its slice) is taken as a sign the connection is dead: the socket
+   * is destroyed and the node queues again on a new one.
+   */
+  readonly deadAfterMs: number
 }
+
+/**
+ * TCP keepalive of the server's end of the lock session, so that the server ends the
+ * backend of a client whose path died without a word (and it leaves the lock queue): idle
+ * 5 s, then a probe every 2 s, dead after 3 missed, and data unacknowledged for 10 s.
+ * Together with client_connection_check_interval, a waiting backend of a vanished client
+ * is gone within about 12 s.
+ */
+const SERVER_KEEPALIVE = {
+  tcp_keepalives_idle: '5',
+  tcp_keepalives_interval: '2',
+  tcp_keepalives_count: '3',
+  tcp_user_timeout: '10000',
+}
+
+/** What one slice of a standby's wait ended with. */
+type WaitSlice = 'acquired' | 'waiting' | 'moved'
 
 /**
  * One dedicated connection that waits for, holds and releases the singleton's advisory
@@ -34,19 +58,29 @@ export interface LockSessionSettings {
  */
 export class LockSession {
   readonly #client: pg.Client
+  readonly #connection: pg.ClientConfig
   readonly #settings: LockSessionSettings
   #closed = false
   #backendPid = 0
+  #warnings: string[] = []
 
   constructor(connection: pg.ClientConfig, settings: LockSessionSettings) {
     this.#settings = settings
-    this.#client = new pg.Client({
+    this.#connection = {
       // A connect into a partition would otherwise wait out the kernel's SYN retries (minutes).
       connectionTimeoutMillis: 10_000,
       ...connection,
-      application_name: settings.nodeId,
+      // The client's own keepalive; behind a TCP proxy it only reaches the proxy, which is
+      // why every statement of this session also has a deadline of its own.
       keepAlive: true,
-    })
+      keepAliveInitialDelayMillis: 5000,
+    }
+    this.#client = new pg.Client({ ...this.#connection, application_name: settings.nodeId })
+  }
+
+  /** Settings the server refused, which the session goes on without (say, on some platforms). */
+  get warnings(): readonly string[] {
+    return this.#warnings
   }
 
   get backendPid(): number {
@@ -77,34 +111,40 @@ export class LockSession {
     await this.#client.query(
       `SELECT set_config('idle_session_timeout', $1, false),
               set_config('lock_timeout', $2, false),
-              set_config('client_connection_check_interval', $3, false),
               set_config('statement_timeout', '0', false),
-              set_config('pgsingleton.protocol', $4, false)`,
-      [
-        `${idleSessionTimeoutMs}ms`,
-        `${lockWaitSliceMs}ms`,
-        `${connectionCheckMs}ms`,
-        String(PROTOCOL),
-      ],
+              set_config('pgsingleton.protocol', $3, false)`,
+      [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, String(PROTOCOL)],
     )
-    // A transaction-mode pooler (PgBouncer) hands each statement to whichever server
-    // connection is free: session settings and session locks do not stay with us. Two
-    // more statements must see the same backend and the setting we just made. This
-    // catches a pooler that is switching connections; an idle pooler that happens to
-    // hand back the same one cannot be told from a direct connection.
-    for (let i = 0; i < 2; i++) {
-      const { rows: again } = await this.#client.query<{ pid: number; idle: string }>(
-        `SELECT pg_backend_pid() AS pid, current_setting('idle_session_timeout') AS idle`,
-      )
-      if (again[0]?.pid !== first.pid || again[0]?.idle === '0') {
-        throw new SingletonError(
-          'SESSION_NOT_KEPT',
-          'The lock connection does not keep one server session (is it going through PgBouncer in transaction mode?). ' +
-            'Session advisory locks need a direct connection: point the lock connection at PostgreSQL itself or a session-mode pooler.',
-        )
-      }
+    // Each may be refused (client_connection_check_interval is not supported on every
+    // platform; keepalive settings only on TCP): the session works without them, more
+    // slowly to notice a vanished peer, and says so.
+    for (const [setting, value] of Object.entries({
+      client_connection_check_interval: `${connectionCheckMs}ms`,
+      ...SERVER_KEEPALIVE,
+    })) {
+      await this.#client
+        .query('SELECT set_config($1, $2, false)', [setting, value])
+        .catch((error) => this.#warnings.push(`${setting}: ${errorMessage(error)}`))
     }
+    // Refused before any lock is taken: a lock taken through a transaction pooler stays on
+    // the pooled server connection after this node exits.
+    const pinned = await keepsSession(this.#client, this.#connection)
+    if (!pinned.kept) throw sessionNotKept(pinned.reason)
     this.#backendPid = first.pid
+  }
+
+  /** Checks again, while the node runs, that no other client is handed this session. */
+  async assertStillPinned(): Promise<void> {
+    const pinned = await this.#withDeadline(
+      keepsSession(this.#client, this.#connection, 1),
+      this.#settings.deadAfterMs,
+      'the session check',
+    )
+    if (!pinned.kept) throw sessionNotKept(pinned.reason)
+    if (pinned.pid !== this.#backendPid)
+      throw sessionNotKept(
+        `the session's backend changed from ${this.#backendPid} to ${pinned.pid}`,
+      )
   }
 
   /**
@@ -179,20 +219,33 @@ export class LockSession {
   /**
    * Waits inside PostgreSQL for the lock: the server grants it to the first waiter the
    * moment the holder's backend ends, so failover costs a round trip, not a polling
-   * interval. Waits in `lock_timeout` slices so that a stop is noticed.
+   * interval. Waits in slices (`pgsingleton.wait_for_lock`, which ends a slice without an
+   * error in the server log) so that a stop is noticed, and so that every slice answers:
+   * one that has not answered `deadAfterMs` after its slice means the connection is dead.
    */
   async acquire(signal: AbortSignal): Promise<boolean> {
+    const { name, nodeId, lockWaitSliceMs, deadAfterMs } = this.#settings
     while (!signal.aborted) {
+      let slice: WaitSlice
       try {
-        await this.#client.query('SELECT pg_advisory_lock(pgsingleton.lock_key($1))', [
-          this.#settings.name,
-        ])
-        return true
+        const { rows } = await this.#withDeadline(
+          this.#client.query<{ slice: WaitSlice }>(
+            'SELECT pgsingleton.wait_for_lock($1, $2, $3) AS slice',
+            [name, nodeId, lockWaitSliceMs],
+          ),
+          lockWaitSliceMs + deadAfterMs,
+          'a wait slice',
+        )
+        slice = rows[0]?.slice ?? 'waiting'
       } catch (error) {
-        if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
         if (signal.aborted) return false
         throw error
       }
+      if (slice === 'acquired') return true
+      if (slice === 'moved')
+        throw sessionNotKept(
+          'a wait ran in another server session than the one holding the membership lock',
+        )
     }
     return false
   }
@@ -203,19 +256,23 @@ export class LockSession {
    * still holds its FOR KEY SHARE fence; after this commits, no batch of an older epoch
    * can pass its fence check.
    */
-  async bumpEpoch(): Promise<Lease> {
-    const { name, nodeId } = this.#settings
-    for (;;) {
+  async bumpEpoch(signal: AbortSignal): Promise<Lease | undefined> {
+    const { name, nodeId, lockWaitSliceMs, deadAfterMs } = this.#settings
+    while (!signal.aborted) {
       try {
-        const { rows } = await this.#client.query<{ epoch: string; acquired_at: Date }>(
-          `WITH previous AS (SELECT epoch FROM pgsingleton.leases WHERE name = $1 FOR UPDATE)
+        const { rows } = await this.#withDeadline(
+          this.#client.query<{ epoch: string; acquired_at: Date }>(
+            `WITH previous AS (SELECT epoch FROM pgsingleton.leases WHERE name = $1 FOR UPDATE)
            INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
            VALUES ($1, coalesce((SELECT epoch FROM previous), 0) + 1, $2, pg_backend_pid(), now(), now())
            ON CONFLICT (name) DO UPDATE
              SET epoch = l.epoch + 1, node_id = excluded.node_id, backend_pid = excluded.backend_pid,
                  acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
            RETURNING epoch, acquired_at`,
-          [name, nodeId],
+            [name, nodeId],
+          ),
+          lockWaitSliceMs + deadAfterMs,
+          'the epoch bump',
         )
         const row = rows[0]
         if (!row) throw new Error('the epoch bump returned no row')
@@ -232,16 +289,25 @@ export class LockSession {
         throw error
       }
     }
+    return undefined
   }
 
-  /** True while this session's epoch is still the current one. */
-  async heartbeat(epoch: number): Promise<boolean> {
-    const result = await this.#client.query(
-      `UPDATE pgsingleton.leases SET heartbeat_at = now()
-        WHERE name = $1 AND epoch = $2 AND backend_pid = pg_backend_pid()`,
+  /**
+   * `current` while this session's epoch is still the current one; `superseded` when
+   * another node bumped it; throws when the statement ran in another server session (a
+   * transaction pooler the start-up check missed).
+   */
+  async heartbeat(epoch: number): Promise<'current' | 'superseded'> {
+    const { rows } = await this.#client.query<{ pid: number; updated: number }>(
+      `WITH beat AS (
+         UPDATE pgsingleton.leases SET heartbeat_at = now()
+          WHERE name = $1 AND epoch = $2 AND backend_pid = pg_backend_pid() RETURNING 1)
+       SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM beat)::int AS updated`,
       [this.#settings.name, epoch],
     )
-    return result.rowCount === 1
+    if (rows[0]?.pid !== this.#backendPid)
+      throw sessionNotKept(`a heartbeat ran in backend ${rows[0]?.pid}, not ${this.#backendPid}`)
+    return rows[0]?.updated === 1 ? 'current' : 'superseded'
   }
 
   /** Unlocks and closes: the next waiter is granted the lock at once. */
@@ -263,6 +329,26 @@ export class LockSession {
       new Promise((resolve) => setTimeout(resolve, 1000).unref()),
     ])
     this.destroy()
+  }
+
+  /** `work`, or an error (and a destroyed socket) when it has not answered within `ms`. */
+  async #withDeadline<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+    let timer: NodeJS.Timeout | undefined
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.destroy()
+        reject(
+          new Error(
+            `the lock connection did not answer ${what} within ${ms} ms: taken as dead, and replaced`,
+          ),
+        )
+      }, ms)
+    })
+    try {
+      return await Promise.race([work, deadline])
+    } finally {
+      clearTimeout(timer)
+    }
   }
 
   /**

@@ -1,6 +1,6 @@
 import type pg from 'pg'
 import type { PolicyDefinition } from '../config/definition.js'
-import { errorMessage } from '../errors.js'
+import { errorMessage, SingletonError } from '../errors.js'
 import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
 import { type Lease, LockSession, type LockSessionSettings } from './lock-session.js'
@@ -13,6 +13,10 @@ export interface StarterHooks {
   onAcquired(lease: Lease, fence: AbortSignal): void
   onLost(lease: Lease, reason: string): void
   onError(error: unknown): void
+  /** Settings the server refused on the lock session (once per distinct message). */
+  onWarning(message: string): void
+  /** The node cannot run safely here (a transaction pooler): it stops queueing for good. */
+  onFatal(error: SingletonError): void
 }
 
 export interface StarterSettings extends LockSessionSettings {
@@ -21,6 +25,8 @@ export interface StarterSettings extends LockSessionSettings {
   readonly heartbeatMs: number
   readonly fenceAfterMs: number
   readonly reconnectDelayMs: number
+  /** After stepping down, how long to wait before queueing again, so another node can hold. */
+  readonly stepDownCoolOffMs: number
 }
 
 const MAX_RECONNECT_DELAY_MS = 5000
@@ -35,6 +41,8 @@ export class Starter {
   readonly #settings: StarterSettings
   readonly #hooks: StarterHooks
   readonly #stop = new AbortController()
+  #stepDown: AbortController | undefined
+  readonly #warned = new Set<string>()
   #loop: Promise<void> | undefined
   #firstAttempt: Promise<void> | undefined
   #firstAttemptDone: (() => void) | undefined
@@ -58,6 +66,14 @@ export class Starter {
     })
     this.#loop ??= this.#run()
     return this.#firstAttempt
+  }
+
+  /**
+   * The holder gives the lock up (it cannot do its job: say its ticks keep failing) so that a
+   * healthier node can hold; it queues again after the cool-off. No-op when not holding.
+   */
+  stepDown(reason: string): void {
+    this.#stepDown?.abort(reason)
   }
 
   /**
@@ -89,27 +105,51 @@ export class Starter {
       stop.addEventListener('abort', abortWait)
       try {
         await session.connect()
+        for (const warning of session.warnings) {
+          if (this.#warned.has(warning)) continue
+          this.#warned.add(warning)
+          this.#hooks.onWarning(
+            `the lock session goes on without a setting the server refused: ${warning}`,
+          )
+        }
         await session.register(this.#settings.definitions)
         this.#hooks.onRegistered()
         this.#firstAttemptDone?.()
         this.#hooks.onWaiting()
         const acquired = await session.acquire(stop)
+        const lease = acquired && !stop.aborted ? await session.bumpEpoch(stop) : undefined
         stop.removeEventListener('abort', abortWait)
-        if (!acquired || stop.aborted) {
+        if (!lease || stop.aborted) {
           await session.close()
           break
         }
-        const lease = await session.bumpEpoch()
         delay = this.#settings.reconnectDelayMs
         this.#lease = lease
         this.#held = session
         const fence = new AbortController()
+        const stepDown = new AbortController()
+        this.#stepDown = stepDown
         this.#hooks.onAcquired(lease, fence.signal)
-        const reason = await holdUntilLost(session, lease, this.#settings, stop)
+        let reason: string
+        try {
+          reason = await holdUntilLost(session, lease, this.#settings, stop, stepDown.signal)
+        } catch (error) {
+          fence.abort(errorMessage(error))
+          throw error
+        } finally {
+          this.#stepDown = undefined
+        }
         fence.abort(reason)
         if (reason === 'stopped') break // stop() releases after the caller's work has ended
         this.#held = undefined
         this.#lease = undefined
+        if (stepDown.signal.aborted) {
+          // Handed over at once: unlocked and closed, the next waiter holds.
+          await session.release().catch(() => session.destroy())
+          this.#hooks.onLost(lease, reason)
+          await sleep(this.#settings.stepDownCoolOffMs, stop)
+          continue
+        }
         session.destroy()
         this.#hooks.onLost(lease, reason)
       } catch (error) {
@@ -121,6 +161,10 @@ export class Starter {
         }
         this.#firstAttemptDone?.()
         if (stop.aborted) break
+        if (error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT') {
+          this.#hooks.onFatal(error)
+          break
+        }
         this.#hooks.onError(
           new Error(`lock session failed, reconnecting in ${delay} ms: ${errorMessage(error)}`, {
             cause: error,

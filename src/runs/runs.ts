@@ -210,20 +210,19 @@ export interface RunWithJob {
   issued: IssuedRun
 }
 
-/** Holder: open runs of this epoch whose job is older than `seconds`, to check against pg-boss. */
-export async function openWithOldJobs(
-  tx: Queryable,
-  lease: FenceToken,
-  seconds: number,
-): Promise<RunWithJob[]> {
+/**
+ * Holder: open runs of this epoch with a job, to check against pg-boss: a scheduled or
+ * running run outlives its job only when the job was lost (its worker could not claim or
+ * could not record), since a worker records the run's end before its job completes.
+ */
+export async function openWithJobs(tx: Queryable, lease: FenceToken): Promise<RunWithJob[]> {
   const { rows } = await tx.query<
     IssuedRow & { status: 'scheduled' | 'running'; job_id: string; fingerprint: string }
   >(
     `SELECT id, policy, status, job_id, fingerprint, scheduled_for, coalesced, reissued
        FROM pgsingleton.cleanup_runs
-      WHERE singleton = $1 AND epoch = $2 AND status IN ('scheduled', 'running') AND job_id IS NOT NULL
-        AND coalesce(started_at, created_at) < now() - $3 * interval '1 second'`,
-    [lease.singleton, lease.epoch, seconds],
+      WHERE singleton = $1 AND epoch = $2 AND status IN ('scheduled', 'running') AND job_id IS NOT NULL`,
+    [lease.singleton, lease.epoch],
   )
   return rows.map((row) => ({
     runId: String(row.id),
@@ -272,7 +271,7 @@ export async function claim(
   pool: pg.Pool,
   runId: string,
   nodeId: string,
-): Promise<Claim | undefined> {
+): Promise<Claim | 'not waiting' | 'not live'> {
   const { rows } = await pool.query<{
     singleton: string
     policy: string
@@ -293,7 +292,14 @@ export async function claim(
     [runId, nodeId],
   )
   const row = rows[0]
-  if (!row) return undefined
+  if (!row) {
+    const { rows: live } = await pool.query(
+      `SELECT 1 FROM pgsingleton.live_nodes l JOIN pgsingleton.cleanup_runs r
+          ON r.id = $1 AND l.singleton = r.singleton WHERE l.node_id = $2`,
+      [runId, nodeId],
+    )
+    return live.length > 0 ? 'not waiting' : 'not live'
+  }
   return {
     runId,
     singleton: row.singleton,

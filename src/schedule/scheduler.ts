@@ -27,8 +27,6 @@ const MAX_TICK_MS = 5000
 const MIN_TICK_MS = 20
 /** How often the holder looks again at a due policy whose previous run is still open. */
 const HELD_BACK_RECHECK_MS = 500
-/** A run whose job pg-boss ended this long ago without the run ending is issued again. */
-const LOST_JOB_AFTER_SECONDS = 30
 
 /**
  * The holder's clock. Due times live in `pgsingleton.schedules` and are judged by the
@@ -46,16 +44,19 @@ export async function runScheduler(
   deps: SchedulerDeps,
   lease: Lease,
   fence: AbortSignal,
-): Promise<void> {
+  stepDownAfterMs: number,
+): Promise<string | undefined> {
   const own = deps.definitions.map((definition) => ({
     definition,
     fingerprint: fingerprint(definition),
   }))
   let disagreeing = ''
+  let lastOk = performance.now()
   while (!fence.aborted) {
     let waitMs = MAX_TICK_MS
     try {
       const result = await tick(deps, lease, own)
+      lastOk = performance.now()
       waitMs = result.waitMs
       const held = result.disagreeing.join(',')
       if (held !== disagreeing) {
@@ -63,16 +64,21 @@ export async function runScheduler(
         deps.onDisagreement(result.disagreeing)
       }
     } catch (error) {
-      if (fence.aborted) return
+      if (fence.aborted) return undefined
       deps.onError(
         new Error(`schedule tick failed (epoch ${lease.epoch}): ${errorMessage(error)}`, {
           cause: error,
         }),
       )
+      const failingFor = performance.now() - lastOk
+      if (failingFor > stepDownAfterMs) {
+        return `its schedule ticks have failed for ${Math.round(failingFor / 1000)} s (stepDownAfterMs ${stepDownAfterMs}); last: ${errorMessage(error)}`
+      }
       waitMs = 1000
     }
     await sleep(waitMs, fence)
   }
+  return undefined
 }
 
 async function tick(
@@ -121,16 +127,17 @@ async function tick(
 }
 
 /**
- * A job can end in pg-boss without its run ending: its worker could not reach the database
- * to record the outcome, or pg-boss failed it. A scheduled run whose job ended gets a new
- * job; a running one is closed, and the next tick issues its occurrence again.
+ * A job can end in pg-boss without its run ending: its worker's node was not live (it may
+ * not claim), its worker could not reach the database to record the outcome, or pg-boss
+ * failed it. A scheduled run whose job ended gets a new job; a running one is closed, and
+ * the next tick issues its occurrence again.
  */
 async function resendLostJobs(
   boss: PgBoss,
   tx: pg.PoolClient,
   lease: runs.FenceTokenWithNode,
 ): Promise<runs.IssuedRun[]> {
-  const candidates = await runs.openWithOldJobs(tx, lease, LOST_JOB_AFTER_SECONDS)
+  const candidates = await runs.openWithJobs(tx, lease)
   const resent: runs.IssuedRun[] = []
   for (const run of candidates) {
     const state = await jobState(boss, tx, lease.singleton, run.jobId)

@@ -35,6 +35,7 @@ export class Holder {
         idleSessionTimeoutMs: 60_000,
         lockWaitSliceMs: 5000,
         connectionCheckMs: 1000,
+        deadAfterMs: 5000,
       },
     )
   }
@@ -48,9 +49,12 @@ export class Holder {
   }
 
   async hold(): Promise<Lease> {
-    await this.session.acquire(new AbortController().signal)
-    this.lease = await this.session.bumpEpoch()
-    return this.lease
+    const never = new AbortController().signal
+    await this.session.acquire(never)
+    const lease = await this.session.bumpEpoch(never)
+    if (!lease) throw new Error('no lease')
+    this.lease = lease
+    return lease
   }
 
   token(): runs.FenceTokenWithNode {
@@ -108,7 +112,7 @@ export async function workRun(
   limit?: number,
 ): Promise<Worked> {
   const claim = await runs.claim(pool, runId, nodeId)
-  if (!claim) throw new Error(`run ${runId} could not be claimed`)
+  if (typeof claim === 'string') throw new Error(`run ${runId} could not be claimed: ${claim}`)
   const { rows: leaves } = await pool.query<{ leaf: string; strategy: 'index' | 'tidrange' }>(
     `SELECT l.leaf, l.strategy FROM pgsingleton.cleanup_leaves(to_regclass(format('%I.%I', $1::text, $2::text)), $3) l`,
     [claim.definition.schema, claim.definition.table, claim.definition.column],
