@@ -73,6 +73,7 @@ export async function runCommand(args: {
   // the node has stopped itself, and the process exits non-zero.
   singleton.on('error', (error) => {
     if ((error as { code?: string }).code !== 'SESSION_NOT_KEPT') return
+    say(`pg-singleton: ${error.message} [SESSION_NOT_KEPT]`)
     singleton.stop().then(
       () => process.exit(1),
       () => process.exit(1),

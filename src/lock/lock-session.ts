@@ -158,12 +158,15 @@ export class LockSession {
    */
   async register(definitions: readonly PolicyDefinition[]): Promise<void> {
     const { name, nodeId } = this.#settings
-    const { rows } = await this.#client.query<{ got: boolean; holder: number | null }>(
-      `SELECT pg_try_advisory_lock(pgsingleton.member_key($1, $2)) AS got,
+    // Taken only in this session's own backend: a statement a pooler ran elsewhere takes nothing.
+    const { rows } = await this.#client.query<{ got: boolean | null; holder: number | null }>(
+      `SELECT CASE WHEN pg_backend_pid() = $3 THEN pg_try_advisory_lock(pgsingleton.member_key($1, $2)) END AS got,
               (SELECT n.backend_pid FROM pgsingleton.live_nodes n
                 WHERE n.singleton = $1 AND n.node_id = $2) AS holder`,
-      [name, nodeId],
+      [name, nodeId, this.#backendPid],
     )
+    if (rows[0]?.got === null)
+      throw sessionNotKept('the membership lock would have been taken in another server session')
     if (rows[0]?.got !== true) {
       throw new SingletonError(
         'NODE_ID_IN_USE',

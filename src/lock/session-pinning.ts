@@ -18,7 +18,7 @@ import { SingletonError } from '../errors.js'
 export async function keepsSession(
   client: pg.Client,
   config: pg.ClientConfig,
-  rounds = 2,
+  rounds = 3,
 ): Promise<{ kept: true; pid: number } | { kept: false; reason: string }> {
   const pidOf = async (c: pg.Client) =>
     (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? -1

@@ -3,7 +3,9 @@ import net from 'node:net'
 /**
  * A TCP relay that can partition: while partitioned, nothing crosses in either direction
  * and nothing is closed, as when a network silently drops packets. The server then sees
- * a silent client, and the client sees a silent server.
+ * a silent client, and the client sees a silent server. By default what is sent meanwhile
+ * waits and crosses once healed (a short outage); with `drop`, it is lost for good, as when
+ * a path dies and the connections on it are dead for ever after.
  */
 export class PartitionableProxy {
   readonly #server: net.Server
@@ -13,6 +15,7 @@ export class PartitionableProxy {
     held: (() => void)[]
   }>()
   #partitioned = false
+  #dropping = false
   #waiting: (() => void)[] = []
 
   constructor(
@@ -27,8 +30,10 @@ export class PartitionableProxy {
     return (this.#server.address() as net.AddressInfo).port
   }
 
-  partition(): void {
+  partition({ drop = false }: { drop?: boolean } = {}): void {
     this.#partitioned = true
+    this.#dropping = drop
+    if (drop) return
     for (const pair of this.#pairs) {
       pair.client.pause()
       pair.upstream?.pause()
@@ -37,6 +42,7 @@ export class PartitionableProxy {
 
   heal(): void {
     this.#partitioned = false
+    this.#dropping = false
     for (const pair of this.#pairs) {
       pair.client.resume()
       pair.upstream?.resume()
@@ -65,8 +71,12 @@ export class PartitionableProxy {
       const upstream = net.connect(this.targetPort, this.targetHost)
       pair.upstream = upstream
       upstream.on('error', () => {})
-      client.on('data', (chunk) => upstream.write(chunk))
-      upstream.on('data', (chunk) => client.write(chunk))
+      client.on('data', (chunk) => {
+        if (!this.#dropping) upstream.write(chunk)
+      })
+      upstream.on('data', (chunk) => {
+        if (!this.#dropping) client.write(chunk)
+      })
       // A close on one side reaches the other only across a healed network.
       const relayEnd = (to: net.Socket) => () => {
         if (this.#partitioned) pair.held.push(() => to.end())
@@ -75,13 +85,13 @@ export class PartitionableProxy {
       client.on('close', relayEnd(upstream))
       upstream.on('close', relayEnd(client))
       client.on('close', () => this.#pairs.delete(pair))
-      if (this.#partitioned) {
+      if (this.#partitioned && !this.#dropping) {
         client.pause()
         upstream.pause()
       }
     }
     // A connection attempted during a partition hangs until it heals (or the client gives up).
-    if (this.#partitioned) {
+    if (this.#partitioned && !this.#dropping) {
       client.pause()
       this.#waiting.push(start)
     } else start()

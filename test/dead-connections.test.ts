@@ -1,0 +1,258 @@
+import { once } from 'node:events'
+import { access, readFile } from 'node:fs/promises'
+import { describe, expect, it } from 'vitest'
+import { errorMessage } from '../src/errors.js'
+import { createSingleton, type Lease } from '../src/index.js'
+import { LockSession } from '../src/lock/lock-session.js'
+import { createEventsTable, dbNow, statusOf } from './support/app-table.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
+import { openClient } from './support/run-harness.js'
+import { PartitionableProxy } from './support/tcp-proxy.js'
+
+const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
+failOnNodesLeftRunning()
+
+const policy = {
+  name: 'old-events',
+  table: 'app.events',
+  column: 'created_at',
+  olderThan: '1 hour',
+  every: '1 minute',
+}
+
+async function proxied(): Promise<{ proxy: PartitionableProxy; url: string }> {
+  const target = new URL(db.url)
+  const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
+  const url = new URL(db.url)
+  url.hostname = '127.0.0.1'
+  url.port = String(await proxy.listen())
+  return { proxy, url: url.toString() }
+}
+
+describe('dead connections are noticed, and the cluster is never stuck', () => {
+  it('default timings: a standby whose path dies without a word notices within 15 s, its backend leaves the queue, and it takes over within 20 s of the holder dying', async () => {
+    const config = await writeConfig({ name: 'silent', policies: [policy] })
+    const { proxy, url } = await proxied()
+    try {
+      const holder = startNode(db.url, config, 'silent-holder')
+      await waitFor(
+        'the holder',
+        async () => (await statusOf(db.pool, 'silent'))?.nodeId === 'silent-holder',
+      )
+      const standby = startNode(url, config, 'silent-standby')
+      await waitFor('the standby queued', async () =>
+        (await statusOf(db.pool, 'silent'))?.waitingNodeIds.includes('silent-standby'),
+      )
+      // The path dies: nothing crosses, nothing is closed, for 20 s.
+      const cutAt = Date.now()
+      proxy.partition({ drop: true })
+      const noticed = await waitFor(
+        'the standby to notice',
+        async () =>
+          standby
+            .output()
+            .split('\n')
+            .find((line) => /did not answer a wait slice within \d+ ms: taken as dead/.test(line)),
+        20_000,
+      )
+      const noticedAt = new Date(noticed.split(' ')[0] as string).getTime()
+      expect(noticedAt - cutAt).toBeLessThan(15_000)
+      // Its backend, whose client the server still believes in (the relay answers for it),
+      // has left the lock queue by now: each wait slice ends and then the session idles
+      // past idle_session_timeout.
+      await waitFor(
+        'its backend to leave the lock queue',
+        async () => !(await statusOf(db.pool, 'silent'))?.waitingNodeIds.includes('silent-standby'),
+        15_000 - (Date.now() - cutAt),
+      )
+      await new Promise((resolve) =>
+        setTimeout(resolve, Math.max(0, 20_000 - (Date.now() - cutAt))),
+      )
+      proxy.heal()
+
+      const before = await statusOf(db.pool, 'silent')
+      const killedAt = await dbNow(db.pool)
+      holder.signal('SIGKILL')
+      const after = await waitFor(
+        'the standby to take over',
+        async () => {
+          const row = await statusOf(db.pool, 'silent')
+          return row?.nodeId === 'silent-standby' && (row.epoch ?? 0) > (before?.epoch ?? 0)
+            ? row
+            : undefined
+        },
+        25_000,
+      )
+      expect(
+        (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - killedAt.getTime(),
+      ).toBeLessThan(20_000)
+      await holder.exited
+      standby.signal('SIGTERM')
+      expect((await standby.exited).code, standby.output()).toBe(0)
+    } finally {
+      await proxy.close()
+    }
+  }, 90_000)
+
+  it('an idle cluster (a holder and standbys) writes no ERROR into the server log, however long the standbys wait', async () => {
+    const name = new URL(db.url).pathname.slice(1)
+    const rollbacks = async () =>
+      Number(
+        (
+          await db.pool.query('SELECT xact_rollback FROM pg_stat_database WHERE datname = $1', [
+            name,
+          ])
+        ).rows[0].xact_rollback,
+      )
+    const config = await writeConfig({ name: 'quiet', policies: [policy], lockWaitSliceMs: 200 })
+    const nodes = [1, 2, 3].map((n) => startNode(db.url, config, `quiet-${n}`))
+    await waitFor(
+      'a holder and two queued',
+      async () => (await statusOf(db.pool, 'quiet'))?.waitingNodes === 2,
+    )
+    await db.pool.query('SELECT pg_stat_force_next_flush()').catch(() => {})
+    const before = await rollbacks()
+    const logFile = '/var/log/postgresql/postgresql-15-main.log'
+    const log =
+      process.env.TEST_DATABASE_URL &&
+      (await access(logFile).then(
+        () => true,
+        () => false,
+      ))
+    const logBefore = log ? (await readFile(logFile, 'utf8')).length : 0
+    // 25 wait slices for each standby: before, each one ended in a logged ERROR.
+    await new Promise((resolve) => setTimeout(resolve, 5000))
+    await db.pool.query('SELECT pg_stat_force_next_flush()').catch(() => {})
+    await new Promise((resolve) => setTimeout(resolve, 1500))
+    // An ERROR that reaches the top of a statement rolls its transaction back; a slice
+    // that ends quietly does not.
+    expect(await rollbacks()).toBe(before)
+    if (log) {
+      const added = (await readFile(logFile, 'utf8')).slice(logBefore)
+      expect(added.split('\n').filter((l) => l.includes(`@${name} `) && /ERROR/.test(l))).toEqual(
+        [],
+      )
+    }
+    for (const node of nodes) node.signal('SIGTERM')
+    for (const node of nodes) expect((await node.exited).code).toBe(0)
+  })
+
+  it('a holder whose ticks keep failing (its pool broken, its lock session fine) steps down, says why, and queues again later', async () => {
+    const { proxy, url } = await proxied()
+    const options = {
+      name: 'step-down',
+      policies: [{ ...policy, every: '1 second' }],
+      batchStatementTimeoutMs: 500,
+      deadConnectionAfterMs: 500,
+      stepDownAfterMs: 2000,
+    }
+    // The sick node's pool goes through the relay, its lock session does not.
+    const sick = createSingleton({
+      ...options,
+      nodeId: 'sick',
+      connectionString: url,
+      lockConnectionString: db.url,
+    })
+    const healthy = createSingleton({ ...options, nodeId: 'healthy', connectionString: db.url })
+    for (const node of [sick, healthy]) node.on('error', () => {})
+    try {
+      const held = once(sick, 'lock:acquired')
+      await sick.start()
+      await held
+      await healthy.start()
+      await waitFor(
+        'healthy queued',
+        async () => (await statusOf(db.pool, 'step-down'))?.waitingNodes === 1,
+      )
+      // Not events.once, which rejects on the 'error' events the failing ticks emit.
+      const lost = new Promise<{ lease: Lease; reason: string }>((resolve) =>
+        sick.once('lock:lost', resolve),
+      )
+      proxy.partition({ drop: true })
+      const { reason } = await lost
+      expect(reason).toMatch(
+        /stepped down: its schedule ticks have failed for \d+ s \(stepDownAfterMs 2000\)/,
+      )
+      await waitFor(
+        'the healthy node to hold',
+        async () => (await statusOf(db.pool, 'step-down'))?.nodeId === 'healthy',
+      )
+      // After the cool-off it queues again.
+      await waitFor('the sick node queued again', async () =>
+        (await statusOf(db.pool, 'step-down'))?.waitingNodeIds.includes('sick'),
+      )
+    } finally {
+      proxy.heal()
+      await sick.stop()
+      await healthy.stop()
+      await proxy.close()
+    }
+  })
+
+  it('a stop while the new holder waits to bump its epoch is honoured at once', async () => {
+    const node = createSingleton({
+      name: 'bump-wait',
+      connectionString: db.url,
+      policies: [policy],
+    })
+    // A first holdership makes the lease row; then a transaction holds it the way a batch
+    // of an old epoch would, so the next bump waits.
+    const first = once(node, 'lock:acquired')
+    await node.start()
+    await first
+    await node.stop()
+    const batch = await openClient(db.url)
+    await batch.query(
+      `BEGIN; SELECT 1 FROM pgsingleton.leases WHERE name = 'bump-wait' FOR KEY SHARE`,
+    )
+    const second = createSingleton({
+      name: 'bump-wait',
+      connectionString: db.url,
+      policies: [policy],
+    })
+    try {
+      await second.start()
+      await waitFor('the bump to wait', async () => {
+        const { rows } = await db.pool.query(
+          `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO pgsingleton.leases%'`,
+        )
+        return rows.length > 0
+      })
+      const started = performance.now()
+      await second.stop()
+      expect(performance.now() - started).toBeLessThan(3000)
+    } finally {
+      await batch.query('ROLLBACK')
+      await batch.end()
+    }
+  })
+
+  it('a lock session goes on, and says so, when the server refuses a setting', async () => {
+    // A value the server refuses stands in for a platform that does not support
+    // client_connection_check_interval.
+    const session = new LockSession(
+      { connectionString: db.url },
+      {
+        name: 'refused',
+        nodeId: 'refused-node',
+        idleSessionTimeoutMs: 3000,
+        lockWaitSliceMs: 1000,
+        connectionCheckMs: -5,
+        deadAfterMs: 2000,
+      },
+    )
+    await session.connect()
+    expect(session.warnings).toEqual([expect.stringMatching(/^client_connection_check_interval: /)])
+    await session.close()
+  })
+
+  it('what is thrown without being an Error keeps its content', () => {
+    expect(errorMessage({ code: 'X1', detail: 'why' })).toBe('{"code":"X1","detail":"why"}')
+    expect(errorMessage({ message: 'said' })).toBe('said')
+    expect(errorMessage('text')).toBe('text')
+    const circular: Record<string, unknown> = {}
+    circular.self = circular
+    expect(errorMessage(circular)).toBe('[object Object]')
+  })
+})
