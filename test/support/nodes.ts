@@ -62,8 +62,13 @@ export function runCli(
   return node
 }
 
-export function startNode(url: string, config: string, nodeId: string): NodeProcess {
-  return runCli(['run', '--config', config, '--node-id', nodeId], { DATABASE_URL: url })
+export function startNode(
+  url: string,
+  config: string,
+  nodeId: string,
+  env: Record<string, string> = {},
+): NodeProcess {
+  return runCli(['run', '--config', config, '--node-id', nodeId], { DATABASE_URL: url, ...env })
 }
 
 /** For afterEach: kills what a test left running and reports it, so the test fails. */

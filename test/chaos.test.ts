@@ -1,0 +1,536 @@
+/**
+ * The chaos suite: seeded trials of every fault a production cluster sees, each against
+ * three CLI nodes (each behind a relay of its own, so that its path can die) cleaning two
+ * tables that a feeder keeps filling with outdated, young and almost-outdated rows. What
+ * happened is judged from the database's records only.
+ *
+ *   npm test               one trial of each fault (CHAOS_TRIALS=1)
+ *   npm run test:chaos     CHAOS_TRIALS=20, and writes docs/reliability.md
+ *   CHAOS_SEED=n           replays a run; CHAOS_FAULTS=a,b limits it to some faults
+ */
+import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { cpus, tmpdir, totalmem } from 'node:os'
+import { join } from 'node:path'
+import pg from 'pg'
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
+import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
+import { migrateToLatest } from '../src/db/migrate.js'
+import { safetyViolations, statusOf, unfinishedOccurrences } from './support/app-table.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { type NodeProcess, reapNodes, startNode, writeConfig } from './support/nodes.js'
+import { PgBouncer } from './support/pgbouncer.js'
+import { PartitionableProxy } from './support/tcp-proxy.js'
+
+const TRIALS = Number(process.env.CHAOS_TRIALS ?? 1)
+const SEED = Number(process.env.CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
+const REPORT = process.env.CHAOS_REPORT
+/** Short timings, so that trials are quick; the bounds below follow from them. */
+const TIMING = {
+  heartbeatMs: 200,
+  fenceAfterMs: 600,
+  idleSessionTimeoutMs: 1000,
+  lockWaitSliceMs: 500,
+  deadConnectionAfterMs: 1000,
+  reconnectDelayMs: 50,
+  batchPauseMs: 10,
+}
+
+interface Fault {
+  name: string
+  /** The longest takeover allowed, for faults that take the holder away. */
+  boundMs?: number
+  /** A server of its own (a restart), or a pooler in front. */
+  setup?: 'restart' | 'pgbouncer'
+  run(trial: Trial): Promise<void>
+}
+
+interface Outcome {
+  fault: string
+  trial: number
+  violations: string[]
+  takeoverMs: number | null
+}
+
+const db = useTestDatabase()
+const outcomes: Outcome[] = []
+const random = mulberry32(SEED)
+let restartServer: { url: string; dataDir: string; home: string } | undefined
+let bouncer: PgBouncer | undefined
+
+beforeAll(() => {
+  process.stderr.write(
+    `chaos: seed ${SEED}, ${TRIALS} trial(s) of each fault (replay with CHAOS_SEED=${SEED})\n`,
+  )
+})
+afterAll(async () => {
+  await bouncer?.stop()
+  if (restartServer) {
+    await stopEmbedded(restartServer.dataDir)
+    await rm(restartServer.home, { recursive: true, force: true })
+  }
+  if (REPORT) await writeReport(REPORT)
+})
+
+class Trial {
+  readonly name: string
+  readonly proxies: PartitionableProxy[] = []
+  readonly nodes: NodeProcess[] = []
+  url = ''
+  pool!: pg.Pool
+  faultAt: Date | undefined
+  epochBefore = 0
+  #feeding = true
+  #feeder: Promise<void> | undefined
+
+  constructor(
+    readonly fault: Fault,
+    readonly index: number,
+  ) {
+    this.name = `chaos-${fault.name}-${index}`.replace(/[^A-Za-z0-9_.-]/g, '-')
+  }
+
+  async start(): Promise<void> {
+    this.url = this.fault.setup === 'restart' ? await ownServer() : db.url
+    this.pool = new pg.Pool({ connectionString: this.url, max: 3 })
+    this.pool.on('error', () => {})
+    if (this.fault.setup === 'restart') await migrateToLatest(this.pool)
+    for (const t of ['a', 'b']) {
+      await this.pool.query(`CREATE SCHEMA IF NOT EXISTS chaos;
+        CREATE TABLE chaos."${this.name}_${t}" (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
+        CREATE INDEX ON chaos."${this.name}_${t}" (created_at);
+        CREATE TABLE IF NOT EXISTS chaos.deleted (tbl text, id bigint, created_at timestamptz, deleted_at timestamptz);
+        CREATE OR REPLACE FUNCTION chaos.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO chaos.deleted VALUES (TG_TABLE_NAME, OLD.id, OLD.created_at, now());
+          RETURN OLD;
+        END $$;
+        CREATE TRIGGER log_delete AFTER DELETE ON chaos."${this.name}_${t}" FOR EACH ROW EXECUTE FUNCTION chaos.log_delete();`)
+    }
+    this.#feeder = this.#feed()
+    const target = new URL(this.url)
+    const policies = ['a', 'b'].map((t) => ({
+      name: `events-${t}`,
+      table: `chaos.${this.name}_${t}`,
+      column: 'created_at',
+      olderThan: '1 hour',
+      every: '1 second',
+      batchSize: 40,
+    }))
+    const config = await writeConfig({ name: this.name, policies, ...TIMING })
+    for (let n = 1; n <= 3; n++) {
+      const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
+      const url = new URL(this.url)
+      url.hostname = '127.0.0.1'
+      url.port = String(await proxy.listen())
+      this.proxies.push(proxy)
+      const env: Record<string, string> = {}
+      let nodeUrl = url.toString()
+      if (this.fault.setup === 'pgbouncer') {
+        // The pool and pg-boss through a transaction pooler, the lock session direct.
+        env.PG_SINGLETON_LOCK_URL = nodeUrl
+        nodeUrl = bouncer?.url ?? ''
+      }
+      this.nodes.push(startNode(nodeUrl, config, `${this.name}-node-${n}`, env))
+    }
+    await waitFor(
+      'a holder, two queued, and a first run done',
+      async () => {
+        const row = await statusOf(this.pool, this.name)
+        const { rows } = await this.pool.query(
+          `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done'`,
+          [this.name],
+        )
+        return row?.nodeId && row.waitingNodes === 2 && rows[0].n > 0 ? true : undefined
+      },
+      30_000,
+    )
+    this.epochBefore = (await statusOf(this.pool, this.name))?.epoch ?? 0
+  }
+
+  /** Outdated, young and almost-outdated rows, ten times a second. */
+  async #feed(): Promise<void> {
+    while (this.#feeding) {
+      for (const t of ['a', 'b']) {
+        await this.pool
+          .query(
+            `INSERT INTO chaos."${this.name}_${t}" (created_at, payload)
+             SELECT now() - CASE WHEN g <= 12 THEN interval '2 hours'
+                                 WHEN g <= 16 THEN interval '30 minutes'
+                                 ELSE interval '59 minutes 59 seconds' END, 'x'
+               FROM generate_series(1, 20) AS g`,
+          )
+          .catch(() => {})
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+  }
+
+  node(id: string | null | undefined): { node: NodeProcess; proxy: PartitionableProxy } {
+    const i = this.nodes.findIndex((n) => n.id === id)
+    if (i < 0) throw new Error(`no node ${id}`)
+    return { node: this.nodes[i] as NodeProcess, proxy: this.proxies[i] as PartitionableProxy }
+  }
+
+  async holder() {
+    return this.node((await statusOf(this.pool, this.name))?.nodeId)
+  }
+
+  async standby() {
+    return this.node((await statusOf(this.pool, this.name))?.waitingNodeIds[0])
+  }
+
+  /** A node that is running a cleanup run now (not the holder, when there is such). */
+  async worker(): Promise<{ node: NodeProcess; proxy: PartitionableProxy; nodeId: string }> {
+    const holder = (await statusOf(this.pool, this.name))?.nodeId
+    const row = await waitFor(
+      'a run in flight',
+      async () => {
+        const { rows } = await this.pool.query(
+          `SELECT node_id FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'running' AND batches > 0
+            ORDER BY node_id = $2, random() LIMIT 1`,
+          [this.name, holder],
+        )
+        return rows[0]
+      },
+      20_000,
+    )
+    return { ...this.node(row.node_id), nodeId: row.node_id }
+  }
+
+  async markFault(): Promise<void> {
+    this.faultAt = (
+      await this.pool.query<{ now: Date }>('SELECT clock_timestamp() AS now')
+    ).rows[0]?.now
+  }
+
+  /** The new holder's epoch bump, measured from the fault by the database clock. */
+  async takeover(boundMs: number): Promise<number> {
+    const row = await waitFor(
+      'a new holder',
+      async () => {
+        const r = await statusOf(this.pool, this.name)
+        return r?.nodeId && (r.epoch ?? 0) > this.epochBefore ? r : undefined
+      },
+      Math.max(30_000, boundMs * 3),
+    )
+    return (row.acquiredAt?.getTime() ?? 0) - (this.faultAt?.getTime() ?? 0)
+  }
+
+  /** Every row outdated when this is called is gone soon after: cleaning goes on. */
+  async cleaningGoesOn(): Promise<void> {
+    for (const t of ['a', 'b']) {
+      const { rows } = await this.pool.query(`SELECT max(id) AS id FROM chaos."${this.name}_${t}"`)
+      const upTo = rows[0].id ?? 0
+      await waitFor(
+        `table ${t} cleaned after the fault`,
+        async () => {
+          const { rows: left } = await this.pool.query(
+            `SELECT count(*)::int AS n FROM chaos."${this.name}_${t}" WHERE id <= $1 AND created_at < now() - interval '1 hour' - interval '5 seconds'`,
+            [upTo],
+          )
+          return left[0].n === 0 ? true : undefined
+        },
+        45_000,
+      )
+    }
+  }
+
+  async violations(): Promise<string[]> {
+    const problems = await safetyViolations(this.pool, this.name)
+    const { rows: young } = await this.pool.query(
+      `SELECT tbl, id, created_at, deleted_at FROM chaos.deleted
+        WHERE tbl LIKE $1 AND created_at >= deleted_at - interval '1 hour' LIMIT 5`,
+      [`${this.name}%`],
+    )
+    for (const row of young)
+      problems.push(
+        `row ${row.tbl}#${row.id} (created ${row.created_at.toISOString()}) was deleted at ${row.deleted_at.toISOString()}, younger than an hour`,
+      )
+    problems.push(...(await unfinishedOccurrences(this.pool, this.name)))
+    return problems
+  }
+
+  async finish(): Promise<void> {
+    for (const proxy of this.proxies) proxy.heal()
+    for (const node of this.nodes) node.signal('SIGCONT')
+    this.#feeding = false
+    await this.#feeder
+  }
+
+  async close(): Promise<void> {
+    for (const node of this.nodes)
+      if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
+    await Promise.race([
+      Promise.all(this.nodes.map((n) => n.exited)),
+      new Promise((resolve) => setTimeout(resolve, 20_000)),
+    ])
+    await reapNodes()
+    for (const proxy of this.proxies) await proxy.close()
+    await this.pool.end()
+  }
+}
+
+const pause = (min: number, max: number) =>
+  new Promise((resolve) => setTimeout(resolve, min + random() * (max - min)))
+
+const FAULTS: Fault[] = [
+  {
+    name: 'kill -9 of the holder',
+    boundMs: 1000,
+    async run(t) {
+      const { node } = await t.holder()
+      await pause(0, 1500)
+      await t.markFault()
+      node.signal('SIGKILL')
+    },
+  },
+  {
+    name: 'SIGSTOP/SIGCONT of the holder',
+    boundMs: TIMING.idleSessionTimeoutMs + 1500,
+    async run(t) {
+      const { node } = await t.holder()
+      await pause(0, 1500)
+      await t.markFault()
+      node.signal('SIGSTOP')
+      await pause(2000, 4000)
+      node.signal('SIGCONT')
+    },
+  },
+  {
+    name: 'SIGSTOP of a worker mid-batch',
+    async run(t) {
+      const { node } = await t.worker()
+      await t.markFault()
+      node.signal('SIGSTOP')
+      await pause(2000, 4000)
+      node.signal('SIGCONT')
+    },
+  },
+  {
+    name: 'silent partition of the holder (path dead)',
+    boundMs: TIMING.idleSessionTimeoutMs + 1500,
+    async run(t) {
+      const { proxy } = await t.holder()
+      await pause(0, 1500)
+      await t.markFault()
+      proxy.partition({ drop: true })
+    },
+  },
+  {
+    name: 'silent partition of the holder (path restored)',
+    boundMs: TIMING.idleSessionTimeoutMs + 1500,
+    async run(t) {
+      const { proxy } = await t.holder()
+      await pause(0, 1500)
+      await t.markFault()
+      proxy.partition()
+      await pause(2000, 4000)
+      proxy.heal()
+    },
+  },
+  {
+    name: 'silent partition of a standby, then kill -9 of the holder',
+    boundMs: TIMING.lockWaitSliceMs + TIMING.deadConnectionAfterMs + 10_000,
+    async run(t) {
+      const { proxy } = await t.standby()
+      proxy.partition({ drop: true })
+      await pause(3000, 5000)
+      proxy.heal()
+      const { node } = await t.holder()
+      await t.markFault()
+      node.signal('SIGKILL')
+    },
+  },
+  {
+    name: 'silent partition of a worker mid-batch',
+    async run(t) {
+      const { proxy } = await t.worker()
+      await t.markFault()
+      proxy.partition({ drop: random() < 0.5 })
+      await pause(2000, 4000)
+      proxy.heal()
+    },
+  },
+  {
+    name: 'pg_terminate_backend of the lock session',
+    boundMs: 1000,
+    async run(t) {
+      const row = await statusOf(t.pool, t.name)
+      await pause(0, 1500)
+      await t.markFault()
+      await t.pool.query('SELECT pg_terminate_backend($1)', [row?.backendPid])
+    },
+  },
+  {
+    name: 'pg_terminate_backend of a worker mid-batch',
+    async run(t) {
+      const { nodeId } = await t.worker()
+      await t.markFault()
+      await t.pool.query(
+        `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1`,
+        [`${nodeId} pool`],
+      )
+    },
+  },
+  {
+    name: 'PostgreSQL restart',
+    boundMs: 15_000,
+    setup: 'restart',
+    async run(t) {
+      await pause(0, 1500)
+      await t.markFault()
+      const server = restartServer
+      if (!server) throw new Error('no server of its own')
+      await stopEmbedded(server.dataDir)
+      await ensureEmbedded(server.dataDir, Number(new URL(server.url).port))
+    },
+  },
+  {
+    name: 'app transactions holding row locks on outdated rows',
+    async run(t) {
+      const app = new pg.Client({ connectionString: t.url })
+      app.on('error', () => {})
+      await app.connect()
+      try {
+        await app.query('BEGIN')
+        await app.query(
+          `SELECT 1 FROM chaos."${t.name}_a" WHERE created_at < now() - interval '1 hour' AND id % 7 = 0 FOR UPDATE`,
+        )
+        await t.markFault()
+        await pause(3000, 5000)
+        await app.query('COMMIT')
+      } finally {
+        await app.end()
+      }
+    },
+  },
+  {
+    name: 'PgBouncer in transaction mode (pool pooled, lock session direct), kill -9 of the holder',
+    boundMs: 1000,
+    setup: 'pgbouncer',
+    async run(t) {
+      const { node } = await t.holder()
+      await pause(0, 1500)
+      await t.markFault()
+      node.signal('SIGKILL')
+    },
+  },
+]
+
+const selected = process.env.CHAOS_FAULTS?.split(',').map((s) => s.trim())
+
+describe(`chaos: ${TRIALS} seeded trial(s) of each fault`, () => {
+  beforeAll(async () => {
+    bouncer = await new PgBouncer(db.url, 'transaction', 8).start()
+  })
+
+  for (const fault of FAULTS.filter((f) => !selected || selected.some((s) => f.name.includes(s)))) {
+    it(
+      fault.name,
+      async () => {
+        for (let n = 1; n <= TRIALS; n++) {
+          const trial = new Trial(fault, n)
+          let takeoverMs: number | null = null
+          const problems: string[] = []
+          try {
+            await trial.start()
+            await fault.run(trial)
+            if (fault.boundMs !== undefined) {
+              takeoverMs = await trial.takeover(fault.boundMs)
+              if (takeoverMs > fault.boundMs)
+                problems.push(
+                  `takeover took ${takeoverMs} ms, over the bound of ${fault.boundMs} ms`,
+                )
+            }
+            await trial.cleaningGoesOn()
+            await trial.finish()
+            problems.push(...(await trial.violations()))
+          } catch (error) {
+            problems.push(`the trial failed: ${(error as Error).message}`)
+          } finally {
+            await trial.finish().catch(() => {})
+            await trial.close().catch(() => {})
+          }
+          outcomes.push({ fault: fault.name, trial: n, violations: problems, takeoverMs })
+          expect(problems, `${fault.name}, trial ${n} (CHAOS_SEED=${SEED})`).toEqual([])
+        }
+      },
+      120_000 * TRIALS,
+    )
+  }
+})
+
+/** A server of its own for the restart trials: it is stopped and started under the nodes. */
+async function ownServer(): Promise<string> {
+  if (restartServer) return restartServer.url
+  const home = await mkdtemp(join(tmpdir(), 'pg-singleton-chaos-'))
+  await chmod(home, 0o755) // as root, the server runs as the postgres user
+  const dataDir = join(home, 'pgdata')
+  const port = 46000 + Math.floor(random() * 4000)
+  const { url } = await ensureEmbedded(dataDir, port)
+  restartServer = { url, dataDir, home }
+  return url
+}
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+async function writeReport(path: string): Promise<void> {
+  const label = inject('serverLabel')
+  const section = [
+    `## ${label}`,
+    '',
+    `Measured ${new Date().toISOString()} on ${cpus().length} × ${cpus()[0]?.model ?? 'unknown CPU'}, ${Math.round(totalmem() / 2 ** 30)} GiB RAM, Node ${process.version}; seed ${SEED} (CHAOS_SEED=${SEED} replays it).`,
+    '',
+    '| fault | trials | violations | worst takeover | median takeover | bound |',
+    '|---|---|---|---|---|---|',
+    ...FAULTS.filter((f) => outcomes.some((o) => o.fault === f.name)).map((fault) => {
+      const mine = outcomes.filter((o) => o.fault === fault.name)
+      const takeovers = mine
+        .flatMap((o) => (o.takeoverMs === null ? [] : [o.takeoverMs]))
+        .sort((a, b) => a - b)
+      const median = takeovers[Math.floor(takeovers.length / 2)]
+      const fmt = (ms: number | undefined) => (ms === undefined ? '-' : `${ms} ms`)
+      return `| ${fault.name} | ${mine.length} | ${mine.reduce((n, o) => n + o.violations.length, 0)} | ${fmt(takeovers[takeovers.length - 1])} | ${fmt(median)} | ${fault.boundMs === undefined ? 'cleaning goes on' : `${fault.boundMs} ms`} |`
+    }),
+    '',
+    ...outcomes.flatMap((o) => o.violations.map((v) => `- ${o.fault}, trial ${o.trial}: ${v}`)),
+    '',
+  ].join('\n')
+  const header = `# Reliability: the chaos suite
+
+\`npm run test:chaos\` runs seeded trials of each fault against three CLI nodes (each behind
+a relay of its own, so that its path can die) cleaning two tables a feeder keeps filling
+with outdated, young and almost-outdated rows, and writes this file. The oracles are the
+database's records only: batches of different epochs never overlap and commit in epoch
+order (\`cleanup_batches\`); no row younger than the cut-off is deleted (a trigger logs
+every delete with its transaction's time); no occurrence is completed twice, and none is
+left unfinished; after each fault a node holds within the bound, and every row outdated
+at the fault is gone soon after. A takeover is timed from the fault to the new holder's
+epoch bump, by the database clock.
+
+Timings of these trials (short, so that trials are quick): ${Object.entries(TIMING)
+    .map(([k, v]) => `\`${k}\` ${v}`)
+    .join(', ')}. The restart trials run on an embedded PostgreSQL 18 of their own.
+
+`
+  let existing = ''
+  try {
+    existing = await readFile(path, 'utf8')
+  } catch {}
+  const sections = existing
+    .split(/^(?=## )/m)
+    .filter((s) => s.startsWith('## ') && !s.startsWith(`## ${label}`))
+  await writeFile(
+    path,
+    `${header}${[...sections.map((s) => s.trimEnd()), section.trimEnd()].join('\n\n')}\n`,
+  )
+}
