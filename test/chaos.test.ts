@@ -36,6 +36,8 @@ const TIMING = {
 }
 
 interface Fault {
+  /** Short, for table and singleton names. */
+  id: string
   name: string
   /** The longest takeover allowed, for faults that take the holder away. */
   boundMs?: number
@@ -86,7 +88,7 @@ class Trial {
     readonly fault: Fault,
     readonly index: number,
   ) {
-    this.name = `chaos-${fault.name}-${index}`.replace(/[^A-Za-z0-9_.-]/g, '-')
+    this.name = `chaos-${fault.id}-${index}`
   }
 
   async start(): Promise<void> {
@@ -275,6 +277,7 @@ const pause = (min: number, max: number) =>
 
 const FAULTS: Fault[] = [
   {
+    id: 'kill-holder',
     name: 'kill -9 of the holder',
     boundMs: 1000,
     async run(t) {
@@ -285,6 +288,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'stop-holder',
     name: 'SIGSTOP/SIGCONT of the holder',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -297,6 +301,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'stop-worker',
     name: 'SIGSTOP of a worker mid-batch',
     async run(t) {
       const { node } = await t.worker()
@@ -307,6 +312,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'cut-holder',
     name: 'silent partition of the holder (path dead)',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -317,6 +323,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'blip-holder',
     name: 'silent partition of the holder (path restored)',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -329,6 +336,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'cut-standby',
     name: 'silent partition of a standby, then kill -9 of the holder',
     boundMs: TIMING.lockWaitSliceMs + TIMING.deadConnectionAfterMs + 10_000,
     async run(t) {
@@ -342,6 +350,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'cut-worker',
     name: 'silent partition of a worker mid-batch',
     async run(t) {
       const { proxy } = await t.worker()
@@ -352,6 +361,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'kill-lock',
     name: 'pg_terminate_backend of the lock session',
     boundMs: 1000,
     async run(t) {
@@ -362,6 +372,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'kill-worker',
     name: 'pg_terminate_backend of a worker mid-batch',
     async run(t) {
       const { nodeId } = await t.worker()
@@ -373,6 +384,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'restart',
     name: 'PostgreSQL restart',
     boundMs: 15_000,
     setup: 'restart',
@@ -386,6 +398,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'row-locks',
     name: 'app transactions holding row locks on outdated rows',
     async run(t) {
       const app = new pg.Client({ connectionString: t.url })
@@ -405,6 +418,7 @@ const FAULTS: Fault[] = [
     },
   },
   {
+    id: 'pgbouncer',
     name: 'PgBouncer in transaction mode (pool pooled, lock session direct), kill -9 of the holder',
     boundMs: 1000,
     setup: 'pgbouncer',
