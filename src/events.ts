@@ -4,7 +4,10 @@ import type { ScheduledRun } from './schedule/scheduler.js'
 
 /** Something worth an operator's attention that does not stop the node. */
 export interface SingletonWarning {
-  /** Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `POLICY_DISAGREEMENT`. */
+  /**
+   * Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `PARTITIONS_DELETED_BY_ROW`,
+   * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`.
+   */
   code: string
   message: string
 }

@@ -33,6 +33,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   readonly options: ResolvedOptions
   #pool: pg.Pool | undefined
   #boss: PgBoss | undefined
+  /** Started by this node (not the app's): this node stops it. */
+  #bossOwned = false
   #worker: CleanupWorker | undefined
   #starter: Starter | undefined
   #scheduler: Promise<void> | undefined
@@ -193,17 +195,37 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     }
     const boss = options.boss ?? new pgBoss.PgBoss(bossOptions as pgBoss.ConstructorOptions)
     this.#boss = boss
-    if (!options.boss) {
-      boss.on('error', (error) => this.#emitError(error))
-      await boss.start().catch((error: Error) => {
-        throw new SingletonError(
-          'SCHEMA_NOT_MIGRATED',
-          `pg-boss could not start (${error.message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
-          { cause: error },
-        )
-      })
+    // pg-boss (its pool, its LISTEN connection, its timers) starts when this node first needs
+    // it: when it holds, or, with workQueue 'always', when it is registered. A standby that
+    // never held costs its lock session and nothing else.
+    let bossStarted: Promise<void> | undefined
+    const startBoss = () => {
+      bossStarted ??= (async () => {
+        if (!options.boss) {
+          boss.on('error', (error) => this.#emitError(error))
+          await boss.start().catch((error: Error) => {
+            throw new SingletonError(
+              'SCHEMA_NOT_MIGRATED',
+              `pg-boss could not start (${error.message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
+              { cause: error },
+            )
+          })
+          this.#bossOwned = true
+        }
+        await ensureQueue(boss, options.name)
+      })()
+      return bossStarted
     }
-    await ensureQueue(boss, options.name)
+    const { rows: bossSchema } = await pool.query<{ installed: boolean }>(
+      `SELECT to_regclass('pgboss.version') IS NOT NULL AS installed`,
+    )
+    if (!bossSchema[0]?.installed) {
+      throw new SingletonError(
+        'SCHEMA_NOT_MIGRATED',
+        "pg-boss's schema (pgboss) is not installed. Run `pg-singleton migrate`, which installs it, or your migrator with pg-singleton's migrations.",
+      )
+    }
+    if (options.workQueue === 'always') await startBoss()
 
     const limits: TransactionLimits = {
       lockTimeoutMs: options.batchLockTimeoutMs,
@@ -220,6 +242,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         nodeId: options.nodeId,
         limits,
         batchPauseMs: options.batchPauseMs,
+        batchTargetMs: options.batchTargetMs,
+        maxReplicaLagMs: options.maxReplicaLagMs,
         onBatch: (batch) => this.#safeEmit('cleanup:batch', batch),
       },
       options.workerPollingIntervalSeconds,
@@ -247,9 +271,19 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onError: (error) => this.#emitError(error),
       },
     )
-    // The worker starts once the node is registered: a node whose definitions do not count
-    // towards the agreement may not delete (claim() checks it too).
+    // The worker starts once the node is registered (a node whose definitions do not count
+    // towards the agreement may not delete; claim() checks it too): with workQueue 'always'
+    // then, and otherwise with each holdership.
     const worker = this.#worker
+    // With 'when-holding', a holdership that ended while pg-boss was still starting does
+    // not start the worker.
+    let holding = false
+    const work = () =>
+      startBoss()
+        .then(() => {
+          if (options.workQueue === 'always' || holding) return worker.start()
+        })
+        .catch((error) => this.#emitError(error))
 
     this.#starter = new Starter(
       connection,
@@ -263,7 +297,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       },
       {
         onRegistered: () => {
-          worker.start().catch((error) => this.#emitError(error)) // idempotent
+          if (options.workQueue === 'always') void work() // idempotent
         },
         onWaiting: () => {
           options.logger.info({}, 'queued for the lock')
@@ -275,39 +309,51 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             'holding the singleton',
           )
           this.#safeEmit('lock:acquired', lease)
-          this.#scheduler = runScheduler(
-            {
-              pool,
-              boss,
-              definitions,
-              limits,
-              onScheduled: (run) => {
-                options.logger.info({ ...run }, 'cleanup run scheduled')
-                this.#safeEmit('schedule:sent', run)
+          holding = true
+          if (options.workQueue === 'when-holding') void work()
+          const schedule = () =>
+            runScheduler(
+              {
+                pool,
+                boss,
+                definitions,
+                limits,
+                onScheduled: (run) => {
+                  options.logger.info({ ...run }, 'cleanup run scheduled')
+                  this.#safeEmit('schedule:sent', run)
+                },
+                onDisagreement: (policies) => {
+                  if (policies.length === 0) {
+                    options.logger.info({}, 'the live nodes agree on every policy again')
+                    return
+                  }
+                  this.#warn({
+                    code: 'POLICY_DISAGREEMENT',
+                    message: `the live nodes hold different definitions of ${policies.map((p) => `"${p}"`).join(', ')}; held back until they agree (see pgsingleton.policy_status)`,
+                  })
+                },
+                onError: (error) => this.#emitError(error),
               },
-              onDisagreement: (policies) => {
-                if (policies.length === 0) {
-                  options.logger.info({}, 'the live nodes agree on every policy again')
-                  return
-                }
-                this.#warn({
-                  code: 'POLICY_DISAGREEMENT',
-                  message: `the live nodes hold different definitions of ${policies.map((p) => `"${p}"`).join(', ')}; held back until they agree (see pgsingleton.policy_status)`,
-                })
-              },
-              onError: (error) => this.#emitError(error),
-            },
-            lease,
-            fence,
-            options.stepDownAfterMs,
-          ).then((stepDown) => {
-            // A holder that cannot do its job gives the lock to a healthier node.
-            if (stepDown) this.#starter?.stepDown(stepDown)
-          })
+              lease,
+              fence,
+              options.stepDownAfterMs,
+            )
+          this.#scheduler = startBoss()
+            .then(schedule, (error) => {
+              this.#emitError(error)
+              return `pg-boss could not start: ${errorMessage(error)}`
+            })
+            .then((stepDown) => {
+              // A holder that cannot do its job gives the lock to a healthier node.
+              if (stepDown) this.#starter?.stepDown(stepDown)
+            })
         },
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
           this.#safeEmit('lock:lost', { lease, reason })
+          holding = false
+          if (options.workQueue === 'when-holding')
+            worker.stop().catch((error) => this.#emitError(error))
         },
         onError: (error) => this.#emitError(error),
         onWarning: (message) => this.#warn({ code: 'SESSION_SETTING_REFUSED', message }),
@@ -327,7 +373,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       // 1. Scheduling stops: the starter has aborted the holder's fence signal.
       await this.#scheduler?.catch(() => {})
       // 2. The batch in flight commits and the worker takes no more jobs.
-      await this.#worker?.stop().catch((error) => this.#emitError(error))
+      await this.#worker?.close().catch((error) => this.#emitError(error))
     }
     // 3. Only then is the lock released, and the next node takes over at once.
     const lease = this.#starter
@@ -340,7 +386,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
       this.#safeEmit('lock:released', lease)
     }
-    if (this.#boss && !this.options.boss)
+    if (this.#boss && this.#bossOwned)
       await this.#boss.stop({ graceful: true, close: true, timeout: 10_000 }).catch(() => {})
     if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
   }

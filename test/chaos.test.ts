@@ -118,7 +118,8 @@ class Trial {
       every: '1 second',
       batchSize: 40,
     }))
-    const config = await writeConfig({ name: this.name, policies, ...TIMING })
+    // Every node works the queue, so faults hit workers that do not hold as well.
+    const config = await writeConfig({ name: this.name, policies, workQueue: 'always', ...TIMING })
     for (let n = 1; n <= 3; n++) {
       const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
       const url = new URL(this.url)

@@ -292,9 +292,11 @@ describe('failover between real node processes', () => {
     await db.pool.query(
       `INSERT INTO app.visits SELECT now() - interval '2 hours' FROM generate_series(1, 10000)`,
     )
-    // Two slow runs, due together: each worker takes one, so one runs on the standby.
+    // Two slow runs, due together: each worker takes one, so one runs on the standby (every
+    // node works the queue).
     const visits = { ...POLICY, name: 'old-visits', table: 'app.visits', every: '1 hour' }
     const { name, nodes } = await cluster(2, {
+      workQueue: 'always',
       batchPauseMs: 50,
       policies: [{ ...POLICY, every: '1 hour' }, visits],
     })

@@ -78,7 +78,12 @@ describe('a database restart', () => {
           : undefined
       },
       30_000,
-    )
+    ).catch(async (error: Error) => {
+      const status = await statusOf(pool, name).catch((e) => e)
+      throw new Error(
+        `${error.message}; status: ${JSON.stringify(status)}\n${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
+      )
+    })
     expect(after.epoch).toBeGreaterThan(before.epoch ?? 0)
     for (const node of nodes) expect(node.child.exitCode, node.output()).toBeNull()
 

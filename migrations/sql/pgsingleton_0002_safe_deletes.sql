@@ -222,6 +222,8 @@ ALTER TABLE pgsingleton.cleanup_batches
   ADD COLUMN rows_skipped integer NOT NULL DEFAULT 0,
   ADD COLUMN cutoff timestamptz,
   ADD COLUMN relation text,
+  -- how the rows went: 'delete' (a batch of row deletes), 'drop' or 'detach' (a whole partition)
+  ADD COLUMN action text NOT NULL DEFAULT 'delete' CHECK (action IN ('delete', 'drop', 'detach')),
   -- A batch of a schema-1 node records no cut-off: the insert fails and its delete rolls back.
   ADD CONSTRAINT cleanup_batches_cutoff_recorded CHECK (cutoff IS NOT NULL AND relation IS NOT NULL) NOT VALID;
 
@@ -267,6 +269,234 @@ CREATE FUNCTION pgsingleton.agreement_key(singleton text) RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT pgsingleton.lock_key(singleton || E'\nagreement') $$;
 
+-- The checks every write of a worker's batch passes first, in its own transaction: the
+-- fence (the run's epoch is current), the owner (the run is running under this attempt),
+-- the node (the one that claimed it is live), the agreement (every live node holds the
+-- run's definition, read under the agreement lock so a node that registers waits), and the
+-- operator (the policy is not paused). NULL when all pass; otherwise what stopped it.
+-- The run row is locked FOR UPDATE on the way.
+CREATE FUNCTION pgsingleton.guard_run(p_run bigint, p_attempt integer,
+  OUT outcome text, OUT run pgsingleton.cleanup_runs)
+LANGUAGE plpgsql AS $$
+BEGIN
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgsingleton: there is no run %', p_run;
+  END IF;
+  IF NOT pgsingleton.fence(run.singleton, run.epoch) THEN
+    outcome := 'fenced';
+    RETURN;
+  END IF;
+  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run FOR UPDATE;
+  IF run.status <> 'running' OR run.attempt <> p_attempt THEN
+    outcome := 'superseded';
+    RETURN;
+  END IF;
+  PERFORM pg_advisory_xact_lock_shared(pgsingleton.agreement_key(run.singleton));
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                  WHERE l.singleton = run.singleton AND l.node_id = run.node_id) THEN
+    outcome := 'not live';
+    RETURN;
+  END IF;
+  IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
+    outcome := 'disagree';
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+              WHERE c.singleton = run.singleton AND c.policy = run.policy AND c.paused) THEN
+    outcome := 'paused';
+    RETURN;
+  END IF;
+END $$;
+
+-- The run's definition checked against the database again, for one leaf: the table
+-- exists, the leaf is it or one of its partitions or children (and holds rows), and the
+-- column still has the type the policy was checked with. Sets this transaction's TimeZone
+-- to the policy's zone (a zone name there only ever reads the zone database, never the
+-- session's timezone_abbreviations): timestamp and date values are read in it.
+CREATE FUNCTION pgsingleton.resolve_leaf(run pgsingleton.cleanup_runs, p_leaf oid,
+  OUT leaf_sql text, OUT parent regclass, OUT cast_to text, OUT pred text, OUT cut timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+  def jsonb := run.definition;
+  col text := def->>'column';
+  col_type text := def->>'columnType';
+BEGIN
+  parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
+  IF parent IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'undefined_table',
+      MESSAGE = format('policy %s: table %I.%I no longer exists', run.policy, def->>'schema', def->>'table');
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf AND l.relkind = 'r') THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: relation %s is not a table of %s that holds rows (the table itself, or one of its partitions or children)', run.policy, p_leaf::regclass, parent);
+  END IF;
+  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
+  IF (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+       WHERE a.attrelid = p_leaf AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)
+     IS DISTINCT FROM col_type THEN
+    RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+      MESSAGE = format('policy %s: column %I of %s is no longer %s', run.policy, col, leaf_sql, col_type);
+  END IF;
+  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
+                           WHEN 'timestamp without time zone' THEN 'timestamp'
+                           WHEN 'date' THEN 'date' END;
+  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
+  END IF;
+  cut := pgsingleton.cutoff((def->>'olderThan')::interval);
+  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
+  pred := pgsingleton.outdated_predicate(col, col_type);
+END $$;
+
+-- A partition whose every row is outdated, removed whole (a policy with "partitions":
+-- "drop" or "detach"), in the caller's transaction. Only a partition of a range-partitioned
+-- table whose partition key is the policy's column, whose upper bound is at or below the
+-- cut-off, and whose rows are all outdated by the same rule as row deletes: checked here,
+-- under the lock the removal takes, so no row can come in between. Never a partition that
+-- holds a row to keep, never one that a foreign key references (its rows may be held), and
+-- never one with DELETE triggers (they would not fire): those are cleaned row by row.
+-- The locks are taken parent first, as DROP and DETACH take them (the other order could
+-- deadlock with the app's queries), and waited for only briefly (200 ms): an ACCESS
+-- EXCLUSIVE request queues the app's queries on the table behind it. A busy partition is
+-- kept for a later run. outcome: a guard outcome, 'dropped', 'detached' or 'kept' (reason
+-- says why).
+CREATE FUNCTION pgsingleton.remove_partition(p_run bigint, p_attempt integer, p_leaf oid,
+  OUT outcome text, OUT removed bigint, OUT reason text, OUT cutoff timestamptz, OUT batch integer)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  g record;
+  run pgsingleton.cleanup_runs;
+  leaf record;
+  mode text;
+  col text;
+  bound text;
+  upper_bound text;
+  due boolean;
+  all_outdated boolean;
+BEGIN
+  removed := 0;
+  SELECT * INTO g FROM pgsingleton.guard_run(p_run, p_attempt);
+  IF g.outcome IS NOT NULL THEN
+    outcome := g.outcome;
+    RETURN;
+  END IF;
+  run := g.run;
+  mode := run.definition->>'partitions';
+  col := run.definition->>'column';
+  IF mode IS NULL OR mode NOT IN ('drop', 'detach') THEN
+    RAISE EXCEPTION 'pgsingleton.remove_partition: policy % deletes rows, it does not remove partitions', run.policy;
+  END IF;
+  SELECT * INTO leaf FROM pgsingleton.resolve_leaf(run, p_leaf);
+  cutoff := leaf.cut;
+  outcome := 'kept';
+  SELECT i.inhparent AS parent_oid, format('%I.%I', pn.nspname, pc.relname) AS parent,
+         pt.partstrat = 'r' AND pt.partnatts = 1
+         AND pt.partattrs[0] = (SELECT a.attnum FROM pg_attribute a
+                                 WHERE a.attrelid = i.inhparent AND a.attname = col) AS ok,
+         pg_get_expr(c.relpartbound, c.oid) AS bound
+    INTO g
+    FROM pg_inherits i
+    JOIN pg_partitioned_table pt ON pt.partrelid = i.inhparent
+    JOIN pg_class pc ON pc.oid = i.inhparent
+    JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+    JOIN pg_class c ON c.oid = i.inhrelid
+   WHERE i.inhrelid = p_leaf AND c.relispartition;
+  IF NOT FOUND OR NOT g.ok THEN
+    reason := 'it is not a partition of a table partitioned by range on the policy''s column';
+    RETURN;
+  END IF;
+  bound := g.bound;
+  -- A default partition (no bound) and one open above (MAXVALUE) are never due.
+  upper_bound := substring(bound FROM 'TO \((.*)\)$');
+  IF upper_bound IS NULL OR upper_bound ILIKE '%MAXVALUE%' THEN
+    reason := format('its bound (%s) has no upper end', bound);
+    RETURN;
+  END IF;
+  -- The bound as PostgreSQL prints it is a quoted literal of the column's type; read in the
+  -- policy's zone, like the rows. Every row is below it.
+  EXECUTE format('SELECT (%s)::%s::timestamptz <= $1', upper_bound, leaf.cast_to) INTO due USING leaf.cut;
+  IF NOT due THEN
+    reason := format('its upper bound %s is after the cut-off', upper_bound);
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_constraint k
+              WHERE k.contype = 'f' AND k.confrelid IN (p_leaf, g.parent_oid)) THEN
+    reason := 'a foreign key references the table, so its rows are deleted one by one (a referenced row stays)';
+    RETURN;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_trigger t
+              WHERE t.tgrelid IN (p_leaf, g.parent_oid) AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                AND (t.tgtype & 8) <> 0) THEN
+    reason := 'it has DELETE triggers, which a removal would not fire, so its rows are deleted one by one';
+    RETURN;
+  END IF;
+  -- Counted before the lock (this read blocks no one): the rows the removal takes.
+  EXECUTE format('SELECT count(*) FROM ONLY %s', leaf.leaf_sql) INTO removed;
+  PERFORM set_config('lock_timeout', '200', true);
+  BEGIN
+    EXECUTE format('LOCK TABLE ONLY %s, ONLY %s IN ACCESS EXCLUSIVE MODE', g.parent, leaf.leaf_sql);
+    -- Under the lock: the newest value is outdated, and the rule is monotonic in the value
+    -- (a later value is never more outdated), so every row is. A range partition holds no
+    -- NULL key. The newest value comes off the column's index when there is one.
+    EXECUTE format('SELECT coalesce((%s), m.%I IS NULL) FROM (SELECT max(%I) AS %I FROM ONLY %s) m',
+                   leaf.pred, col, col, col, leaf.leaf_sql)
+      INTO all_outdated USING leaf.cut;
+    IF NOT all_outdated THEN
+      reason := 'it holds rows younger than the cut-off';
+      removed := 0;
+      RETURN;
+    END IF;
+    IF mode = 'drop' THEN
+      EXECUTE format('DROP TABLE %s', leaf.leaf_sql);
+      outcome := 'dropped';
+    ELSE
+      EXECUTE format('ALTER TABLE %s DETACH PARTITION %s', g.parent, leaf.leaf_sql);
+      outcome := 'detached';
+    END IF;
+  EXCEPTION
+    WHEN lock_not_available THEN
+      reason := 'it is busy (its lock was not granted within 200 ms); a later run tries again';
+      removed := 0;
+      RETURN;
+    WHEN dependent_objects_still_exist OR foreign_key_violation THEN
+      reason := format('it cannot be removed whole (%s), so its rows are deleted one by one', SQLERRM);
+      removed := 0;
+      RETURN;
+  END;
+  UPDATE pgsingleton.cleanup_runs r
+     SET rows_deleted = r.rows_deleted + removed, batches = r.batches + 1
+   WHERE r.id = p_run
+  RETURNING r.batches INTO batch;
+  INSERT INTO pgsingleton.cleanup_batches
+    (run_id, batch, epoch, began_at, ended_at, rows_deleted, rows_skipped, cutoff, relation, action)
+  VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), removed, 0, leaf.cut, leaf.leaf_sql, mode);
+END $fn$;
+
+-- The planner's estimate of the share of a leaf's rows that are outdated now (NULL without
+-- statistics): a run walks a leaf in page order when the share is large (every page is
+-- read once, as a bulk DELETE would), and along the index when it is small.
+CREATE FUNCTION pgsingleton.outdated_share(p_leaf oid, p_definition jsonb) RETURNS double precision
+LANGUAGE plpgsql AS $$
+DECLARE
+  plan jsonb;
+  total real;
+  leaf_sql text;
+BEGIN
+  SELECT format('%I.%I', n.nspname, c.relname), c.reltuples INTO leaf_sql, total
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
+  IF total IS NULL OR total <= 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM set_config('TimeZone', coalesce(p_definition->>'timeZone', 'UTC'), true);
+  EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM ONLY %s WHERE %s', leaf_sql,
+                 pgsingleton.outdated_predicate(p_definition->>'column', p_definition->>'columnType'))
+    INTO plan USING pgsingleton.cutoff((p_definition->>'olderThan')::interval);
+  RETURN least(1, (plan->0->'Plan'->>'Plan Rows')::double precision / total);
+END $$;
+
 -- One batch of a run, in the caller's transaction (one statement: the caller sets
 -- lock_timeout and statement_timeout LOCAL in the same message).
 --
@@ -295,15 +525,15 @@ CREATE FUNCTION pgsingleton.cleanup_batch(
   p_limit integer, p_span integer, p_careful boolean,
   OUT outcome text, OUT selected integer, OUT deleted integer, OUT skipped integer,
   OUT next_cursor jsonb, OUT leaf_done boolean, OUT first_error text,
-  OUT cutoff timestamptz, OUT batch integer)
+  OUT cutoff timestamptz, OUT batch integer, OUT elapsed_ms double precision)
 LANGUAGE plpgsql AS $fn$
 DECLARE
+  g record;
+  leaf record;
   run pgsingleton.cleanup_runs;
   def jsonb;
-  parent regclass;
   leaf_sql text;
   col text;
-  col_type text;
   cast_to text;
   pred text;
   lim integer;
@@ -338,75 +568,24 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'pgsingleton.cleanup_batch: there is no run %', p_run;
-  END IF;
-  IF NOT pgsingleton.fence(run.singleton, run.epoch) THEN
-    outcome := 'fenced';
+  SELECT * INTO g FROM pgsingleton.guard_run(p_run, p_attempt);
+  IF g.outcome IS NOT NULL THEN
+    outcome := g.outcome;
     RETURN;
   END IF;
-  SELECT * INTO run FROM pgsingleton.cleanup_runs r WHERE r.id = p_run FOR UPDATE;
-  IF run.status <> 'running' OR run.attempt <> p_attempt THEN
-    outcome := 'superseded';
-    RETURN;
-  END IF;
-  PERFORM pg_advisory_xact_lock_shared(pgsingleton.agreement_key(run.singleton));
-  IF NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
-                  WHERE l.singleton = run.singleton AND l.node_id = run.node_id) THEN
-    outcome := 'not live';
-    RETURN;
-  END IF;
-  IF pgsingleton.agreed_fingerprint(run.singleton, run.policy) IS DISTINCT FROM run.fingerprint THEN
-    outcome := 'disagree';
-    RETURN;
-  END IF;
-  IF EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-              WHERE c.singleton = run.singleton AND c.policy = run.policy AND c.paused) THEN
-    outcome := 'paused';
-    RETURN;
-  END IF;
-
-  -- The definition is checked against the database again: the table, that the leaf is
-  -- it or inherits from it, and that the column still has the type the policy was checked with.
+  run := g.run;
   def := run.definition;
   col := def->>'column';
-  col_type := def->>'columnType';
-  parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
-  IF parent IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'undefined_table',
-      MESSAGE = format('policy %s: table %I.%I no longer exists', run.policy, def->>'schema', def->>'table');
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(parent, col) l WHERE l.leaf = p_leaf AND l.relkind = 'r') THEN
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-      MESSAGE = format('policy %s: relation %s is not a table of %s that holds rows (the table itself, or one of its partitions or children)', run.policy, p_leaf::regclass, parent);
-  END IF;
-  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_sql
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
-  IF (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
-       WHERE a.attrelid = p_leaf AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)
-     IS DISTINCT FROM col_type THEN
-    RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
-      MESSAGE = format('policy %s: column %I of %s is no longer %s', run.policy, col, leaf_sql, col_type);
-  END IF;
-  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
-                           WHEN 'timestamp without time zone' THEN 'timestamp'
-                           WHEN 'date' THEN 'date' END;
-  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
-  END IF;
+  SELECT * INTO leaf FROM pgsingleton.resolve_leaf(run, p_leaf);
+  leaf_sql := leaf.leaf_sql;
+  cast_to := leaf.cast_to;
+  pred := leaf.pred;
+  cutoff := leaf.cut;
 
   lim := least(p_limit, (def->>'batchSize')::integer);
   IF lim IS NULL OR lim < 1 THEN
     RAISE EXCEPTION 'pgsingleton.cleanup_batch: the batch limit must be at least 1';
   END IF;
-  cutoff := pgsingleton.cutoff((def->>'olderThan')::interval);
-  -- timestamp and date values are read in the policy's zone: this transaction's TimeZone
-  -- is set to it (a zone name here only ever reads the zone database, never the session's
-  -- timezone_abbreviations). The setting ends with the transaction.
-  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
-  pred := pgsingleton.outdated_predicate(col, col_type);
   -- A foreign key that is checked at commit would fail the batch after the fact, where
   -- the rows that hold it can no longer be found; check every constraint per statement.
   SET CONSTRAINTS ALL IMMEDIATE;
@@ -551,6 +730,7 @@ BEGIN
   INSERT INTO pgsingleton.cleanup_batches
     (run_id, batch, epoch, began_at, ended_at, rows_deleted, rows_skipped, cutoff, relation)
   VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), deleted, skipped, cutoff, leaf_sql);
+  elapsed_ms := extract(epoch FROM clock_timestamp() - now()) * 1000;
 END $fn$;
 
 -- One row per policy: whether the live nodes agree on it, whether it is paused, its

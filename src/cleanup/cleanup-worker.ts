@@ -7,16 +7,20 @@ export interface CleanupWorkerHooks {
   onError(error: unknown): void
 }
 
-/** Works the singleton's cleanup queue on this node (any node may; the fence decides). */
+/**
+ * Works the singleton's cleanup queue on this node (any node may; the fence decides).
+ * Starts and stops as often as the node likes (with `workQueue: 'when-holding'`, with
+ * each holdership); a stop lets the batch in flight commit, and the run waits for a retry.
+ */
 export class CleanupWorker {
   readonly #boss: PgBoss
   readonly #deps: CleanupDeps
   readonly #hooks: CleanupWorkerHooks
   readonly #singleton: string
   readonly #pollingIntervalSeconds: number
-  readonly #stopping = new AbortController()
-  #workerId: string | undefined
-  #starting: Promise<void> | undefined
+  /** The current subscription: its worker id, and the signal that stops its runs. */
+  #current: { started: Promise<string | undefined>; stopping: AbortController } | undefined
+  #closed = false
 
   constructor(
     boss: PgBoss,
@@ -32,20 +36,17 @@ export class CleanupWorker {
     this.#pollingIntervalSeconds = pollingIntervalSeconds
   }
 
-  /** Idempotent; after stop() it does nothing. */
-  start(): Promise<void> {
-    this.#starting ??= this.#start()
-    return this.#starting
-  }
-
-  async #start(): Promise<void> {
-    if (this.#stopping.signal.aborted) return
-    this.#workerId = await workJobs(
+  /** Idempotent; after close() it does nothing. */
+  start(): Promise<unknown> {
+    if (this.#closed) return Promise.resolve()
+    if (this.#current) return this.#current.started
+    const stopping = new AbortController()
+    const started = workJobs(
       this.#boss,
       this.#singleton,
       this.#pollingIntervalSeconds,
       async (job, jobSignal) => {
-        const signal = AbortSignal.any([jobSignal, this.#stopping.signal])
+        const signal = AbortSignal.any([jobSignal, stopping.signal])
         try {
           this.#hooks.onRun(await runCleanup(this.#deps, job, signal))
         } catch (error) {
@@ -56,13 +57,27 @@ export class CleanupWorker {
           throw error
         }
       },
-    )
+    ).catch((error) => {
+      this.#hooks.onError(error)
+      return undefined
+    })
+    this.#current = { started, stopping }
+    return started
   }
 
-  /** Lets the batch in flight commit, then stops taking jobs. */
+  /** Lets the batch in flight commit, then stops taking jobs. start() works again after. */
   async stop(): Promise<void> {
-    this.#stopping.abort('the node is stopping')
-    await this.#starting?.catch(() => {})
-    if (this.#workerId) await stopWorking(this.#boss, this.#singleton, this.#workerId)
+    const current = this.#current
+    if (!current) return
+    this.#current = undefined
+    current.stopping.abort('the node is stopping, or no longer holds')
+    const id = await current.started
+    if (id) await stopWorking(this.#boss, this.#singleton, id)
+  }
+
+  /** Stops for good. */
+  async close(): Promise<void> {
+    this.#closed = true
+    await this.stop()
   }
 }

@@ -7,6 +7,7 @@ import type { TransactionLimits } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
 import type { RunStatus } from '../runs/statuses.js'
 import { sleep } from '../wait.js'
+import { Pacer } from './pacing.js'
 
 export interface RunReport {
   runId: string
@@ -39,6 +40,10 @@ export interface CleanupDeps {
   readonly nodeId: string
   readonly limits: TransactionLimits
   readonly batchPauseMs: number
+  /** The time budget of one batch's transaction; the batch size follows it. */
+  readonly batchTargetMs: number
+  /** With replicas: wait between batches while any replica replays more than this behind. 0: off. */
+  readonly maxReplicaLagMs: number
   onBatch(batch: BatchReport): void
 }
 
@@ -51,10 +56,12 @@ interface Leaf {
   can_delete: boolean
 }
 
-/** Pages a TID-range batch spans when the table has no statistics yet. */
-const DEFAULT_SPAN_PAGES = 32
-/** And at most: a table left nearly empty could otherwise ask for billions of pages. */
-const MAX_SPAN_PAGES = 131_072
+/**
+ * A leaf with an index on the column is still walked in page order when at least this
+ * share of its rows is outdated: every page is read once, in order, as a bulk DELETE
+ * would, instead of jumping between pages along the index.
+ */
+const PAGE_ORDER_SHARE = 0.1
 
 /**
  * Works one job: claims its run, then deletes by the definition the run carries (never by
@@ -112,33 +119,93 @@ export async function runCleanup(
     return failed(`policy "${run.policy}": ${errorMessage(error)}`, true)
   }
 
+  const stopped = async (outcome: Exclude<runs.BatchResult['outcome'], 'deleted'>) => {
+    if (outcome === 'superseded')
+      return {
+        ...report,
+        status: 'fenced' as const,
+        reason: 'a holder closed the run before it finished',
+      }
+    const reason =
+      outcome === 'fenced'
+        ? `epoch ${run.epoch} is no longer current: a newer holder took over`
+        : outcome === 'disagree'
+          ? `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
+          : outcome === 'paused'
+            ? `policy "${run.policy}" was paused; the occurrence runs again after resume`
+            : `node ${deps.nodeId} is not live (its lock session is gone or reconnecting), so it may not delete`
+    await runs.fence(deps.pool, run, reason)
+    return { ...report, status: 'fenced' as const, reason }
+  }
+  const recorded = (relation: string, rows: number, skipped: number, cutoff: Date | null) => {
+    report.batches += 1
+    report.rowsDeleted += rows
+    report.rowsSkipped += skipped
+    deps.onBatch({
+      runId: run.runId,
+      policy: run.policy,
+      epoch: run.epoch,
+      relation,
+      rows,
+      skipped,
+      cutoff,
+    })
+  }
+
   for (const leaf of leaves) {
-    const tuplesPerPage = leaf.tuples_per_page ?? 0
-    const request: runs.BatchRequest = {
-      leaf: leaf.leaf,
-      strategy: leaf.strategy,
-      cursor: null,
-      limit: run.definition.batchSize,
-      span:
-        tuplesPerPage > 0
-          ? Math.min(
-              MAX_SPAN_PAGES,
-              Math.max(1, Math.ceil(run.definition.batchSize / tuplesPerPage)),
-            )
-          : DEFAULT_SPAN_PAGES,
-      careful: false,
+    if (signal.aborted) {
+      return failed(`interrupted between batches: ${String(signal.reason ?? 'stopping')}`, false)
     }
-    let next = request
+    // A partition wholly outdated goes whole, when the policy says so.
+    if (run.definition.partitions !== 'delete') {
+      let removal: runs.PartitionResult
+      try {
+        removal = await runs.removePartition(deps.pool, deps.limits, run, leaf.leaf)
+      } catch (error) {
+        return failed(
+          `policy "${run.policy}", ${leaf.relation}: removing it failed: ${errorMessage(error)}`,
+          true,
+        )
+      }
+      if (removal.outcome === 'dropped' || removal.outcome === 'detached') {
+        recorded(leaf.relation, removal.removed, 0, removal.cutoff)
+        continue
+      }
+      if (removal.outcome !== 'kept' && removal.outcome !== 'deleted')
+        return stopped(removal.outcome)
+    }
+    let strategy = leaf.strategy
+    if (strategy === 'index') {
+      // Only a choice of path: without an estimate, the index.
+      const share = await runs.outdatedShare(deps.pool, leaf.leaf, run.definition).catch(() => null)
+      if (share !== null && share >= PAGE_ORDER_SHARE) strategy = 'tidrange'
+    }
+    const pacer = new Pacer(
+      run.definition.batchSize,
+      deps.batchTargetMs,
+      leaf.tuples_per_page ?? 0,
+      deps.batchPauseMs,
+    )
+    let cursor: unknown = null
+    let careful = false
     for (;;) {
       if (signal.aborted) {
         return failed(`interrupted between batches: ${String(signal.reason ?? 'stopping')}`, false)
       }
+      const request: runs.BatchRequest = {
+        leaf: leaf.leaf,
+        strategy,
+        cursor,
+        limit: pacer.limit,
+        span: pacer.span,
+        careful,
+      }
       let batch: runs.BatchResult
       try {
-        batch = await runs.recordBatch(deps.pool, deps.limits, run, next)
+        batch = await runs.recordBatch(deps.pool, deps.limits, run, request)
       } catch (error) {
-        if (!next.careful && mayBeTiedToRows(error)) {
-          next = { ...next, careful: true }
+        if (!careful && mayBeTiedToRows(error)) {
+          careful = true
           continue
         }
         return failed(
@@ -146,47 +213,21 @@ export async function runCleanup(
           true,
         )
       }
-      if (batch.outcome === 'superseded') {
-        return { ...report, status: 'fenced', reason: 'a holder closed the run before it finished' }
-      }
-      if (batch.outcome !== 'deleted') {
-        const reason =
-          batch.outcome === 'fenced'
-            ? `epoch ${run.epoch} is no longer current: a newer holder took over`
-            : batch.outcome === 'disagree'
-              ? `the live nodes no longer all hold this definition of policy "${run.policy}"; it is held back until they agree`
-              : batch.outcome === 'paused'
-                ? `policy "${run.policy}" was paused; the occurrence runs again after resume`
-                : `node ${deps.nodeId} is not live (its lock session is gone or reconnecting), so it may not delete`
-        await runs.fence(deps.pool, run, reason)
-        return { ...report, status: 'fenced', reason }
-      }
+      if (batch.outcome !== 'deleted') return stopped(batch.outcome)
       if (batch.selected > 0) {
-        report.batches += 1
-        report.rowsDeleted += batch.deleted
-        report.rowsSkipped += batch.skipped
+        recorded(leaf.relation, batch.deleted, batch.skipped, batch.cutoff)
         report.reason ??= batch.firstError ?? undefined
-        deps.onBatch({
-          runId: run.runId,
-          policy: run.policy,
-          epoch: run.epoch,
-          relation: leaf.relation,
-          rows: batch.deleted,
-          skipped: batch.skipped,
-          cutoff: batch.cutoff,
-        })
       }
       if (batch.leafDone) break
       // Every batch moves its cursor past what it selected; one that did not would loop.
-      if (batch.selected > 0 && JSON.stringify(batch.cursor) === JSON.stringify(next.cursor)) {
+      if (batch.selected > 0 && JSON.stringify(batch.cursor) === JSON.stringify(cursor)) {
         return failed(`policy "${run.policy}", ${leaf.relation}: the batch did not move on`, true)
       }
-      next = {
-        ...next,
-        cursor: batch.cursor,
-        careful: next.careful && batch.skipped > 0,
-      }
-      if (deps.batchPauseMs > 0) await sleep(deps.batchPauseMs, signal)
+      cursor = batch.cursor
+      careful = careful && batch.skipped > 0
+      const pauseMs = pacer.after(batch)
+      if (pauseMs > 0) await sleep(pauseMs, signal)
+      if (deps.maxReplicaLagMs > 0) await waitForReplicas(deps, signal)
     }
   }
 
@@ -194,6 +235,21 @@ export async function runCleanup(
   if (completed.status === 'fenced')
     return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }
+}
+
+/**
+ * With replicas, a cleanup should not outrun their replay: while any replica replays more
+ * than `maxReplicaLagMs` behind (pg_stat_replication; the role needs pg_monitor to see it),
+ * the next batch waits.
+ */
+async function waitForReplicas(deps: CleanupDeps, signal: AbortSignal): Promise<void> {
+  while (!signal.aborted) {
+    const { rows } = await deps.pool.query<{ lag: number | null }>(
+      `SELECT max(extract(epoch FROM replay_lag) * 1000)::float8 AS lag FROM pg_stat_replication`,
+    )
+    if ((rows[0]?.lag ?? 0) <= deps.maxReplicaLagMs) return
+    await sleep(Math.min(1000, deps.maxReplicaLagMs), signal)
+  }
 }
 
 /**

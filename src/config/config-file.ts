@@ -4,10 +4,10 @@ import { DEFAULTS, type SingletonOptions } from './options.js'
 import type { RetentionPolicy } from './policy.js'
 
 /** The JSON config file: the singleton's name, its policies, and optional timing knobs. */
-export type ConfigFile = Pick<SingletonOptions, 'name' | 'policies'> &
+export type ConfigFile = Pick<SingletonOptions, 'name' | 'policies' | 'workQueue'> &
   Partial<Record<keyof typeof DEFAULTS, number>>
 
-const FILE_KEYS = new Set<string>(['name', 'policies', ...Object.keys(DEFAULTS)])
+const FILE_KEYS = new Set<string>(['name', 'policies', 'workQueue', ...Object.keys(DEFAULTS)])
 
 /**
  * Reads and shape-checks a config file. Values are validated in full by

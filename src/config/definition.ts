@@ -27,6 +27,8 @@ export interface PolicyDefinition {
   readonly batchSize: number
   /** Deleting may cascade to rows that reference the table (the user said so). */
   readonly allowCascade: boolean
+  /** Whole partitions may go (`drop`, `detach`), or rows only (`delete`). */
+  readonly partitions: 'delete' | 'drop' | 'detach'
 }
 
 /**
@@ -45,6 +47,7 @@ export function fingerprint(definition: PolicyDefinition): string {
     definition.every,
     definition.batchSize,
     definition.allowCascade,
+    definition.partitions,
   ])
   return createHash('sha256').update(canonical).digest('hex').slice(0, 16)
 }

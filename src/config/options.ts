@@ -60,6 +60,23 @@ export interface SingletonOptions {
   reconnectDelayMs?: number
   /** Pause between two cleanup batches, to leave room for app traffic. Default 0 ms. */
   batchPauseMs?: number
+  /**
+   * The time budget of one batch's transaction: the batch size follows it, up to a
+   * policy's `batchSize`. A batch over three times its budget is followed by a pause as
+   * long as it took. Default 30 ms.
+   */
+  batchTargetMs?: number
+  /**
+   * With replicas: between batches, wait while any replica replays more than this far
+   * behind (`pg_stat_replication`; the role needs `pg_monitor`). Default 0: off.
+   */
+  maxReplicaLagMs?: number
+  /**
+   * Which nodes work the cleanup queue: `'when-holding'` (default), only the holder, so a
+   * standby costs its lock session and nothing else; or `'always'`, every node, so runs of
+   * different policies can run on different nodes.
+   */
+  workQueue?: 'when-holding' | 'always'
   /** `lock_timeout` of a cleanup batch: a batch never queues long behind app locks. Default 2000 ms. */
   batchLockTimeoutMs?: number
   /**
@@ -94,6 +111,9 @@ export interface ResolvedOptions {
   readonly stepDownAfterMs: number
   readonly reconnectDelayMs: number
   readonly batchPauseMs: number
+  readonly batchTargetMs: number
+  readonly maxReplicaLagMs: number
+  readonly workQueue: 'when-holding' | 'always'
   readonly batchLockTimeoutMs: number
   readonly batchStatementTimeoutMs: number
   readonly workerPollingIntervalSeconds: number
@@ -112,6 +132,8 @@ export const DEFAULTS = Object.freeze({
   stepDownAfterMs: 30_000,
   reconnectDelayMs: 200,
   batchPauseMs: 0,
+  batchTargetMs: 30,
+  maxReplicaLagMs: 0,
   batchLockTimeoutMs: 2000,
   batchStatementTimeoutMs: 10_000,
   workerPollingIntervalSeconds: 0.5,
@@ -122,6 +144,15 @@ export function defaultNodeId(): string {
   const pid = `:${process.pid}`
   const host = hostname().replace(/[^\x20-\x7e]/g, '?')
   return `${host.slice(0, 63 - pid.length)}${pid}`
+}
+
+function workQueue(value: unknown): 'when-holding' | 'always' {
+  if (value === undefined) return 'when-holding'
+  if (value === 'when-holding' || value === 'always') return value
+  throw new SingletonError(
+    'INVALID_OPTION',
+    `workQueue: ${JSON.stringify(value)} must be "when-holding" or "always".`,
+  )
 }
 
 /** Resolves and validates once, at construction; the result is frozen. */
@@ -180,6 +211,9 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     stepDownAfterMs: ms('stepDownAfterMs', 1000, 3_600_000),
     reconnectDelayMs: ms('reconnectDelayMs', 10, 60_000),
     batchPauseMs: ms('batchPauseMs', 0, 600_000),
+    batchTargetMs: ms('batchTargetMs', 1, 60_000),
+    maxReplicaLagMs: ms('maxReplicaLagMs', 0, 3_600_000),
+    workQueue: workQueue(options.workQueue),
     batchLockTimeoutMs: ms('batchLockTimeoutMs', 10, 600_000),
     batchStatementTimeoutMs: ms('batchStatementTimeoutMs', 100, 3_600_000),
     workerPollingIntervalSeconds: ms('workerPollingIntervalSeconds', 0.5, 3600),

@@ -32,6 +32,13 @@ export interface RetentionPolicy {
    * it such a table is refused. Default false.
    */
   allowCascade?: boolean
+  /**
+   * On a range-partitioned table keyed by the column: `"drop"` (or `"detach"`) removes a
+   * partition whole once its upper bound is at or below the cut-off and every row in it
+   * is outdated; the partition that straddles the cut-off is cleaned row by row. Default
+   * `"delete"`: rows only.
+   */
+  partitions?: 'delete' | 'drop' | 'detach'
 }
 
 export interface ResolvedPolicy {
@@ -45,6 +52,7 @@ export interface ResolvedPolicy {
   readonly timeZone: string | undefined
   readonly batchSize: number
   readonly allowCascade: boolean
+  readonly partitions: 'delete' | 'drop' | 'detach'
 }
 
 export const DEFAULT_BATCH_SIZE = 1000
@@ -61,6 +69,7 @@ const POLICY_KEYS = new Set([
   'timeZone',
   'batchSize',
   'allowCascade',
+  'partitions',
 ])
 
 /**
@@ -161,6 +170,12 @@ function resolvePolicy(
       `${where}, field allowCascade: ${JSON.stringify(allowCascade)} is not true or false.`,
     )
   }
+  const partitions = record.partitions ?? 'delete'
+  if (partitions !== 'delete' && partitions !== 'drop' && partitions !== 'detach') {
+    problems.add(
+      `${where}, field partitions: ${JSON.stringify(partitions)} is not "delete", "drop" or "detach".`,
+    )
+  }
   if (problems.count > before || !table || column === undefined || !olderThan || !every)
     return undefined
   return Object.freeze({
@@ -173,6 +188,7 @@ function resolvePolicy(
     timeZone,
     batchSize: batchSize as number,
     allowCascade: allowCascade === true,
+    partitions: partitions as ResolvedPolicy['partitions'],
   })
 }
 

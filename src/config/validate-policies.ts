@@ -100,6 +100,9 @@ export async function validatePolicies(
       )
     }
     await checkSideEffects(pool, problems, where, policy, [table.oid, ...leaves.map((l) => l.leaf)])
+    if (policy.partitions !== 'delete') {
+      await checkPartitioning(pool, problems, warnings, where, policy, table)
+    }
     if (problems.count > before || timeZone === undefined) continue
     if (timeZone && !timeZone.includes('/') && !['UTC', 'GMT', 'UCT', 'Zulu'].includes(timeZone)) {
       warnings.push({
@@ -128,6 +131,7 @@ export async function validatePolicies(
       every: policy.every,
       batchSize: policy.batchSize,
       allowCascade: policy.allowCascade,
+      partitions: policy.partitions,
     })
     definitions.push(definition)
     understood.push(await describe(pool, definition, leaves.length))
@@ -172,6 +176,66 @@ async function checkSideEffects(
     problems.add(
       `${where}, field table: "${policy.tableText}" has DELETE rules (${rules.map((r) => r.rule).join(', ')}); a rule can make a delete do anything, so pg-singleton does not clean such tables.`,
     )
+  }
+}
+
+/**
+ * Removing partitions whole needs a range-partitioned table keyed by the column, and a
+ * role that owns the partitions (and the table, to detach).
+ */
+async function checkPartitioning(
+  pool: pg.Pool | pg.Client,
+  problems: Problems,
+  warnings: SingletonWarning[],
+  where: string,
+  policy: ResolvedPolicy,
+  table: { oid: number; relkind: string },
+): Promise<void> {
+  const { rows } = await pool.query<{ keyed: boolean; owns: boolean; owns_parts: boolean }>(
+    `SELECT pt.partstrat = 'r' AND pt.partnatts = 1
+            AND pt.partattrs[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = $1 AND attname = $2) AS keyed,
+            pg_has_role((SELECT relowner FROM pg_class WHERE oid = $1), 'USAGE') AS owns,
+            coalesce(bool_and(pg_has_role(c.relowner, 'USAGE')), true) AS owns_parts
+       FROM pg_partitioned_table pt
+       LEFT JOIN pg_inherits i ON i.inhparent = pt.partrelid
+       LEFT JOIN pg_class c ON c.oid = i.inhrelid
+      WHERE pt.partrelid = $1
+      GROUP BY pt.partstrat, pt.partnatts, pt.partattrs`,
+    [table.oid, policy.column],
+  )
+  const info = rows[0]
+  if (table.relkind !== 'p' || !info?.keyed) {
+    problems.add(
+      `${where}, field partitions: "${policy.partitions}" needs a table partitioned by range on "${policy.column}"; "${policy.tableText}" is not. Use "delete" (rows only).`,
+    )
+    return
+  }
+  if (!info.owns_parts || (policy.partitions === 'detach' && !info.owns)) {
+    problems.add(
+      `${where}, field partitions: to ${policy.partitions} partitions the role must own ${policy.partitions === 'detach' ? 'the table and ' : ''}its partitions; it does not.`,
+    )
+    return
+  }
+  // Removing a partition fires no DELETE trigger and would take rows a foreign key holds:
+  // such partitions are cleaned row by row (remove_partition checks again at each run).
+  const { rows: blockers } = await pool.query<{ what: string }>(
+    `SELECT format('DELETE trigger %s on %s', t.tgname, t.tgrelid::regclass) AS what
+       FROM pg_trigger t
+       JOIN pg_inherits i ON i.inhparent = $1 AND t.tgrelid IN (i.inhrelid, i.inhparent)
+      WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND (t.tgtype & 8) <> 0 AND t.tgparentid = 0
+     UNION
+     SELECT format('foreign key %s of %s', k.conname, k.conrelid::regclass)
+       FROM pg_constraint k
+      WHERE k.contype = 'f' AND k.conparentid = 0
+        AND k.confrelid IN (SELECT $1 UNION SELECT inhrelid FROM pg_inherits WHERE inhparent = $1)
+     ORDER BY 1`,
+    [table.oid],
+  )
+  if (blockers.length > 0) {
+    warnings.push({
+      code: 'PARTITIONS_DELETED_BY_ROW',
+      message: `${where}: partitions of "${policy.tableText}" are deleted row by row, not ${policy.partitions === 'drop' ? 'dropped' : 'detached'}, because of ${blockers.map((b) => b.what).join(', ')}.`,
+    })
   }
 }
 

@@ -155,10 +155,13 @@ export class Starter {
       } catch (error) {
         stop.removeEventListener('abort', abortWait)
         session.destroy()
+        const lost = this.#held === session ? this.#lease : undefined
         if (this.#held === session) {
           this.#held = undefined
           this.#lease = undefined
         }
+        // A holder whose session failed has lost the lock like any other way.
+        if (lost) this.#hooks.onLost(lost, `lock session failed: ${errorMessage(error)}`)
         this.#firstAttemptDone?.()
         if (stop.aborted) break
         if (error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT') {

@@ -335,6 +335,8 @@ export interface BatchResult {
   leafDone: boolean
   firstError: string | null
   cutoff: Date | null
+  /** How long the batch's transaction took, by the server's clock. */
+  elapsedMs: number
 }
 
 /**
@@ -380,6 +382,7 @@ export async function recordBatch(
         leaf_done: boolean
         first_error: string | null
         cutoff: Date | null
+        elapsed_ms: number | null
       }
     | undefined
   if (!row) throw new Error('pgsingleton.cleanup_batch returned no row')
@@ -392,7 +395,62 @@ export async function recordBatch(
     leafDone: row.leaf_done,
     firstError: row.first_error,
     cutoff: row.cutoff,
+    elapsedMs: row.elapsed_ms ?? 0,
   }
+}
+
+export interface PartitionResult {
+  outcome: BatchResult['outcome'] | 'dropped' | 'detached' | 'kept'
+  removed: number
+  reason: string | null
+  cutoff: Date | null
+}
+
+/**
+ * Worker: removes a partition whole (drop or detach, as the run's definition says) when
+ * its upper bound is at or below the cut-off and every row in it is outdated, checked
+ * under the lock the removal takes, in one fenced statement like a batch
+ * (`pgsingleton.remove_partition`). `kept` (with the reason) leaves it to row deletes.
+ */
+export async function removePartition(
+  pool: pg.Pool,
+  limits: TransactionLimits,
+  run: Claim,
+  leaf: number,
+): Promise<PartitionResult> {
+  if (![Number(run.runId), run.attempt, leaf].every(Number.isSafeInteger))
+    throw new Error('not an integer')
+  const results = (await pool.query(
+    `${localSettings(limits, { utc: false })}; SELECT * FROM pgsingleton.remove_partition(${Number(run.runId)}, ${run.attempt}, ${leaf})`,
+  )) as unknown as pg.QueryResult[]
+  const row = results[results.length - 1]?.rows[0] as
+    | {
+        outcome: PartitionResult['outcome']
+        removed: string
+        reason: string | null
+        cutoff: Date | null
+      }
+    | undefined
+  if (!row) throw new Error('pgsingleton.remove_partition returned no row')
+  return {
+    outcome: row.outcome,
+    removed: Number(row.removed),
+    reason: row.reason,
+    cutoff: row.cutoff,
+  }
+}
+
+/** The planner's share of a leaf's rows that are outdated now, or null without statistics. */
+export async function outdatedShare(
+  pool: pg.Pool,
+  leaf: number,
+  definition: PolicyDefinition,
+): Promise<number | null> {
+  const { rows } = await pool.query<{ share: number | null }>(
+    'SELECT pgsingleton.outdated_share($1, $2::jsonb) AS share',
+    [leaf, JSON.stringify(definition)],
+  )
+  return rows[0]?.share ?? null
 }
 
 /**

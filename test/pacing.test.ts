@@ -1,0 +1,49 @@
+import { describe, expect, it } from 'vitest'
+import { Pacer } from '../src/cleanup/pacing.js'
+
+describe('batches sized to a time budget', () => {
+  it('starts at 1000 rows (or batchSize, when smaller) and never exceeds batchSize', () => {
+    expect(new Pacer(100, 30, 50, 0).limit).toBe(100)
+    const pacer = new Pacer(5000, 30, 50, 0)
+    expect(pacer.limit).toBe(1000)
+    // Fast, full batches: the size doubles at most per batch, up to the ceiling.
+    const sizes: number[] = []
+    for (let i = 0; i < 6; i++) {
+      pacer.after({ selected: pacer.limit, elapsedMs: 5 })
+      sizes.push(pacer.limit)
+    }
+    expect(sizes).toEqual([2000, 4000, 5000, 5000, 5000, 5000])
+  })
+
+  it('shrinks a batch that overran its budget, at most to a quarter per step and never below 10 rows', () => {
+    const pacer = new Pacer(5000, 30, 50, 0)
+    pacer.after({ selected: 1000, elapsedMs: 60 })
+    expect(pacer.limit).toBe(500)
+    pacer.after({ selected: 500, elapsedMs: 3000 })
+    expect(pacer.limit).toBe(125)
+    for (let i = 0; i < 10; i++) pacer.after({ selected: pacer.limit, elapsedMs: 3000 })
+    expect(pacer.limit).toBe(10)
+  })
+
+  it('a batch that found fewer rows than it asked for says nothing about the size', () => {
+    const pacer = new Pacer(5000, 30, 50, 0)
+    pacer.after({ selected: 10, elapsedMs: 1 })
+    expect(pacer.limit).toBe(1000)
+  })
+
+  it('pauses after a batch far over its budget, as long as it took, on top of batchPauseMs', () => {
+    const pacer = new Pacer(5000, 30, 50, 7)
+    expect(pacer.after({ selected: 1000, elapsedMs: 40 })).toBe(7)
+    expect(pacer.after({ selected: 500, elapsedMs: 120 })).toBe(127)
+  })
+
+  it('spans enough pages for the rows it may take, and follows the same budget', () => {
+    const pacer = new Pacer(5000, 30, 50, 0)
+    expect(pacer.span).toBe(20)
+    pacer.after({ selected: 0, elapsedMs: 5 })
+    expect(pacer.span).toBe(40)
+    pacer.after({ selected: 0, elapsedMs: 120 })
+    expect(pacer.span).toBe(10)
+    expect(new Pacer(5000, 30, 0, 0).span).toBe(32)
+  })
+})
