@@ -1,56 +1,140 @@
 /**
  * `npm run bench`: the numbers behind the README, measured on this machine with real
- * processes and a real PostgreSQL. Writes bench/REPORT-postgresql-<major>.md and prints it.
+ * processes and a real PostgreSQL, each beside its reference in the same run. Writes
+ * bench/results/<date>-postgresql-<major>.json and bench/REPORT-postgresql-<major>.md.
  *
- *   DATABASE_URL=...  bench against that server (a scratch database is created on it);
- *                     without it, against the embedded PostgreSQL under ./.pg-singleton.
- *   BENCH_ROUNDS=N    failovers per kind (default 10).
+ *   DATABASE_URL=...   bench against that server (scratch databases are made on it);
+ *                      without it, against the embedded PostgreSQL under ./.pg-singleton.
+ *   BENCH_TRIALS=N     trials of each latency (default 30).
+ *   BENCH_SECTIONS=a,b only some of: failover, cleanup, partitions, cost, scale, growth.
  */
-import { type ChildProcess, spawn } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
-import { readFileSync } from 'node:fs'
-import { writeFile } from 'node:fs/promises'
-import { cpus, tmpdir, totalmem } from 'node:os'
+import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import pg from 'pg'
 import { resolveConnection } from '../src/cli/connection.js'
+import { ensureEmbedded, stopEmbedded } from '../src/cli/embedded.js'
 import { migrateToLatest } from '../src/db/migrate.js'
-import { readStatus } from '../src/status/read-status.js'
-import { waitFor } from '../src/wait.js'
+import {
+  type CleanupComparison,
+  cleanupVersusBulk,
+  type PartitionComparison,
+  partitionDrop,
+} from './cleanup.js'
+import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
+import { type FailoverResult, failover } from './failover.js'
+import { type Distribution, machine, ms, scratchDatabase } from './support.js'
 
-const BIN = fileURLToPath(new URL('../../bin/pg-singleton.js', import.meta.url))
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10)
-/** A takeover takes milliseconds, or about 3 s for a paused holder; 30 s means something broke. */
-const TIMEOUT_MS = 30_000
+const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
+const SECTIONS = new Set(
+  (process.env.BENCH_SECTIONS ?? 'failover,cleanup,partitions,cost,scale,growth').split(','),
+)
+
+interface Results {
+  machine: object
+  failover?: FailoverResult
+  cleanup?: CleanupComparison[]
+  partitions?: PartitionComparison
+  cost?: IdleCost
+  scale?: (ScaleResult & { server: string })[]
+  growth?: CleanupComparison[]
+}
 
 async function main(): Promise<void> {
   const { url: serverUrl } = await resolveConnection((line) => process.stderr.write(`${line}\n`), {
     embedded: !process.env.DATABASE_URL,
   })
-  const dbName = `pgs_bench_${randomBytes(4).toString('hex')}`
+  const say = (line: string) => process.stderr.write(`bench: ${line}\n`)
   const admin = new pg.Client({ connectionString: serverUrl })
   await admin.connect()
-  await admin.query(`CREATE DATABASE ${dbName}`)
-  const url = new URL(serverUrl)
-  url.pathname = `/${dbName}`
-  const pool = new pg.Pool({ connectionString: url.toString(), max: 4 })
-  const lines: string[] = []
-  let major = 'unknown'
-  try {
+  const version = (await admin.query(`SELECT current_setting('server_version') AS v`)).rows[0]
+    .v as string
+  const maxConnections = Number((await admin.query('SHOW max_connections')).rows[0].max_connections)
+  await admin.end()
+  const major = version.split('.')[0] ?? 'unknown'
+  const results: Results = { machine: machine(version).json }
+  const fresh = async () => {
+    const db = await scratchDatabase(serverUrl)
+    const pool = new pg.Pool({ connectionString: db.url, max: 1 })
     await migrateToLatest(pool)
-    const version = (await pool.query(`SELECT current_setting('server_version') AS v`)).rows[0].v
-    major = String(version).split('.')[0] ?? major
-    lines.push('# pg-singleton benchmark report', '', machine(version), '')
-    lines.push(...(await failoverBench(pool, url.toString())))
-    lines.push(...(await cleanupBench(pool, url.toString())))
-    lines.push(...(await cannotGoBench(pool, url.toString())))
-  } finally {
     await pool.end()
-    await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`)
-    await admin.end()
+    return db
   }
-  const report = `${lines.join('\n')}\n`
+  const section = async <T>(
+    key: string,
+    work: (url: string) => Promise<T>,
+  ): Promise<T | undefined> => {
+    if (!SECTIONS.has(key)) return undefined
+    say(`${key}...`)
+    const db = await fresh()
+    try {
+      return await work(db.url)
+    } finally {
+      await db.drop()
+    }
+  }
+
+  results.failover = await section('failover', (url) => failover(url, TRIALS))
+  results.cleanup = await section('cleanup', async (url) => {
+    const out: CleanupComparison[] = []
+    for (const shuffled of [false, true])
+      for (const withLoad of [false, true])
+        out.push(await cleanupVersusBulk(url, 1_000_000, shuffled, withLoad))
+    return out
+  })
+  results.partitions = await section('partitions', (url) => partitionDrop(url, 1_000_000))
+  results.cost = await section('cost', (url) => idleCost(url))
+  results.scale = await section('scale', async (url) => {
+    const out: (ScaleResult & { server: string })[] = []
+    // This server, as far as its max_connections allows.
+    const room = Math.min(200, maxConnections - 20)
+    for (const standbys of [10, room].filter((n, i, all) => all.indexOf(n) === i && n > 0))
+      out.push({ ...(await scaleFailover(url, standbys, TRIALS)), server: `PostgreSQL ${version}` })
+    if (room < 200) {
+      // A server of its own with room for 200 standbys.
+      const home = await mkdtemp(join(tmpdir(), 'pg-singleton-bench-scale-'))
+      await chmod(home, 0o755)
+      const server = await ensureEmbedded(
+        join(home, 'pgdata'),
+        47000 + Math.floor(Math.random() * 2000),
+        {
+          max_connections: '300',
+        },
+      )
+      try {
+        const db = await scratchDatabase(server.url)
+        const pool = new pg.Pool({ connectionString: db.url, max: 1 })
+        await migrateToLatest(pool)
+        await pool.end()
+        for (const standbys of [100, 200])
+          out.push({
+            ...(await scaleFailover(db.url, standbys, TRIALS)),
+            server: 'embedded PostgreSQL 18 (max_connections 300)',
+          })
+        await db.drop()
+      } finally {
+        await stopEmbedded(join(home, 'pgdata'))
+        await rm(home, { recursive: true, force: true })
+      }
+    }
+    return out
+  })
+  results.growth = await section('growth', async (url) => {
+    const out: CleanupComparison[] = []
+    for (const rows of [100_000, 1_000_000, 5_000_000])
+      out.push(await cleanupVersusBulk(url, rows, false, false))
+    return out
+  })
+
+  const date = new Date().toISOString().slice(0, 10)
+  const dir = fileURLToPath(new URL('../../bench/results/', import.meta.url))
+  await mkdir(dir, { recursive: true })
+  await writeFile(
+    join(dir, `${date}-postgresql-${major}.json`),
+    `${JSON.stringify(results, null, 2)}\n`,
+  )
+  const report = render(version, results)
   await writeFile(
     fileURLToPath(new URL(`../../bench/REPORT-postgresql-${major}.md`, import.meta.url)),
     report,
@@ -58,361 +142,158 @@ async function main(): Promise<void> {
   process.stdout.write(report)
 }
 
-function machine(pgVersion: string): string {
-  const cpu = cpus()[0]?.model ?? 'unknown CPU'
-  return [
-    `Measured ${new Date().toISOString()} on ${cpus().length} × ${cpu}, ${Math.round(totalmem() / 2 ** 30)} GiB RAM,`,
-    `Node ${process.version}, PostgreSQL ${pgVersion} over loopback (127.0.0.1).`,
-  ].join('\n')
-}
+const dist = (d: Distribution) => `${ms(d.p50)} | ${ms(d.p95)} | ${ms(d.p99)} | ${ms(d.max)}`
+const s = (v: number) => `${v.toFixed(2)} s`
+const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`
+const yes = (ok: boolean) => (ok ? 'met' : '**not met**')
 
-interface Node {
-  id: string
-  child: ChildProcess
-  exited: Promise<void>
-}
-
-function startNode(url: string, config: string, id: string): Node {
-  const child = spawn(process.execPath, [BIN, 'run', '--config', config, '--node-id', id], {
-    env: { ...process.env, DATABASE_URL: url },
-    stdio: 'ignore',
-  })
-  return { id, child, exited: new Promise((resolve) => child.once('exit', () => resolve())) }
-}
-
-function rssMiB(pid: number | undefined): number {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8')
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0)
-  return kb / 1024
-}
-
-function summary(values: number[], unit: string, digits = 0): string {
-  const sorted = [...values].sort((a, b) => a - b)
-  const at = (q: number) =>
-    sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? Number.NaN
-  const f = (v: number) => `${v.toFixed(digits)} ${unit}`
-  return `${f(sorted[0] ?? Number.NaN)} | ${f(at(0.5))} | ${f(at(0.9))} | ${f(sorted.at(-1) ?? Number.NaN)}`
-}
-
-/**
- * Takeover time as the database saw it: from the server's clock just before the
- * holder is killed (or its backend terminated) to the new holder's `acquired_at`.
- */
-async function failoverBench(pool: pg.Pool, url: string): Promise<string[]> {
-  const config = join(tmpdir(), `pg-singleton-bench-${randomBytes(4).toString('hex')}.json`)
-  await writeFile(
-    config,
-    JSON.stringify({
-      name: 'bench',
-      policies: [
-        {
-          name: 'noop',
-          table: 'pgsingleton.cleanup_batches',
-          column: 'began_at',
-          olderThan: '100 years',
-          every: '1 hour',
-        },
-      ],
-    }),
-  )
-  const nodes: Node[] = []
-  let next = 0
-  const spawnNode = () => {
-    const node = startNode(url, config, `bench-${++next}`)
-    nodes.push(node)
-    return node
-  }
-  const live = () => nodes.filter((n) => n.child.exitCode === null && n.child.signalCode === null)
-  const results: Record<string, number[]> = {
-    'kill -9': [],
-    SIGTERM: [],
-    pg_terminate_backend: [],
-    // With the default timings: the server's idle_session_timeout (3 s) frees a paused holder's lock.
-    'SIGSTOP (paused)': [],
-  }
-  const memory: { holder: number[]; standby: number[] } = { holder: [], standby: [] }
-  try {
-    for (let i = 0; i < 3; i++) spawnNode()
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const kind of Object.keys(results)) {
-        const before = await waitFor(
-          'a holder and two waiters',
-          async () => {
-            const row = (await readStatus(pool, 'bench'))[0]
-            return row?.nodeId && row.epoch !== null && row.waitingNodes === live().length - 1
-              ? row
-              : undefined
-          },
-          TIMEOUT_MS,
-          5,
-        )
-        const holder = nodes.find((n) => n.id === before.nodeId) as Node
-        if (round === 0 && kind === 'kill -9') {
-          memory.holder.push(rssMiB(holder.child.pid))
-          for (const n of live()) if (n !== holder) memory.standby.push(rssMiB(n.child.pid))
-        }
-        const t0: Date = (await pool.query('SELECT clock_timestamp() AS t')).rows[0].t
-        if (kind === 'kill -9') holder.child.kill('SIGKILL')
-        else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
-        else if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
-        else await pool.query('SELECT pg_terminate_backend($1)', [before.backendPid])
-        const after = await waitFor(
-          'a takeover',
-          async () => {
-            const row = (await readStatus(pool, 'bench'))[0]
-            return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
-          },
-          TIMEOUT_MS,
-          5,
-        )
-        results[kind]?.push((after.acquiredAt as Date).getTime() - t0.getTime())
-        if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGCONT') // it fences itself and queues again
-        if (kind === 'kill -9' || kind === 'SIGTERM') {
-          await holder.exited
-          spawnNode()
-        }
-      }
-    }
-  } finally {
-    for (const node of live()) node.child.kill('SIGTERM')
-    await Promise.all(nodes.map((n) => n.exited))
-  }
-  return [
-    `## Failover (3 nodes, ${ROUNDS} rounds each)`,
+function render(version: string, r: Results): string {
+  const lines = [
+    '# pg-singleton benchmark report',
     '',
-    "From the server clock just before the event to the new holder's `acquired_at` (epoch bumped, ready to schedule).",
+    (r.machine as { measuredAt: string }) && machineText(version, r),
     '',
-    '| event | min | median | p90 | max |',
-    '|---|---|---|---|---|',
-    ...Object.entries(results).map(
-      ([kind, values]) => `| ${kind} of the holder | ${summary(values, 'ms')} |`,
+  ]
+  const thresholds: string[] = []
+  if (r.failover) {
+    lines.push(
+      `## Failover (${r.failover.kinds['kill -9']?.n} trials each)`,
+      '',
+      "Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in `pgsingleton.status` (its commit included), polled in a tight loop from outside.",
+      '',
+      '| event | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |',
+      '|---|---|---|---|---|---|',
+      ...Object.entries(r.failover.kinds).map(([k, d]) => {
+        const h = r.failover?.heard[k]
+        return `| ${k} of the holder | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |`
+      }),
+      ...Object.entries(r.failover.references).map(
+        ([k, d]) => `| reference: ${k}, holder killed | ${dist(d)} | - |`,
+      ),
+      '',
+      'A paused holder keeps its lock until the server ends its silent session (`idleSessionTimeoutMs`, 3 s, counted from its last heartbeat).',
+      '',
+      "Where a crash failover goes: the server frees the lock when the killed process's backend ends, which takes as long as the kernel needs to tear the process down and close its socket; a CLI node (about 85 MiB resident, 11 threads) takes longer to tear down than the reference's minimal holder. The rest is pg-singleton's: the waiter is granted the lock, and the same statement commits the new epoch.",
+      '',
+      '| kill -9, from the signal | p50 | p95 | p99 | max |',
+      '|---|---|---|---|---|',
+      `| the killed node's backend is gone | ${dist(r.failover.killBreakdown.backendGone)} |`,
+      `| from then to the new epoch seen in pgsingleton.status | ${dist(r.failover.killBreakdown.goneToNewEpoch)} |`,
+      `| reference: the killed minimal holder's backend is gone | ${dist(r.failover.referenceBackendGone)} |`,
+      '',
+    )
+    const crash = r.failover.kinds['kill -9']
+    const graceful = r.failover.kinds.SIGTERM
+    if (crash)
+      thresholds.push(`| crash failover p99 ≤ 20 ms | ${ms(crash.p99)} | ${yes(crash.p99 <= 20)} |`)
+    if (graceful)
+      thresholds.push(
+        `| graceful failover p99 ≤ 10 ms | ${ms(graceful.p99)} | ${yes(graceful.p99 <= 10)} |`,
+      )
+  }
+  const cleanupTable = (rows: CleanupComparison[]) => [
+    '| table | app load | bulk DELETE | pg-singleton (run) | × bulk | start to done | rows/s | batches | longest batch | WAL bulk / ours | app p50 / p99 idle | app p99 during bulk | app p99 during ours |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ...rows.map(
+      (c) =>
+        `| ${c.rows.toLocaleString('en')} rows, ${c.layout} | ${c.withLoad ? 'yes' : 'no'} | ${s(c.bulk.seconds)} | ${s(c.ours.seconds)} | ${(c.ours.seconds / c.bulk.seconds).toFixed(2)} | ${s(c.ours.startToDoneSeconds)} | ${Math.round(c.ours.rowsPerSecond).toLocaleString('en')} | ${c.ours.batches} | ${c.ours.longestBatchMs === null ? '-' : ms(c.ours.longestBatchMs)} | ${mib(c.bulk.walBytes)} / ${mib(c.ours.walBytes)} | ${c.appIdle ? `${ms(c.appIdle.p50)} / ${ms(c.appIdle.p99)}` : '-'} | ${c.bulk.app ? ms(c.bulk.app.p99) : '-'} | ${c.ours.app ? ms(c.ours.app.p99) : '-'} |`,
     ),
-    '',
-    'The paused holder is SIGSTOPped with the default timings; the server ends its session after `idleSessionTimeoutMs` (3 s) of silence, counted from its last statement.',
-    '',
-    `Resident memory of a node process (RSS): holder ${memory.holder.map((v) => v.toFixed(0)).join(', ')} MiB; standbys ${memory.standby.map((v) => v.toFixed(0)).join(', ')} MiB.`,
-    '',
   ]
-}
-
-/** 700,000 outdated rows of 1,000,000, 80-byte payload, index on the timestamp. */
-async function cleanupBench(pool: pg.Pool, url: string): Promise<string[]> {
-  const rows: string[] = [
-    '## Cleanup',
-    '',
-    '| workload | batch size | rows deleted | run time | start to done | rows/s (run) | longest batch transaction |',
-    '|---|---|---|---|---|---|---|',
-  ]
-  const { createSingleton } = await import('../src/index.js')
-  for (const [label, order] of [
-    ['time-ordered', 'i'],
-    ['shuffled', 'random()'],
-  ] as const) {
-    for (const batchSize of [1000, 5000]) {
-      const name = `bench-cleanup-${label}-${batchSize}`
-      await pool.query('DROP TABLE IF EXISTS public.bench_events')
-      await pool.query(
-        'CREATE TABLE public.bench_events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text)',
+  if (r.cleanup) {
+    lines.push(
+      '## Cleanup against one bulk DELETE',
+      '',
+      "700,000 of 1,000,000 rows outdated (80-byte payload, index on the timestamp), in time order or shuffled; the bulk DELETE runs on an identical copy (same rows, same physical order) in the same run. Neither table is vacuumed before (an app's table would not be). pg-singleton: `batchSize` 100,000 as the ceiling, the default 30 ms budget per batch; its time is the run's `started_at` to `finished_at`, and start to done adds a fresh node's start-up, validation, lock, first tick and job hand-off. The app load: 4 connections, each reading one young row and updating another 100 times a second.",
+      '',
+      ...cleanupTable(r.cleanup),
+      '',
+    )
+    for (const c of r.cleanup) {
+      thresholds.push(
+        `| ${c.layout}${c.withLoad ? ', app load' : ''}: cleanup ≤ 1.5 × bulk DELETE | ${(c.ours.seconds / c.bulk.seconds).toFixed(2)} × | ${yes(c.ours.seconds <= 1.5 * c.bulk.seconds)} |`,
+        `| ${c.layout}${c.withLoad ? ', app load' : ''}: no batch over 100 ms | ${c.ours.longestBatchMs === null ? '-' : ms(c.ours.longestBatchMs)} | ${yes((c.ours.longestBatchMs ?? 0) <= 100)} |`,
       )
-      await pool.query(
-        `INSERT INTO public.bench_events (created_at, payload)
-         SELECT now() - (1000000 - i) * interval '10 seconds', repeat('x', 80)
-           FROM generate_series(1, 1000000) AS i ORDER BY ${order}`,
-      )
-      await pool.query('CREATE INDEX ON public.bench_events (created_at)')
-      await pool.query('VACUUM ANALYZE public.bench_events')
-      // Rows 10 s apart ending now: the newest 300,000 span 3,000,000 s, and the rest are outdated.
-      const olderThan = '3000000 seconds'
-      const node = createSingleton({
-        name,
-        connectionString: url,
-        policies: [
-          {
-            name: 'p',
-            table: 'public.bench_events',
-            column: 'created_at',
-            olderThan,
-            every: '1 hour',
-            batchSize,
-          },
-        ],
-      })
-      const started = performance.now()
-      const done = new Promise<{ rowsDeleted: number }>((resolve) =>
-        node.once('cleanup:done', resolve),
-      )
-      await node.start()
-      const report = await done
-      const wall = (performance.now() - started) / 1000
-      await node.stop()
-      const measured = await pool.query(
-        `SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) AS longest_ms,
-                extract(epoch FROM max(r.finished_at) - min(r.started_at)) AS run_s
-           FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id WHERE r.singleton = $1`,
-        [name],
-      )
-      const { longest_ms: longest, run_s: run } = measured.rows[0]
-      rows.push(
-        `| 1,000,000 rows, ${label} | ${batchSize} | ${report.rowsDeleted.toLocaleString('en')} | ${Number(run).toFixed(2)} s | ${wall.toFixed(2)} s | ${Math.round(report.rowsDeleted / Number(run)).toLocaleString('en')} | ${Number(longest).toFixed(0)} ms |`,
-      )
+      if (c.withLoad && c.appIdle && c.ours.app && c.bulk.app)
+        thresholds.push(
+          `| ${c.layout}: app p99 during ours ≤ 2 × idle p99 and below its p99 during the bulk DELETE | ${ms(c.ours.app.p99)} (idle ${ms(c.appIdle.p99)}, bulk ${ms(c.bulk.app.p99)}) | ${yes(c.ours.app.p99 <= 2 * c.appIdle.p99 && c.ours.app.p99 < c.bulk.app.p99)} |`,
+        )
     }
   }
-  await pool.query('DROP TABLE IF EXISTS public.bench_events')
-  rows.push(
-    '',
-    "700,000 of 1,000,000 rows outdated (80-byte payload, index on the timestamp). Run time: the run's `started_at` to",
-    '`finished_at` in `pgsingleton.cleanup_runs`. Start to done: from `start()` of a fresh node to its `cleanup:done` event,',
-    'adding validation, pg-boss start-up, the lock, the first tick and the job hand-off. Longest batch transaction: from',
-    '`pgsingleton.cleanup_batches` (`ended_at - began_at`).',
-    '',
-  )
-  return rows
+  if (r.partitions) {
+    const p = r.partitions
+    lines.push(
+      '## A partitioned table: partitions dropped, or rows deleted',
+      '',
+      `${p.rows.toLocaleString('en')} rows in ${p.partitions} range partitions of 100 days; six wholly outdated, one straddling the cut-off. The same table twice, cleaned with \`partitions: "drop"\` and with row deletes.`,
+      '',
+      '| way | rows removed | run time | WAL |',
+      '|---|---|---|---|',
+      `| partitions dropped (the straddling one row by row) | ${p.drop.rows.toLocaleString('en')} | ${s(p.drop.seconds)} | ${mib(p.drop.walBytes)} |`,
+      `| rows deleted | ${p.rowDeletes.rows.toLocaleString('en')} | ${s(p.rowDeletes.seconds)} | ${mib(p.rowDeletes.walBytes)} |`,
+      '',
+    )
+    thresholds.push(
+      `| dropped-partition cleanup of ~600,000 rows well under a second | ${s(p.drop.seconds)} | ${yes(p.drop.seconds < 0.5)} |`,
+    )
+  }
+  if (r.cost) {
+    const c = r.cost
+    lines.push(
+      '## What an idle node costs',
+      '',
+      'A holder and three standbys as CLI processes with the default timings, measured after 15 s of settling, over 30 s. Statements per standby from the server’s transaction counters, less the holder alone.',
+      '',
+      '| | connections | statements/s | CPU | memory (RSS) |',
+      '|---|---|---|---|---|',
+      `| holder | ${c.connections.holder} | - | - | ${c.rssMiB.holder.toFixed(0)} MiB |`,
+      `| standby | ${c.connections.standby} | ${c.standbyStatementsPerSecond.toFixed(2)} | ${(c.standbyCpuShare * 100).toFixed(2)} % of a core | ${c.rssMiB.standby.toFixed(0)} MiB |`,
+      '',
+    )
+    thresholds.push(
+      `| a standby costs one connection | ${c.connections.standby} | ${yes(c.connections.standby === 1)} |`,
+    )
+  }
+  if (r.scale) {
+    lines.push(
+      '## Failover with many standbys',
+      '',
+      "Library instances, 50 to a process, all queued on one singleton; each trial ends the holder's session as a crash does, from the server (`pg_terminate_backend`), and times the takeover from outside.",
+      '',
+      '| standbys | server | connections | p50 | p95 | p99 | max |',
+      '|---|---|---|---|---|---|---|',
+      ...r.scale.map(
+        (x) => `| ${x.standbys} | ${x.server} | ${x.connections} | ${dist(x.failover)} |`,
+      ),
+      '',
+    )
+    for (const x of r.scale.filter((x) => x.standbys >= 100))
+      thresholds.push(
+        `| ${x.standbys} standbys: crash failover p99 < 50 ms | ${ms(x.failover.p99)} | ${yes(x.failover.p99 < 50)} |`,
+      )
+  }
+  if (r.growth) {
+    lines.push(
+      '## Growth: cleanup time against table size',
+      '',
+      'Time-ordered, 70 % outdated, no app load.',
+      '',
+      ...cleanupTable(r.growth),
+      '',
+    )
+  }
+  lines.push('## Thresholds', '', '| target | measured | |', '|---|---|---|', ...thresholds, '')
+  return `${lines.join('\n')}\n`
 }
 
-/**
- * What rows that cannot go cost: the same table cleaned with nothing in the way, with 1%
- * of its outdated rows held locked by an app transaction, and with 1% held by a foreign
- * key, against one bulk DELETE and against batches that always lock with SKIP LOCKED, each
- * on an identical copy in the same run.
- */
-async function cannotGoBench(pool: pg.Pool, url: string): Promise<string[]> {
-  const rows: string[] = [
-    '## Rows that cannot go',
-    '',
-    '| way | rows deleted | rows skipped | time | × bulk DELETE |',
-    '|---|---|---|---|---|',
-  ]
-  const { createSingleton } = await import('../src/index.js')
-  const total = 200_000
-  const outdated = 140_000
-  const fresh = async () => {
-    await pool.query('DROP TABLE IF EXISTS public.bench_refs, public.bench_accounts')
-    await pool.query(
-      'CREATE TABLE public.bench_accounts (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, payload text)',
-    )
-    await pool.query(
-      `INSERT INTO public.bench_accounts SELECT i, now() - ($1 - i) * interval '10 seconds', repeat('x', 80)
-         FROM generate_series(1, $1) AS i`,
-      [total],
-    )
-    await pool.query('CREATE INDEX ON public.bench_accounts (created_at)')
-    await pool.query(
-      'CREATE TABLE public.bench_refs (account_id bigint REFERENCES public.bench_accounts)',
-    )
-    await pool.query('VACUUM ANALYZE public.bench_accounts')
+function machineText(version: string, r: Results): string {
+  const m = r.machine as {
+    measuredAt: string
+    cpus: number
+    cpu: string
+    memoryGiB: number
+    node: string
   }
-  // The newest 60,000 rows span 600,000 s: the rest are outdated.
-  const olderThan = '600000 seconds'
-  const timed = async (work: () => Promise<void>) => {
-    const started = performance.now()
-    await work()
-    return (performance.now() - started) / 1000
-  }
-  let bulk = 0
-  const row = (way: string, deleted: number, skipped: number, seconds: number) =>
-    rows.push(
-      `| ${way} | ${deleted.toLocaleString('en')} | ${skipped.toLocaleString('en')} | ${seconds.toFixed(2)} s | ${(seconds / bulk).toFixed(2)} |`,
-    )
-
-  await fresh()
-  let deleted = 0
-  bulk = await timed(async () => {
-    const result = await pool.query(
-      `DELETE FROM public.bench_accounts WHERE created_at < now() - $1::interval`,
-      [olderThan],
-    )
-    deleted = result.rowCount ?? 0
-  })
-  row('one bulk `DELETE` (reference)', deleted, 0, bulk)
-
-  await fresh()
-  let skipLocked = 0
-  const always = await timed(async () => {
-    for (;;) {
-      const result = await pool.query(
-        `DELETE FROM public.bench_accounts WHERE id IN (
-           SELECT id FROM public.bench_accounts WHERE created_at < now() - $1::interval
-            ORDER BY created_at LIMIT 5000 FOR UPDATE SKIP LOCKED)`,
-        [olderThan],
-      )
-      skipLocked += result.rowCount ?? 0
-      if ((result.rowCount ?? 0) < 5000) break
-    }
-  })
-  row(
-    'batches of 5000 that always lock `FOR UPDATE SKIP LOCKED` (reference)',
-    skipLocked,
-    0,
-    always,
-  )
-
-  const clean = async (
-    label: string,
-    prepare: () => Promise<void>,
-    release?: () => Promise<void>,
-  ) => {
-    await fresh()
-    await prepare()
-    const node = createSingleton({
-      name: `bench-cannot-go-${label.length}`,
-      connectionString: url,
-      batchLockTimeoutMs: 200,
-      policies: [
-        {
-          name: 'p',
-          table: 'public.bench_accounts',
-          column: 'created_at',
-          olderThan,
-          every: '1 hour',
-          batchSize: 5000,
-        },
-      ],
-    })
-    node.on('error', () => {})
-    let report = { rowsDeleted: 0, rowsSkipped: 0 }
-    const done = new Promise<typeof report>((resolve) => node.once('cleanup:done', resolve))
-    await node.start()
-    report = await done
-    await node.stop()
-    await release?.()
-    const { rows: measured } = await pool.query(
-      `SELECT extract(epoch FROM max(finished_at) - min(started_at)) AS run_s FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
-      [`bench-cannot-go-${label.length}`],
-    )
-    row(label, report.rowsDeleted, report.rowsSkipped, Number(measured[0].run_s))
-  }
-  await clean('pg-singleton, batches of 5000, nothing in the way', async () => {})
-  const app = new pg.Client({ connectionString: url })
-  await app.connect()
-  await clean(
-    'pg-singleton, 1% of the outdated rows locked by an app transaction',
-    async () => {
-      await app.query('BEGIN')
-      await app.query(
-        `SELECT 1 FROM public.bench_accounts WHERE id <= $1 AND id % 100 = 0 FOR UPDATE`,
-        [outdated],
-      )
-    },
-    async () => {
-      await app.query('ROLLBACK')
-    },
-  )
-  await app.end()
-  await clean('pg-singleton, 1% of the outdated rows held by a foreign key', async () => {
-    await pool.query(
-      `INSERT INTO public.bench_refs SELECT id FROM public.bench_accounts WHERE id <= $1 AND id % 100 = 0`,
-      [outdated],
-    )
-  })
-  await pool.query('DROP TABLE IF EXISTS public.bench_refs, public.bench_accounts')
-  rows.push(
-    '',
-    `${outdated.toLocaleString('en')} of ${total.toLocaleString('en')} rows outdated, time-ordered, index on the timestamp, each way on a fresh identical table.`,
-    "pg-singleton's time is its run's `started_at` to `finished_at`; a batch that meets a locked row waits `batchLockTimeoutMs`",
-    '(200 ms here) before it is redone carefully. The references are plain SQL from this process.',
-    '',
-  )
-  return rows
+  return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).`
 }
 
 main().catch((error) => {

@@ -71,8 +71,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   }
 
   /**
-   * Stops scheduling, lets the batch in flight commit, then unlocks and closes, so the
-   * next node takes over at once. Idempotent; safe to call while `start()` runs.
+   * Stops scheduling and unlocks at once, so the next node takes over without waiting
+   * (its epoch bump waits for the batch in flight, which commits); then stops the worker
+   * and closes. Idempotent; safe to call while `start()` runs.
    */
   stop(): Promise<void> {
     this.#stopping ??= (async () => {
@@ -369,13 +370,15 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   }
 
   async #shutdown(): Promise<void> {
+    // 1. The starter aborts the holder's fence signal (scheduling stops) and unlocks: the
+    //    next node holds at once, and its epoch bump waits for any fenced write in flight.
     const letWorkEnd = async () => {
-      // 1. Scheduling stops: the starter has aborted the holder's fence signal.
+      // 2. The tick in flight ends; the batch in flight commits and the worker takes no
+      //    more jobs (a later batch of this epoch would be fenced anyway).
       await this.#scheduler?.catch(() => {})
-      // 2. The batch in flight commits and the worker takes no more jobs.
       await this.#worker?.close().catch((error) => this.#emitError(error))
     }
-    // 3. Only then is the lock released, and the next node takes over at once.
+    // 3. Then the session closes, and with it the node's membership.
     const lease = this.#starter
       ? await this.#starter.stop(letWorkEnd).catch((error) => {
           this.#emitError(error)

@@ -46,4 +46,21 @@ describe('batches sized to a time budget', () => {
     expect(pacer.span).toBe(10)
     expect(new Pacer(5000, 30, 0, 0).span).toBe(32)
   })
+
+  it('in page order, the limit stays batchSize and the budget sets the span, kept under batchSize by the density seen', () => {
+    const pacer = new Pacer(5000, 30, 50, 0, 'tidrange')
+    expect(pacer.limit).toBe(5000)
+    expect(pacer.span).toBe(20)
+    // A fast batch of 20 pages that found 1000 rows: twice the span, 40 pages.
+    pacer.after({ selected: 1000, elapsedMs: 5, pages: 20 })
+    expect(pacer.span).toBe(40)
+    // A fast batch of 40 pages that found 4000 rows: doubling would hold 8000 rows; the
+    // span stays where 90 % of batchSize fits (45 pages).
+    pacer.after({ selected: 4000, elapsedMs: 5, pages: 40 })
+    expect(pacer.span).toBe(45)
+    expect(pacer.limit).toBe(5000)
+    // The batch shrank its span itself (it was denser than thought): the next follows that.
+    pacer.after({ selected: 100, elapsedMs: 30, pages: 7 })
+    expect(pacer.span).toBe(7)
+  })
 })

@@ -101,6 +101,48 @@ describe('partitioned and inheritance tables: no batch deletes more than batchSi
   })
 })
 
+describe('page-order batches stay within batchSize', () => {
+  it('a table walked in page order, denser than its statistics say, is cleaned in batches of at most batchSize', async () => {
+    // Tiny rows (about 200 a page), no index, no statistics: the first span guesses 32
+    // pages, which would hold some 6,000 rows; the batch rolls that back and shrinks.
+    await db.pool.query(`CREATE TABLE app.dense (at timestamptz NOT NULL) WITH (autovacuum_enabled = false);
+      INSERT INTO app.dense SELECT now() - interval '2 days' FROM generate_series(1, 20000);
+      INSERT INTO app.dense SELECT now() - interval '1 hour' FROM generate_series(1, 3000);
+      INSERT INTO app.dense SELECT now() - interval '2 days' FROM generate_series(1, 5000);`)
+    const { report, name } = await cleanOnce({
+      name: 'dense',
+      table: 'app.dense',
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+      batchSize: 1000,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 25000, rowsSkipped: 0 })
+    const batches = await batchesOf(name)
+    expect(Math.max(...batches.map((b) => b.rows_deleted))).toBeLessThanOrEqual(1000)
+    expect(await count('app.dense')).toBe(3000)
+  })
+
+  it('with a batchSize below the rows of one page, a page is deleted from row by row', async () => {
+    await db.pool.query(`CREATE TABLE app.tiny (at timestamptz NOT NULL);
+      INSERT INTO app.tiny SELECT now() - interval '2 days' FROM generate_series(1, 2000);
+      INSERT INTO app.tiny SELECT now() FROM generate_series(1, 100);
+      ANALYZE app.tiny;`)
+    const { report, name } = await cleanOnce({
+      name: 'tiny',
+      table: 'app.tiny',
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+      batchSize: 50,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 2000 })
+    const batches = await batchesOf(name)
+    expect(Math.max(...batches.map((b) => b.rows_deleted))).toBeLessThanOrEqual(50)
+    expect(await count('app.tiny')).toBe(100)
+  })
+})
+
 describe('what a delete may touch besides the outdated rows', () => {
   it('a partition being detached (DETACH ... CONCURRENTLY left half done) is not cleaned', async () => {
     await db.pool.query(`CREATE TABLE app.readings (at timestamptz NOT NULL) PARTITION BY RANGE (at);

@@ -101,29 +101,62 @@ LANGUAGE sql VOLATILE AS $$
   SELECT EXISTS (SELECT 1 FROM pgsingleton.leases WHERE name = p_singleton AND epoch = p_epoch FOR KEY SHARE)
 $$;
 
+-- The holder's new epoch, the fencing token of its holdership, bumped by the session that
+-- holds the lock. Locks the lease row FOR UPDATE first, which waits for any cleanup batch
+-- of the previous epoch that still holds its FOR KEY SHARE fence; once this commits, no
+-- batch of an older epoch passes its fence check. Sessions that LISTEN on channel
+-- pgsingleton hear of it at the commit: {"singleton", "epoch", "node"} as JSON.
+CREATE FUNCTION pgsingleton.bump_epoch(p_singleton text, p_node_id text,
+  OUT epoch bigint, OUT acquired_at timestamptz)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  PERFORM 1 FROM pgsingleton.leases l WHERE l.name = p_singleton FOR UPDATE;
+  INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
+  -- The clock, not now(): in a wait slice, now() is when the slice began.
+  VALUES (p_singleton, 1, p_node_id, pg_backend_pid(), clock_timestamp(), clock_timestamp())
+  ON CONFLICT (name) DO UPDATE
+    SET epoch = l.epoch + 1, node_id = excluded.node_id, backend_pid = excluded.backend_pid,
+        acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
+  RETURNING l.epoch, l.acquired_at INTO epoch, acquired_at;
+  PERFORM pg_notify('pgsingleton',
+    json_build_object('singleton', p_singleton, 'epoch', epoch, 'node', p_node_id)::text);
+END $$;
+
 -- One slice of a standby's wait for the singleton's lock: 'acquired', 'waiting' when the
 -- slice ran out, or 'moved' when this statement runs on another server session than the
 -- one that holds the node's membership lock (a transaction pooler moves statements
 -- between server connections; a lock taken through it would stay on one of them). The
 -- lock_timeout of the slice is caught here, so a standby that waits for hours writes no
 -- ERROR into the server log; and each slice answers, so the node notices a connection
--- that died without a word.
-CREATE FUNCTION pgsingleton.wait_for_lock(p_singleton text, p_node_id text, p_slice_ms integer)
-RETURNS text LANGUAGE plpgsql AS $$
+-- that died without a word. Once acquired, the epoch is bumped in the same statement, so
+-- a takeover does not wait for the node to wake up and ask; epoch is NULL when a batch of
+-- the old epoch held the lease row all slice long (the node then bumps it itself).
+CREATE FUNCTION pgsingleton.wait_for_lock(p_singleton text, p_node_id text, p_slice_ms integer,
+  OUT slice text, OUT epoch bigint, OUT acquired_at timestamptz)
+LANGUAGE plpgsql AS $$
 BEGIN
   IF NOT EXISTS (
       SELECT 1 FROM pg_locks l
        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = pg_backend_pid()
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
          AND ((l.classid::bigint << 32) | l.objid::bigint) = pgsingleton.member_key(p_singleton, p_node_id)) THEN
-    RETURN 'moved';
+    slice := 'moved';
+    RETURN;
   END IF;
   PERFORM set_config('lock_timeout', greatest(p_slice_ms, 1)::text, true);
   BEGIN
     PERFORM pg_advisory_lock(pgsingleton.lock_key(p_singleton));
-    RETURN 'acquired';
   EXCEPTION WHEN lock_not_available THEN
-    RETURN 'waiting';
+    slice := 'waiting';
+    RETURN;
+  END;
+  -- A session-level advisory lock outlives the rollback of what follows.
+  slice := 'acquired';
+  BEGIN
+    SELECT b.epoch, b.acquired_at INTO epoch, acquired_at
+      FROM pgsingleton.bump_epoch(p_singleton, p_node_id) b;
+  EXCEPTION WHEN lock_not_available THEN
+    NULL;
   END;
 END $$;
 
@@ -525,7 +558,7 @@ CREATE FUNCTION pgsingleton.cleanup_batch(
   p_limit integer, p_span integer, p_careful boolean,
   OUT outcome text, OUT selected integer, OUT deleted integer, OUT skipped integer,
   OUT next_cursor jsonb, OUT leaf_done boolean, OUT first_error text,
-  OUT cutoff timestamptz, OUT batch integer, OUT elapsed_ms double precision)
+  OUT cutoff timestamptz, OUT batch integer, OUT elapsed_ms double precision, OUT pages integer)
 LANGUAGE plpgsql AS $fn$
 DECLARE
   g record;
@@ -559,6 +592,9 @@ DECLARE
   delete_sql text;
   message text;
   detail text;
+  span integer := greatest(p_span, 1);
+  plain boolean;
+  done_fast boolean := false;
 BEGIN
   outcome := 'deleted'; selected := 0; deleted := 0; skipped := 0; leaf_done := false;
   next_cursor := p_cursor;
@@ -615,7 +651,55 @@ BEGIN
       leaf_done := true;
       RETURN;
     END IF;
-    to_tid := format('(%s,0)', least((from_tid::text::point)[0]::bigint + greatest(p_span, 1), 4294967295))::tid;
+    -- A plain table (no DELETE trigger, no row security, nothing held back before) is
+    -- deleted from by page range in one statement, as a bulk DELETE reads it: a TID Range
+    -- Scan, each row read once. When the range held more rows than the limit, the delete
+    -- is rolled back and the range shrunk, so no batch ever deletes more than the limit.
+    plain := NOT p_careful AND cardinality(xids) = 0
+      AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                       WHERE t.tgrelid = p_leaf AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                         AND (t.tgtype & 8) <> 0)
+      AND NOT (SELECT c.relrowsecurity FROM pg_class c WHERE c.oid = p_leaf);
+    WHILE plain AND NOT done_fast LOOP
+      to_tid := format('(%s,0)', least((from_tid::text::point)[0]::bigint + span, 4294967295))::tid;
+      BEGIN
+        EXECUTE format('DELETE FROM ONLY %1$s WHERE ctid >= $2 AND ctid < $3 AND %2$s', leaf_sql, pred)
+          USING cutoff, from_tid, to_tid;
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+        IF deleted > lim THEN
+          RAISE SQLSTATE 'PS001';
+        END IF;
+        done_fast := true;
+      EXCEPTION WHEN SQLSTATE 'PS001' THEN
+        -- (deleted still holds the count of the rolled-back delete)
+        IF span = 1 THEN
+          plain := false; -- one page holds more than the limit: row by row below
+        ELSE
+          span := greatest(1, least(span / 2, (span::bigint * lim / greatest(deleted, 1))::integer));
+        END IF;
+        deleted := 0;
+      END;
+    END LOOP;
+    IF done_fast THEN
+      selected := deleted;
+      pages := span;
+      pos := to_jsonb(to_tid::text);
+      leaf_done := (to_tid::text::point)[0] >= blocks;
+      next_cursor := jsonb_build_object('at', pos, 'xids', '[]'::jsonb);
+      IF deleted > 0 THEN
+        UPDATE pgsingleton.cleanup_runs r
+           SET rows_deleted = r.rows_deleted + deleted, batches = r.batches + 1
+         WHERE r.id = p_run
+        RETURNING r.batches INTO batch;
+        INSERT INTO pgsingleton.cleanup_batches
+          (run_id, batch, epoch, began_at, ended_at, rows_deleted, rows_skipped, cutoff, relation)
+        VALUES (p_run, batch, run.epoch, now(), clock_timestamp(), deleted, 0, cutoff, leaf_sql);
+      END IF;
+      elapsed_ms := extract(epoch FROM clock_timestamp() - now()) * 1000;
+      RETURN;
+    END IF;
+    to_tid := format('(%s,0)', least((from_tid::text::point)[0]::bigint + span, 4294967295))::tid;
+    pages := span;
     EXECUTE format(
       'SELECT coalesce(array_agg(ctid ORDER BY ctid), ''{}''), count(*)::int
          FROM (SELECT ctid FROM ONLY %1$s WHERE ctid >= $2 AND ctid < $3 AND %2$s AND xmin <> ALL ($5)
@@ -641,15 +725,15 @@ BEGIN
   END IF;
 
   delete_sql := format(
-    'WITH d AS (DELETE FROM ONLY %s WHERE ctid = ANY ($2) AND %s RETURNING ctid)
+    'WITH d AS (DELETE FROM ONLY %s WHERE ctid = ANY (ARRAY(SELECT unnest($2::tid[]))) AND %s RETURNING ctid)
      SELECT coalesce(array_agg(ctid), ''{}'') FROM d', leaf_sql, pred);
   IF NOT p_careful THEN
     EXECUTE delete_sql INTO gone USING cutoff, tids;
   ELSE
     -- Rows still outdated, and of those the ones no other transaction holds.
-    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY ($2) AND %s', leaf_sql, pred)
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM ONLY %s WHERE ctid = ANY (ARRAY(SELECT unnest($2::tid[]))) AND %s', leaf_sql, pred)
       INTO still USING cutoff, tids;
-    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY ($2) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
+    EXECUTE format('SELECT coalesce(array_agg(ctid), ''{}'') FROM (SELECT ctid FROM ONLY %s WHERE ctid = ANY (ARRAY(SELECT unnest($2::tid[]))) AND %s FOR UPDATE SKIP LOCKED) s', leaf_sql, pred)
       INTO lockable USING cutoff, still;
     bad := ARRAY(SELECT unnest(still) EXCEPT SELECT unnest(lockable));
     IF cardinality(bad) > 0 THEN

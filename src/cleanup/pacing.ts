@@ -1,10 +1,12 @@
 /**
  * How big the next batch is, and how long to wait before it. Batches are sized to a time
- * budget: `batchSize` is the ceiling, and the size follows the time the last full batch
- * took (its transaction, by the server's clock), so small tables finish in one batch and
- * big ones never hold their locks long. A batch that took far longer than the budget
- * (the app is busy, or I/O is) is followed by a pause as long as it took, so that a
- * cleanup yields to the app instead of competing with it.
+ * budget: `batchSize` is the ceiling, and the size follows the time the last batch took
+ * (its transaction, by the server's clock), so small tables finish in one batch and big
+ * ones never hold their locks long. Along an index the budget sets the row limit; in page
+ * order it sets the span of pages (the limit stays the ceiling, which the batch itself
+ * enforces). A batch that took far longer than the budget (the app is busy, or I/O is) is
+ * followed by a pause as long as it took, so that a cleanup yields to the app instead of
+ * competing with it.
  */
 export class Pacer {
   #limit: number
@@ -16,11 +18,13 @@ export class Pacer {
     /** Rows per page, from the table's statistics; 0 when unknown. */
     tuplesPerPage: number,
     private readonly pauseMs: number,
+    private readonly strategy: 'index' | 'tidrange' = 'index',
   ) {
-    this.#limit = Math.min(ceiling, FIRST_LIMIT)
+    const first = Math.min(ceiling, FIRST_LIMIT)
+    this.#limit = strategy === 'tidrange' ? ceiling : first
     this.#span =
       tuplesPerPage > 0
-        ? clamp(Math.ceil(this.#limit / tuplesPerPage), 1, MAX_SPAN_PAGES)
+        ? clamp(Math.ceil(first / tuplesPerPage), 1, MAX_SPAN_PAGES)
         : DEFAULT_SPAN_PAGES
   }
 
@@ -34,12 +38,18 @@ export class Pacer {
   }
 
   /** After a batch: the next size, and how long to pause before it. */
-  after(batch: { selected: number; elapsedMs: number }): number {
+  after(batch: { selected: number; elapsedMs: number; pages?: number | null }): number {
     const factor = clamp(this.targetMs / Math.max(batch.elapsedMs, 1), 0.25, 2)
-    if (batch.selected >= this.#limit) {
+    if (this.strategy === 'index' && batch.selected >= this.#limit) {
       this.#limit = clamp(Math.round(this.#limit * factor), MIN_LIMIT, this.ceiling)
     }
-    this.#span = clamp(Math.round(this.#span * factor), 1, MAX_SPAN_PAGES)
+    const pages = batch.pages ?? this.#span
+    let span = Math.round(pages * factor)
+    // A span that would hold more rows than the ceiling is rolled back and halved by the
+    // batch: keep under it, by the density the last batch saw.
+    if (batch.selected > 0)
+      span = Math.min(span, Math.floor((this.ceiling * pages * 0.9) / batch.selected))
+    this.#span = clamp(span, 1, MAX_SPAN_PAGES)
     const backOff = batch.elapsedMs > SLOW * this.targetMs ? batch.elapsedMs : 0
     return this.pauseMs + backOff
   }

@@ -185,6 +185,7 @@ export async function runCleanup(
       deps.batchTargetMs,
       leaf.tuples_per_page ?? 0,
       deps.batchPauseMs,
+      strategy,
     )
     let cursor: unknown = null
     let careful = false

@@ -86,7 +86,7 @@ export async function runCommand(args: {
       say(`${signal} again: exiting now`)
       process.exit(130)
     }
-    logger.info({ signal }, 'stopping: letting the batch in flight end, then releasing the lock')
+    logger.info({ signal }, 'stopping: handing the lock over, letting the batch in flight end')
     stopping = singleton.stop().then(
       () => process.exit(0),
       (error) => {

@@ -220,58 +220,61 @@ export class LockSession {
   }
 
   /**
-   * Waits inside PostgreSQL for the lock: the server grants it to the first waiter the
-   * moment the holder's backend ends, so failover costs a round trip, not a polling
-   * interval. Waits in slices (`pgsingleton.wait_for_lock`, which ends a slice without an
-   * error in the server log) so that a stop is noticed, and so that every slice answers:
-   * one that has not answered `deadAfterMs` after its slice means the connection is dead.
+   * Waits inside PostgreSQL for the lock, and takes the holdership's epoch: the server
+   * grants the lock to the first waiter the moment the holder's backend ends, and the same
+   * statement bumps the epoch, so failover costs one commit, not a polling interval nor a
+   * second round trip. Waits in slices (`pgsingleton.wait_for_lock`, which ends a slice
+   * without an error in the server log) so that a stop is noticed, and so that every slice
+   * answers: one that has not answered `deadAfterMs` after its slice means the connection
+   * is dead. Resolves undefined when `signal` stopped the wait.
    */
-  async acquire(signal: AbortSignal): Promise<boolean> {
+  async acquire(signal: AbortSignal): Promise<Lease | undefined> {
     const { name, nodeId, lockWaitSliceMs, deadAfterMs } = this.#settings
     while (!signal.aborted) {
-      let slice: WaitSlice
+      let row: { slice: WaitSlice; epoch: string | null; acquired_at: Date | null } | undefined
       try {
         const { rows } = await this.#withDeadline(
-          this.#client.query<{ slice: WaitSlice }>(
-            'SELECT pgsingleton.wait_for_lock($1, $2, $3) AS slice',
+          this.#client.query<{ slice: WaitSlice; epoch: string | null; acquired_at: Date | null }>(
+            'SELECT slice, epoch, acquired_at FROM pgsingleton.wait_for_lock($1, $2, $3)',
             [name, nodeId, lockWaitSliceMs],
           ),
           lockWaitSliceMs + deadAfterMs,
           'a wait slice',
         )
-        slice = rows[0]?.slice ?? 'waiting'
+        row = rows[0]
       } catch (error) {
-        if (signal.aborted) return false
+        if (signal.aborted) return undefined
         throw error
       }
-      if (slice === 'acquired') return true
-      if (slice === 'moved')
+      if (row?.slice === 'acquired') {
+        if (row.epoch === null || row.acquired_at === null) return this.#bumpEpoch(signal)
+        return this.#lease(row.epoch, row.acquired_at)
+      }
+      if (row?.slice === 'moved')
         throw sessionNotKept(
           'a wait ran in another server session than the one holding the membership lock',
         )
     }
-    return false
+    return undefined
+  }
+
+  #lease(epoch: string, acquiredAt: Date): Lease {
+    const { name, nodeId } = this.#settings
+    return { name, nodeId, epoch: Number(epoch), backendPid: this.#backendPid, acquiredAt }
   }
 
   /**
-   * Bumps the singleton's epoch, the fencing token of this holdership. Locks the lease
-   * row FOR UPDATE first, which waits for any cleanup batch of the previous epoch that
-   * still holds its FOR KEY SHARE fence; after this commits, no batch of an older epoch
-   * can pass its fence check.
+   * Bumps the epoch when the wait could not (a batch of the old epoch held the lease row
+   * through the slice): waits for that batch, whose statement_timeout bounds the wait.
    */
-  async bumpEpoch(signal: AbortSignal): Promise<Lease | undefined> {
+  async #bumpEpoch(signal: AbortSignal): Promise<Lease | undefined> {
     const { name, nodeId, lockWaitSliceMs, deadAfterMs } = this.#settings
     while (!signal.aborted) {
       try {
         const { rows } = await this.#withDeadline(
           this.#client.query<{ epoch: string; acquired_at: Date }>(
-            `WITH previous AS (SELECT epoch FROM pgsingleton.leases WHERE name = $1 FOR UPDATE)
-           INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
-           VALUES ($1, coalesce((SELECT epoch FROM previous), 0) + 1, $2, pg_backend_pid(), now(), now())
-           ON CONFLICT (name) DO UPDATE
-             SET epoch = l.epoch + 1, node_id = excluded.node_id, backend_pid = excluded.backend_pid,
-                 acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
-           RETURNING epoch, acquired_at`,
+            // The session's lock_timeout (a slice) bounds each try.
+            'SELECT epoch, acquired_at FROM pgsingleton.bump_epoch($1, $2)',
             [name, nodeId],
           ),
           lockWaitSliceMs + deadAfterMs,
@@ -279,15 +282,8 @@ export class LockSession {
         )
         const row = rows[0]
         if (!row) throw new Error('the epoch bump returned no row')
-        return {
-          name,
-          nodeId,
-          epoch: Number(row.epoch),
-          backendPid: this.#backendPid,
-          acquiredAt: row.acquired_at,
-        }
+        return this.#lease(row.epoch, row.acquired_at)
       } catch (error) {
-        // A batch of the old epoch is still in flight; its statement_timeout bounds the wait.
         if (sqlState(error) === SQLSTATE.LOCK_NOT_AVAILABLE) continue
         throw error
       }
@@ -314,6 +310,21 @@ export class LockSession {
   }
 
   /** Unlocks and closes: the next waiter is granted the lock at once. */
+  /**
+   * Unlocks the singleton's lock alone: the next waiter holds at once, while this session
+   * stays, and with it the node's membership (its work in flight ends as a live node's).
+   */
+  async handOver(): Promise<void> {
+    if (this.#closed) return
+    await this.#withDeadline(
+      this.#client.query('SELECT pg_advisory_unlock(pgsingleton.lock_key($1))', [
+        this.#settings.name,
+      ]),
+      this.#settings.deadAfterMs,
+      'the hand-over',
+    )
+  }
+
   async release(): Promise<void> {
     if (this.#closed) return
     try {

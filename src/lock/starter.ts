@@ -77,14 +77,17 @@ export class Starter {
   }
 
   /**
-   * Stops waiting, or stops holding: the holder's fence signal aborts at once, then
-   * `beforeRelease` runs (the caller lets in-flight work end), then the lock is released
-   * so the next node takes over at once.
+   * Stops waiting, or stops holding: the holder's fence signal aborts at once and the
+   * singleton's lock is unlocked, so the next node takes over at once (its epoch bump
+   * waits for a batch still in flight, and fences the ones after it); then
+   * `beforeRelease` runs (the caller lets in-flight work end) with the node still live,
+   * and the session closes.
    */
   async stop(beforeRelease: () => Promise<void>): Promise<Lease | undefined> {
     this.#stop.abort()
     this.#firstAttemptDone?.()
     await this.#loop
+    await this.#held?.handOver().catch(() => {})
     await beforeRelease()
     const lease = this.#lease
     this.#lease = undefined
@@ -116,8 +119,7 @@ export class Starter {
         this.#hooks.onRegistered()
         this.#firstAttemptDone?.()
         this.#hooks.onWaiting()
-        const acquired = await session.acquire(stop)
-        const lease = acquired && !stop.aborted ? await session.bumpEpoch(stop) : undefined
+        const lease = await session.acquire(stop)
         stop.removeEventListener('abort', abortWait)
         if (!lease || stop.aborted) {
           await session.close()

@@ -337,6 +337,8 @@ export interface BatchResult {
   cutoff: Date | null
   /** How long the batch's transaction took, by the server's clock. */
   elapsedMs: number
+  /** Pages a page-order batch covered (it may shrink the span it was given); null along the index. */
+  pages: number | null
 }
 
 /**
@@ -383,6 +385,7 @@ export async function recordBatch(
         first_error: string | null
         cutoff: Date | null
         elapsed_ms: number | null
+        pages: number | null
       }
     | undefined
   if (!row) throw new Error('pgsingleton.cleanup_batch returned no row')
@@ -396,6 +399,7 @@ export async function recordBatch(
     firstError: row.first_error,
     cutoff: row.cutoff,
     elapsedMs: row.elapsed_ms ?? 0,
+    pages: row.pages,
   }
 }
 

@@ -50,8 +50,7 @@ export class Holder {
 
   async hold(): Promise<Lease> {
     const never = new AbortController().signal
-    await this.session.acquire(never)
-    const lease = await this.session.bumpEpoch(never)
+    const lease = await this.session.acquire(never)
     if (!lease) throw new Error('no lease')
     this.lease = lease
     return lease

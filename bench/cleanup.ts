@@ -1,0 +1,313 @@
+import { fork } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import pg from 'pg'
+import type { RetentionPolicy } from '../src/config/policy.js'
+import { createSingleton } from '../src/index.js'
+import { type Distribution, distribution } from './support.js'
+
+/** 700,000 of 1,000,000 rows outdated, as in the issue: rows 10 s apart, the newest 30 % young. */
+const OLDER_THAN = '3000000 seconds'
+
+export interface CleanupMeasure {
+  seconds: number
+  rows: number
+  rowsPerSecond: number
+  longestBatchMs: number | null
+  walBytes: number
+  /** The app's latencies while this ran (when it ran with the app load). */
+  app?: Distribution
+}
+
+export interface CleanupComparison {
+  layout: string
+  rows: number
+  withLoad: boolean
+  bulk: CleanupMeasure
+  ours: CleanupMeasure & { startToDoneSeconds: number; batches: number }
+  appIdle?: Distribution
+}
+
+/**
+ * A table like the issue's: `rows` rows with an 80-byte payload and an index on the
+ * timestamp, 70 % outdated, laid out in time order or shuffled; a second table made
+ * identical to it (same rows, same physical order), for one bulk DELETE. Neither is
+ * vacuumed before it is cleaned, as an app's table would not be.
+ */
+async function makeTables(pool: pg.Pool, rows: number, shuffled: boolean): Promise<void> {
+  await pool.query('DROP TABLE IF EXISTS public.bench_ours, public.bench_bulk')
+  await pool.query(
+    `CREATE TABLE public.bench_ours (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, payload text)`,
+  )
+  await pool.query(
+    `INSERT INTO public.bench_ours
+     SELECT i, now() - ($1::int - i) * interval '1 second' * (10000000.0 / $1::int), repeat('x', 80)
+       FROM generate_series(1, $1::int) AS i ${shuffled ? 'ORDER BY random()' : ''}`,
+    [rows],
+  )
+  await pool.query('CREATE TABLE public.bench_bulk AS SELECT * FROM public.bench_ours')
+  await pool.query('ALTER TABLE public.bench_bulk ADD PRIMARY KEY (id)')
+  await pool.query('CREATE INDEX ON public.bench_ours (created_at)')
+  await pool.query('CREATE INDEX ON public.bench_bulk (created_at)')
+  await pool.query('ANALYZE public.bench_ours; ANALYZE public.bench_bulk')
+  // One checkpoint, so that neither pays for the other's writes.
+  await pool.query('CHECKPOINT')
+}
+
+/** The paced app (bench/app-load.ts) in a child process, as a real app would be. */
+async function appLoad(url: string, table: string, youngFrom: number, youngTo: number) {
+  const child = fork(fileURLToPath(new URL('./app-load.js', import.meta.url)), [
+    url,
+    table,
+    String(youngFrom),
+    String(youngTo),
+  ])
+  await new Promise((resolve) => child.once('message', resolve))
+  return {
+    /** Latencies since the last mark. */
+    mark: () =>
+      new Promise<number[]>((resolve) => {
+        child.once('message', (latencies) => resolve(latencies as number[]))
+        child.send('mark')
+      }),
+    stop: async () => {
+      const exited = new Promise((resolve) => child.once('exit', resolve))
+      child.send('stop')
+      await exited
+    },
+  }
+}
+
+async function wal(pool: pg.Pool): Promise<string> {
+  return (
+    (await pool.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn')).rows[0]?.lsn ??
+    '0/0'
+  )
+}
+
+async function walSince(pool: pg.Pool, from: string): Promise<number> {
+  const { rows } = await pool.query<{ bytes: string }>(
+    'SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint AS bytes',
+    [from],
+  )
+  return Number(rows[0]?.bytes)
+}
+
+/** Our cleanup of `table`, as a user runs it: a node started, its first run, its end. */
+export async function ourCleanup(
+  url: string,
+  pool: pg.Pool,
+  name: string,
+  policy: RetentionPolicy,
+): Promise<CleanupMeasure & { startToDoneSeconds: number; batches: number }> {
+  const node = createSingleton({
+    name,
+    connectionString: url,
+    policies: [policy],
+    ...(process.env.BENCH_NODE_OPTIONS ? JSON.parse(process.env.BENCH_NODE_OPTIONS) : {}),
+  })
+  node.on('error', () => {})
+  node.on('warning', () => {})
+  const walFrom = await wal(pool)
+  const started = performance.now()
+  const done = new Promise<{ rowsDeleted: number; batches: number }>((resolve) =>
+    node.once('cleanup:done', resolve),
+  )
+  await node.start()
+  const report = await done
+  const startToDone = (performance.now() - started) / 1000
+  await node.stop()
+  const walBytes = await walSince(pool, walFrom)
+  const { rows } = await pool.query<{ run_s: number; longest: number | null }>(
+    `SELECT extract(epoch FROM max(r.finished_at) - min(r.started_at))::float8 AS run_s,
+            (SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) FROM pgsingleton.cleanup_batches b
+               JOIN pgsingleton.cleanup_runs rr ON rr.id = b.run_id WHERE rr.singleton = $1)::float8 AS longest
+       FROM pgsingleton.cleanup_runs r WHERE r.singleton = $1`,
+    [name],
+  )
+  const seconds = Number(rows[0]?.run_s)
+  return {
+    seconds,
+    rows: report.rowsDeleted,
+    rowsPerSecond: report.rowsDeleted / seconds,
+    longestBatchMs: rows[0]?.longest ?? null,
+    walBytes,
+    startToDoneSeconds: startToDone,
+    batches: report.batches,
+  }
+}
+
+/** The median of some numbers. */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2
+    ? (sorted[mid] as number)
+    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2
+}
+
+/**
+ * Bulk DELETE and ours, on identical tables, with and without the app load. With the load,
+ * several rounds on fresh tables: a cleanup lasts well under a second, too few of the
+ * app's operations for a p99 of one round to mean much, so the app's latencies are pooled
+ * over the rounds. Times are the rounds' medians, the longest batch the rounds' longest.
+ */
+export async function cleanupVersusBulk(
+  url: string,
+  rows: number,
+  shuffled: boolean,
+  withLoad: boolean,
+  rounds = withLoad ? 5 : 1,
+): Promise<CleanupComparison & { rounds: number }> {
+  const pool = new pg.Pool({ connectionString: url, max: 3 })
+  const youngFrom = Math.ceil(rows * 0.7) + 1
+  const latencies = { idle: [] as number[], bulk: [] as number[], ours: [] as number[] }
+  const measure = async (
+    table: string,
+    into: number[],
+    work: () => Promise<CleanupMeasure>,
+  ): Promise<CleanupMeasure> => {
+    const load = withLoad ? await appLoad(url, table, youngFrom, rows) : undefined
+    try {
+      if (load) {
+        await new Promise((resolve) => setTimeout(resolve, 2000))
+        latencies.idle.push(...(await load.mark()))
+      }
+      const result = await work()
+      if (load) into.push(...(await load.mark()))
+      return result
+    } finally {
+      await load?.stop()
+    }
+  }
+  const bulks: CleanupMeasure[] = []
+  const ourRuns: (CleanupMeasure & { startToDoneSeconds: number; batches: number })[] = []
+  try {
+    for (let round = 1; round <= rounds; round++) {
+      await makeTables(pool, rows, shuffled)
+      bulks.push(
+        await measure('public.bench_bulk', latencies.bulk, async () => {
+          const walFrom = await wal(pool)
+          const started = performance.now()
+          const { rowCount } = await pool.query(
+            `DELETE FROM public.bench_bulk WHERE created_at < now() - interval '${OLDER_THAN}'`,
+          )
+          const seconds = (performance.now() - started) / 1000
+          return {
+            seconds,
+            rows: rowCount ?? 0,
+            rowsPerSecond: (rowCount ?? 0) / seconds,
+            longestBatchMs: seconds * 1000,
+            walBytes: await walSince(pool, walFrom),
+          }
+        }),
+      )
+      await pool.query('CHECKPOINT')
+      const name = `bench-cleanup-${shuffled ? 'shuffled' : 'ordered'}-${rows}-${withLoad ? 'load' : 'quiet'}-${round}`
+      ourRuns.push(
+        (await measure('public.bench_ours', latencies.ours, () =>
+          ourCleanup(url, pool, name, {
+            name: 'p',
+            table: 'public.bench_ours',
+            column: 'created_at',
+            olderThan: OLDER_THAN,
+            every: '1 hour',
+            batchSize: 100_000,
+          }),
+        )) as CleanupMeasure & { startToDoneSeconds: number; batches: number },
+      )
+    }
+    const summary = <T extends CleanupMeasure>(all: T[]): T => {
+      const seconds = median(all.map((m) => m.seconds))
+      const last = all.at(-1) as T
+      return {
+        ...last,
+        seconds,
+        rowsPerSecond: last.rows / seconds,
+        longestBatchMs: Math.max(...all.map((m) => m.longestBatchMs ?? 0)),
+        walBytes: median(all.map((m) => m.walBytes)),
+      }
+    }
+    const bulk = summary(bulks)
+    const ours = summary(ourRuns)
+    ours.startToDoneSeconds = median(ourRuns.map((m) => m.startToDoneSeconds))
+    ours.batches = Math.round(median(ourRuns.map((m) => m.batches)))
+    if (withLoad) {
+      bulk.app = distribution(latencies.bulk)
+      ours.app = distribution(latencies.ours)
+    }
+    return {
+      layout: shuffled ? 'shuffled' : 'time-ordered',
+      rows,
+      withLoad,
+      rounds,
+      bulk,
+      ours,
+      appIdle: withLoad ? distribution(latencies.idle) : undefined,
+    }
+  } finally {
+    await pool.query('DROP TABLE IF EXISTS public.bench_ours, public.bench_bulk').catch(() => {})
+    await pool.end()
+  }
+}
+
+export interface PartitionComparison {
+  rows: number
+  partitions: number
+  drop: CleanupMeasure
+  rowDeletes: CleanupMeasure
+}
+
+/**
+ * A range-partitioned table of `rows` rows in ten partitions of 100 days, six of them
+ * wholly outdated and one straddling the cut-off: `partitions: "drop"` against row
+ * deletes, on identical copies.
+ */
+export async function partitionDrop(url: string, rows: number): Promise<PartitionComparison> {
+  const pool = new pg.Pool({ connectionString: url, max: 2 })
+  const make = async (table: string) => {
+    await pool.query(`DROP TABLE IF EXISTS public.${table}`)
+    await pool.query(
+      `CREATE TABLE public.${table} (id bigint, created_at timestamptz NOT NULL, payload text) PARTITION BY RANGE (created_at)`,
+    )
+    // Ten partitions of 100 days each, ending 100 days from now: the oldest six end at or
+    // before the cut-off (300 days ago), the seventh straddles it.
+    for (let p = 0; p < 10; p++) {
+      // DDL takes no parameters; p is a loop counter.
+      await pool.query(
+        `CREATE TABLE public.${table}_${p} PARTITION OF public.${table}
+           FOR VALUES FROM (date_trunc('day', now()) - interval '${900 - 100 * p} days')
+                        TO (date_trunc('day', now()) - interval '${800 - 100 * p} days')`,
+      )
+    }
+    await pool.query(
+      `INSERT INTO public.${table} SELECT i, date_trunc('day', now()) - interval '900 days' + (i - 0.5) * interval '1 second' * (86400.0 * 1000 / $1::int), repeat('x', 80)
+         FROM generate_series(1, $1::int) AS i`,
+      [rows],
+    )
+    await pool.query(`CREATE INDEX ON public.${table} (created_at)`)
+    await pool.query(`ANALYZE public.${table}`)
+  }
+  try {
+    const run = async (table: string, partitions: 'drop' | 'delete') => {
+      await make(table)
+      await pool.query('CHECKPOINT')
+      return ourCleanup(url, pool, `bench-partitions-${partitions}`, {
+        name: 'p',
+        table: `public.${table}`,
+        column: 'created_at',
+        olderThan: '300 days',
+        every: '1 hour',
+        batchSize: 100_000,
+        partitions,
+      })
+    }
+    const drop = await run('bench_part_drop', 'drop')
+    const rowDeletes = await run('bench_part_rows', 'delete')
+    return { rows, partitions: 10, drop, rowDeletes }
+  } finally {
+    await pool
+      .query('DROP TABLE IF EXISTS public.bench_part_drop, public.bench_part_rows')
+      .catch(() => {})
+    await pool.end()
+  }
+}

@@ -1,0 +1,229 @@
+import pg from 'pg'
+import { lockKey } from '../src/lock/lock-key.js'
+import {
+  type Distribution,
+  distribution,
+  type NodeProcess,
+  script,
+  startNode,
+  waitUntil,
+  writeConfig,
+} from './support.js'
+
+export interface FailoverResult {
+  kinds: Record<string, Distribution>
+  references: Record<string, Distribution>
+  /**
+   * For kill -9: when the killed process's server backend was gone (the kernel tearing the
+   * process down, then the server seeing the socket closed), and from then to the new
+   * epoch: the part that is pg-singleton's.
+   */
+  killBreakdown: { backendGone: Distribution; goneToNewEpoch: Distribution }
+  /** The same events, seen by a session that LISTENs on channel pgsingleton instead of polling. */
+  heard: Record<string, Distribution>
+  /** The same first part for the reference's holder, a minimal process. */
+  referenceBackendGone: Distribution
+}
+
+/**
+ * Failover from outside: from the moment the event is sent to the moment another session
+ * sees the new holder's bumped epoch in `pgsingleton.status` (so its commit is included),
+ * polled in a tight loop. Three CLI nodes with the default timings.
+ */
+export async function failover(url: string, trials: number): Promise<FailoverResult> {
+  const pool = new pg.Pool({ connectionString: url, max: 2 })
+  await pool.query('CREATE TABLE IF NOT EXISTS public.bench_noop (at timestamptz NOT NULL)')
+  const name = 'bench-failover'
+  const config = await writeConfig({
+    name,
+    policies: [
+      {
+        name: 'noop',
+        table: 'public.bench_noop',
+        column: 'at',
+        olderThan: '1 day',
+        every: '1 hour',
+      },
+    ],
+  })
+  const watcher = new pg.Client({ connectionString: url })
+  await watcher.connect()
+  // A second observer: told of each epoch bump at its commit (NOTIFY in bump_epoch).
+  const listener = new pg.Client({ connectionString: url })
+  await listener.connect()
+  const heardAt = new Map<number, number>()
+  listener.on('notification', (message) => {
+    const at = performance.now()
+    const event = JSON.parse(message.payload ?? '{}') as { singleton?: string; epoch?: number }
+    if (event.singleton === name && event.epoch !== undefined) heardAt.set(event.epoch, at)
+  })
+  await listener.query('LISTEN pgsingleton')
+  const read = async (oldPid = 0) =>
+    (
+      await watcher.query<{
+        node_id: string | null
+        epoch: string | null
+        waiting: number
+        pid: number | null
+        old_alive: boolean
+      }>(
+        `SELECT node_id, epoch, waiting_nodes AS waiting, backend_pid AS pid,
+                EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive
+           FROM pgsingleton.status WHERE name = $1`,
+        [name, oldPid],
+      )
+    ).rows[0]
+  const nodes: NodeProcess[] = []
+  let next = 0
+  const spawnNode = () => {
+    const node = startNode(url, config, `bench-node-${++next}`)
+    nodes.push(node)
+  }
+  const live = () => nodes.filter((n) => n.child.exitCode === null && n.child.signalCode === null)
+  const gone: number[] = []
+  const goneToEpoch: number[] = []
+  const heard: Record<string, number[]> = {}
+  const kinds: Record<string, number[]> = {
+    'kill -9': [],
+    SIGTERM: [],
+    pg_terminate_backend: [],
+    'SIGSTOP (paused)': [],
+  }
+  try {
+    for (let i = 0; i < 3; i++) spawnNode()
+    for (let trial = 0; trial < trials; trial++) {
+      for (const kind of Object.keys(kinds)) {
+        const before = await waitUntil(
+          async () => {
+            const row = await read()
+            return row?.node_id && row.epoch && row.waiting === live().length - 1 ? row : undefined
+          },
+          60_000,
+          5,
+        )
+        const holder = nodes.find((n) => n.id === before.node_id) as NodeProcess
+        const sent = performance.now()
+        if (kind === 'kill -9') holder.child.kill('SIGKILL')
+        else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
+        else if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
+        else await pool.query('SELECT pg_terminate_backend($1)', [before.pid])
+        let goneAt: number | undefined
+        await waitUntil(
+          async () => {
+            const row = await read(before.pid ?? 0)
+            if (goneAt === undefined && row && !row.old_alive) goneAt = performance.now()
+            return row?.node_id && Number(row.epoch) > Number(before.epoch) ? row : undefined
+          },
+          60_000,
+          0,
+        )
+        const seenAt = performance.now()
+        kinds[kind]?.push(seenAt - sent)
+        const heardNew = [...heardAt].find(([epoch]) => epoch > Number(before.epoch))
+        if (heardNew) (heard[kind] ??= []).push(heardNew[1] - sent)
+        heardAt.clear()
+        if (kind === 'kill -9' && goneAt !== undefined) {
+          gone.push(goneAt - sent)
+          goneToEpoch.push(seenAt - goneAt)
+        }
+        if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGCONT')
+        if (kind === 'kill -9' || kind === 'SIGTERM') {
+          await holder.exited
+          spawnNode()
+        }
+      }
+    }
+  } finally {
+    for (const node of live()) node.child.kill('SIGTERM')
+    await Promise.all(nodes.map((n) => n.exited))
+    await watcher.end()
+    await listener.end()
+    await pool.end()
+  }
+  const reference = await references(url, trials)
+  return {
+    kinds: Object.fromEntries(Object.entries(kinds).map(([k, v]) => [k, distribution(v)])),
+    references: reference.latencies,
+    killBreakdown: { backendGone: distribution(gone), goneToNewEpoch: distribution(goneToEpoch) },
+    heard: Object.fromEntries(Object.entries(heard).map(([k, v]) => [k, distribution(v)])),
+    referenceBackendGone: reference.backendGone,
+  }
+}
+
+/**
+ * The two references, in the same run: a bare `pg_advisory_lock` waiter woken by the
+ * holder's kill -9 (the physical limit), and a waiter that polls `pg_try_advisory_lock`
+ * every second (what most advisory-lock packages do). Each is seen from outside the same
+ * way: the waiter's lock granted in pg_locks.
+ */
+async function references(
+  url: string,
+  trials: number,
+): Promise<{ latencies: Record<string, Distribution>; backendGone: Distribution }> {
+  const watcher = new pg.Client({ connectionString: url })
+  await watcher.connect()
+  const key = lockKey('bench-reference').toString()
+  const holderSource = `import pg from 'pg'
+    const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
+    const { rows } = await c.query('SELECT pg_backend_pid() AS pid, pg_advisory_lock($1)', [process.env.KEY]); console.log(rows[0].pid); setInterval(() => {}, 1e9)`
+  const blockingSource = `import pg from 'pg'
+    const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
+    const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid)
+    await c.query('SELECT pg_advisory_lock($1)', [process.env.KEY]); setInterval(() => {}, 1e9)`
+  const pollingSource = `import pg from 'pg'
+    const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
+    const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid)
+    for (;;) { const r = await c.query('SELECT pg_try_advisory_lock($1) AS got', [process.env.KEY]); if (r.rows[0].got) break; await new Promise((s) => setTimeout(s, 1000)) }
+    setInterval(() => {}, 1e9)`
+  const firstLine = (child: ReturnType<typeof script>) =>
+    new Promise<string>((resolve) =>
+      child.stdout?.once('data', (chunk) => resolve(String(chunk).trim())),
+    )
+  const gone: number[] = []
+  const out: Record<string, number[]> = {
+    'a bare pg_advisory_lock waiter (the physical limit)': [],
+    'a waiter polling pg_try_advisory_lock every second': [],
+  }
+  try {
+    for (const [label, source] of [
+      ['a bare pg_advisory_lock waiter (the physical limit)', blockingSource],
+      ['a waiter polling pg_try_advisory_lock every second', pollingSource],
+    ] as const) {
+      for (let trial = 0; trial < trials; trial++) {
+        const env = { URL: url, KEY: key }
+        const holder = script(holderSource, env)
+        const holderPid = await firstLine(holder)
+        const waiter = script(source, env)
+        const pid = await firstLine(waiter)
+        // The waiter is queued (or polling) before the holder dies, at a random phase of its polling.
+        await new Promise((resolve) => setTimeout(resolve, 200 + Math.random() * 1000))
+        const sent = performance.now()
+        holder.kill('SIGKILL')
+        let goneAt: number | undefined
+        await waitUntil(
+          async () => {
+            const { rows } = await watcher.query(
+              `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1) AS granted,
+                      EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive`,
+              [Number(pid), Number(holderPid)],
+            )
+            if (goneAt === undefined && !rows[0].old_alive) goneAt = performance.now()
+            return rows[0].granted ? true : undefined
+          },
+          10_000,
+          0,
+        )
+        out[label]?.push(performance.now() - sent)
+        if (label.startsWith('a bare') && goneAt !== undefined) gone.push(goneAt - sent)
+        waiter.kill('SIGKILL')
+        await new Promise((resolve) => waiter.once('exit', resolve))
+      }
+    }
+  } finally {
+    await watcher.end()
+  }
+  return {
+    latencies: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, distribution(v)])),
+    backendGone: distribution(gone),
+  }
+}
