@@ -141,8 +141,29 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     if (!options.pool) pool.on('error', (error) => this.#emitError(error))
     this.#pool = pool
     if (options.migrate) await migrateToLatest(pool)
-    await assertSchemaCurrent(pool)
-    const { definitions, warnings, understood } = await validatePolicies(pool, options.policies)
+    // The start-up checks run on a connection of their own, closed after them: the pool
+    // opens connections only once the node works (a standby never does, and then costs
+    // its lock session alone). On an app's pool, they borrow from it.
+    const setup = options.pool
+      ? pool
+      : new pg.Client({
+          connectionString: options.connectionString,
+          application_name: `${options.nodeId} setup`,
+        })
+    let checked: Awaited<ReturnType<typeof validatePolicies>>
+    let bossInstalled: boolean
+    try {
+      if (setup instanceof pg.Client) await setup.connect()
+      await assertSchemaCurrent(setup)
+      checked = await validatePolicies(setup, options.policies)
+      const { rows } = await setup.query<{ installed: boolean }>(
+        `SELECT to_regclass('pgboss.version') IS NOT NULL AS installed`,
+      )
+      bossInstalled = rows[0]?.installed === true
+    } finally {
+      if (setup instanceof pg.Client) await setup.end().catch(() => {})
+    }
+    const { definitions, warnings, understood } = checked
     for (const line of understood) options.logger.info({}, line)
     for (const warning of warnings) this.#warn(warning)
 
@@ -217,10 +238,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       })()
       return bossStarted
     }
-    const { rows: bossSchema } = await pool.query<{ installed: boolean }>(
-      `SELECT to_regclass('pgboss.version') IS NOT NULL AS installed`,
-    )
-    if (!bossSchema[0]?.installed) {
+    if (!bossInstalled) {
       throw new SingletonError(
         'SCHEMA_NOT_MIGRATED',
         "pg-boss's schema (pgboss) is not installed. Run `pg-singleton migrate`, which installs it, or your migrator with pg-singleton's migrations.",
