@@ -120,7 +120,10 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
         const seenAt = performance.now()
         kinds[kind]?.push(seenAt - sent)
         const heardNew = [...heardAt].find(([epoch]) => epoch > Number(before.epoch))
-        if (heardNew) (heard[kind] ??= []).push(heardNew[1] - sent)
+        if (heardNew) {
+          heard[kind] ??= []
+          heard[kind].push(heardNew[1] - sent)
+        }
         heardAt.clear()
         if (kind === 'kill -9' && goneAt !== undefined) {
           gone.push(goneAt - sent)

@@ -6,6 +6,7 @@ import * as pgBoss from 'pg-boss'
 import { lockKey } from '../src/lock/lock-key.js'
 import * as initial from './0001_initial.js'
 import * as safeDeletes from './0002_safe_deletes.js'
+import * as tasks from './0003_tasks.js'
 
 /** One schema version: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -18,6 +19,7 @@ interface Step {
 const STEPS: readonly Step[] = [
   { version: 1, name: 'pgsingleton_0001_initial', up: initial.UP, down: initial.DOWN },
   { version: 2, name: 'pgsingleton_0002_safe_deletes', up: safeDeletes.UP, down: safeDeletes.DOWN },
+  { version: 3, name: 'pgsingleton_0003_tasks', up: tasks.UP, down: tasks.DOWN },
 ]
 
 /** The `pgsingleton.meta.schema_version` the latest migration leaves behind. */

@@ -14,6 +14,9 @@ export type SingletonErrorCode =
   | 'NODE_ID_IN_USE' // another live session of the singleton uses this node id
   | 'UNSUPPORTED_DEPENDENCY' // the app's pg or pg-boss is outside the supported range
   | 'NODE_NOT_LIVE' // a worker got a job while its node's lock session was reconnecting; the job goes to another
+  | 'TASK_FAILED' // a task's run failed (retried with backoff), or its handler threw after its fenced transaction committed
+  | 'FENCED' // a task's fenced transaction may not commit: a newer holder exists, or the run was closed or paused
+  | 'FENCED_ONCE' // a task's run called fenced() a second time; one fenced transaction per run
 
 export class SingletonError extends Error {
   override readonly name = 'SingletonError'

@@ -22,11 +22,13 @@ export interface SingletonEvents {
   'lock:lost': [{ lease: Lease; reason: string }]
   /** `stop()` released the lock. */
   'lock:released': [Lease]
-  /** The holder scheduled a cleanup run (a due occurrence, or one taken over from an older epoch). */
+  /** The holder scheduled a run of a policy or task (a due occurrence, or one taken over from an older epoch). */
   'schedule:sent': [ScheduledRun]
   'cleanup:batch': [BatchReport]
   /** A cleanup run ended: `done`, `fenced`, `failed` (retried later), `exhausted`, or `skipped` (not waiting for a worker). */
   'cleanup:done': [RunReport]
+  /** A task's run ended: `done`, `fenced`, `failed` (retried later), `exhausted`, or `skipped`. */
+  'task:done': [RunReport]
   warning: [SingletonWarning]
   /** Background failures: lock session, schedule ticks, cleanup batches. */
   error: [Error]

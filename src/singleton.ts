@@ -5,6 +5,7 @@ import type { PgBoss } from 'pg-boss'
 // import of pg-singleton itself; start() names the version instead.
 import * as pgBoss from 'pg-boss'
 import { CleanupWorker } from './cleanup/cleanup-worker.js'
+import type { RunDefinition } from './config/definition.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
@@ -14,6 +15,7 @@ import type { SingletonEvents, SingletonWarning } from './events.js'
 import { type Lease, LockSession } from './lock/lock-session.js'
 import { connectionKeepsSession } from './lock/session-pinning.js'
 import { Starter } from './lock/starter.js'
+import { SingletonMetrics } from './metrics.js'
 import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
 import { type PolicyPlan, planPolicies } from './operations/plan.js'
 import { ensureQueue } from './queue/cleanup-queue.js'
@@ -21,6 +23,7 @@ import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from './status/read-status.js'
+import { sleep } from './wait.js'
 
 /** The server checks a waiting lock session's socket this often (client_connection_check_interval). */
 const CONNECTION_CHECK_MS = 1000
@@ -32,14 +35,17 @@ const CONNECTION_CHECK_MS = 1000
 export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDisposable {
   readonly options: ResolvedOptions
   #pool: pg.Pool | undefined
-  #boss: PgBoss | undefined
-  /** Started by this node (not the app's): this node stops it. */
-  #bossOwned = false
+  /** Stops this node's own pg-boss, if it runs. */
+  #stopBoss: (() => Promise<unknown>) | undefined
   #worker: CleanupWorker | undefined
+  /** The epoch this node holds, while it holds. */
+  #heldEpoch: number | undefined
   #starter: Starter | undefined
   #scheduler: Promise<void> | undefined
   #starting: Promise<void> | undefined
   #stopping: Promise<void> | undefined
+  /** Aborts when stop() is called: background retries end. */
+  readonly #stopped = new AbortController()
 
   constructor(options: SingletonOptions) {
     super()
@@ -76,6 +82,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
    * and closes. Idempotent; safe to call while `start()` runs.
    */
   stop(): Promise<void> {
+    this.#stopped.abort()
     this.#stopping ??= (async () => {
       await this.#starting?.catch(() => {})
       await this.#shutdown()
@@ -155,7 +162,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     try {
       if (setup instanceof pg.Client) await setup.connect()
       await assertSchemaCurrent(setup)
-      checked = await validatePolicies(setup, options.policies)
+      checked = await validatePolicies(setup, options.policies, options.tasks)
       const { rows } = await setup.query<{ installed: boolean }>(
         `SELECT to_regclass('pgboss.version') IS NOT NULL AS installed`,
       )
@@ -163,7 +170,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     } finally {
       if (setup instanceof pg.Client) await setup.end().catch(() => {})
     }
-    const { definitions, warnings, understood } = checked
+    const { warnings, understood } = checked
+    const definitions: RunDefinition[] = [...checked.definitions, ...checked.tasks]
     for (const line of understood) options.logger.info({}, line)
     for (const warning of warnings) this.#warn(warning)
 
@@ -215,14 +223,18 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       migrate: false, // `pg-singleton migrate` installs pg-boss's schema; nodes need no CREATE
       useListenNotify: !pooled,
     }
-    const boss = options.boss ?? new pgBoss.PgBoss(bossOptions as pgBoss.ConstructorOptions)
-    this.#boss = boss
-    // pg-boss (its pool, its LISTEN connection, its timers) starts when this node first needs
-    // it: when it holds, or, with workQueue 'always', when it is registered. A standby that
-    // never held costs its lock session and nothing else.
-    let bossStarted: Promise<void> | undefined
-    const startBoss = () => {
-      bossStarted ??= (async () => {
+    // pg-boss (its pool, its LISTEN connection, its timers) runs only while this node needs
+    // it: while it holds, or, with workQueue 'always', from its registration on. A standby
+    // costs its lock session and nothing else, also after it held: pg-boss stops with each
+    // holdership (and a new instance starts with the next). An app's own pg-boss is used
+    // as it is, never started or stopped here.
+    let bossUp: Promise<PgBoss> | undefined
+    let bossTurn: Promise<unknown> = Promise.resolve()
+    const startBoss = (): Promise<PgBoss> => {
+      if (bossUp) return bossUp
+      const up = (async () => {
+        await bossTurn.catch(() => {})
+        const boss = options.boss ?? new pgBoss.PgBoss(bossOptions as pgBoss.ConstructorOptions)
         if (!options.boss) {
           boss.on('error', (error) => this.#emitError(error))
           await boss.start().catch((error: Error) => {
@@ -232,12 +244,39 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
               { cause: error },
             )
           })
-          this.#bossOwned = true
         }
         await ensureQueue(boss, options.name)
+        return boss
       })()
-      return bossStarted
+      bossUp = up
+      up.catch(() => {
+        if (bossUp === up) bossUp = undefined
+      })
+      return up
     }
+    const stopBoss = (): Promise<unknown> => {
+      const up = bossUp
+      bossUp = undefined
+      if (!up) return bossTurn
+      bossTurn = up.then(
+        (boss) => {
+          if (options.boss) return undefined
+          // Our worker has stopped by now, so nothing of ours runs in it. Its pool closes
+          // once its queries end; on a dead path one may wait for its minute-long deadline,
+          // and a stop or the next holdership does not wait for that: the pool closes in
+          // the background.
+          const stopped = boss.stop({ graceful: true, close: true, timeout: 10_000 })
+          const bound = new AbortController()
+          return Promise.race([
+            stopped.catch(() => {}).finally(() => bound.abort()),
+            sleep(queryDeadlineMs, bound.signal),
+          ])
+        },
+        () => undefined,
+      )
+      return bossTurn
+    }
+    this.#stopBoss = stopBoss
     if (!bossInstalled) {
       throw new SingletonError(
         'SCHEMA_NOT_MIGRATED',
@@ -253,8 +292,11 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       // same bound that ends a frozen holder's session.
       idleInTransactionTimeoutMs: options.idleSessionTimeoutMs,
     }
+    const metrics = new SingletonMetrics(options.name, options.nodeId, {
+      holding: () => this.#heldEpoch,
+      pool: () => this.#pool,
+    })
     this.#worker = new CleanupWorker(
-      boss,
       options.name,
       {
         pool,
@@ -263,14 +305,33 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         batchPauseMs: options.batchPauseMs,
         batchTargetMs: options.batchTargetMs,
         maxReplicaLagMs: options.maxReplicaLagMs,
-        onBatch: (batch) => this.#safeEmit('cleanup:batch', batch),
+        handlers: new Map(options.tasks.map((task) => [task.name, task.handler])),
+        onBatch: (batch) => {
+          metrics.batch(batch.policy, batch.rows, batch.elapsedMs)
+          this.#safeEmit('cleanup:batch', batch)
+        },
       },
       options.workerPollingIntervalSeconds,
       {
         onRun: (report) => {
-          options.logger.info({ ...report }, `cleanup run ${report.status}`)
-          this.#safeEmit('cleanup:done', report)
+          options.logger.info(
+            { ...report },
+            `${report.kind === 'task' ? 'task' : 'cleanup'} run ${report.status}`,
+          )
+          metrics.run(report)
+          this.#safeEmit(report.kind === 'task' ? 'task:done' : 'cleanup:done', report)
           if (report.interrupted) return // a requested stop is not an error
+          if (report.kind === 'task') {
+            if (report.status === 'failed' || report.status === 'exhausted' || report.reason) {
+              this.#emitError(
+                new SingletonError(
+                  'TASK_FAILED',
+                  `task "${report.policy}", run ${report.runId} ${report.status === 'failed' ? 'failed and will be retried' : report.status === 'exhausted' ? 'failed on its last retry' : report.status}: ${report.reason}`,
+                ),
+              )
+            }
+            return
+          }
           if (report.status === 'failed' || report.status === 'exhausted') {
             this.#emitError(
               new SingletonError(
@@ -299,8 +360,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     let holding = false
     const work = () =>
       startBoss()
-        .then(() => {
-          if (options.workQueue === 'always' || holding) return worker.start()
+        .then((boss) => {
+          if (options.workQueue === 'always' || holding) return worker.start(boss)
         })
         .catch((error) => this.#emitError(error))
 
@@ -327,10 +388,12 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             { epoch: lease.epoch, backendPid: lease.backendPid },
             'holding the singleton',
           )
+          this.#heldEpoch = lease.epoch
+          metrics.holdershipStarted()
           this.#safeEmit('lock:acquired', lease)
           holding = true
           if (options.workQueue === 'when-holding') void work()
-          const schedule = () =>
+          const schedule = (boss: PgBoss) =>
             runScheduler(
               {
                 pool,
@@ -370,9 +433,20 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
           this.#safeEmit('lock:lost', { lease, reason })
+          // The term's own account of how it ended (the next holder may have closed it as
+          // lost already; a stepped-down holder recorded it as released when it unlocked).
+          void this.#recordTermEnd(pool, lease, reason)
           holding = false
-          if (options.workQueue === 'when-holding')
-            worker.stop().catch((error) => this.#emitError(error))
+          this.#heldEpoch = undefined
+          // Its scheduler has stopped (the fence signal); its worker stops, and then pg-boss.
+          if (options.workQueue === 'when-holding') {
+            const scheduler = this.#scheduler
+            worker
+              .stop()
+              .then(() => scheduler)
+              .then(() => (holding ? undefined : stopBoss()))
+              .catch((error) => this.#emitError(error))
+          }
         },
         onError: (error) => this.#emitError(error),
         onWarning: (message) => this.#warn({ code: 'SESSION_SETTING_REFUSED', message }),
@@ -403,13 +477,41 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           return undefined
         })
       : await letWorkEnd()
+    this.#heldEpoch = undefined
     if (lease) {
       this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
       this.#safeEmit('lock:released', lease)
     }
-    if (this.#boss && this.#bossOwned)
-      await this.#boss.stop({ graceful: true, close: true, timeout: 10_000 }).catch(() => {})
+    await this.#stopBoss?.()
     if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
+  }
+
+  /**
+   * Writes the holder's account of how its term ended. The path that lost the lock may be
+   * the pool's too (a partition): it tries again, for about a minute, until the node stops.
+   */
+  async #recordTermEnd(pool: pg.Pool, lease: Lease, reason: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await pool.query('SELECT pgsingleton.end_term($1, $2, $3, $4)', [
+          lease.name,
+          lease.epoch,
+          termEnd(reason),
+          reason,
+        ])
+        return
+      } catch (error) {
+        if (attempt >= 5 || this.#stopping) {
+          this.options.logger.warn(
+            { epoch: lease.epoch, error: errorMessage(error) },
+            'could not record how the term ended',
+          )
+          return
+        }
+        await sleep(1000 * 2 ** attempt, this.#stopped.signal)
+        if (this.#stopping) return
+      }
+    }
   }
 
   #requirePool(): pg.Pool {
@@ -440,6 +542,14 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     this.options.logger.error({ error: wrapped.message }, 'background error')
     if (this.listenerCount('error') > 0) this.#safeEmit('error', wrapped)
   }
+}
+
+/** How a holdership that ended without a stop reads in `pgsingleton.terms`. */
+function termEnd(reason: string): 'released' | 'lost' | 'fenced' | 'superseded' {
+  if (reason.startsWith('stepped down')) return 'released'
+  if (reason.includes('no longer current')) return 'superseded'
+  if (reason.startsWith('no heartbeat succeeded')) return 'fenced'
+  return 'lost'
 }
 
 export function createSingleton(options: SingletonOptions): Singleton {

@@ -1,8 +1,9 @@
 /**
  * The chaos suite: seeded trials of every fault a production cluster sees, each against
  * three CLI nodes (each behind a relay of its own, so that its path can die) cleaning two
- * tables that a feeder keeps filling with outdated, young and almost-outdated rows. What
- * happened is judged from the database's records only.
+ * tables that a feeder keeps filling with outdated, young and almost-outdated rows, and
+ * running a task that writes through fenced(). What happened is judged from the
+ * database's records only.
  *
  *   npm test               one trial of each fault (CHAOS_TRIALS=1)
  *   npm run test:chaos     CHAOS_TRIALS=20, and writes docs/reliability.md
@@ -43,6 +44,11 @@ interface Fault {
   boundMs?: number
   /** A server of its own (a restart), or a pooler in front. */
   setup?: 'restart' | 'pgbouncer'
+  /**
+   * How the term of the holder the fault took away may read in pgsingleton.terms
+   * (`reason/closed_by`): a holder killed outright cannot give its own account.
+   */
+  termEnds?: string[]
   run(trial: Trial): Promise<void>
 }
 
@@ -108,6 +114,20 @@ class Trial {
         END $$;
         CREATE TRIGGER log_delete AFTER DELETE ON chaos."${this.name}_${t}" FOR EACH ROW EXECUTE FUNCTION chaos.log_delete();`)
     }
+    // What the task writes through fenced(), with the database clock at the write.
+    await this.pool.query(`CREATE TABLE IF NOT EXISTS chaos.task_writes (
+        singleton text, scheduled_for timestamptz, epoch bigint, node text, written_at timestamptz)`)
+    const module = join(tmpdir(), `pg-singleton-chaos-task-${process.pid}-${this.name}.mjs`)
+    await writeFile(
+      module,
+      `export default async function (ctx) {
+         // Some work before the write, so that faults also land inside a task's run.
+         await new Promise((resolve) => setTimeout(resolve, Math.random() * 300))
+         await ctx.fenced((client) => client.query(
+           'INSERT INTO chaos.task_writes VALUES ($1, $2, $3, $4, clock_timestamp())',
+           [${JSON.stringify(this.name)}, ctx.scheduledFor, ctx.epoch, ctx.nodeId]))
+       }\n`,
+    )
     this.#feeder = this.#feed()
     const target = new URL(this.url)
     const policies = ['a', 'b'].map((t) => ({
@@ -119,7 +139,14 @@ class Trial {
       batchSize: 40,
     }))
     // Every node works the queue, so faults hit workers that do not hold as well.
-    const config = await writeConfig({ name: this.name, policies, workQueue: 'always', ...TIMING })
+    const tasks = [{ name: 'mark', module, every: '1 second' }]
+    const config = await writeConfig({
+      name: this.name,
+      policies,
+      tasks,
+      workQueue: 'always',
+      ...TIMING,
+    })
     for (let n = 1; n <= 3; n++) {
       const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
       const url = new URL(this.url)
@@ -250,6 +277,100 @@ class Trial {
         `row ${row.tbl}#${row.id} (created ${row.created_at.toISOString()}) was deleted at ${row.deleted_at.toISOString()}, younger than an hour`,
       )
     problems.push(...(await unfinishedOccurrences(this.pool, this.name)))
+    problems.push(...(await this.#taskViolations()))
+    problems.push(...(await this.#termViolations()))
+    return problems
+  }
+
+  /**
+   * What the task wrote through fenced(): each occurrence once, exactly the occurrences
+   * whose runs are done (the write and the completion commit together), and never after
+   * a newer holder's term began.
+   */
+  async #taskViolations(): Promise<string[]> {
+    const problems: string[] = []
+    const { rows: twice } = await this.pool.query(
+      `SELECT scheduled_for, count(*)::int AS n FROM chaos.task_writes WHERE singleton = $1
+        GROUP BY scheduled_for HAVING count(*) > 1`,
+      [this.name],
+    )
+    for (const row of twice)
+      problems.push(`task occurrence ${row.scheduled_for.toISOString()} written ${row.n} times`)
+    const { rows: unmatched } = await this.pool.query(
+      `SELECT coalesce(w.scheduled_for, r.scheduled_for) AS at, w.scheduled_for IS NULL AS unwritten
+         FROM (SELECT scheduled_for FROM chaos.task_writes WHERE singleton = $1) w
+         FULL JOIN (SELECT scheduled_for FROM pgsingleton.cleanup_runs
+                     WHERE singleton = $1 AND policy = 'mark' AND status = 'done') r
+           -- ctx.scheduledFor is a JS Date: the slot cut to the millisecond
+           ON date_trunc('milliseconds', r.scheduled_for) = w.scheduled_for
+        WHERE w.scheduled_for IS NULL OR r.scheduled_for IS NULL LIMIT 5`,
+      [this.name],
+    )
+    for (const row of unmatched)
+      problems.push(
+        row.unwritten
+          ? `task run ${row.at.toISOString()} is done but its write is missing`
+          : `task occurrence ${row.at.toISOString()} was written without a done run`,
+      )
+    const { rows: late } = await this.pool.query(
+      `SELECT w.scheduled_for, w.epoch, w.written_at, t.epoch AS newer, t.acquired_at
+         FROM chaos.task_writes w
+         JOIN pgsingleton.terms t ON t.name = w.singleton AND t.epoch > w.epoch
+                                 AND t.acquired_at <= w.written_at
+        WHERE w.singleton = $1 LIMIT 5`,
+      [this.name],
+    )
+    for (const row of late)
+      problems.push(
+        `task write of epoch ${row.epoch} at ${row.written_at.toISOString()} came after epoch ${row.newer} began at ${row.acquired_at.toISOString()}`,
+      )
+    const { rows: count } = await this.pool.query(
+      'SELECT count(*)::int AS n FROM chaos.task_writes WHERE singleton = $1',
+      [this.name],
+    )
+    if (count[0].n === 0) problems.push('the task wrote nothing')
+    return problems
+  }
+
+  /**
+   * The terms: one per epoch from the first, none overlapping the next, every one but the
+   * last closed with a reason, and the faulted holder's term ended as the fault allows.
+   */
+  async #termViolations(): Promise<string[]> {
+    const problems: string[] = []
+    const { rows: terms } = await this.pool.query<{
+      epoch: string
+      acquired_at: Date
+      ended_at: Date | null
+      end_reason: string | null
+      closed_by: string | null
+    }>(
+      'SELECT epoch, acquired_at, ended_at, end_reason, closed_by FROM pgsingleton.terms WHERE name = $1 ORDER BY epoch',
+      [this.name],
+    )
+    const lease = await statusOf(this.pool, this.name)
+    if (Number(terms.at(-1)?.epoch) !== lease?.epoch)
+      problems.push(`the last term is epoch ${terms.at(-1)?.epoch}, the lease's ${lease?.epoch}`)
+    terms.forEach((term, i) => {
+      const next = terms[i + 1]
+      if (Number(term.epoch) !== i + 1) problems.push(`term ${i + 1} is missing`)
+      if (!next) return
+      if (!term.ended_at || !term.end_reason || !term.closed_by)
+        problems.push(`term ${term.epoch} was never closed though epoch ${next.epoch} followed`)
+      else if (term.ended_at > next.acquired_at)
+        problems.push(
+          `term ${term.epoch} ended at ${term.ended_at.toISOString()}, after term ${next.epoch} began at ${next.acquired_at.toISOString()}`,
+        )
+    })
+    const faulted = terms.find((t) => Number(t.epoch) === this.epochBefore)
+    const allowed = this.fault.termEnds
+    if (allowed && faulted) {
+      const ended = `${faulted.end_reason}/${faulted.closed_by}`
+      if (!allowed.includes(ended))
+        problems.push(
+          `the faulted holder's term ${faulted.epoch} ended as ${ended}, not ${allowed.join(' or ')}`,
+        )
+    }
     return problems
   }
 
@@ -279,6 +400,7 @@ const pause = (min: number, max: number) =>
 const FAULTS: Fault[] = [
   {
     id: 'kill-holder',
+    termEnds: ['lost/successor'],
     name: 'kill -9 of the holder',
     boundMs: 1000,
     async run(t) {
@@ -290,6 +412,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'stop-holder',
+    termEnds: ['lost/successor', 'lost/holder', 'fenced/holder', 'superseded/holder'],
     name: 'SIGSTOP/SIGCONT of the holder',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -314,6 +437,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'cut-holder',
+    termEnds: ['lost/successor', 'lost/holder', 'fenced/holder', 'superseded/holder'],
     name: 'silent partition of the holder (path dead)',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -325,6 +449,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'blip-holder',
+    termEnds: ['lost/successor', 'lost/holder', 'fenced/holder', 'superseded/holder'],
     name: 'silent partition of the holder (path restored)',
     boundMs: TIMING.idleSessionTimeoutMs + 1500,
     async run(t) {
@@ -338,6 +463,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'cut-standby',
+    termEnds: ['lost/successor'],
     name: 'silent partition of a standby, then kill -9 of the holder',
     boundMs: TIMING.lockWaitSliceMs + TIMING.deadConnectionAfterMs + 10_000,
     async run(t) {
@@ -363,6 +489,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'kill-lock',
+    termEnds: ['lost/successor', 'lost/holder'],
     name: 'pg_terminate_backend of the lock session',
     boundMs: 1000,
     async run(t) {
@@ -386,6 +513,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'restart',
+    termEnds: ['lost/successor', 'lost/holder'],
     name: 'PostgreSQL restart',
     boundMs: 15_000,
     setup: 'restart',
@@ -420,6 +548,7 @@ const FAULTS: Fault[] = [
   },
   {
     id: 'pgbouncer',
+    termEnds: ['lost/successor'],
     name: 'PgBouncer in transaction mode (pool pooled, lock session direct), kill -9 of the holder',
     boundMs: 1000,
     setup: 'pgbouncer',
@@ -524,13 +653,18 @@ async function writeReport(path: string): Promise<void> {
 
 \`npm run test:chaos\` runs seeded trials of each fault against three CLI nodes (each behind
 a relay of its own, so that its path can die) cleaning two tables a feeder keeps filling
-with outdated, young and almost-outdated rows, and writes this file. The oracles are the
-database's records only: batches of different epochs never overlap and commit in epoch
-order (\`cleanup_batches\`); no row younger than the cut-off is deleted (a trigger logs
-every delete with its transaction's time); no occurrence is completed twice, and none is
-left unfinished; after each fault a node holds within the bound, and every row outdated
-at the fault is gone soon after. A takeover is timed from the fault to the new holder's
-epoch bump, by the database clock.
+with outdated, young and almost-outdated rows, and running a task (every second) that
+writes a row through \`fenced()\`, and writes this file. The oracles are the database's
+records only: batches of different epochs never overlap and commit in epoch order
+(\`cleanup_batches\`); no row younger than the cut-off is deleted (a trigger logs every
+delete with its transaction's time); no occurrence is completed twice, and none is left
+unfinished; the task wrote each occurrence once, exactly the occurrences whose runs are
+done, and never after a newer holder's term began (by the database clock); the terms
+(\`pgsingleton.terms\`) run one per epoch, none ends after the next began, and the term
+of the holder the fault took away ended as that fault allows (a holder killed with
+\`kill -9\` is closed by its successor as \`lost\`); after each fault a node holds within
+the bound, and every row outdated at the fault is gone soon after. A takeover is timed
+from the fault to the new holder's epoch bump, by the database clock.
 
 Timings of these trials (short, so that trials are quick): ${Object.entries(TIMING)
     .map(([k, v]) => `\`${k}\` ${v}`)

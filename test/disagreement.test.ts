@@ -56,7 +56,12 @@ describe('nodes that disagree on a policy', () => {
       return row?.agreement === 'disagree' ? row : undefined
     })
     expect(status.definition).toBeNull()
-    expect(status.nodeDefinitions?.map((n) => [n.nodeId, n.definition?.olderThan])).toEqual([
+    expect(
+      status.nodeDefinitions?.map((n) => [
+        n.nodeId,
+        (n.definition as { olderThan?: string } | null)?.olderThan,
+      ]),
+    ).toEqual([
       ['dis-a', '30 days'],
       ['dis-b', '1 day'],
     ])

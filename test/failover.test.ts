@@ -55,6 +55,22 @@ const byId = (nodes: NodeProcess[], id: string | null) => {
   return node
 }
 
+/** How pgsingleton.terms recorded the end of a holdership. */
+async function termOf(name: string, epoch: number | null | undefined) {
+  const { rows } = await db.pool.query<{
+    node_id: string
+    acquired_at: Date
+    ended_at: Date | null
+    end_reason: string | null
+    closed_by: string | null
+    detail: string | null
+  }>(
+    'SELECT node_id, acquired_at, ended_at, end_reason, closed_by, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
+    [name, epoch],
+  )
+  return rows[0]
+}
+
 async function stopAll(nodes: NodeProcess[]): Promise<void> {
   for (const node of nodes)
     if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
@@ -86,6 +102,16 @@ describe('failover between real node processes', () => {
       (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - killedAt.getTime()
     expect(takeoverMs).toBeLessThan(1000)
     expect((await holder.exited).signal).toBe('SIGKILL')
+    // A killed holder cannot say how its term ended: its successor closes it, at the
+    // moment it took over.
+    const killed = await termOf(name, before?.epoch)
+    expect(killed).toMatchObject({
+      node_id: holder.id,
+      end_reason: 'lost',
+      closed_by: 'successor',
+      ended_at: after.acquiredAt,
+    })
+    expect(await termOf(name, after.epoch)).toMatchObject({ node_id: after.nodeId, ended_at: null })
 
     await insertRows(db.pool, 1500, '3 hours')
     await waitFor(
@@ -125,6 +151,10 @@ describe('failover between real node processes', () => {
       (after.acquiredAt?.getTime() ?? Number.POSITIVE_INFINITY) - signalledAt.getTime(),
     ).toBeLessThan(1000)
     expect(holder.output()).toContain('released the singleton')
+    // Released by the holder itself, in the statement that unlocked, before the next began.
+    const released = await termOf(name, before?.epoch)
+    expect(released).toMatchObject({ end_reason: 'released', closed_by: 'holder' })
+    expect(released?.ended_at?.getTime()).toBeLessThanOrEqual(after.acquiredAt?.getTime() ?? 0)
     await waitUntilSettled(db.pool, name)
     await stopAll(nodes)
     expect(await safetyViolations(db.pool, name)).toEqual([])
@@ -146,6 +176,10 @@ describe('failover between real node processes', () => {
     })
     expect(after.epoch).toBeGreaterThan(before?.epoch ?? 0)
     expect(holder.child.exitCode).toBeNull()
+    // Lost, whoever wrote it first: the holder on its failed session, or its successor.
+    const ended = await termOf(name, before?.epoch)
+    expect(ended?.end_reason).toBe('lost')
+    expect(ended?.ended_at?.getTime()).toBeLessThanOrEqual(after.acquiredAt?.getTime() ?? 0)
     await waitUntilSettled(db.pool, name)
     await stopAll(nodes)
     expect(await safetyViolations(db.pool, name)).toEqual([])
@@ -182,6 +216,14 @@ describe('failover between real node processes', () => {
       async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
     )
     expect(holder.output()).toMatch(/fenced: no longer the holder/)
+    // The successor closed the term as lost when it took over; the resumed holder then
+    // gave its own reason, and the end time stayed the successor's.
+    const paused = await waitFor('the resumed holder to record its term', async () => {
+      const term = await termOf(name, before?.epoch)
+      return term?.closed_by === 'holder' ? term : undefined
+    })
+    expect(['fenced', 'lost', 'superseded']).toContain(paused.end_reason)
+    expect(paused.ended_at).toEqual(after.acquiredAt)
     const stale = await db.pool.query(
       `SELECT count(*)::int AS n FROM pgsingleton.cleanup_batches b JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
         WHERE r.singleton = $1 AND b.epoch < $2 AND b.began_at >= $3`,
@@ -272,6 +314,18 @@ describe('failover between real node processes', () => {
       expect(cut.child.exitCode).toBeNull()
 
       proxy.heal()
+      // Once its path is back, the cut-off holder records that it fenced itself; the end
+      // time stays the successor's.
+      const fenced = await waitFor(
+        'the healed holder to record its term',
+        async () => {
+          const term = await termOf(name, before.epoch)
+          return term?.closed_by === 'holder' ? term : undefined
+        },
+        30_000,
+      )
+      expect(fenced.end_reason).toBe('fenced')
+      expect(fenced.ended_at).toEqual(after.acquiredAt)
       await waitFor(
         'the healed node to queue again',
         async () => (await statusOf(db.pool, name))?.waitingNodeIds.includes(cut.id),

@@ -115,6 +115,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       '0001_initial:Success',
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
+      'pgsingleton_0003_tasks:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -123,7 +124,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 2\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -141,6 +142,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       '0001_initial:Success',
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
+      'pgsingleton_0003_tasks:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -160,7 +162,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       INSERT INTO pgsingleton.kysely_migration VALUES ('0001_initial', now()::text)`)
     const result = await migrateToLatest(ours.pool)
     expect(result).toMatchObject({
-      applied: ['pgsingleton_0002_safe_deletes'],
+      applied: ['pgsingleton_0002_safe_deletes', 'pgsingleton_0003_tasks'],
       schemaVersion: SCHEMA_VERSION,
     })
     const { rows: recorded } = await ours.pool.query(
@@ -169,6 +171,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
     expect(recorded.map((r) => r.name)).toEqual([
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
+      'pgsingleton_0003_tasks',
     ])
 
     const app = await fresh()
@@ -179,6 +182,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
     expect(await appMigrate(app.url, {})).toEqual([
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
+      'pgsingleton_0003_tasks:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -211,6 +215,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
     expect(ours.map((r) => r.name)).toEqual([
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
+      'pgsingleton_0003_tasks',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -219,6 +224,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       '0001_initial',
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
+      'pgsingleton_0003_tasks',
       'pgsingleton_pgboss_schema',
     ])
   })

@@ -41,6 +41,7 @@ describe('migrations', () => {
     expect(rows.map((r) => r.name)).toEqual([
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
+      'pgsingleton_0003_tasks',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -78,11 +79,11 @@ describe('migrations', () => {
 
   it('keep epochs from ever going down', async () => {
     await db.pool.query(
-      `SET pgsingleton.protocol = 2; INSERT INTO pgsingleton.leases VALUES ('e', 5, 'n', 1, now(), now())`,
+      `SET pgsingleton.protocol = 3; INSERT INTO pgsingleton.leases VALUES ('e', 5, 'n', 1, now(), now())`,
     )
     await expect(
       db.pool.query(
-        `SET pgsingleton.protocol = 2; UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`,
+        `SET pgsingleton.protocol = 3; UPDATE pgsingleton.leases SET epoch = 4 WHERE name = 'e'`,
       ),
     ).rejects.toThrow(/may only increase/)
   })
@@ -98,16 +99,16 @@ describe('migrations', () => {
            VALUES ('old', 1, 'last-week', pg_backend_pid(), now(), now())`,
         ),
       ).rejects.toThrow(
-        /node last-week speaks protocol 1, but this database .* requires protocol 2/,
+        /node last-week speaks protocol 1, but this database .* requires protocol 3/,
       )
-      await client.query(`SET pgsingleton.protocol = 2`)
+      await client.query(`SET pgsingleton.protocol = 3`)
       await client.query(
         `INSERT INTO pgsingleton.leases VALUES ('old', 1, 'this-week', pg_backend_pid(), now(), now())`,
       )
       await client.query(`RESET pgsingleton.protocol`)
       await expect(
         client.query(`UPDATE pgsingleton.leases SET epoch = epoch + 1 WHERE name = 'old'`),
-      ).rejects.toThrow(/requires protocol 2/)
+      ).rejects.toThrow(/requires protocol 3/)
     } finally {
       await client.end()
     }

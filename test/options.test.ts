@@ -48,7 +48,7 @@ describe('options are resolved once and validated with messages that name the op
   it.each([
     [{ name: 'bad name!' }, /name: "bad name!"/],
     [{ connectionString: undefined }, /connectionString/],
-    [{ policies: [] }, /policies: expected a non-empty array/],
+    [{ policies: [] }, /policies, tasks: give at least one retention policy or task/],
     [{ policies: [{ ...policy, batchSize: 0 }] }, /policy "old-events", field batchSize: 0/],
     [{ policies: [{ ...policy, batchSize: 1.5 }] }, /field batchSize: 1.5/],
     [{ policies: [{ ...policy, olderthan: '1 day' }] }, /policies\[0\]\.olderthan: unknown field/],

@@ -33,6 +33,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pausePolicy',
         'planPolicies',
         'readPolicyStatus',
+        'readTerms',
         'requestRun',
         'resumePolicy',
         'loadConfigFile',
@@ -57,14 +58,16 @@ describe('the built package, imported by its name through package.json "exports"
       names: [
         'pgsingleton_0001_initial',
         'pgsingleton_0002_safe_deletes',
+        'pgsingleton_0003_tasks',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
         'pgsingleton_0001_initial',
         'pgsingleton_0002_safe_deletes',
+        'pgsingleton_0003_tasks',
         'pgsingleton_pgboss_schema',
       ],
-      SCHEMA_VERSION: 2,
+      SCHEMA_VERSION: 3,
       up: 'function',
       down: 'function',
     })

@@ -13,42 +13,43 @@ export interface CleanupWorkerHooks {
  * each holdership); a stop lets the batch in flight commit, and the run waits for a retry.
  */
 export class CleanupWorker {
-  readonly #boss: PgBoss
   readonly #deps: CleanupDeps
   readonly #hooks: CleanupWorkerHooks
   readonly #singleton: string
   readonly #pollingIntervalSeconds: number
-  /** The current subscription: its worker id, and the signal that stops its runs. */
-  #current: { started: Promise<string | undefined>; stopping: AbortController } | undefined
+  /** The current subscription: its pg-boss, its worker id, and the signal that stops its runs. */
+  #current:
+    | { boss: PgBoss; started: Promise<string | undefined>; stopping: AbortController }
+    | undefined
   #closed = false
 
   constructor(
-    boss: PgBoss,
     singleton: string,
     deps: CleanupDeps,
     pollingIntervalSeconds: number,
     hooks: CleanupWorkerHooks,
   ) {
-    this.#boss = boss
     this.#singleton = singleton
     this.#deps = deps
     this.#hooks = hooks
     this.#pollingIntervalSeconds = pollingIntervalSeconds
   }
 
-  /** Idempotent; after close() it does nothing. */
-  start(): Promise<unknown> {
+  /** Works the queue through `boss`. Idempotent; after close() it does nothing. */
+  start(boss: PgBoss): Promise<unknown> {
     if (this.#closed) return Promise.resolve()
     if (this.#current) return this.#current.started
     const stopping = new AbortController()
     const started = workJobs(
-      this.#boss,
+      boss,
       this.#singleton,
       this.#pollingIntervalSeconds,
       async (job, jobSignal) => {
         const signal = AbortSignal.any([jobSignal, stopping.signal])
         try {
-          this.#hooks.onRun(await runCleanup(this.#deps, job, signal))
+          const started = performance.now()
+          const report = await runCleanup(this.#deps, job, signal)
+          this.#hooks.onRun({ ...report, durationMs: performance.now() - started })
         } catch (error) {
           // The run could not even be claimed or recorded (this node is not live, or the
           // database is unreachable): the job fails, and the holder, seeing the run outlive
@@ -61,7 +62,7 @@ export class CleanupWorker {
       this.#hooks.onError(error)
       return undefined
     })
-    this.#current = { started, stopping }
+    this.#current = { boss, started, stopping }
     return started
   }
 
@@ -72,7 +73,7 @@ export class CleanupWorker {
     this.#current = undefined
     current.stopping.abort('the node is stopping, or no longer holds')
     const id = await current.started
-    if (id) await stopWorking(this.#boss, this.#singleton, id)
+    if (id) await stopWorking(current.boss, this.#singleton, id)
   }
 
   /** Stops for good. */

@@ -1,18 +1,21 @@
 import type pg from 'pg'
-import type { PolicyDefinition } from '../config/definition.js'
+import { isTask, type PolicyDefinition, type TaskDefinition } from '../config/definition.js'
 import { mayBeTiedToRows } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import type { CleanupJob } from '../queue/cleanup-queue.js'
 import type { TransactionLimits } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
 import type { RunStatus } from '../runs/statuses.js'
+import { runTask, type TaskDeps } from '../tasks/run-task.js'
 import { sleep } from '../wait.js'
 import { Pacer } from './pacing.js'
 
 export interface RunReport {
   runId: string
+  /** The policy's or task's name. */
   policy: string
   epoch: number
+  kind: 'cleanup' | 'task'
   /** What the run ended as; `skipped` when it was not waiting for a worker. */
   status: RunStatus | 'skipped'
   rowsDeleted: number
@@ -23,6 +26,8 @@ export interface RunReport {
   reason?: string
   /** The node was stopping: the run waits to be retried, and this is no error. */
   interrupted?: boolean
+  /** How long the run took on this node, from its claim to its end. */
+  durationMs?: number
 }
 
 export interface BatchReport {
@@ -33,6 +38,8 @@ export interface BatchReport {
   rows: number
   skipped: number
   cutoff: Date | null
+  /** The batch's transaction, by the server's clock (0 for a partition removed whole). */
+  elapsedMs: number
 }
 
 export interface CleanupDeps {
@@ -44,6 +51,8 @@ export interface CleanupDeps {
   readonly batchTargetMs: number
   /** With replicas: wait between batches while any replica replays more than this behind. 0: off. */
   readonly maxReplicaLagMs: number
+  /** This node's task handlers, by name. */
+  readonly handlers: TaskDeps['handlers']
   onBatch(batch: BatchReport): void
 }
 
@@ -91,6 +100,7 @@ export async function runCleanup(
       runId: job.runId,
       policy: job.policy,
       epoch: job.epoch,
+      kind: 'cleanup',
       status: 'skipped',
       rowsDeleted: 0,
       rowsSkipped: 0,
@@ -98,10 +108,21 @@ export async function runCleanup(
       reason: 'the run is not waiting for a worker',
     }
   }
+  if (isTask(run.definition)) return runTask(deps, run as runs.Claim<TaskDefinition>, signal)
+  return clean(deps, run as runs.Claim<PolicyDefinition>, signal)
+}
+
+/** A cleanup run, claimed: leaf by leaf, batch by batch. */
+async function clean(
+  deps: CleanupDeps,
+  run: runs.Claim<PolicyDefinition>,
+  signal: AbortSignal,
+): Promise<RunReport> {
   const report: RunReport = {
     runId: run.runId,
     policy: run.policy,
     epoch: run.epoch,
+    kind: 'cleanup',
     status: 'running',
     rowsDeleted: run.rowsDeleted,
     rowsSkipped: run.rowsSkipped,
@@ -137,7 +158,13 @@ export async function runCleanup(
     await runs.fence(deps.pool, run, reason)
     return { ...report, status: 'fenced' as const, reason }
   }
-  const recorded = (relation: string, rows: number, skipped: number, cutoff: Date | null) => {
+  const recorded = (
+    relation: string,
+    rows: number,
+    skipped: number,
+    cutoff: Date | null,
+    elapsedMs: number,
+  ) => {
     report.batches += 1
     report.rowsDeleted += rows
     report.rowsSkipped += skipped
@@ -149,6 +176,7 @@ export async function runCleanup(
       rows,
       skipped,
       cutoff,
+      elapsedMs,
     })
   }
 
@@ -168,7 +196,7 @@ export async function runCleanup(
         )
       }
       if (removal.outcome === 'dropped' || removal.outcome === 'detached') {
-        recorded(leaf.relation, removal.removed, 0, removal.cutoff)
+        recorded(leaf.relation, removal.removed, 0, removal.cutoff, 0)
         continue
       }
       if (removal.outcome !== 'kept' && removal.outcome !== 'deleted')
@@ -216,7 +244,7 @@ export async function runCleanup(
       }
       if (batch.outcome !== 'deleted') return stopped(batch.outcome)
       if (batch.selected > 0) {
-        recorded(leaf.relation, batch.deleted, batch.skipped, batch.cutoff)
+        recorded(leaf.relation, batch.deleted, batch.skipped, batch.cutoff, batch.elapsedMs)
         report.reason ??= batch.firstError ?? undefined
       }
       if (batch.leafDone) break

@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import pg from 'pg'
 import { migrationFiles } from '../../migrations/index.js'
-import { loadConfigFile } from '../config/config-file.js'
+import { loadConfigFile, loadTasks } from '../config/config-file.js'
 import { consoleLogger } from '../config/logger.js'
 import { defaultNodeId } from '../config/options.js'
 import { assertSchemaCurrent, migrateToLatest } from '../db/migrate.js'
@@ -13,6 +13,7 @@ import {
   readPolicyStatus,
 } from '../status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
+import { readTerms, type Term } from '../status/read-terms.js'
 import { sleep } from '../wait.js'
 import { resolveConnection } from './connection.js'
 import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
@@ -56,13 +57,23 @@ export async function runCommand(args: {
   nodeId?: string
   verbose?: boolean
   embedded: boolean
+  metricsPort?: number
+  metricsHost?: string
 }): Promise<void> {
   const file = await loadConfigFile(args.config)
+  const tasks = file.tasks ? await loadTasks(file.tasks) : undefined
   const nodeId = args.nodeId ?? defaultNodeId()
   const logger = consoleLogger(nodeId, args.verbose)
+  // Registered before the node makes its instruments; loaded only when asked for.
+  const metrics =
+    args.metricsPort === undefined
+      ? undefined
+      : await serveMetrics(args.metricsPort, args.metricsHost ?? '0.0.0.0')
+  if (metrics) logger.info({ url: metrics.url }, 'metrics in Prometheus text format')
   const { url } = await resolveConnection(say, args)
   const singleton = createSingleton({
     ...file,
+    tasks,
     connectionString: url,
     lockConnectionString: process.env.PG_SINGLETON_LOCK_URL || undefined,
     nodeId,
@@ -88,7 +99,10 @@ export async function runCommand(args: {
     }
     logger.info({ signal }, 'stopping: handing the lock over, letting the batch in flight end')
     stopping = singleton.stop().then(
-      () => process.exit(0),
+      async () => {
+        await metrics?.shutdown().catch(() => {})
+        process.exit(0)
+      },
       (error) => {
         logger.error({ error: String(error) }, 'stop failed')
         process.exit(1)
@@ -98,7 +112,37 @@ export async function runCommand(args: {
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
   await singleton.start()
-  logger.info({ singleton: file.name, policies: file.policies.length }, 'started')
+  logger.info(
+    { singleton: file.name, policies: file.policies?.length ?? 0, tasks: tasks?.length ?? 0 },
+    'started',
+  )
+}
+
+/**
+ * An OpenTelemetry MeterProvider whose Prometheus exporter serves `/metrics` on `port`,
+ * registered as the global one, so the node's instruments report to it.
+ */
+async function serveMetrics(
+  port: number,
+  host: string,
+): Promise<{ url: string; shutdown(): Promise<void> }> {
+  const [{ metrics }, { MeterProvider }, { PrometheusExporter }] = await Promise.all([
+    import('@opentelemetry/api'),
+    import('@opentelemetry/sdk-metrics'),
+    import('@opentelemetry/exporter-prometheus'),
+  ])
+  const exporter = await new Promise<InstanceType<typeof PrometheusExporter>>((resolve, reject) => {
+    const created: InstanceType<typeof PrometheusExporter> = new PrometheusExporter(
+      { port, host, endpoint: '/metrics' },
+      (error) => (error ? reject(error) : resolve(created)),
+    )
+  })
+  const provider = new MeterProvider({ readers: [exporter] })
+  metrics.setGlobalMeterProvider(provider)
+  return {
+    url: `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${port}/metrics`,
+    shutdown: () => provider.shutdown(),
+  }
 }
 
 export async function statusCommand(args: {
@@ -115,17 +159,19 @@ export async function statusCommand(args: {
     if (args.watch) return await watch(client, args.name)
     const rows = await readStatus(client, args.name)
     const policies = await readPolicyStatus(client, args.name)
+    const terms = await readTerms(client, args.name, 10)
     process.stdout.write(
       args.json
         ? `${JSON.stringify(
             rows.map((row) => ({
               ...row,
               policies: policies.filter((p) => p.singleton === row.name),
+              terms: terms.filter((t) => t.name === row.name),
             })),
             null,
             2,
           )}\n`
-        : formatStatus(rows, policies),
+        : formatStatus(rows, policies, terms),
     )
   } finally {
     await client.end()
@@ -141,13 +187,14 @@ async function watch(client: pg.Client, name: string | undefined): Promise<void>
   process.once('SIGINT', stop)
   process.once('SIGTERM', stop)
   while (!stopped) {
-    const [rows, policies, now] = await Promise.all([
+    const [rows, policies, terms, now] = await Promise.all([
       readStatus(client, name),
       readPolicyStatus(client, name),
+      readTerms(client, name, 5),
       client.query<{ now: Date }>('SELECT now()'),
     ])
     process.stdout.write(
-      `\x1b[2J\x1b[H${now.rows[0]?.now.toISOString()} (every 1 s; Ctrl-C to stop)\n\n${formatStatus(rows, policies)}`,
+      `\x1b[2J\x1b[H${now.rows[0]?.now.toISOString()} (every 1 s; Ctrl-C to stop)\n\n${formatStatus(rows, policies, terms)}`,
     )
     await sleep(1000)
   }
@@ -167,7 +214,11 @@ export async function embeddedCommand(action: string | undefined): Promise<void>
   throw new Error('usage: pg-singleton embedded start|url|stop')
 }
 
-export function formatStatus(rows: SingletonStatus[], policies: PolicyStatus[] = []): string {
+export function formatStatus(
+  rows: SingletonStatus[],
+  policies: PolicyStatus[] = [],
+  terms: Term[] = [],
+): string {
   const names = [
     ...new Set([...rows.map((r) => r.name), ...policies.map((p) => p.singleton)]),
   ].sort()
@@ -189,15 +240,30 @@ export function formatStatus(rows: SingletonStatus[], policies: PolicyStatus[] =
         name,
         ...lines,
         ...policies.filter((p) => p.singleton === name).flatMap(formatPolicy),
+        ...formatTerms(terms.filter((t) => t.name === name)),
         '',
       ].join('\n')
     })
     .join('\n')
 }
 
+/** The latest terms, newest first: who held, from when to when, and how it ended. */
+function formatTerms(terms: Term[]): string[] {
+  if (terms.length === 0) return []
+  return [
+    '  terms',
+    ...terms.slice(0, 5).map((t) => {
+      const ended = t.endedAt
+        ? `to ${t.endedAt.toISOString()}, ${t.endReason}${t.closedBy === 'successor' ? ' (closed by the next holder)' : ''}`
+        : 'holding'
+      return `    epoch ${t.epoch}  ${t.nodeId}  from ${t.acquiredAt.toISOString()} ${ended}`
+    }),
+  ]
+}
+
 function formatPolicy(p: PolicyStatus): string[] {
   const time = (value: Date | null) => (value ? value.toISOString() : '-')
-  const head = `  policy      ${p.policy}: `
+  const head = `  ${p.kind === 'task' ? 'task  ' : 'policy'}      ${p.policy}: `
   if (p.agreement === 'disagree') {
     return [
       `${head}DISAGREE: held back until every live node holds the same definition`,
@@ -210,13 +276,16 @@ function formatPolicy(p: PolicyStatus): string[] {
       : p.agreement === 'agree'
         ? `next ${time(p.nextRunAt)}`
         : 'no live node has it') +
+    (p.cron ? ` (cron "${p.cron}" in ${p.cronTimeZone})` : '') +
     (p.overdue ? ' (OVERDUE: no success for over twice its interval)' : '')
   const open = p.openRunStatus
     ? `, run ${p.openRunStatus}${p.retryAt ? ` (retry at ${time(p.retryAt)})` : ''}`
     : ''
-  const last = p.lastRunAt
-    ? `; last ${p.lastStatus} at ${time(p.lastRunAt)}, ${p.lastRowsDeleted} deleted${p.lastRowsSkipped ? `, ${p.lastRowsSkipped} skipped` : ''}; ${p.rowsDeleted24h} in 24 h`
-    : ''
+  const last = !p.lastRunAt
+    ? ''
+    : p.kind === 'task'
+      ? `; last ${p.lastStatus} at ${time(p.lastRunAt)}`
+      : `; last ${p.lastStatus} at ${time(p.lastRunAt)}, ${p.lastRowsDeleted} deleted${p.lastRowsSkipped ? `, ${p.lastRowsSkipped} skipped` : ''}; ${p.rowsDeleted24h} in 24 h`
   const error = p.lastError
     ? [`                last error at ${time(p.lastErrorAt)}: ${p.lastError}`]
     : []

@@ -2,6 +2,7 @@ import { parseArgs } from 'node:util'
 import { config as loadDotenv } from 'dotenv'
 import { SingletonError } from '../errors.js'
 import { embeddedCommand, migrateCommand, runCommand, statusCommand } from './commands.js'
+import { dashboardCommand } from './dashboard.js'
 import { demoCommand } from './demo.js'
 import { controlCommand, forgetCommand, planCommand } from './operator-commands.js'
 
@@ -10,8 +11,10 @@ const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in Postgr
 Usage:
   pg-singleton migrate                      create or upgrade the pgsingleton schema (and pg-boss's)
   pg-singleton migrate --sql [--out DIR]    print (or write to DIR) the same migrations as SQL files
-  pg-singleton run [--config F] [--node-id ID] [--verbose]
-                                            run a node: queue for the lock, schedule and clean
+  pg-singleton run [--config F] [--node-id ID] [--verbose] [--metrics-port N]
+                                            run a node: queue for the lock, schedule and clean;
+                                            with --metrics-port, serve Prometheus metrics at
+                                            http://HOST:N/metrics (--metrics-host, default 0.0.0.0)
   pg-singleton status [--json] [--watch] [--name N]
                                             who holds the singleton, who waits, each policy
   pg-singleton plan [--config F] [--json]   what each policy would delete now, and how;
@@ -19,6 +22,9 @@ Usage:
   pg-singleton pause|resume POLICY [--name N]
                                             stop, or start again, a policy's runs
   pg-singleton run-now POLICY [--name N]    a run of the policy now, outside its schedule
+  pg-singleton dashboard [--port N] [--host H]
+                                            a read-only status page (live), and its JSON at
+                                            /api/status; default http://127.0.0.1:8089
   pg-singleton forget [--name N]            remove every record of a singleton that no
                                             longer exists (refused while a node of it lives)
   pg-singleton demo                         three nodes, a table to clean, a failover, live
@@ -54,6 +60,10 @@ export async function main(argv: string[]): Promise<number> {
       embedded: { type: 'boolean', default: false },
       sql: { type: 'boolean', default: false },
       out: { type: 'string' },
+      'metrics-port': { type: 'string' },
+      'metrics-host': { type: 'string' },
+      port: { type: 'string' },
+      host: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   })
@@ -72,8 +82,17 @@ export async function main(argv: string[]): Promise<number> {
         nodeId: values['node-id'],
         verbose: values.verbose,
         embedded: values.embedded,
+        metricsPort: port(values['metrics-port'], '--metrics-port', 1),
+        metricsHost: values['metrics-host'],
       })
       return -1 // keeps running until a signal
+    case 'dashboard':
+      await dashboardCommand({
+        embedded: values.embedded,
+        port: port(values.port, '--port') ?? 8089,
+        host: values.host ?? '127.0.0.1',
+      })
+      return -1 // serves until a signal
     case 'status':
       await statusCommand({
         json: values.json,
@@ -107,6 +126,20 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`unknown command "${command}"\n\n${HELP}`)
       return 2
   }
+}
+
+/** A TCP port from the command line (0: any free one). */
+/** A port flag's value; 0 (any free port) only where the address is printed after listening. */
+function port(value: string | undefined, flag: string, min = 0): number | undefined {
+  if (value === undefined) return undefined
+  const n = Number(value)
+  if (!Number.isInteger(n) || n < min || n > 65535) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `${flag}: "${value}" is not a port number (${min}-65535).`,
+    )
+  }
+  return n
 }
 
 main(process.argv.slice(2)).then(

@@ -2,10 +2,11 @@ import { hostname, userInfo } from 'node:os'
 import pg from 'pg'
 import { loadConfigFile } from '../config/config-file.js'
 import { resolvePolicies } from '../config/policy.js'
+import { resolveTasks } from '../config/task.js'
 import { assertSchemaCurrent } from '../db/migrate.js'
 import { SingletonError } from '../errors.js'
 import { forgetSingleton, pausePolicy, requestRun, resumePolicy } from '../operations/controls.js'
-import { type PolicyPlan, planPolicies } from '../operations/plan.js'
+import { type PolicyPlan, planPolicies, planTasks, type TaskPlan } from '../operations/plan.js'
 import { resolveConnection } from './connection.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
@@ -85,20 +86,36 @@ export async function forgetCommand(target: Target & { name?: string }): Promise
 export async function planCommand(target: Target & { json?: boolean }): Promise<void> {
   const file = await loadConfigFile(target.config)
   const policies = resolvePolicies(file.policies)
+  // A task's schedule needs no handler: its module is not loaded for a plan.
+  const tasks = resolveTasks(
+    (file.tasks ?? []).map(({ module: _module, ...task }) => ({ ...task, handler: () => {} })),
+  )
   await withDatabase(target, async (pool) => {
     const { plans, warnings } = await planPolicies(pool, policies)
+    const taskPlans = await planTasks(pool, file.name, tasks)
     if (target.json) {
       process.stdout.write(
-        `${JSON.stringify({ singleton: file.name, plans, warnings }, null, 2)}\n`,
+        `${JSON.stringify({ singleton: file.name, plans, tasks: taskPlans, warnings }, null, 2)}\n`,
       )
       return
     }
-    process.stdout.write(formatPlans(file.name, plans, warnings))
+    process.stdout.write(formatPlans(file.name, plans, warnings, taskPlans))
   })
 }
 
-export function formatPlans(name: string, plans: PolicyPlan[], warnings: string[]): string {
+export function formatPlans(
+  name: string,
+  plans: PolicyPlan[],
+  warnings: string[],
+  tasks: TaskPlan[] = [],
+): string {
   const lines = [`${name}: what each policy would delete now (nothing is deleted)`, '']
+  for (const task of tasks) {
+    lines.push(
+      `task "${task.task}": ${task.schedule}; next ${task.next.map((d) => d.toISOString()).join(', ')}`,
+      '',
+    )
+  }
   for (const plan of plans) {
     lines.push(plan.understood)
     for (const t of plan.tables) {

@@ -23,7 +23,10 @@ export interface PolicyDefinition {
   /** The zone `timestamp` and `date` values are read in; null for `timestamptz`. */
   readonly timeZone: string | null
   readonly olderThan: string
-  readonly every: string
+  /** The schedule: `every` (an interval), or `cron` read in `cronTimeZone`. */
+  readonly every: string | null
+  readonly cron: string | null
+  readonly cronTimeZone: string | null
   readonly batchSize: number
   /** Deleting may cascade to rows that reference the table (the user said so). */
   readonly allowCascade: boolean
@@ -32,10 +35,40 @@ export interface PolicyDefinition {
 }
 
 /**
+ * A task as every node must understand it: its name and schedule. Nodes register it like
+ * a policy, and a task's run carries it. (What its handler does is each node's own code:
+ * nodes agree on when a task runs, not on what it does.)
+ */
+export interface TaskDefinition {
+  readonly kind: 'task'
+  readonly name: string
+  readonly every: string | null
+  readonly cron: string | null
+  readonly cronTimeZone: string | null
+}
+
+/** What a run carries: a cleanup policy's definition, or a task's. */
+export type RunDefinition = PolicyDefinition | TaskDefinition
+
+export function isTask(definition: RunDefinition): definition is TaskDefinition {
+  return (definition as TaskDefinition).kind === 'task'
+}
+
+/**
  * A short, stable digest of a definition: equal definitions have equal fingerprints on
  * every node and every version that writes the same keys, whatever order they came in.
  */
-export function fingerprint(definition: PolicyDefinition): string {
+export function fingerprint(definition: RunDefinition): string {
+  if (isTask(definition)) {
+    const canonical = JSON.stringify([
+      'task',
+      definition.name,
+      definition.every,
+      definition.cron,
+      definition.cronTimeZone,
+    ])
+    return createHash('sha256').update(canonical).digest('hex').slice(0, 16)
+  }
   const canonical = JSON.stringify([
     definition.name,
     definition.schema,
@@ -45,6 +78,8 @@ export function fingerprint(definition: PolicyDefinition): string {
     definition.timeZone,
     definition.olderThan,
     definition.every,
+    definition.cron,
+    definition.cronTimeZone,
     definition.batchSize,
     definition.allowCascade,
     definition.partitions,
@@ -53,9 +88,11 @@ export function fingerprint(definition: PolicyDefinition): string {
 }
 
 /** The fields in which two definitions of a policy differ, for messages and `status`. */
-export function differences(a: PolicyDefinition, b: PolicyDefinition): string[] {
-  const keys = Object.keys(a) as (keyof PolicyDefinition)[]
+export function differences(a: RunDefinition, b: RunDefinition): string[] {
+  const x = a as unknown as Record<string, unknown>
+  const y = b as unknown as Record<string, unknown>
+  const keys = [...new Set([...Object.keys(x), ...Object.keys(y)])]
   return keys
-    .filter((key) => a[key] !== b[key])
-    .map((key) => `${key} ${JSON.stringify(a[key])} vs ${JSON.stringify(b[key])}`)
+    .filter((key) => x[key] !== y[key])
+    .map((key) => `${key} ${JSON.stringify(x[key])} vs ${JSON.stringify(y[key])}`)
 }

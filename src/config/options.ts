@@ -9,11 +9,15 @@ import {
   type RetentionPolicy,
   resolvePolicies,
 } from './policy.js'
+import { type ResolvedTask, resolveTasks, type SingletonTask } from './task.js'
 
 export interface SingletonOptions {
   /** The singleton's name: one lock, one lease row, one schedule. Letters, digits, `_`, `-`, `.`. */
   name: string
-  policies: readonly RetentionPolicy[]
+  /** Retention policies: outdated rows to delete. May be empty or left out when there are tasks. */
+  policies?: readonly RetentionPolicy[]
+  /** The app's own tasks, run once per occurrence across the cluster, with `fenced(fn)` to write under the epoch. */
+  tasks?: readonly SingletonTask[]
   /** Where to connect. Needed unless `pool` is given; the lock session always gets its own client. */
   connectionString?: string
   /** The app's pool, used for scheduling, cleanup and status. Never used for the lock. */
@@ -98,6 +102,7 @@ export interface SingletonOptions {
 export interface ResolvedOptions {
   readonly name: string
   readonly policies: readonly ResolvedPolicy[]
+  readonly tasks: readonly ResolvedTask[]
   readonly connectionString: string | undefined
   readonly pool: pg.Pool | undefined
   readonly lockConnectionString: string | undefined
@@ -195,9 +200,25 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     }
     return value
   }
+  const policies = resolvePolicies(options.policies)
+  const tasks = resolveTasks(options.tasks)
+  if (policies.length === 0 && tasks.length === 0) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      'policies, tasks: give at least one retention policy or task; a singleton with neither has nothing to do.',
+    )
+  }
+  const clash = tasks.find((task) => policies.some((policy) => policy.name === task.name))
+  if (clash) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      `task "${clash.name}": a policy has the same name; policies and tasks share one set of names.`,
+    )
+  }
   const resolved: ResolvedOptions = {
     name: options.name,
-    policies: resolvePolicies(options.policies),
+    policies,
+    tasks,
     connectionString: options.connectionString,
     pool: options.pool,
     lockConnectionString: options.lockConnectionString,

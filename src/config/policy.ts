@@ -2,6 +2,7 @@ import { SingletonError } from '../errors.js'
 import { checkIdentifier, parseTableName, type QualifiedName } from './identifier.js'
 import { parseInterval } from './interval.js'
 import { Problems } from './problems.js'
+import { resolveSchedule, type Schedule } from './schedule.js'
 
 /** A retention policy as a user writes it, in the config file or in code. */
 export interface RetentionPolicy {
@@ -16,8 +17,15 @@ export interface RetentionPolicy {
    * with the unit spelled out. The cut-off is the database's `now()` minus this.
    */
   olderThan: string
-  /** How often the policy runs, e.g. `'1 minute'`; the same form, at least 1 second. */
-  every: string
+  /** How often the policy runs, e.g. `'1 minute'`; the same form, at least 1 second. Or `cron`. */
+  every?: string
+  /**
+   * Instead of `every`: a cron pattern, five fields (`'0 3 * * *'`: 03:00 every day) or six
+   * with seconds first, read in `cronTimeZone`.
+   */
+  cron?: string
+  /** The IANA zone a `cron` pattern is read in. Default: `timeZone` when given, else UTC. */
+  cronTimeZone?: string
   /**
    * The IANA zone the column's values are written in, e.g. `'UTC'` or `'Europe/Berlin'`.
    * Required for `timestamp` (without time zone) and `date` columns, which do not say
@@ -48,7 +56,7 @@ export interface ResolvedPolicy {
   readonly column: string
   /** Canonical form of the strict interval grammar, e.g. `'30 days'`. */
   readonly olderThan: string
-  readonly every: string
+  readonly schedule: Schedule
   readonly timeZone: string | undefined
   readonly batchSize: number
   readonly allowCascade: boolean
@@ -66,6 +74,8 @@ const POLICY_KEYS = new Set([
   'column',
   'olderThan',
   'every',
+  'cron',
+  'cronTimeZone',
   'timeZone',
   'batchSize',
   'allowCascade',
@@ -77,10 +87,11 @@ const POLICY_KEYS = new Set([
  * reports all problems at once; `validatePolicies` checks the rest against the database.
  */
 export function resolvePolicies(policies: unknown): readonly ResolvedPolicy[] {
-  if (!Array.isArray(policies) || policies.length === 0) {
+  if (policies === undefined) return Object.freeze([])
+  if (!Array.isArray(policies)) {
     throw new SingletonError(
       'INVALID_OPTION',
-      'policies: expected a non-empty array of retention policies ({ name, table, column, olderThan, every, timeZone?, batchSize? }).',
+      'policies: expected an array of retention policies ({ name, table, column, olderThan, every or cron, timeZone?, batchSize? }).',
     )
   }
   const problems = new Problems()
@@ -142,7 +153,6 @@ function resolvePolicy(
   const column = requireString(record, 'column', where, problems)
   if (column !== undefined) field(() => checkIdentifier(column, `${where}, field column`))
   const olderThan = interval(record, 'olderThan', where, problems)
-  const every = interval(record, 'every', where, problems)
   let timeZone: string | undefined
   if (record.timeZone !== undefined) {
     const zone = record.timeZone
@@ -153,6 +163,7 @@ function resolvePolicy(
       )
     } else timeZone = zone
   }
+  const schedule = resolveSchedule(record, 'cronTimeZone', timeZone, where, problems)
   const batchSize = record.batchSize ?? DEFAULT_BATCH_SIZE
   if (
     typeof batchSize !== 'number' ||
@@ -176,7 +187,7 @@ function resolvePolicy(
       `${where}, field partitions: ${JSON.stringify(partitions)} is not "delete", "drop" or "detach".`,
     )
   }
-  if (problems.count > before || !table || column === undefined || !olderThan || !every)
+  if (problems.count > before || !table || column === undefined || !olderThan || !schedule)
     return undefined
   return Object.freeze({
     name,
@@ -184,7 +195,7 @@ function resolvePolicy(
     tableText: tableText as string,
     column,
     olderThan,
-    every,
+    schedule,
     timeZone,
     batchSize: batchSize as number,
     allowCascade: allowCascade === true,
@@ -194,7 +205,7 @@ function resolvePolicy(
 
 function interval(
   record: Record<string, unknown>,
-  key: 'olderThan' | 'every',
+  key: 'olderThan',
   where: string,
   problems: Problems,
 ): string | undefined {

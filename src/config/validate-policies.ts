@@ -1,13 +1,22 @@
 import type pg from 'pg'
 import { INTERVAL_PARSE_ERRORS, sqlState } from '../db/sqlstate.js'
 import type { SingletonWarning } from '../events.js'
-import { COLUMN_TYPES, type ColumnType, type PolicyDefinition } from './definition.js'
+import {
+  COLUMN_TYPES,
+  type ColumnType,
+  type PolicyDefinition,
+  type TaskDefinition,
+} from './definition.js'
 import { quoteIdent, quoteQualified } from './identifier.js'
 import type { ResolvedPolicy } from './policy.js'
 import { Problems } from './problems.js'
+import type { Schedule } from './schedule.js'
+import type { ResolvedTask } from './task.js'
 
 export interface ValidatedPolicies {
   readonly definitions: readonly PolicyDefinition[]
+  /** The tasks' definitions (their schedules, checked against the database). */
+  readonly tasks: readonly TaskDefinition[]
   /** Worth saying, not worth refusing (a column no index starts with, a legacy zone name). */
   readonly warnings: readonly SingletonWarning[]
   /** One line per policy: the definition as this node understood it, and its cut-off now. */
@@ -33,6 +42,7 @@ interface Leaf {
 export async function validatePolicies(
   pool: pg.Pool | pg.Client,
   policies: readonly ResolvedPolicy[],
+  resolvedTasks: readonly ResolvedTask[] = [],
 ): Promise<ValidatedPolicies> {
   const problems = new Problems()
   const definitions: PolicyDefinition[] = []
@@ -42,7 +52,7 @@ export async function validatePolicies(
     const before = problems.count
     const where = `policy "${policy.name}"`
     await checkInterval(pool, problems, `${where}, field olderThan`, policy.olderThan, '0 seconds')
-    await checkInterval(pool, problems, `${where}, field every`, policy.every, '1 second')
+    const schedule = await checkSchedule(pool, problems, where, policy.schedule, 'cronTimeZone')
 
     const { rows: tables } = await pool.query<{ oid: number; relkind: string }>(
       `SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -103,7 +113,7 @@ export async function validatePolicies(
     if (policy.partitions !== 'delete') {
       await checkPartitioning(pool, problems, warnings, where, policy, table)
     }
-    if (problems.count > before || timeZone === undefined) continue
+    if (problems.count > before || timeZone === undefined || !schedule) continue
     if (timeZone && !timeZone.includes('/') && !['UTC', 'GMT', 'UCT', 'Zulu'].includes(timeZone)) {
       warnings.push({
         code: 'LEGACY_ZONE_NAME',
@@ -128,7 +138,7 @@ export async function validatePolicies(
       columnType: columnType as ColumnType,
       timeZone,
       olderThan: policy.olderThan,
-      every: policy.every,
+      ...schedule,
       batchSize: policy.batchSize,
       allowCascade: policy.allowCascade,
       partitions: policy.partitions,
@@ -136,8 +146,21 @@ export async function validatePolicies(
     definitions.push(definition)
     understood.push(await describe(pool, definition, leaves.length))
   }
+  const tasks: TaskDefinition[] = []
+  for (const task of resolvedTasks) {
+    const schedule = await checkSchedule(
+      pool,
+      problems,
+      `task "${task.name}"`,
+      task.schedule,
+      'timeZone',
+    )
+    if (!schedule) continue
+    tasks.push(Object.freeze({ kind: 'task' as const, name: task.name, ...schedule }))
+    understood.push(`task "${task.name}": ${describeSchedule(schedule)}`)
+  }
   problems.throwIfAny('INVALID_POLICY')
-  return { definitions, warnings, understood }
+  return { definitions, tasks, warnings, understood }
 }
 
 /**
@@ -273,6 +296,47 @@ async function checkZone(
   return name
 }
 
+/**
+ * A schedule by PostgreSQL's reading: an `every` of at least a second, or a cron zone
+ * PostgreSQL knows (spelled as its catalog spells it). Undefined after a problem.
+ */
+export async function checkSchedule(
+  pool: pg.Pool | pg.Client,
+  problems: Problems,
+  where: string,
+  schedule: Schedule,
+  zoneField: 'timeZone' | 'cronTimeZone',
+): Promise<Schedule | undefined> {
+  if (schedule.every !== null) {
+    const before = problems.count
+    await checkInterval(pool, problems, `${where}, field every`, schedule.every, '1 second')
+    return problems.count > before ? undefined : schedule
+  }
+  const { rows } = await pool.query<{ name: string }>(
+    'SELECT name FROM pg_timezone_names WHERE lower(name) = lower($1) ORDER BY name = $1 DESC LIMIT 1',
+    [schedule.cronTimeZone],
+  )
+  const name = rows[0]?.name
+  if (!name) {
+    problems.add(
+      `${where}, field ${zoneField}: "${schedule.cronTimeZone}" is not a time zone PostgreSQL knows (see pg_timezone_names); use an IANA name such as "UTC" or "Europe/Berlin".`,
+    )
+    return undefined
+  }
+  return { every: null, cron: schedule.cron, cronTimeZone: name }
+}
+
+/** How a schedule reads in a log line. */
+export function describeSchedule(schedule: {
+  every: string | null
+  cron: string | null
+  cronTimeZone: string | null
+}): string {
+  return schedule.every !== null
+    ? `every ${schedule.every}`
+    : `on cron "${schedule.cron}" in ${schedule.cronTimeZone}`
+}
+
 async function checkInterval(
   pool: pg.Pool | pg.Client,
   problems: Problems,
@@ -299,7 +363,7 @@ async function describe(
   definition: PolicyDefinition,
   leaves: number,
 ): Promise<string> {
-  const { rows } = await pool.query<{ older: string; every: string; cutoff: Date }>(
+  const { rows } = await pool.query<{ older: string; every: string | null; cutoff: Date }>(
     'SELECT $1::interval::text AS older, $2::interval::text AS every, pgsingleton.cutoff($1::interval) AS cutoff',
     [definition.olderThan, definition.every],
   )
@@ -311,6 +375,6 @@ async function describe(
   return (
     `policy "${definition.name}": delete rows of ${quoteQualified({ schema: definition.schema, name: definition.table })}${parts} ` +
     `whose ${quoteIdent(definition.column)} (${definition.columnType}${zone}) is older than ${definition.olderThan} ` +
-    `(PostgreSQL: '${row?.older}'); cut-off now ${row?.cutoff.toISOString()}; every ${definition.every} ('${row?.every}'); at most ${definition.batchSize} rows a batch`
+    `(PostgreSQL: '${row?.older}'); cut-off now ${row?.cutoff.toISOString()}; ${describeSchedule(definition)}${row?.every ? ` ('${row.every}')` : ''}; at most ${definition.batchSize} rows a batch`
   )
 }

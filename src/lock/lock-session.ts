@@ -1,5 +1,5 @@
 import pg from 'pg'
-import { fingerprint, type PolicyDefinition } from '../config/definition.js'
+import { fingerprint, type RunDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { keepsSession, sessionNotKept } from './session-pinning.js'
@@ -9,7 +9,7 @@ import { keepsSession, sessionNotKept } from './session-pinning.js'
  * schema that requires more refuses this node's epoch bumps, with a message that says to
  * upgrade (migrations/0002).
  */
-export const PROTOCOL = 2
+export const PROTOCOL = 3
 
 export interface Lease {
   readonly name: string
@@ -156,7 +156,7 @@ export class LockSession {
    * first and the rows written after, so a second node with the same id can never
    * overwrite the definitions of the live one.
    */
-  async register(definitions: readonly PolicyDefinition[]): Promise<void> {
+  async register(definitions: readonly RunDefinition[]): Promise<void> {
     const { name, nodeId } = this.#settings
     // Taken only in this session's own backend: a statement a pooler ran elsewhere takes nothing.
     const { rows } = await this.#client.query<{ got: boolean | null; holder: number | null }>(
@@ -314,12 +314,14 @@ export class LockSession {
    * Unlocks the singleton's lock alone: the next waiter holds at once, while this session
    * stays, and with it the node's membership (its work in flight ends as a live node's).
    */
-  async handOver(): Promise<void> {
+  async handOver(epoch: number, detail: string): Promise<void> {
     if (this.#closed) return
+    // The term ends as released, in the statement that unlocks: before the next holder's bump.
     await this.#withDeadline(
-      this.#client.query('SELECT pg_advisory_unlock(pgsingleton.lock_key($1))', [
-        this.#settings.name,
-      ]),
+      this.#client.query(
+        `SELECT pgsingleton.end_term($1, $2, 'released', $3), pg_advisory_unlock(pgsingleton.lock_key($1))`,
+        [this.#settings.name, epoch, detail],
+      ),
       this.#settings.deadAfterMs,
       'the hand-over',
     )

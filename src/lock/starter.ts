@@ -1,5 +1,5 @@
 import type pg from 'pg'
-import type { PolicyDefinition } from '../config/definition.js'
+import type { RunDefinition } from '../config/definition.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
@@ -21,7 +21,7 @@ export interface StarterHooks {
 
 export interface StarterSettings extends LockSessionSettings {
   /** Registered on every lock session before it queues. */
-  readonly definitions: readonly PolicyDefinition[]
+  readonly definitions: readonly RunDefinition[]
   readonly heartbeatMs: number
   readonly fenceAfterMs: number
   readonly reconnectDelayMs: number
@@ -87,9 +87,9 @@ export class Starter {
     this.#stop.abort()
     this.#firstAttemptDone?.()
     await this.#loop
-    await this.#held?.handOver().catch(() => {})
-    await beforeRelease()
     const lease = this.#lease
+    if (lease) await this.#held?.handOver(lease.epoch, 'stopped').catch(() => {})
+    await beforeRelease()
     this.#lease = undefined
     const held = this.#held
     this.#held = undefined
@@ -147,6 +147,7 @@ export class Starter {
         this.#lease = undefined
         if (stepDown.signal.aborted) {
           // Handed over at once: unlocked and closed, the next waiter holds.
+          await session.handOver(lease.epoch, reason).catch(() => {})
           await session.release().catch(() => session.destroy())
           this.#hooks.onLost(lease, reason)
           await sleep(this.#settings.stepDownCoolOffMs, stop)

@@ -1,7 +1,8 @@
 import type pg from 'pg'
 import type { PolicyDefinition } from '../config/definition.js'
 import type { ResolvedPolicy } from '../config/policy.js'
-import { validatePolicies } from '../config/validate-policies.js'
+import { cronPreview, type Schedule } from '../config/schedule.js'
+import { describeSchedule, validatePolicies } from '../config/validate-policies.js'
 import { withClient } from '../db/transaction.js'
 
 export interface PlannedTable {
@@ -73,4 +74,67 @@ export async function planPolicies(
     }
   })
   return { plans, warnings: warnings.map((w) => w.message) }
+}
+
+export interface TaskPlan {
+  task: string
+  /** `every 1 hour`, or `cron "0 3 * * *" in Europe/Berlin`. */
+  schedule: string
+  /** Its next slots by the database's clock (for `every`: from its schedule row, or now). */
+  next: Date[]
+}
+
+/**
+ * When each task runs next, by the database's clock: its stored schedule when a holder
+ * has written one, else from now.
+ */
+export async function planTasks(
+  pool: pg.Pool,
+  singleton: string,
+  tasks: readonly { name: string; schedule: Schedule }[],
+  count = 3,
+): Promise<TaskPlan[]> {
+  const { rows } = await pool.query<{ now: Date; policy: string | null; next_run_at: Date | null }>(
+    `SELECT now(), s.policy, s.next_run_at FROM (SELECT 1) one
+       LEFT JOIN pgsingleton.schedules s ON s.singleton = $1`,
+    [singleton],
+  )
+  const now = rows[0]?.now ?? new Date()
+  return tasks.map((task) => {
+    const stored = rows.find((r) => r.policy === task.name)?.next_run_at ?? null
+    const { every, cron, cronTimeZone } = task.schedule
+    if (cron !== null && cronTimeZone !== null) {
+      const after =
+        stored && stored.getTime() > now.getTime() ? new Date(stored.getTime() - 1) : now
+      return {
+        task: task.name,
+        schedule: describeSchedule(task.schedule),
+        next: cronPreview(cron, cronTimeZone, after, count),
+      }
+    }
+    const first = stored ?? now
+    const seconds = intervalSeconds(every ?? '1 hour')
+    return {
+      task: task.name,
+      schedule: describeSchedule(task.schedule),
+      next: Array.from({ length: count }, (_, i) => new Date(first.getTime() + i * seconds * 1000)),
+    }
+  })
+}
+
+/** Seconds of a canonical interval (`1 hour 30 minutes`), months as 30 days: for a preview only. */
+function intervalSeconds(interval: string): number {
+  const unit: Record<string, number> = {
+    second: 1,
+    minute: 60,
+    hour: 3600,
+    day: 86_400,
+    week: 604_800,
+    month: 2_592_000,
+    year: 31_536_000,
+  }
+  let total = 0
+  for (const [, n, u] of interval.matchAll(/([\d.]+)\s+([a-z]+?)s?\b/g))
+    total += Number(n) * (unit[u ?? ''] ?? 0)
+  return total || 3600
 }

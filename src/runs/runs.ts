@@ -1,5 +1,5 @@
 import pg from 'pg'
-import type { PolicyDefinition } from '../config/definition.js'
+import type { PolicyDefinition, RunDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { type FenceToken, localSettings, type TransactionLimits, withFence } from './fence.js'
 import { OPEN_SQL, type RunStatus } from './statuses.js'
@@ -40,11 +40,13 @@ export interface IssuedRun {
   reissued: boolean
 }
 
-export interface Claim extends FenceToken {
+export interface Claim<D extends RunDefinition = RunDefinition> extends FenceToken {
   readonly runId: string
   readonly policy: string
   readonly attempt: number
-  readonly definition: PolicyDefinition
+  /** When the run's slot was (the earliest, when it stands for missed slots too). */
+  readonly scheduledFor: Date
+  readonly definition: D
   readonly rowsDeleted: number
   readonly rowsSkipped: number
   readonly batches: number
@@ -52,7 +54,7 @@ export interface Claim extends FenceToken {
 
 /** What the holder issues a policy with: the definition every live node agreed on. */
 export interface AgreedPolicy {
-  readonly definition: PolicyDefinition
+  readonly definition: RunDefinition
   readonly fingerprint: string
 }
 
@@ -128,6 +130,8 @@ export async function issue(
   tx: Queryable,
   lease: FenceTokenWithNode,
   agreed: readonly AgreedPolicy[],
+  /** For due cron schedules: the further slots that passed, and the first slot after now. */
+  cronAdvance: readonly { policy: string; missed: number; next: Date }[] = [],
 ): Promise<IssuedRun[]> {
   if (agreed.length === 0) return []
   const { rows } = await tx.query<IssuedRow>(
@@ -147,16 +151,26 @@ export async function issue(
      ), cleared AS (
        UPDATE pgsingleton.policy_controls c SET run_now_at = NULL
          FROM requested q WHERE c.singleton = $1 AND c.policy = q.policy
+     ), cron AS (
+       SELECT * FROM jsonb_to_recordset($5::jsonb) AS c(policy text, missed bigint, next timestamptz)
      ), due AS (
+       -- every: the slots that passed follow from the interval; cron: the holder counted them
+       -- (a schedule with no count yet waits for the next tick).
        SELECT s.singleton, s.policy, s.next_run_at,
-              floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint AS missed
+              CASE WHEN s.cron IS NULL
+                   THEN floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint
+                   ELSE c.missed END AS missed,
+              c.next AS cron_next
          FROM pgsingleton.schedules s JOIN free f ON f.policy = s.policy
-        WHERE s.singleton = $1 AND s.next_run_at <= now()
+         LEFT JOIN cron c ON c.policy = s.policy
+        WHERE s.singleton = $1 AND s.next_run_at <= now() AND (s.cron IS NULL OR c.policy IS NOT NULL)
           FOR UPDATE OF s
      ), advanced AS (
        UPDATE pgsingleton.schedules s
           SET last_scheduled_for = due.next_run_at,
-              next_run_at = due.next_run_at + s.every * (due.missed + 1)::double precision,
+              next_run_at = CASE WHEN s.cron IS NULL
+                                 THEN due.next_run_at + s.every * (due.missed + 1)::double precision
+                                 ELSE due.cron_next END,
               updated_epoch = $2
          FROM due
         WHERE s.singleton = due.singleton AND s.policy = due.policy
@@ -173,11 +187,12 @@ export async function issue(
         GROUP BY f.policy
      )
      INSERT INTO pgsingleton.cleanup_runs
-       (singleton, policy, epoch, scheduled_for, scheduled_by, coalesced, reissued, definition, fingerprint)
+       (singleton, policy, epoch, scheduled_for, scheduled_by, coalesced, reissued, definition, fingerprint, kind)
      SELECT $1, f.policy, $2, coalesce(a.slot, u.latest, q.asked), $4,
             coalesce(a.missed, 0) + coalesce(u.n, 0)
               - CASE WHEN a.slot IS NULL AND u.latest IS NOT NULL THEN 1 ELSE 0 END,
-            a.slot IS NULL AND u.latest IS NOT NULL, f.definition, f.fingerprint
+            a.slot IS NULL AND u.latest IS NOT NULL, f.definition, f.fingerprint,
+            coalesce(f.definition->>'kind', 'cleanup')
        FROM free f
        LEFT JOIN advanced a ON a.policy = f.policy
        LEFT JOIN unfinished u ON u.policy = f.policy
@@ -195,6 +210,7 @@ export async function issue(
         })),
       ),
       lease.nodeId,
+      JSON.stringify(cronAdvance.map((c) => ({ ...c, next: c.next.toISOString() }))),
     ],
   )
   return rows.map(toIssued(lease.epoch))
@@ -277,7 +293,8 @@ export async function claim(
     policy: string
     epoch: string
     attempt: number
-    definition: PolicyDefinition
+    scheduled_for: Date
+    definition: RunDefinition
     rows_deleted: string
     rows_skipped: string
     batches: number
@@ -288,7 +305,7 @@ export async function claim(
       WHERE id = $1 AND status = 'scheduled'
         AND EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
                      WHERE l.singleton = cleanup_runs.singleton AND l.node_id = $2)
-      RETURNING singleton, policy, epoch, attempt, definition, rows_deleted, rows_skipped, batches`,
+      RETURNING singleton, policy, epoch, attempt, scheduled_for, definition, rows_deleted, rows_skipped, batches`,
     [runId, nodeId],
   )
   const row = rows[0]
@@ -306,6 +323,7 @@ export async function claim(
     policy: row.policy,
     epoch: Number(row.epoch),
     attempt: row.attempt,
+    scheduledFor: row.scheduled_for,
     definition: row.definition,
     rowsDeleted: Number(row.rows_deleted),
     rowsSkipped: Number(row.rows_skipped),

@@ -1,6 +1,7 @@
 import type pg from 'pg'
 import type { PgBoss } from 'pg-boss'
-import { fingerprint, type PolicyDefinition } from '../config/definition.js'
+import { fingerprint, isTask, type RunDefinition } from '../config/definition.js'
+import { cronNext, cronSlots } from '../config/schedule.js'
 import { errorMessage } from '../errors.js'
 import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobState, sendJob } from '../queue/cleanup-queue.js'
@@ -14,7 +15,7 @@ export interface SchedulerDeps {
   readonly pool: pg.Pool
   readonly boss: PgBoss
   /** This node's definitions; a policy is scheduled only while every live node holds the same. */
-  readonly definitions: readonly PolicyDefinition[]
+  readonly definitions: readonly RunDefinition[]
   readonly limits: TransactionLimits
   onScheduled(run: ScheduledRun): void
   /** The policies held back because the live nodes disagree on them, each time that set changes. */
@@ -102,8 +103,13 @@ async function tick(
       .filter((p) => agreedNow.get(p.definition.name) !== p.fingerprint)
       .map((p) => p.definition.name)
 
-    await upsertSchedules(tx, token, agreed)
-    const issued = [...(await runs.retryDue(tx, token)), ...(await runs.issue(tx, token, agreed))]
+    const { rows: clock } = await tx.query<{ now: Date }>('SELECT now()')
+    const now = clock[0]?.now ?? new Date()
+    await upsertSchedules(tx, token, agreed, now)
+    const issued = [
+      ...(await runs.retryDue(tx, token)),
+      ...(await runs.issue(tx, token, agreed, await dueCronSlots(tx, token, now))),
+    ]
     for (const run of issued) {
       const policy = own.find((p) => p.definition.name === run.policy)
       const jobId = await sendJob(deps.boss, tx, {
@@ -162,30 +168,79 @@ async function resendLostJobs(
   return resent
 }
 
+/**
+ * Writes each agreed schedule, as it changes. A new `every` schedule is due at once; a
+ * changed `every` takes effect from now without pushing an occurrence that is already due
+ * further out. A cron schedule (new, or with a new pattern or zone) is next due at its
+ * first slot after now, by the database's clock.
+ */
 async function upsertSchedules(
   tx: pg.PoolClient,
   lease: runs.FenceTokenWithNode,
   agreed: readonly runs.AgreedPolicy[],
+  now: Date,
 ): Promise<void> {
   if (agreed.length === 0) return
-  // A new policy is due at once; a changed `every` takes effect from now without pushing
-  // an occurrence that is already due further out.
+  const rows = agreed.map(({ definition }) => {
+    const kind = isTask(definition) ? 'task' : 'cleanup'
+    if (definition.cron === null || definition.cronTimeZone === null) {
+      return { policy: definition.name, kind, every: definition.every, cron: null, time_zone: null }
+    }
+    const { next, periodSeconds } = cronNext(definition.cron, definition.cronTimeZone, now)
+    return {
+      policy: definition.name,
+      kind,
+      every: null,
+      cron: definition.cron,
+      time_zone: definition.cronTimeZone,
+      next_cron: next.toISOString(),
+      period_s: periodSeconds,
+    }
+  })
   await tx.query(
-    `INSERT INTO pgsingleton.schedules AS s (singleton, policy, every, next_run_at, updated_epoch)
-     SELECT $1, p.policy, p.every::interval, now(), $2
-       FROM unnest($3::text[], $4::text[]) AS p(policy, every)
+    `INSERT INTO pgsingleton.schedules AS s
+       (singleton, policy, kind, every, cron, time_zone, period, next_run_at, updated_epoch)
+     SELECT $1, p.policy, p.kind, p.every::interval, p.cron, p.time_zone,
+            coalesce(p.every::interval, make_interval(secs => p.period_s)),
+            coalesce(p.next_cron, now()), $2
+       FROM jsonb_to_recordset($3::jsonb)
+         AS p(policy text, kind text, every text, cron text, time_zone text, next_cron timestamptz, period_s float8)
      ON CONFLICT (singleton, policy) DO UPDATE
-       SET every = excluded.every,
-           next_run_at = least(s.next_run_at, now() + excluded.every),
+       SET kind = excluded.kind, every = excluded.every, cron = excluded.cron,
+           time_zone = excluded.time_zone, period = excluded.period,
+           next_run_at = CASE WHEN excluded.cron IS NOT NULL THEN excluded.next_run_at
+                              ELSE least(s.next_run_at, now() + excluded.every) END,
            updated_epoch = excluded.updated_epoch
-       WHERE s.every IS DISTINCT FROM excluded.every`,
-    [
-      lease.singleton,
-      lease.epoch,
-      agreed.map((p) => p.definition.name),
-      agreed.map((p) => p.definition.every),
-    ],
+       WHERE s.every IS DISTINCT FROM excluded.every OR s.cron IS DISTINCT FROM excluded.cron
+          OR s.time_zone IS DISTINCT FROM excluded.time_zone OR s.kind IS DISTINCT FROM excluded.kind`,
+    [lease.singleton, lease.epoch, JSON.stringify(rows)],
   )
+}
+
+/**
+ * For each cron schedule that is due: how many of its later slots have passed too (the
+ * run stands for them) and its first slot after now, computed from the database's clock
+ * with the cron library. The issue statement moves the schedule there.
+ */
+async function dueCronSlots(
+  tx: pg.PoolClient,
+  lease: runs.FenceTokenWithNode,
+  now: Date,
+): Promise<{ policy: string; missed: number; next: Date }[]> {
+  const { rows } = await tx.query<{
+    policy: string
+    next_run_at: Date
+    cron: string
+    time_zone: string
+  }>(
+    `SELECT policy, next_run_at, cron, time_zone FROM pgsingleton.schedules
+      WHERE singleton = $1 AND cron IS NOT NULL AND next_run_at <= now()`,
+    [lease.singleton],
+  )
+  return rows.map((row) => ({
+    policy: row.policy,
+    ...cronSlots(row.cron, row.time_zone, row.next_run_at, now),
+  }))
 }
 
 /**

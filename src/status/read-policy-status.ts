@@ -1,5 +1,5 @@
 import type pg from 'pg'
-import { differences, type PolicyDefinition } from '../config/definition.js'
+import { differences, isTask, type RunDefinition } from '../config/definition.js'
 
 export type Agreement = 'agree' | 'disagree' | 'no live node'
 
@@ -13,10 +13,10 @@ export interface PolicyStatus {
   agreement: Agreement
   liveNodes: number
   /** The agreed definition, when they agree. */
-  definition: PolicyDefinition | null
+  definition: RunDefinition | null
   /** When they disagree: each live node's definition (null where the node lacks the policy). */
   nodeDefinitions:
-    | { nodeId: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
+    | { nodeId: string; fingerprint: string | null; definition: RunDefinition | null }[]
     | null
   every: string | null
   nextRunAt: Date | null
@@ -34,6 +34,11 @@ export interface PolicyStatus {
   rowsDeleted24h: number
   /** No success for more than twice its interval (and not paused): the thing to alert on. */
   overdue: boolean
+  /** A cleanup policy, or a task. */
+  kind: 'cleanup' | 'task'
+  /** A cron schedule (instead of `every`), and the zone it is read in. */
+  cron: string | null
+  cronTimeZone: string | null
 }
 
 interface Row {
@@ -42,9 +47,9 @@ interface Row {
   paused: boolean
   agreement: Agreement
   live_nodes: number
-  definition: PolicyDefinition | null
+  definition: RunDefinition | null
   node_definitions:
-    | { node_id: string; fingerprint: string | null; definition: PolicyDefinition | null }[]
+    | { node_id: string; fingerprint: string | null; definition: RunDefinition | null }[]
     | null
   every: string | null
   next_run_at: Date | null
@@ -60,6 +65,9 @@ interface Row {
   last_error_at: Date | null
   rows_deleted_24h: string
   overdue: boolean
+  kind: 'cleanup' | 'task'
+  cron: string | null
+  cron_time_zone: string | null
 }
 
 /** Reads `pgsingleton.policy_status`: every policy, or those of the singleton named. */
@@ -100,6 +108,9 @@ export async function readPolicyStatus(
     lastErrorAt: row.last_error_at,
     rowsDeleted24h: Number(row.rows_deleted_24h),
     overdue: row.overdue,
+    kind: row.kind,
+    cron: row.cron,
+    cronTimeZone: row.cron_time_zone,
   }))
 }
 
@@ -111,7 +122,7 @@ export function describeDisagreement(status: PolicyStatus): string[] {
   const nodes = status.nodeDefinitions ?? []
   const reference = nodes.find((n) => n.definition)
   return nodes.map((node) => {
-    if (!node.definition) return `${node.nodeId}: does not have this policy`
+    if (!node.definition) return `${node.nodeId}: does not have it`
     if (!reference?.definition || node === reference)
       return `${node.nodeId}: ${summary(node.definition)}`
     const diff = differences(node.definition, reference.definition)
@@ -119,6 +130,8 @@ export function describeDisagreement(status: PolicyStatus): string[] {
   })
 }
 
-function summary(d: PolicyDefinition): string {
-  return `"${d.schema}"."${d.table}"."${d.column}" older than ${d.olderThan}${d.timeZone ? ` in ${d.timeZone}` : ''}, every ${d.every}, batchSize ${d.batchSize}`
+function summary(d: RunDefinition): string {
+  const schedule = d.every !== null ? `every ${d.every}` : `cron "${d.cron}" in ${d.cronTimeZone}`
+  if (isTask(d)) return `task, ${schedule}`
+  return `"${d.schema}"."${d.table}"."${d.column}" older than ${d.olderThan}${d.timeZone ? ` in ${d.timeZone}` : ''}, ${schedule}, batchSize ${d.batchSize}`
 }

@@ -1,5 +1,9 @@
 import pg from 'pg'
-import { fingerprint, type PolicyDefinition } from '../../src/config/definition.js'
+import {
+  fingerprint,
+  type PolicyDefinition,
+  type RunDefinition,
+} from '../../src/config/definition.js'
 import { type RetentionPolicy, resolvePolicies } from '../../src/config/policy.js'
 import { validatePolicies } from '../../src/config/validate-policies.js'
 import { type Lease, LockSession } from '../../src/lock/lock-session.js'
@@ -41,7 +45,7 @@ export class Holder {
   }
 
   /** Connects and registers; a standby until `hold()`. */
-  async join(definitions: readonly PolicyDefinition[]): Promise<this> {
+  async join(definitions: readonly RunDefinition[]): Promise<this> {
     this.#joined = true
     await this.session.connect()
     await this.session.register(definitions)
@@ -110,8 +114,9 @@ export async function workRun(
   nodeId: string,
   limit?: number,
 ): Promise<Worked> {
-  const claim = await runs.claim(pool, runId, nodeId)
-  if (typeof claim === 'string') throw new Error(`run ${runId} could not be claimed: ${claim}`)
+  const claimed = await runs.claim(pool, runId, nodeId)
+  if (typeof claimed === 'string') throw new Error(`run ${runId} could not be claimed: ${claimed}`)
+  const claim = claimed as runs.Claim<PolicyDefinition>
   const { rows: leaves } = await pool.query<{ leaf: string; strategy: 'index' | 'tidrange' }>(
     `SELECT l.leaf, l.strategy FROM pgsingleton.cleanup_leaves(to_regclass(format('%I.%I', $1::text, $2::text)), $3) l`,
     [claim.definition.schema, claim.definition.table, claim.definition.column],

@@ -1,0 +1,108 @@
+import type pg from 'pg'
+import { SingletonError } from '../errors.js'
+import { NAME_PATTERN } from './policy.js'
+import { Problems } from './problems.js'
+import { resolveSchedule, type Schedule } from './schedule.js'
+
+/**
+ * What a task's handler is given for one run, an occurrence of its schedule that is its
+ * alone across the cluster.
+ */
+export interface TaskContext {
+  /** The task's name. */
+  readonly name: string
+  /** The slot this run is for (the earliest one, when it stands for missed slots too). */
+  readonly scheduledFor: Date
+  /** The holdership the run was issued under: the fencing token. */
+  readonly epoch: number
+  /** The node running it. */
+  readonly nodeId: string
+  /** Aborts when the run must stop: the node stops, or its run was fenced or paused. */
+  readonly signal: AbortSignal
+  /**
+   * Runs `fn(client)` in one transaction that first checks the run's epoch exactly as a
+   * cleanup batch does and records the occurrence as done: it commits only while no newer
+   * holder exists, and an occurrence whose fenced transaction committed is never run
+   * again. Once per run: a second call throws (`FENCED_ONCE`) without running `fn`.
+   * Throws `FENCED` (and runs nothing) when the run may no longer write.
+   */
+  fenced<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T>
+}
+
+/** A task as a user writes it in code: the handler, and when it runs. */
+export interface SingletonTask {
+  /** Unique among the singleton's policies and tasks; letters, digits, `_`, `-` and `.`. */
+  name: string
+  /** How often it runs, e.g. `'1 hour'`. Or `cron`. */
+  every?: string
+  /** Instead of `every`: a cron pattern (five fields, or six with seconds first), read in `timeZone`. */
+  cron?: string
+  /** The IANA zone a `cron` pattern is read in. Default UTC. */
+  timeZone?: string
+  /** Its work. A run whose handler throws (and whose fenced transaction did not commit) is retried with backoff. */
+  handler: (context: TaskContext) => Promise<unknown> | unknown
+}
+
+/** A task in the CLI's config file: its handler is the default export of `module`. */
+export interface ConfigFileTask {
+  name: string
+  /** An ES module whose default export is the handler: an absolute path, or one relative to the config file. */
+  module: string
+  every?: string
+  cron?: string
+  timeZone?: string
+}
+
+export interface ResolvedTask {
+  readonly name: string
+  readonly schedule: Schedule
+  readonly handler: SingletonTask['handler']
+}
+
+const TASK_KEYS = new Set(['name', 'every', 'cron', 'timeZone', 'handler'])
+
+/** Checks tasks without a database, reporting every problem at once. */
+export function resolveTasks(tasks: unknown): readonly ResolvedTask[] {
+  if (tasks === undefined) return Object.freeze([])
+  if (!Array.isArray(tasks)) {
+    throw new SingletonError(
+      'INVALID_OPTION',
+      'tasks: expected an array of tasks ({ name, every or cron, timeZone?, handler }).',
+    )
+  }
+  const problems = new Problems()
+  const seen = new Set<string>()
+  const resolved: ResolvedTask[] = []
+  tasks.forEach((raw: unknown, index) => {
+    const at = `tasks[${index}]`
+    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
+      problems.add(`${at}: expected an object, got ${JSON.stringify(raw)}.`)
+      return
+    }
+    const before = problems.count
+    const record = raw as Record<string, unknown>
+    for (const key of Object.keys(record)) {
+      if (!TASK_KEYS.has(key))
+        problems.add(`${at}.${key}: unknown field; a task has ${[...TASK_KEYS].join(', ')}.`)
+    }
+    const name = typeof record.name === 'string' ? record.name : ''
+    if (!NAME_PATTERN.test(name)) {
+      problems.add(
+        `${at}.name: ${JSON.stringify(record.name)} must be 1-100 letters, digits, "_", "-" or ".".`,
+      )
+    }
+    const where = NAME_PATTERN.test(name) ? `task "${name}"` : at
+    if (seen.has(name)) problems.add(`${where}: the name is used twice; names must be unique.`)
+    seen.add(name)
+    const schedule = resolveSchedule(record, 'timeZone', undefined, where, problems)
+    if (typeof record.handler !== 'function') {
+      problems.add(`${where}, field handler: expected a function, got ${typeof record.handler}.`)
+    }
+    if (problems.count > before || !schedule) return
+    resolved.push(
+      Object.freeze({ name, schedule, handler: record.handler as SingletonTask['handler'] }),
+    )
+  })
+  problems.throwIfAny('INVALID_OPTION')
+  return Object.freeze(resolved)
+}

@@ -1,0 +1,356 @@
+import { once } from 'node:events'
+import { writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterEach, describe, expect, it } from 'vitest'
+import { fingerprint, type TaskDefinition } from '../src/config/definition.js'
+import {
+  createSingleton,
+  type RunReport,
+  type Singleton,
+  type SingletonTask,
+  type TaskContext,
+} from '../src/index.js'
+import * as runs from '../src/runs/runs.js'
+import { readPolicyStatus } from '../src/status/read-policy-status.js'
+import { runTask } from '../src/tasks/run-task.js'
+import { useTestDatabase, waitFor } from './support/database.js'
+import { failOnNodesLeftRunning, runCli, startNode, writeConfig } from './support/nodes.js'
+import { Holder, LIMITS } from './support/run-harness.js'
+
+const db = useTestDatabase({
+  setup: ({ pool }) =>
+    pool
+      .query(`CREATE SCHEMA app;
+        CREATE TABLE app.task_writes (task text, scheduled_for timestamptz, epoch bigint, node text,
+                                      written_at timestamptz DEFAULT clock_timestamp());
+        CREATE TABLE app.events (at timestamptz NOT NULL);`)
+      .then(() => {}),
+})
+failOnNodesLeftRunning()
+
+const nodes: Singleton[] = []
+afterEach(async () => {
+  for (const node of nodes.splice(0)) await node.stop()
+})
+
+let seq = 0
+function node(
+  tasks: SingletonTask[],
+  extra: object = {},
+): { node: Singleton; name: string; errors: Error[] } {
+  const name = `tasks-${++seq}`
+  const singleton = createSingleton({ name, connectionString: db.url, tasks, ...extra })
+  const errors: Error[] = []
+  singleton.on('error', (error) => errors.push(error))
+  nodes.push(singleton)
+  return { node: singleton, name, errors }
+}
+
+/** A handler that writes its occurrence through fenced(), as a user's would. */
+const writeOccurrence = async (ctx: TaskContext) => {
+  await ctx.fenced((client) =>
+    client.query(
+      'INSERT INTO app.task_writes (task, scheduled_for, epoch, node) VALUES ($1, $2, $3, $4)',
+      [ctx.name, ctx.scheduledFor, ctx.epoch, ctx.nodeId],
+    ),
+  )
+}
+
+async function writesOf(task: string) {
+  const { rows } = await db.pool.query<{ scheduled_for: Date; epoch: string }>(
+    'SELECT scheduled_for, epoch FROM app.task_writes WHERE task = $1 ORDER BY scheduled_for',
+    [task],
+  )
+  return rows
+}
+
+describe("tasks: the user's own code, once per occurrence across the cluster, fenced", () => {
+  it('runs a task on its schedule with its context; what it writes through fenced() is written once per done run', async () => {
+    const seen: { scheduledFor: Date; epoch: number; nodeId: string; aborted: boolean }[] = []
+    const { node: n, name } = node([
+      {
+        name: 'tick',
+        every: '1 second',
+        handler: async (ctx) => {
+          seen.push({
+            scheduledFor: ctx.scheduledFor,
+            epoch: ctx.epoch,
+            nodeId: ctx.nodeId,
+            aborted: ctx.signal.aborted,
+          })
+          await writeOccurrence(ctx)
+        },
+      },
+    ])
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    await waitFor('three runs', async () => reports.filter((r) => r.status === 'done').length >= 3)
+    // While the node is live, its definition is the one agreed on.
+    const [status] = await readPolicyStatus(db.pool, name)
+    expect(status).toMatchObject({
+      policy: 'tick',
+      kind: 'task',
+      agreement: 'agree',
+      every: '00:00:01',
+    })
+    expect(status?.lastSuccessAt).toBeInstanceOf(Date)
+    await n.stop()
+    expect(seen[0]).toMatchObject({ nodeId: n.options.nodeId, aborted: false })
+    expect(seen[0]?.scheduledFor).toBeInstanceOf(Date)
+    const { rows: done } = await db.pool.query<{ scheduled_for: Date }>(
+      `SELECT scheduled_for FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done' AND kind = 'task' ORDER BY scheduled_for`,
+      [name],
+    )
+    const written = await writesOf('tick')
+    expect(written.map((w) => w.scheduled_for.toISOString())).toEqual(
+      done.map((d) => d.scheduled_for.toISOString()),
+    )
+  })
+
+  it('a second fenced() in one run throws FENCED_ONCE without running its function; a handler that never calls fenced() completes its run', async () => {
+    const outcomes: string[] = []
+    const { node: n, name } = node([
+      {
+        name: 'twice',
+        every: '1 hour',
+        handler: async (ctx) => {
+          await ctx.fenced(async () => outcomes.push('first'))
+          await ctx
+            .fenced(async () => outcomes.push('second'))
+            .catch((error: { code?: string }) => outcomes.push(`refused ${error.code}`))
+        },
+      },
+      { name: 'plain', every: '1 hour', handler: () => outcomes.push('plain') },
+    ])
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    await waitFor('both ran', async () => reports.length >= 2)
+    expect(outcomes.sort()).toEqual(['first', 'plain', 'refused FENCED_ONCE'])
+    expect(reports.map((r) => [r.policy, r.status]).sort()).toEqual([
+      ['plain', 'done'],
+      ['twice', 'done'],
+    ])
+    const { rows } = await db.pool.query(
+      `SELECT policy, status FROM pgsingleton.cleanup_runs WHERE singleton = $1 ORDER BY policy`,
+      [name],
+    )
+    expect(rows).toEqual([
+      { policy: 'plain', status: 'done' },
+      { policy: 'twice', status: 'done' },
+    ])
+  })
+
+  it('a handler that throws fails its run, which is retried with backoff and then succeeds; the error is recorded and reported', async () => {
+    let calls = 0
+    const {
+      node: n,
+      name,
+      errors,
+    } = node([
+      {
+        name: 'flaky',
+        every: '1 hour',
+        handler: async (ctx) => {
+          calls += 1
+          if (calls === 1) throw new Error('the mail server said no')
+          await writeOccurrence(ctx)
+        },
+      },
+    ])
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    await waitFor(
+      'a failure and then a success',
+      async () => reports.some((r) => r.status === 'done'),
+      15_000,
+    )
+    expect(reports.map((r) => r.status)).toEqual(['failed', 'done'])
+    expect(errors.map((e) => (e as { code?: string }).code)).toContain('TASK_FAILED')
+    const { rows } = await db.pool.query(
+      'SELECT status, failures, error FROM pgsingleton.cleanup_runs WHERE singleton = $1',
+      [name],
+    )
+    expect(rows).toEqual([{ status: 'done', failures: 1, error: null }])
+    const [status] = await readPolicyStatus(db.pool, name)
+    expect(status?.lastError ?? null).toBeNull()
+    expect((await writesOf('flaky')).length).toBe(1)
+  })
+
+  it('a fenced() under an epoch that is no longer current runs nothing and commits nothing, and the run ends fenced', async () => {
+    const definition: TaskDefinition = {
+      kind: 'task',
+      name: 'stale',
+      every: '1 hour',
+      cron: null,
+      cronTimeZone: null,
+    }
+    const a = await new Holder(db.url, 'tasks-stale', 'a').join([definition])
+    const lease = await a.hold()
+    const { rows } = await db.pool.query(
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, definition, fingerprint, kind)
+       VALUES ('tasks-stale', 'stale', $1, now(), 'a', $2, $3, 'task') RETURNING id`,
+      [lease.epoch, JSON.stringify(definition), fingerprint(definition)],
+    )
+    const claimed = await runs.claim(db.pool, String(rows[0].id), 'a')
+    if (typeof claimed === 'string') throw new Error(claimed)
+    // A newer holder takes over before the task writes.
+    await a.close()
+    const b = await new Holder(db.url, 'tasks-stale', 'b').join([definition])
+    await b.hold()
+    let ran = false
+    let refusal: { code?: string; message?: string } | undefined
+    const report = await runTask(
+      {
+        pool: db.pool,
+        nodeId: 'a',
+        limits: LIMITS,
+        handlers: new Map([
+          [
+            'stale',
+            async (ctx: TaskContext) => {
+              await ctx
+                .fenced(async (client) => {
+                  ran = true
+                  await client.query("INSERT INTO app.task_writes (task) VALUES ('stale')")
+                })
+                .catch((error) => {
+                  refusal = error
+                })
+            },
+          ],
+        ]),
+      },
+      claimed as runs.Claim<TaskDefinition>,
+      new AbortController().signal,
+    )
+    await b.close()
+    expect(ran).toBe(false)
+    expect(refusal).toMatchObject({
+      code: 'FENCED',
+      message: expect.stringMatching(/newer holder/),
+    })
+    expect(report.status).toBe('fenced')
+    expect((await writesOf('stale')).length).toBe(0)
+  })
+
+  it("a config file with tasks (and no policies): each module's default export is the handler, a relative module is read from the config file's folder", async () => {
+    const dir = tmpdir()
+    const module = join(dir, `pg-singleton-task-${process.pid}-${++seq}.mjs`)
+    await writeFile(
+      module,
+      `export default async function (ctx) {
+         await ctx.fenced((client) => client.query(
+           'INSERT INTO app.task_writes (task, scheduled_for, epoch, node) VALUES ($1, $2, $3, $4)',
+           [ctx.name, ctx.scheduledFor, ctx.epoch, ctx.nodeId]))
+       }\n`,
+    )
+    const config = await writeConfig({
+      name: 'cli-tasks',
+      tasks: [
+        { name: 'from-module', module: `./${module.split('/').pop()}`, cron: '*/2 * * * * *' },
+      ],
+    })
+    const cli = startNode(db.url, config, 'cli-task-node')
+    try {
+      await waitFor(
+        'two occurrences written',
+        async () => (await writesOf('from-module')).length >= 2,
+        20_000,
+      )
+    } finally {
+      cli.signal('SIGTERM')
+      expect((await cli.exited).code, cli.output()).toBe(0)
+    }
+    // Six-field cron: on even seconds.
+    for (const w of await writesOf('from-module')) {
+      expect(w.scheduled_for.getUTCMilliseconds()).toBe(0)
+      expect(w.scheduled_for.getUTCSeconds() % 2).toBe(0)
+    }
+    const [status] = await readPolicyStatus(db.pool, 'cli-tasks')
+    expect(status).toMatchObject({ kind: 'task', cron: '*/2 * * * * *', cronTimeZone: 'UTC' })
+
+    const plan = runCli(['plan', '--config', config], { DATABASE_URL: db.url })
+    expect((await plan.exited).code, plan.output()).toBe(0)
+    expect(plan.output()).toMatch(
+      /task "from-module": on cron "\*\/2 \* \* \* \* \*" in UTC; next \d{4}-/,
+    )
+
+    const bad = await writeConfig({
+      name: 'cli-tasks-bad',
+      tasks: [{ name: 'x', module: './nope.mjs', every: '1 hour' }],
+    })
+    const refused = startNode(db.url, bad, 'cli-task-bad')
+    expect((await refused.exited).code).toBe(1)
+    expect(refused.output()).toMatch(/task "x", field module: .*nope\.mjs could not be loaded/)
+  }, 60_000)
+
+  it("pause stops a task's runs and resume starts them again; run-now runs it outside its schedule", async () => {
+    const { node: n, name } = node([{ name: 'hourly', every: '1 hour', handler: writeOccurrence }])
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    await waitFor('the first run', async () => reports.length >= 1)
+    const pause = runCli(['pause', 'hourly', '--name', name], { DATABASE_URL: db.url })
+    expect((await pause.exited).code, pause.output()).toBe(0)
+    const runNow = runCli(['run-now', 'hourly', '--name', name], { DATABASE_URL: db.url })
+    expect((await runNow.exited).code).not.toBe(0) // refused while paused
+    const resume = runCli(['resume', 'hourly', '--name', name], { DATABASE_URL: db.url })
+    expect((await resume.exited).code, resume.output()).toBe(0)
+    const again = runCli(['run-now', 'hourly', '--name', name], { DATABASE_URL: db.url })
+    expect((await again.exited).code, again.output()).toBe(0)
+    await waitFor('the asked-for run', async () => reports.length >= 2, 15_000)
+    expect((await writesOf('hourly')).length).toBe(2)
+  })
+
+  it("is refused at construction when neither policies nor tasks are given, or a task shares a policy's name, or lacks a handler", () => {
+    expect(() => createSingleton({ name: 'x', connectionString: db.url })).toThrow(
+      /give at least one retention policy or task/,
+    )
+    expect(() =>
+      createSingleton({
+        name: 'x',
+        connectionString: db.url,
+        policies: [
+          { name: 'same', table: 'app.events', column: 'at', olderThan: '1 day', every: '1 hour' },
+        ],
+        tasks: [{ name: 'same', every: '1 hour', handler: () => {} }],
+      }),
+    ).toThrow(/task "same": a policy has the same name/)
+    expect(() =>
+      createSingleton({
+        name: 'x',
+        connectionString: db.url,
+        tasks: [{ name: 't', every: '1 hour' } as unknown as SingletonTask],
+      }),
+    ).toThrow(/task "t", field handler: expected a function/)
+  })
+
+  it('a cleanup policy on a cron schedule runs at its slots', async () => {
+    await db.pool.query(
+      "INSERT INTO app.events SELECT now() - interval '2 days' FROM generate_series(1, 50)",
+    )
+    const { node: n } = node([], {
+      policies: [
+        {
+          name: 'cron-clean',
+          table: 'app.events',
+          column: 'at',
+          olderThan: '1 day',
+          cron: '*/2 * * * * *',
+        },
+      ],
+    })
+    const done = once(n, 'cleanup:done') as Promise<[RunReport]>
+    await n.start()
+    const [report] = await done
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 50 })
+    const { rows } = await db.pool.query<{ scheduled_for: Date }>(
+      `SELECT scheduled_for FROM pgsingleton.cleanup_runs WHERE policy = 'cron-clean'`,
+    )
+    expect((rows[0]?.scheduled_for.getUTCSeconds() ?? 1) % 2).toBe(0)
+  })
+})
