@@ -79,6 +79,10 @@ BEGIN
      SET ended_at = bump_epoch.acquired_at, end_reason = 'lost', closed_by = 'successor',
          detail = format('closed by %s, which took over at epoch %s', p_node_id, bump_epoch.epoch)
    WHERE t.name = p_singleton AND t.ended_at IS NULL;
+  -- A holder's own account may have committed after this bump read the clock: no term
+  -- ends after the next began.
+  UPDATE pgsingleton.terms t SET ended_at = bump_epoch.acquired_at
+   WHERE t.name = p_singleton AND t.epoch < bump_epoch.epoch AND t.ended_at > bump_epoch.acquired_at;
   INSERT INTO pgsingleton.terms (name, epoch, node_id, acquired_at)
   VALUES (p_singleton, bump_epoch.epoch, p_node_id, bump_epoch.acquired_at)
   ON CONFLICT DO NOTHING;
@@ -221,6 +225,13 @@ UPDATE pgsingleton.leases SET epoch = epoch + 1;
 `
 
 export const DOWN = `
+-- Nodes of schema 3 lose their epoch, as UP fences older nodes; their open task runs end.
+SELECT set_config('pgsingleton.protocol', '3', true);
+SELECT 1 FROM pgsingleton.leases FOR UPDATE;
+UPDATE pgsingleton.leases SET epoch = epoch + 1;
+UPDATE pgsingleton.cleanup_runs
+   SET status = 'fenced', finished_at = now(), error = 'schema 3 was rolled back: tasks no longer run'
+ WHERE kind = 'task' AND status IN ('scheduled', 'running', 'failed');
 DROP VIEW IF EXISTS pgsingleton.policy_status;
 ${schema2('CREATE VIEW pgsingleton.policy_status', ') day ON true;')}
 ${schema2('CREATE FUNCTION pgsingleton.bump_epoch', 'END $$;').replace('CREATE FUNCTION', 'CREATE OR REPLACE FUNCTION')}

@@ -488,7 +488,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
 
   /**
    * Writes the holder's account of how its term ended. The path that lost the lock may be
-   * the pool's too (a partition): it tries again, for about a minute, until the node stops.
+   * the pool's too (a partition): it tries again, for about half a minute, until the node stops.
    */
   async #recordTermEnd(pool: pg.Pool, lease: Lease, reason: string): Promise<void> {
     for (let attempt = 0; ; attempt++) {

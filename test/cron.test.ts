@@ -71,6 +71,33 @@ describe('cron schedules in a time zone, across daylight-saving changes', () => 
     expect(iso(newYork)).toEqual(['2026-11-01T05:00:00.000Z', '2026-11-02T06:00:00.000Z'])
   })
 
+  it('a pattern naming several times in the doubled hour runs each wall time once', () => {
+    // croner alone gives 02:00 and 02:30 twice in Berlin, and 01:00 twice in New York.
+    const berlin = slotsBetween(
+      '0,30 2 * * *',
+      'Europe/Berlin',
+      utc('2026-10-24T12:00:00'),
+      utc('2026-10-25T12:00:00'),
+    )
+    expect(iso(berlin)).toEqual(['2026-10-25T00:00:00.000Z', '2026-10-25T00:30:00.000Z'])
+    const newYork = slotsBetween(
+      '0 1-2 * * *',
+      'America/New_York',
+      utc('2026-10-31T12:00:00'),
+      utc('2026-11-01T12:00:00'),
+    )
+    expect(iso(newYork)).toEqual(['2026-11-01T05:00:00.000Z', '2026-11-01T07:00:00.000Z'])
+    // Counted the same way when a holder catches up over the night.
+    expect(
+      cronSlots(
+        '0,30 2 * * *',
+        'Europe/Berlin',
+        utc('2026-10-24T12:00:00'),
+        utc('2026-10-25T12:00:00'),
+      ).missed,
+    ).toBe(2)
+  })
+
   it('an hourly pattern runs every real hour through the doubled hour (each is a distinct instant)', () => {
     const slots = slotsBetween(
       '0 * * * *',

@@ -12,6 +12,7 @@ import { useTestDatabase, waitFor } from './support/database.js'
 import {
   failOnNodesLeftRunning,
   type NodeProcess,
+  runCli,
   startNode,
   writeConfig,
 } from './support/nodes.js'
@@ -117,7 +118,15 @@ describe('failover between real node processes', () => {
     await waitFor(
       'the new holder to clean rows outdated after the kill',
       async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
-    )
+    ).catch(async (error) => {
+      const { rows } = await db.pool.query(
+        `SELECT id, policy, epoch, status, node_id, error, created_at::time AS at FROM pgsingleton.cleanup_runs WHERE singleton = $1 ORDER BY id DESC LIMIT 8`,
+        [name],
+      )
+      throw new Error(
+        `${error.message}\nruns: ${JSON.stringify(rows)}\n${nodes.map((n) => `--- ${n.id}\n${n.output().slice(-3000)}`).join('\n')}`,
+      )
+    })
     expect(await countRows(db.pool, 'true')).toBe(1000) // the young rows, every one
     // What deleted them: batches of newer epochs only, judged from the audit trail.
     const { rows: deleters } = await db.pool.query(
@@ -132,6 +141,41 @@ describe('failover between real node processes', () => {
     await waitUntilSettled(db.pool, name)
     await stopAll(survivors)
     for (const node of survivors) expect((await node.exited).code, node.output()).toBe(0)
+    expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
+
+  it('a job a dead worker left active after its run finished does not hold the next run back', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    const { name, nodes } = await cluster(1, { policies: [{ ...POLICY, every: '1 hour' }] })
+    const first = await waitFor('the first run done', async () => {
+      const { rows } = await db.pool.query(
+        `SELECT id, job_id FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done'`,
+        [name],
+      )
+      return rows[0]
+    })
+    // What a worker killed between recording its run done and completing its pg-boss job
+    // leaves: the run finished on a node that is gone, its job still active.
+    await db.pool.query(`UPDATE pgsingleton.cleanup_runs SET node_id = 'gone-node' WHERE id = $1`, [
+      first.id,
+    ])
+    await db.pool.query(
+      `UPDATE pgboss.job SET state = 'active', started_on = now() WHERE id = $1`,
+      [first.job_id],
+    )
+    await insertRows(db.pool, 300, '2 hours')
+    const runNow = runCli(['run-now', POLICY.name, '--name', name], { DATABASE_URL: db.url })
+    expect((await runNow.exited).code, runNow.output()).toBe(0)
+    await waitFor(
+      'the next run to clean',
+      async () => (await countRows(db.pool, `created_at < now() - interval '1 hour'`)) === 0,
+      20_000,
+    )
+    const { rows: job } = await db.pool.query('SELECT state FROM pgboss.job WHERE id = $1', [
+      first.job_id,
+    ])
+    expect(job[0]?.state).toBe('cancelled')
+    await stopAll(nodes)
     expect(await safetyViolations(db.pool, name)).toEqual([])
   })
 

@@ -180,6 +180,98 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     expect((await writesOf('flaky')).length).toBe(1)
   })
 
+  it('a fenced transaction that does not commit fails its run, even when the handler swallows the error: an error in fn, an aborted transaction, fn ending it itself, or the deadline', async () => {
+    const attempts = new Map<string, number>()
+    const swallow =
+      (name: string, fn: (client: import('pg').PoolClient) => Promise<unknown>) =>
+      async (ctx: TaskContext) => {
+        const n = (attempts.get(name) ?? 0) + 1
+        attempts.set(name, n)
+        if (n > 1) return writeOccurrence(ctx) // the retry succeeds
+        await ctx
+          .fenced(async (client) => {
+            await client.query(
+              'INSERT INTO app.task_writes (task, scheduled_for) VALUES ($1, now())',
+              [name],
+            )
+            return fn(client)
+          })
+          .catch(() => {}) // the handler swallows it and returns
+      }
+    const { node: n, name } = node(
+      [
+        {
+          name: 'throws',
+          every: '1 hour',
+          handler: swallow('throws', async () => {
+            throw new Error('fn failed')
+          }),
+        },
+        {
+          name: 'aborted',
+          every: '1 hour',
+          // An SQL error caught inside fn leaves the transaction aborted: COMMIT would roll back.
+          handler: swallow('aborted', (client) => client.query('SELECT 1/0').catch(() => {})),
+        },
+        {
+          name: 'commits-itself',
+          every: '1 hour',
+          handler: swallow('commits-itself', (client) => client.query('COMMIT')),
+        },
+        {
+          name: 'too-slow',
+          every: '1 hour',
+          // Each statement within its timeout, the whole transaction not.
+          handler: swallow('too-slow', async (client) => {
+            for (let i = 0; i < 6; i++) await client.query('SELECT pg_sleep(0.1)')
+          }),
+        },
+      ],
+      { batchStatementTimeoutMs: 300 },
+    )
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    const names = ['throws', 'aborted', 'commits-itself', 'too-slow']
+    await waitFor(
+      'each task to fail once and then succeed',
+      async () =>
+        names.every((t) => reports.some((r) => r.policy === t && r.status === 'done'))
+          ? true
+          : undefined,
+      30_000,
+    )
+    for (const t of ['throws', 'aborted', 'too-slow']) {
+      expect(
+        reports.filter((r) => r.policy === t).map((r) => r.status),
+        t,
+      ).toEqual(['failed', 'done'])
+    }
+    // A function that commits by itself commits the run's completion with its writes: the
+    // occurrence is done, and the report says what went wrong.
+    const itself = reports.filter((r) => r.policy === 'commits-itself')
+    expect(itself.map((r) => r.status)).toEqual(['done'])
+    expect(itself[0]?.reason).toMatch(/ended its transaction itself/)
+    const { rows } = await db.pool.query<{ policy: string; status: string; failures: number }>(
+      `SELECT policy, status, failures FROM pgsingleton.cleanup_runs WHERE singleton = $1 ORDER BY policy`,
+      [name],
+    )
+    expect(rows.map((r) => [r.policy, r.status, r.failures])).toEqual([
+      ['aborted', 'done', 1],
+      ['commits-itself', 'done', 0],
+      ['throws', 'done', 1],
+      ['too-slow', 'done', 1],
+    ])
+    // Only the retries' writes are there, except what fn committed by itself (not fenced,
+    // which is why that is an error).
+    for (const t of ['throws', 'aborted', 'too-slow']) {
+      const written = await writesOf(t)
+      expect(written.length, t).toBe(1)
+      expect(written[0]?.epoch, t).not.toBeNull()
+    }
+    expect(reports.find((r) => r.policy === 'too-slow')?.reason).toMatch(/longer than 300 ms/)
+  })
+
   it('a fenced() under an epoch that is no longer current runs nothing and commits nothing, and the run ends fenced', async () => {
     const definition: TaskDefinition = {
       kind: 'task',

@@ -69,6 +69,10 @@ BEGIN
      SET ended_at = bump_epoch.acquired_at, end_reason = 'lost', closed_by = 'successor',
          detail = format('closed by %s, which took over at epoch %s', p_node_id, bump_epoch.epoch)
    WHERE t.name = p_singleton AND t.ended_at IS NULL;
+  -- A holder's own account may have committed after this bump read the clock: no term
+  -- ends after the next began.
+  UPDATE pgsingleton.terms t SET ended_at = bump_epoch.acquired_at
+   WHERE t.name = p_singleton AND t.epoch < bump_epoch.epoch AND t.ended_at > bump_epoch.acquired_at;
   INSERT INTO pgsingleton.terms (name, epoch, node_id, acquired_at)
   VALUES (p_singleton, bump_epoch.epoch, p_node_id, bump_epoch.acquired_at)
   ON CONFLICT DO NOTHING;

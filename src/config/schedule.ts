@@ -6,8 +6,11 @@ import type { Problems } from './problems.js'
  * When a policy or task runs: every fixed interval, or on a cron pattern read in an IANA
  * zone. Cron patterns are parsed by croner (a well-kept, dependency-free library) rather
  * than by us; a slot the zone's clocks skip (spring forward) runs once, at the first
- * instant after the gap, and a wall time the clocks pass twice (fall back) runs once, at
- * its first instant.
+ * instant after the gap. A wall time the clocks pass twice (fall back) runs once, at its
+ * first instant, for a pattern that names its hours (`30 2 * * *`, `0,30 1-2 * * *`): as
+ * in Vixie cron, a slot whose wall time is not after the previous slot's is dropped. A
+ * pattern whose hour field is `*` runs on every real hour and minute it names, the
+ * repeated hour included.
  */
 export type Schedule =
   | { readonly every: string; readonly cron: null; readonly cronTimeZone: null }
@@ -93,6 +96,63 @@ function cleanCronError(error: unknown): string {
   )
 }
 
+const wallFormats = new Map<string, Intl.DateTimeFormat>()
+
+/** `date` as a wall time in `zone`, "YYYY-MM-DD HH:MM:SS", comparable as a string. */
+function wallTime(date: Date, zone: string): string {
+  let format = wallFormats.get(zone)
+  if (!format) {
+    format = new Intl.DateTimeFormat('sv-SE', {
+      timeZone: zone,
+      year: 'numeric',
+      month: '2-digit',
+      day: '2-digit',
+      hour: '2-digit',
+      minute: '2-digit',
+      second: '2-digit',
+      hourCycle: 'h23',
+    })
+    wallFormats.set(zone, format)
+  }
+  return format.format(date)
+}
+
+/** A pattern and its zone, whose slots never repeat a wall time when its hours are named. */
+class Slots {
+  readonly #cron: Cron
+  readonly #fixedHours: boolean
+
+  constructor(
+    readonly pattern: string,
+    readonly zone: string,
+  ) {
+    this.#cron = new Cron(pattern, { timezone: zone, paused: true, mode: '5-or-6-parts' })
+    const fields = pattern.split(' ')
+    this.#fixedHours = fields[fields.length === 6 ? 2 : 1] !== '*'
+  }
+
+  /** The first slot after `after`, or null when the pattern has none. */
+  next(after: Date): Date | null {
+    const floor = this.#fixedHours ? wallTime(after, this.zone) : undefined
+    let cursor = after
+    // A repeated hour holds at most 3600 slots of a six-field pattern.
+    for (let i = 0; i < 4000; i++) {
+      const slot = this.#cron.nextRun(cursor)
+      if (slot === null) return null
+      if (floor === undefined || wallTime(slot, this.zone) > floor) return slot
+      cursor = slot
+    }
+    return null
+  }
+
+  nextOrThrow(after: Date): Date {
+    const slot = this.next(after)
+    if (slot === null)
+      throw new Error(`cron "${this.pattern}" has no slot after ${after.toISOString()}`)
+    return slot
+  }
+}
+
 /**
  * The slots of a cron schedule after `from` (exclusive) up to `until` (inclusive), at most
  * MAX_COUNTED_SLOTS, and the first slot after `until`: what a holder needs to issue a due
@@ -105,23 +165,16 @@ export function cronSlots(
   from: Date,
   until: Date,
 ): { missed: number; next: Date } {
-  const cron = new Cron(pattern, { timezone: timeZone, paused: true, mode: '5-or-6-parts' })
+  const slots = new Slots(pattern, timeZone)
   let missed = 0
   let cursor = from
   for (;;) {
-    const slot = cron.nextRun(cursor)
-    if (slot === null)
-      throw new Error(`cron "${pattern}" has no slot after ${cursor.toISOString()}`)
+    const slot = slots.nextOrThrow(cursor)
     if (slot.getTime() > until.getTime()) return { missed, next: slot }
     missed += 1
     cursor = slot
-    if (missed >= MAX_COUNTED_SLOTS) {
-      // Far behind: count no further, and move on from `until`.
-      const next = cron.nextRun(until)
-      if (next === null)
-        throw new Error(`cron "${pattern}" has no slot after ${until.toISOString()}`)
-      return { missed, next }
-    }
+    // Far behind: count no further, and move on from `until`.
+    if (missed >= MAX_COUNTED_SLOTS) return { missed, next: slots.nextOrThrow(until) }
   }
 }
 
@@ -131,17 +184,22 @@ export function cronNext(
   timeZone: string,
   after: Date,
 ): { next: Date; periodSeconds: number } {
-  const cron = new Cron(pattern, { timezone: timeZone, paused: true, mode: '5-or-6-parts' })
-  const [first, second] = cron.nextRuns(2, after)
-  if (!first || !second)
-    throw new Error(`cron "${pattern}" has no slots after ${after.toISOString()}`)
+  const slots = new Slots(pattern, timeZone)
+  const first = slots.nextOrThrow(after)
+  const second = slots.nextOrThrow(first)
   return { next: first, periodSeconds: (second.getTime() - first.getTime()) / 1000 }
 }
 
 /** The next `count` slots after `after`, for `plan`. */
 export function cronPreview(pattern: string, timeZone: string, after: Date, count: number): Date[] {
-  return new Cron(pattern, { timezone: timeZone, paused: true, mode: '5-or-6-parts' }).nextRuns(
-    count,
-    after,
-  )
+  const slots = new Slots(pattern, timeZone)
+  const out: Date[] = []
+  let cursor = after
+  while (out.length < count) {
+    const slot = slots.next(cursor)
+    if (slot === null) break
+    out.push(slot)
+    cursor = slot
+  }
+  return out
 }

@@ -11,7 +11,10 @@ import { resolveSchedule, type Schedule } from './schedule.js'
 export interface TaskContext {
   /** The task's name. */
   readonly name: string
-  /** The slot this run is for (the earliest one, when it stands for missed slots too). */
+  /**
+   * The slot this run is for. A run may stand for earlier slots too (missed while nobody
+   * held, or left unfinished by a run that was fenced): it runs once for all of them.
+   */
   readonly scheduledFor: Date
   /** The holdership the run was issued under: the fencing token. */
   readonly epoch: number
@@ -24,7 +27,11 @@ export interface TaskContext {
    * cleanup batch does and records the occurrence as done: it commits only while no newer
    * holder exists, and an occurrence whose fenced transaction committed is never run
    * again. Once per run: a second call throws (`FENCED_ONCE`) without running `fn`.
-   * Throws `FENCED` (and runs nothing) when the run may no longer write.
+   * Throws `FENCED` (and runs nothing) when the run may no longer write. When `fn` throws,
+   * or the transaction does not commit, nothing of it stays and the run fails (and is
+   * retried), even if the handler catches the error. `fn` must not end the transaction
+   * itself, and the whole transaction must end within `batchStatementTimeoutMs`: it holds
+   * back the next holder's takeover, so it is for the occurrence's writes, not its work.
    */
   fenced<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T>
 }

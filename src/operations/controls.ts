@@ -93,7 +93,9 @@ export async function forgetSingleton(db: Db, singleton: string): Promise<{ runs
           s AS (DELETE FROM pgsingleton.schedules WHERE singleton = $1),
           c AS (DELETE FROM pgsingleton.policy_controls WHERE singleton = $1),
           n AS (DELETE FROM pgsingleton.nodes WHERE singleton = $1),
-          l AS (DELETE FROM pgsingleton.leases WHERE name = $1)
+          l AS (DELETE FROM pgsingleton.leases WHERE name = $1),
+          -- the epochs start again at 1: the old terms would collide with the new ones
+          t AS (DELETE FROM pgsingleton.terms WHERE name = $1)
      SELECT count(*)::int AS runs FROM runs`,
     [singleton],
   )

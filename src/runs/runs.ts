@@ -78,6 +78,31 @@ const toIssued =
   })
 
 /**
+ * Holder, in a fenced tick: the jobs that may hold a waiting run back. The queue lets one
+ * job per policy be active; a worker killed after its run was recorded finished but before
+ * pg-boss heard that its job completed leaves that job active until pg-boss expires it,
+ * and the policy's next run waits behind it. When a run has waited two seconds, the jobs
+ * of finished runs of its policy whose node is no longer live are returned, to cancel (a
+ * job that did complete is left as it is by the cancel).
+ */
+export async function blockingJobs(tx: Queryable, singleton: string): Promise<string[]> {
+  const { rows } = await tx.query<{ job_id: string }>(
+    `SELECT DISTINCT f.job_id FROM pgsingleton.cleanup_runs w
+       JOIN pgsingleton.cleanup_runs f
+         ON f.singleton = w.singleton AND f.policy = w.policy AND f.id < w.id
+        AND f.status NOT IN (${OPEN_SQL}) AND f.job_id IS NOT NULL
+        AND f.finished_at > now() - interval '1 hour'
+        AND f.node_id IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
+                         WHERE l.singleton = f.singleton AND l.node_id = f.node_id)
+      WHERE w.singleton = $1 AND w.status = 'scheduled' AND w.created_at < now() - interval '2 seconds'
+      LIMIT 20`,
+    [singleton],
+  )
+  return rows.map((row) => row.job_id)
+}
+
+/**
  * Holder, in a fenced tick: closes the open runs that can no longer finish. Runs of an
  * older epoch are superseded (their fence has moved). A running run whose node is no
  * longer live (it holds no membership lock) lost its worker; closing it needs its row

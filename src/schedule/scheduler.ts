@@ -90,6 +90,7 @@ async function tick(
   const token = { singleton: lease.name, epoch: lease.epoch, nodeId: lease.nodeId }
   const outcome = await withFence(deps.pool, deps.limits, token, async (tx) => {
     await cancelJobs(deps.boss, tx, lease.name, await runs.takeOver(tx, token))
+    await cancelJobs(deps.boss, tx, lease.name, await runs.blockingJobs(tx, lease.name))
     const resent = await resendLostJobs(deps.boss, tx, token)
 
     const { rows: views } = await tx.query<{ policy: string; agreed: string | null }>(

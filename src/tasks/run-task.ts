@@ -55,21 +55,45 @@ export async function runTask(
     return { ...report, status: recorded?.status ?? 'fenced', reason }
   }
 
+  // A fenced transaction is for the occurrence's writes: it gets a batch's statement
+  // timeout as its whole life.
+  const deadlineMs = deps.limits.statementTimeoutMs
   let state = 'unused' as 'unused' | 'open' | 'committed' | 'refused'
   let refusal: string | undefined
-  const fenced: TaskContext['fenced'] = async (fn) => {
+  /** Why the fenced transaction did not commit, when the database did not refuse it. */
+  let rolledBack: unknown
+  let inFlight: Promise<unknown> | undefined
+  const fenced: TaskContext['fenced'] = (fn) => {
     if (state !== 'unused') {
-      throw new SingletonError(
-        'FENCED_ONCE',
-        `task "${run.policy}": fenced() runs once per run, and this run already called it (its transaction ${state === 'committed' ? 'committed' : state === 'open' ? 'is open' : 'was refused'}); put all of the occurrence's writes in one fenced transaction.`,
+      return Promise.reject(
+        new SingletonError(
+          'FENCED_ONCE',
+          `task "${run.policy}": fenced() runs once per run, and this run already called it (its transaction ${state === 'committed' ? 'committed' : state === 'open' ? 'is open' : 'did not commit'}); put all of the occurrence's writes in one fenced transaction.`,
+        ),
       )
     }
     state = 'open'
-    return withClient(deps.pool, async (client, drop) => {
-      await client.query(`BEGIN; ${localSettings(deps.limits, { utc: false })}`)
+    const transaction = withClient(deps.pool, async (client, drop) => {
+      // The fenced transaction holds the lease row (FOR KEY SHARE): the next holder's epoch
+      // bump waits for it. It gets the deadline of a batch, after which the connection is
+      // destroyed and the server rolls it back.
+      let expired: Error | undefined
+      const deadline = setTimeout(() => {
+        const error = new SingletonError(
+          'TASK_FAILED',
+          `task "${run.policy}": the fenced transaction took longer than ${deadlineMs} ms (batchStatementTimeoutMs); its connection was closed and it rolled back.`,
+        )
+        expired = error
+        drop(error)
+        // pg's Client keeps its socket here; destroying it fails the query in flight.
+        const socket = (client as unknown as { connection?: { stream?: { destroy(): void } } })
+          .connection?.stream
+        socket?.destroy()
+      }, deadlineMs)
       try {
-        const { rows } = await client.query<{ outcome: string | null }>(
-          'SELECT pgsingleton.task_fence($1, $2) AS outcome',
+        await client.query(`BEGIN; ${localSettings(deps.limits, { utc: false })}`)
+        const { rows } = await client.query<{ outcome: string | null; xid: string }>(
+          'SELECT pgsingleton.task_fence($1, $2) AS outcome, txid_current()::text AS xid',
           [run.runId, run.attempt],
         )
         const outcome = rows[0]?.outcome ?? null
@@ -83,17 +107,39 @@ export async function runTask(
           )
         }
         const result = await fn(client)
-        await client.query('COMMIT')
+        // Still the transaction the fence opened: fn neither ended it (its later writes
+        // would not be fenced) nor left it aborted (COMMIT would roll it back quietly).
+        const { rows: same } = await client.query<{ xid: string | null }>(
+          'SELECT txid_current_if_assigned()::text AS xid',
+        )
+        if (same[0]?.xid !== rows[0]?.xid) {
+          throw new SingletonError(
+            'TASK_FAILED',
+            `task "${run.policy}": the function given to fenced() ended its transaction itself (COMMIT or ROLLBACK inside it); what it wrote after that was not fenced.`,
+          )
+        }
+        const commit = await client.query('COMMIT')
+        if (commit.command !== 'COMMIT') {
+          throw new SingletonError(
+            'TASK_FAILED',
+            `task "${run.policy}": PostgreSQL rolled the fenced transaction back at COMMIT.`,
+          )
+        }
         state = 'committed'
         return result
       } catch (error) {
         if (state === 'open') {
           state = 'refused'
+          rolledBack = expired ?? error
           await client.query('ROLLBACK').catch(drop)
         }
-        throw error
+        throw expired ?? error
+      } finally {
+        clearTimeout(deadline)
       }
     })
+    inFlight = transaction.catch(() => {})
+    return transaction
   }
 
   const context: TaskContext = {
@@ -110,6 +156,8 @@ export async function runTask(
   } catch (error) {
     failure = error
   }
+  // A fenced() the handler did not await ends before the run is judged.
+  await inFlight
 
   if (state === 'committed') {
     return failure === undefined
@@ -125,12 +173,24 @@ export async function runTask(
     if (refusal !== 'superseded') await runs.fence(deps.pool, run, reason)
     return { ...report, status: 'fenced', reason }
   }
+  // The fenced transaction rolled back (its function threw, or the commit failed) and the
+  // handler went on: the occurrence's writes are not there, so the run is not done.
+  if (failure === undefined && state === 'refused') failure = rolledBack
   if (failure !== undefined) {
     const interrupted = signal.aborted
     const reason = interrupted
       ? `interrupted: ${String(signal.reason ?? 'stopping')} (${errorMessage(failure)})`
       : `task "${run.policy}" failed: ${errorMessage(failure)}`
     const recorded = await runs.fail(deps.pool, run, reason, !interrupted)
+    if (!recorded) {
+      // No longer this attempt's running run. It may be done: a function that committed
+      // the fenced transaction itself committed the run's completion with it.
+      const { rows } = await deps.pool.query<{ status: string }>(
+        'SELECT status FROM pgsingleton.cleanup_runs WHERE id = $1',
+        [run.runId],
+      )
+      if (rows[0]?.status === 'done') return { ...report, status: 'done', reason }
+    }
     return { ...report, status: recorded?.status ?? 'fenced', reason, interrupted }
   }
   const completed = await runs.complete(deps.pool, deps.limits, run)
