@@ -144,6 +144,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         application_name: `${options.nodeId} pool`,
         keepAlive: true,
         query_timeout: queryDeadlineMs,
+        // A connection attempt on a dead path gets no answer either: without this, it
+        // would wait for good (and pool.end() with it).
+        connectionTimeoutMillis: queryDeadlineMs,
       })
     if (!options.pool) pool.on('error', (error) => this.#emitError(error))
     this.#pool = pool
@@ -156,6 +159,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       : new pg.Client({
           connectionString: options.connectionString,
           application_name: `${options.nodeId} setup`,
+          connectionTimeoutMillis: queryDeadlineMs,
+          query_timeout: queryDeadlineMs,
         })
     let checked: Awaited<ReturnType<typeof validatePolicies>>
     let bossInstalled: boolean
@@ -219,6 +224,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       // has a heartbeat of its own.
       keepAlive: true,
       query_timeout: Math.max(60_000, queryDeadlineMs),
+      connectionTimeoutMillis: queryDeadlineMs,
       schedule: false, // the holder schedules from pgsingleton.schedules, fenced by epoch
       migrate: false, // `pg-singleton migrate` installs pg-boss's schema; nodes need no CREATE
       useListenNotify: !pooled,

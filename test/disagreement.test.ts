@@ -47,14 +47,16 @@ describe('nodes that disagree on a policy', () => {
     await waitFor('node a to hold', async () => /holding the singleton/.test(a.output()))
     // a alone agrees with itself: the 40-day-old rows go at once.
     await waitFor('a first clean', async () => (await ages())['40 days'] === undefined)
-    await db.pool.query(
-      `INSERT INTO app.events (created_at, age) SELECT now() - interval '40 days', '40 days' FROM generate_series(1, 100)`,
-    )
     const b = startNode(db.url, eager, 'dis-b')
     const status = await waitFor('the disagreement to show', async () => {
       const [row] = await readPolicyStatus(db.pool, 'dis')
       return row?.agreement === 'disagree' ? row : undefined
     })
+    // Outdated by both definitions, and still held back while they disagree. (Inserted only
+    // now: before b registered, a alone agreed with itself and would rightly delete them.)
+    await db.pool.query(
+      `INSERT INTO app.events (created_at, age) SELECT now() - interval '40 days', '40 days' FROM generate_series(1, 100)`,
+    )
     expect(status.definition).toBeNull()
     expect(
       status.nodeDefinitions?.map((n) => [
