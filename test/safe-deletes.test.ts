@@ -308,10 +308,14 @@ describe('rows that cannot go never stall the policy', () => {
     // Once a second for a minute, each run done and nothing left open or retried.
     expect(runs.length).toBeGreaterThanOrEqual(30)
     expect(runs.length).toBeLessThanOrEqual(62)
-    // Each run done; only the last may have been cut short by the stop (and waits for a retry).
+    // Each run done; only the last may have been cut short by the stop (and waits for a
+    // retry), or issued by the last tick and not yet taken when the node handed over (it
+    // waits for the next holder).
     const last = runs[runs.length - 1]
     if (last?.status === 'failed') {
       expect(last.error).toMatch(/interrupted between batches/)
+      runs.pop()
+    } else if (last?.status === 'scheduled') {
       runs.pop()
     }
     expect(runs.map((r) => r.status).filter((status) => status !== 'done')).toEqual([])
