@@ -70,7 +70,7 @@ export class SingletonMetrics {
         const { rows } = await pool
           .query<{ policy: string; kind: string; age: number | null }>(
             `SELECT p.policy, p.kind,
-                    extract(epoch FROM now() - coalesce(p.last_success_at, s.created_at))::float8 AS age
+                    greatest(0, extract(epoch FROM clock_timestamp() - coalesce(p.last_success_at, s.created_at)))::float8 AS age
                FROM pgsingleton.policy_status p
                LEFT JOIN pgsingleton.schedules s USING (singleton, policy)
               WHERE p.singleton = $1`,
