@@ -14,6 +14,7 @@ import {
   type NodeProcess,
   runCli,
   startNode,
+  stopAll,
   writeConfig,
 } from './support/nodes.js'
 import { PartitionableProxy } from './support/tcp-proxy.js'
@@ -70,13 +71,6 @@ async function termOf(name: string, epoch: number | null | undefined) {
     [name, epoch],
   )
   return rows[0]
-}
-
-async function stopAll(nodes: NodeProcess[]): Promise<void> {
-  for (const node of nodes)
-    if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
-  const exits = await Promise.all(nodes.map((node) => node.exited))
-  return void exits
 }
 
 describe('failover between real node processes', () => {

@@ -16,6 +16,7 @@ import {
   type NodeProcess,
   runCli,
   startNode,
+  stopAll,
   writeConfig,
 } from './support/nodes.js'
 
@@ -85,12 +86,6 @@ async function scrape(port: number): Promise<string> {
   const response = await fetch(`http://127.0.0.1:${port}/metrics`)
   expect(response.status).toBe(200)
   return response.text()
-}
-
-async function stopAll(nodes: NodeProcess[]): Promise<void> {
-  for (const node of nodes)
-    if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
-  for (const node of nodes) await node.exited
 }
 
 describe('observability', () => {

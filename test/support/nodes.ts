@@ -71,6 +71,13 @@ export function startNode(
   return runCli(['run', '--config', config, '--node-id', nodeId], { DATABASE_URL: url, ...env })
 }
 
+/** SIGTERM to every node still running, and waits for all of them to exit. */
+export async function stopAll(nodes: NodeProcess[]): Promise<void> {
+  for (const node of nodes)
+    if (node.child.exitCode === null && node.child.signalCode === null) node.signal('SIGTERM')
+  await Promise.all(nodes.map((node) => node.exited))
+}
+
 /** For afterEach: kills what a test left running and reports it, so the test fails. */
 export async function reapNodes(): Promise<string[]> {
   const left = [...running]
