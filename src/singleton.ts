@@ -19,6 +19,7 @@ import { SingletonMetrics } from './metrics.js'
 import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
 import { type PolicyPlan, planPolicies } from './operations/plan.js'
 import { ensureQueue } from './queue/cleanup-queue.js'
+import { useOwnListener } from './queue/listener.js'
 import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
@@ -243,6 +244,20 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         const boss = options.boss ?? new pgBoss.PgBoss(bossOptions as pgBoss.ConstructorOptions)
         if (!options.boss) {
           boss.on('error', (error) => this.#emitError(error))
+          if (options.connectionString && !pooled) {
+            useOwnListener(
+              boss,
+              {
+                connectionString: options.connectionString,
+                application_name: `${options.nodeId} pg-boss listen`,
+              },
+              {
+                heartbeatMs: 10_000,
+                deadlineMs: queryDeadlineMs,
+                onError: (error) => this.#emitError(error),
+              },
+            )
+          }
           await boss.start().catch((error: Error) => {
             throw new SingletonError(
               'SCHEMA_NOT_MIGRATED',

@@ -223,6 +223,78 @@ describe('failover between real node processes', () => {
     expect(await safetyViolations(db.pool, name)).toEqual([])
   })
 
+  it('every connection of the holder terminated at once, round after round: no node process ends, and each round a holder returns', async () => {
+    // The server ends all of a holder's sessions together (a restart does the same): its
+    // lock session, pool, pg-boss pool and LISTEN connection. The node lets go of pg-boss
+    // while the server's goodbye is still arriving on those sockets, which once ended the
+    // process (an 'error' on pg-boss's LISTEN client with no listener left).
+    await db.pool.query('TRUNCATE app.events')
+    const { name, nodes } = await cluster(2)
+    const ids = nodes.map((n) => n.id)
+    let epoch = (await statusOf(db.pool, name))?.epoch ?? 0
+    for (let round = 0; round < 12; round++) {
+      await insertRows(db.pool, 20, '2 hours')
+      // A run in flight, or just done: the moment the race needs.
+      await new Promise((resolve) => setTimeout(resolve, 200 + Math.random() * 1000))
+      const { rows } = await db.pool.query<{ n: number }>(
+        `SELECT count(pg_terminate_backend(a.pid))::int AS n FROM pg_stat_activity a
+          JOIN pgsingleton.status s ON s.name = $1 AND a.application_name LIKE s.node_id || '%'`,
+        [name],
+      )
+      expect(rows[0]?.n).toBeGreaterThanOrEqual(2)
+      const next = await waitFor(`a holder again (round ${round + 1})`, async () => {
+        for (const node of nodes)
+          if (node.child.exitCode !== null) throw new Error(`${node.id} exited:\n${node.output()}`)
+        const row = await statusOf(db.pool, name)
+        return row?.nodeId && (row.epoch ?? 0) > epoch && row.waitingNodes === 1 ? row : undefined
+      })
+      epoch = next.epoch ?? 0
+    }
+    for (const node of nodes) expect(node.child.exitCode, node.output()).toBeNull()
+    await insertRows(db.pool, 50, '2 hours')
+    await waitFor('the rows outdated after the last round to be cleaned', async () => {
+      return (await countRows(db.pool, 'true')) === 0
+    })
+    await waitUntilSettled(db.pool, name)
+    await stopAll(nodes)
+    for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
+    expect(ids).toHaveLength(2)
+    expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
+
+  it("the holder's LISTEN connection terminated alone: the node keeps holding, listens again on a new connection, and runs go on", async () => {
+    await db.pool.query('TRUNCATE app.events')
+    const { name, nodes } = await cluster(2)
+    const before = await statusOf(db.pool, name)
+    const listener = async () => {
+      const { rows } = await db.pool.query<{ pid: number }>(
+        `SELECT pid FROM pg_stat_activity WHERE application_name = $1 || ' pg-boss listen' AND query LIKE 'LISTEN %'`,
+        [before?.nodeId],
+      )
+      return rows[0]?.pid
+    }
+    const first = await waitFor('the holder listening', listener)
+    await db.pool.query('SELECT pg_terminate_backend($1)', [first])
+    const second = await waitFor('the holder listening again', async () => {
+      const pid = await listener()
+      return pid !== undefined && pid !== first ? pid : undefined
+    })
+    expect(second).not.toBe(first)
+    await insertRows(db.pool, 50, '2 hours')
+    await waitFor('the rows outdated after it to be cleaned', async () => {
+      return (await countRows(db.pool, 'true')) === 0
+    })
+    const after = await statusOf(db.pool, name)
+    expect(after?.epoch).toBe(before?.epoch)
+    expect(after?.nodeId).toBe(before?.nodeId)
+    const holder = byId(nodes, before?.nodeId ?? null)
+    expect(holder.output()).toMatch(/LISTEN connection lost: terminating connection/)
+    await waitUntilSettled(db.pool, name)
+    await stopAll(nodes)
+    for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
+    expect(await safetyViolations(db.pool, name)).toEqual([])
+  })
+
   it('SIGSTOP of the holder: the server cuts it off, another takes over; on SIGCONT it fences itself and queues', async () => {
     await db.pool.query('TRUNCATE app.events')
     const { name, nodes } = await cluster(2)

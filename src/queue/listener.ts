@@ -1,0 +1,134 @@
+import pg from 'pg'
+import type { PgBoss } from 'pg-boss'
+import { quoteIdent } from '../config/identifier.js'
+
+interface ListenHandle {
+  close(): Promise<void>
+}
+
+type Listen = (
+  channel: string,
+  onNotification: (payload: string) => void,
+  onReconnect: () => void,
+) => Promise<ListenHandle>
+
+export interface ListenerSettings {
+  /** How often the connection proves it still listens (a query with a deadline). */
+  heartbeatMs: number
+  /** A query or connect that has not answered in this time means the path is dead. */
+  deadlineMs: number
+  onError(error: Error): void
+}
+
+/**
+ * Gives a pg-boss instance this node owns a LISTEN connection of ours, through pg-boss's
+ * own adapter contract (`IDatabase.listen`). pg-boss 12's listener takes every listener
+ * off its client before ending it: when the server ends the session in that moment (a
+ * restart, `pg_terminate_backend`, the holder's connections cut together), the client
+ * emits an 'error' nobody hears, and Node ends the process. Seen in CI on a database
+ * restart and reproduced by terminating a holder's backends in a loop. Here the client
+ * keeps its error listener for its whole life, ends without one ever going missing, and
+ * is replaced (with backoff) when it dies; pg-boss's polling stays the floor meanwhile.
+ */
+export function useOwnListener(
+  boss: PgBoss,
+  connection: pg.ClientConfig,
+  settings: ListenerSettings,
+): void {
+  const db = boss.getDb() as { listen?: Listen }
+  if (typeof db.listen !== 'function') return // an adapter without LISTEN: pg-boss polls
+  db.listen = (channel, onNotification, onReconnect) =>
+    listen(connection, settings, channel, onNotification, onReconnect)
+}
+
+async function listen(
+  connection: pg.ClientConfig,
+  settings: ListenerSettings,
+  channel: string,
+  onNotification: (payload: string) => void,
+  onReconnect: () => void,
+): Promise<ListenHandle> {
+  let closed = false
+  let current: pg.Client | undefined
+  let heartbeat: NodeJS.Timeout | undefined
+  let reconnect: NodeJS.Timeout | undefined
+  let attempt = 0
+  // Reconnects only once it has listened: a first connect that fails is pg-boss's to
+  // report (it polls instead), and a reconnect it cannot close would leak.
+  let established = false
+
+  const lost = (client: pg.Client, error: Error) => {
+    if (current !== client) return // an earlier connection, already given up
+    current = undefined
+    clearTimeout(heartbeat)
+    client.end().catch(() => {})
+    if (closed || !established) return
+    settings.onError(new Error(`LISTEN connection lost: ${error.message}`, { cause: error }))
+    scheduleReconnect()
+  }
+  const scheduleReconnect = () => {
+    if (closed || reconnect) return
+    const backoff = Math.min(5000, 250 * 2 ** Math.min(attempt, 5))
+    attempt++
+    reconnect = setTimeout(() => {
+      reconnect = undefined
+      connect().catch(() => scheduleReconnect())
+    }, backoff)
+  }
+  const beat = (client: pg.Client) => {
+    heartbeat = setTimeout(() => {
+      client
+        .query('SELECT $1 = ANY (ARRAY(SELECT pg_listening_channels())) AS listening', [channel])
+        .then(({ rows }) => {
+          if (rows[0]?.listening !== true) throw new Error('the LISTEN registration was lost')
+          if (current === client) beat(client)
+        })
+        .catch((error: Error) => lost(client, error))
+    }, settings.heartbeatMs)
+  }
+  const connect = async () => {
+    if (closed) return
+    const client = new pg.Client({
+      ...connection,
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 5000,
+      connectionTimeoutMillis: settings.deadlineMs,
+      query_timeout: settings.deadlineMs,
+    })
+    // Never removed: whatever the client emits after this, up to and past end(), is heard.
+    client.on('error', (error) => lost(client, error))
+    client.on('end', () => lost(client, new Error('the connection ended')))
+    client.on('notification', (message) => {
+      if (message.payload !== undefined) onNotification(message.payload)
+    })
+    current = client
+    try {
+      await client.connect()
+      await client.query(`LISTEN ${quoteIdent(channel)}`)
+    } catch (error) {
+      if (current === client) current = undefined
+      await client.end().catch(() => {})
+      throw error
+    }
+    if (closed || current !== client) {
+      await client.end().catch(() => {})
+      return
+    }
+    established = true
+    attempt = 0
+    beat(client)
+    onReconnect() // pg-boss fetches what it may have missed while not listening
+  }
+
+  await connect()
+  return {
+    close: async () => {
+      closed = true
+      clearTimeout(reconnect)
+      clearTimeout(heartbeat)
+      const client = current
+      current = undefined
+      await client?.end().catch(() => {})
+    },
+  }
+}
