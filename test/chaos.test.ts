@@ -265,6 +265,21 @@ class Trial {
     }
   }
 
+  /** The task goes on too: an occurrence after the fault is done and written. */
+  async taskGoesOn(): Promise<void> {
+    await waitFor(
+      'a task write after the fault',
+      async () => {
+        const { rows } = await this.pool.query(
+          'SELECT 1 FROM chaos.task_writes WHERE singleton = $1 AND written_at > $2 LIMIT 1',
+          [this.name, this.faultAt ?? new Date(0)],
+        )
+        return rows[0] ? true : undefined
+      },
+      45_000,
+    )
+  }
+
   async violations(): Promise<string[]> {
     const problems = await safetyViolations(this.pool, this.name)
     const { rows: young } = await this.pool.query(
@@ -587,6 +602,7 @@ describe(`chaos: ${TRIALS} seeded trial(s) of each fault`, () => {
                 )
             }
             await trial.cleaningGoesOn()
+            await trial.taskGoesOn()
             await trial.finish()
             problems.push(...(await trial.violations()))
           } catch (error) {
