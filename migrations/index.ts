@@ -1,4 +1,4 @@
-import { type Kysely, sql } from 'kysely'
+import type { Kysely } from 'kysely'
 import type { Migration, MigrationProvider } from 'kysely/migration'
 // A namespace import: a pg-boss of another major, without this export, must not fail the
 // import of pg-singleton itself; start() names the version instead.
@@ -97,8 +97,16 @@ export function pgBossConstructionSql(): string {
   return body
 }
 
+/**
+ * Kysely is loaded when a migration runs, not when this module is: a node that only checks
+ * the schema version then never loads it (a smaller process, whose crash the server
+ * notices sooner).
+ */
+const kysely = () => import('kysely')
+
 const pgBossSchema: Migration = {
   async up(db: Kysely<unknown>) {
+    const { sql } = await kysely()
     await sql.raw(`SELECT pg_advisory_xact_lock(${PG_BOSS_INSTALL_LOCK})`).execute(db)
     const { rows } = await sql<{ exists: boolean }>`
       SELECT to_regclass('pgboss.version') IS NOT NULL AS exists`.execute(db)
@@ -112,9 +120,11 @@ const pgBossSchema: Migration = {
 
 const asMigration = (step: Step): Migration => ({
   async up(db: Kysely<unknown>) {
+    const { sql } = await kysely()
     await sql.raw(stepSql(step)).execute(db)
   },
   async down(db: Kysely<unknown>) {
+    const { sql } = await kysely()
     await sql.raw(stepDownSql(step)).execute(db)
   },
 })

@@ -1,10 +1,11 @@
 import { parseArgs } from 'node:util'
 import { config as loadDotenv } from 'dotenv'
 import { SingletonError } from '../errors.js'
-import { embeddedCommand, migrateCommand, runCommand, statusCommand } from './commands.js'
-import { dashboardCommand } from './dashboard.js'
-import { demoCommand } from './demo.js'
-import { controlCommand, forgetCommand, planCommand } from './operator-commands.js'
+
+// Each command's module is loaded when that command runs: a node (`run`) then carries no
+// code of the dashboard, the demo or the operator commands (a smaller process, whose crash
+// the server notices sooner).
+const commands = () => import('./commands.js')
 
 const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in PostgreSQL
 
@@ -74,10 +75,14 @@ export async function main(argv: string[]): Promise<number> {
   }
   switch (command) {
     case 'migrate':
-      await migrateCommand({ embedded: values.embedded, sql: values.sql, out: values.out })
+      await (await commands()).migrateCommand({
+        embedded: values.embedded,
+        sql: values.sql,
+        out: values.out,
+      })
       return 0
     case 'run':
-      await runCommand({
+      await (await commands()).runCommand({
         config: values.config,
         nodeId: values['node-id'],
         verbose: values.verbose,
@@ -87,14 +92,14 @@ export async function main(argv: string[]): Promise<number> {
       })
       return -1 // keeps running until a signal
     case 'dashboard':
-      await dashboardCommand({
+      await (await import('./dashboard.js')).dashboardCommand({
         embedded: values.embedded,
         port: port(values.port, '--port') ?? 8089,
         host: values.host ?? '127.0.0.1',
       })
       return -1 // serves until a signal
     case 'status':
-      await statusCommand({
+      await (await commands()).statusCommand({
         json: values.json,
         name: values.name,
         embedded: values.embedded,
@@ -102,25 +107,33 @@ export async function main(argv: string[]): Promise<number> {
       })
       return 0
     case 'plan':
-      await planCommand({ config: values.config, embedded: values.embedded, json: values.json })
+      await (await import('./operator-commands.js')).planCommand({
+        config: values.config,
+        embedded: values.embedded,
+        json: values.json,
+      })
       return 0
     case 'pause':
     case 'resume':
     case 'run-now':
-      await controlCommand(command, action, {
+      await (await import('./operator-commands.js')).controlCommand(command, action, {
         config: values.config,
         name: values.name,
         embedded: values.embedded,
       })
       return 0
     case 'forget':
-      await forgetCommand({ config: values.config, name: values.name, embedded: values.embedded })
+      await (await import('./operator-commands.js')).forgetCommand({
+        config: values.config,
+        name: values.name,
+        embedded: values.embedded,
+      })
       return 0
     case 'demo':
-      await demoCommand()
+      await (await import('./demo.js')).demoCommand()
       return 0
     case 'embedded':
-      await embeddedCommand(action)
+      await (await commands()).embeddedCommand(action)
       return 0
     default:
       process.stderr.write(`unknown command "${command}"\n\n${HELP}`)

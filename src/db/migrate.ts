@@ -1,5 +1,3 @@
-import { Kysely, PostgresDialect } from 'kysely'
-import { Migrator } from 'kysely/migration'
 import type pg from 'pg'
 // A namespace import: a pg-boss of another major, without this export, must not fail the
 // import of pg-singleton itself; start() names the version instead.
@@ -64,6 +62,12 @@ async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
   if (found !== undefined && found > SCHEMA_VERSION) throw schemaTooNew(found)
   await renameLegacyMigrations(pool)
 
+  // Loaded here, not with this module: a node that only checks the schema never loads
+  // Kysely (a smaller process, whose crash the server notices sooner).
+  const [{ Kysely, PostgresDialect }, { Migrator }] = await Promise.all([
+    import('kysely'),
+    import('kysely/migration'),
+  ])
   // Kysely ends the pool it was given on destroy(); this one is borrowed, so give it a
   // wrapper whose end() does nothing.
   const db = new Kysely<unknown>({ dialect: new PostgresDialect({ pool: borrowed(pool) }) })

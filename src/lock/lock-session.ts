@@ -317,9 +317,15 @@ export class LockSession {
   async handOver(epoch: number, detail: string): Promise<void> {
     if (this.#closed) return
     // The term ends as released, in the statement that unlocks: before the next holder's bump.
+    // That bump waits for this statement's row lock on the term, so this commit does not
+    // wait for its WAL flush (synchronous_commit off, for this statement alone): the next
+    // holder's own commit, which is synchronous, flushes this one with it. A server crash
+    // in between loses only the 'released' account, and the next holder then closes the
+    // term as lost.
     await this.#withDeadline(
       this.#client.query(
-        `SELECT pgsingleton.end_term($1, $2, 'released', $3), pg_advisory_unlock(pgsingleton.lock_key($1))`,
+        `SELECT set_config('synchronous_commit', 'off', true),
+                pgsingleton.end_term($1, $2, 'released', $3), pg_advisory_unlock(pgsingleton.lock_key($1))`,
         [this.#settings.name, epoch, detail],
       ),
       this.#settings.deadAfterMs,
