@@ -1,3 +1,4 @@
+import { readFile } from 'node:fs/promises'
 import pg from 'pg'
 import { lockKey } from '../src/lock/lock-key.js'
 import {
@@ -23,7 +24,25 @@ export interface FailoverResult {
   heard: Record<string, Distribution>
   /** The same first part for the reference's holder, a minimal process. */
   referenceBackendGone: Distribution
+  /** Resident memory (MiB) and threads of each CLI node killed with -9, read just before. */
+  killedNode?: { rssMiB: Distribution; threads: Distribution }
+  /** The same for the reference's minimal holder. */
+  referenceHolder?: { rssMiB: Distribution; threads: Distribution }
 }
+
+/** A process's resident memory (MiB) and thread count, from /proc. */
+async function processSize(pid: number | undefined): Promise<{ rss: number; threads: number }> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '')
+  return {
+    rss: Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? Number.NaN) / 1024,
+    threads: Number(/Threads:\s+(\d+)/.exec(status)?.[1] ?? Number.NaN),
+  }
+}
+
+const sizes = (all: { rss: number; threads: number }[]) => ({
+  rssMiB: distribution(all.map((x) => x.rss)),
+  threads: distribution(all.map((x) => x.threads)),
+})
 
 /**
  * Failover from outside: from the moment the event is sent to the moment another session
@@ -83,6 +102,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
   const gone: number[] = []
   const goneToEpoch: number[] = []
   const heard: Record<string, number[]> = {}
+  const killedSizes: { rss: number; threads: number }[] = []
   const kinds: Record<string, number[]> = {
     'kill -9': [],
     SIGTERM: [],
@@ -102,6 +122,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
           5,
         )
         const holder = nodes.find((n) => n.id === before.node_id) as NodeProcess
+        if (kind === 'kill -9') killedSizes.push(await processSize(holder.child.pid))
         const sent = performance.now()
         if (kind === 'kill -9') holder.child.kill('SIGKILL')
         else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
@@ -150,6 +171,8 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     killBreakdown: { backendGone: distribution(gone), goneToNewEpoch: distribution(goneToEpoch) },
     heard: Object.fromEntries(Object.entries(heard).map(([k, v]) => [k, distribution(v)])),
     referenceBackendGone: reference.backendGone,
+    killedNode: sizes(killedSizes),
+    referenceHolder: reference.holderSizes,
   }
 }
 
@@ -162,7 +185,11 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
 async function references(
   url: string,
   trials: number,
-): Promise<{ latencies: Record<string, Distribution>; backendGone: Distribution }> {
+): Promise<{
+  latencies: Record<string, Distribution>
+  backendGone: Distribution
+  holderSizes: { rssMiB: Distribution; threads: Distribution }
+}> {
   const watcher = new pg.Client({ connectionString: url })
   await watcher.connect()
   const key = lockKey('bench-reference').toString()
@@ -183,6 +210,7 @@ async function references(
       child.stdout?.once('data', (chunk) => resolve(String(chunk).trim())),
     )
   const gone: number[] = []
+  const holderSizes: { rss: number; threads: number }[] = []
   const out: Record<string, number[]> = {
     'a bare pg_advisory_lock waiter (the physical limit)': [],
     'a waiter polling pg_try_advisory_lock every second': [],
@@ -200,6 +228,7 @@ async function references(
         const pid = await firstLine(waiter)
         // The waiter is queued (or polling) before the holder dies, at a random phase of its polling.
         await new Promise((resolve) => setTimeout(resolve, 200 + Math.random() * 1000))
+        if (label.startsWith('a bare')) holderSizes.push(await processSize(holder.pid))
         const sent = performance.now()
         holder.kill('SIGKILL')
         let goneAt: number | undefined
@@ -228,5 +257,6 @@ async function references(
   return {
     latencies: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, distribution(v)])),
     backendGone: distribution(gone),
+    holderSizes: sizes(holderSizes),
   }
 }

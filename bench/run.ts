@@ -8,7 +8,8 @@
  *   BENCH_TRIALS=N     trials of each latency (default 30).
  *   BENCH_SECTIONS=a,b only some of: failover, cleanup, partitions, cost, scale, growth.
  */
-import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { execFileSync } from 'node:child_process'
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -27,12 +28,36 @@ import { type FailoverResult, failover } from './failover.js'
 import { type Distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
-const SECTIONS = new Set(
-  (process.env.BENCH_SECTIONS ?? 'failover,cleanup,partitions,cost,scale,growth').split(','),
-)
+const ALL_SECTIONS = ['failover', 'cleanup', 'partitions', 'cost', 'scale', 'growth']
+const SECTIONS = new Set(process.env.BENCH_SECTIONS?.split(',') ?? ALL_SECTIONS)
+
+/** The commit being measured, with "+changes" when the working tree differs from it. */
+function currentCommit(): string {
+  try {
+    const head = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim()
+    const dirty = execFileSync(
+      'git',
+      ['status', '--porcelain', '--', 'src', 'bench', 'migrations'],
+      {
+        encoding: 'utf8',
+      },
+    ).trim()
+    return dirty ? `${head}+changes` : head
+  } catch {
+    return 'unknown'
+  }
+}
+
+interface Section {
+  measuredAt: string
+  /** The commit the section was measured on (with "+changes" when the tree had changes). */
+  commit: string
+}
 
 interface Results {
   machine: object
+  /** When, and on which commit, each section present was measured. */
+  sections?: Record<string, Section>
   failover?: FailoverResult
   cleanup?: CleanupComparison[]
   partitions?: PartitionComparison
@@ -61,12 +86,18 @@ async function main(): Promise<void> {
     await pool.end()
     return db
   }
+  const commit = currentCommit()
+  results.sections = {}
   const section = async <T>(
     key: string,
     work: (url: string) => Promise<T>,
   ): Promise<T | undefined> => {
     if (!SECTIONS.has(key)) return undefined
     say(`${key}...`)
+    ;(results.sections as Record<string, Section>)[key] = {
+      measuredAt: new Date().toISOString(),
+      commit,
+    }
     const db = await fresh()
     try {
       return await work(db.url)
@@ -130,6 +161,27 @@ async function main(): Promise<void> {
   const date = new Date().toISOString().slice(0, 10)
   const dir = fileURLToPath(new URL('../../bench/results/', import.meta.url))
   await mkdir(dir, { recursive: true })
+  // A run of some sections keeps the others from the latest results of this server, each
+  // with when and on which commit it was measured.
+  if (process.env.BENCH_SECTIONS) {
+    const latest = (await readdir(dir))
+      .filter((file) => file.endsWith(`-postgresql-${major}.json`))
+      .sort()
+      .at(-1)
+    if (latest) {
+      const base = JSON.parse(await readFile(join(dir, latest), 'utf8')) as Results
+      const baseAt = (base.machine as { measuredAt?: string }).measuredAt ?? latest.slice(0, 10)
+      for (const key of ALL_SECTIONS) {
+        const k = key as keyof Results
+        if (SECTIONS.has(key) || base[k] === undefined) continue
+        ;(results as unknown as Record<string, unknown>)[k] = base[k]
+        results.sections[key] = base.sections?.[key] ?? {
+          measuredAt: baseAt,
+          commit: 'not recorded',
+        }
+      }
+    }
+  }
   await writeFile(
     join(dir, `${date}-postgresql-${major}.json`),
     `${JSON.stringify(results, null, 2)}\n`,
@@ -142,6 +194,10 @@ async function main(): Promise<void> {
   process.stdout.write(report)
 }
 
+const size = (x?: { rssMiB: Distribution; threads: Distribution }) =>
+  x
+    ? ` (${x.rssMiB.p50.toFixed(0)} MiB resident, ${x.threads.p50} threads, medians read just before the kill)`
+    : ''
 const dist = (d: Distribution) => `${ms(d.p50)} | ${ms(d.p95)} | ${ms(d.p99)} | ${ms(d.max)}`
 const s = (v: number) => `${v.toFixed(2)} s`
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`
@@ -173,7 +229,7 @@ function render(version: string, r: Results): string {
       '',
       'A paused holder keeps its lock until the server ends its silent session (`idleSessionTimeoutMs`, 3 s, counted from its last heartbeat).',
       '',
-      "Where a crash failover goes: the server frees the lock when the killed process's backend ends, which takes as long as the kernel needs to tear the process down and close its socket; a CLI node (about 85 MiB resident, 11 threads) takes longer to tear down than the reference's minimal holder. The rest is pg-singleton's: the waiter is granted the lock, and the same statement commits the new epoch.",
+      `Where a crash failover goes: the server frees the lock when the killed process's backend ends, which takes as long as the kernel needs to tear the process down (its memory is freed before its sockets are closed) and close its socket; a CLI node${size(r.failover.killedNode)} takes longer to tear down than the reference's minimal holder${size(r.failover.referenceHolder)}. The rest is pg-singleton's: the waiter is granted the lock, and the same statement commits the new epoch.`,
       '',
       '| kill -9, from the signal | p50 | p95 | p99 | max |',
       '|---|---|---|---|---|',
@@ -293,7 +349,12 @@ function machineText(version: string, r: Results): string {
     memoryGiB: number
     node: string
   }
-  return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).`
+  const sections = Object.entries(r.sections ?? {})
+    .map(
+      ([key, at]) => `${key} ${at.measuredAt.slice(0, 16).replace('T', ' ')} UTC on ${at.commit}`,
+    )
+    .join('; ')
+  return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).${sections ? `\n\nSections (when, and on which commit): ${sections}.` : ''}`
 }
 
 main().catch((error) => {
