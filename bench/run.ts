@@ -37,7 +37,17 @@ function currentCommit(): string {
     const head = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim()
     const dirty = execFileSync(
       'git',
-      ['status', '--porcelain', '--', 'src', 'bench', 'migrations'],
+      // The reports and results a run writes are its output, not a change to what it measures.
+      [
+        'status',
+        '--porcelain',
+        '--',
+        'src',
+        'bench',
+        'migrations',
+        ':!bench/results',
+        ':!bench/REPORT-*',
+      ],
       {
         encoding: 'utf8',
       },
