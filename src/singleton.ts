@@ -266,7 +266,14 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             )
           })
         }
-        await ensureQueue(boss, options.name)
+        try {
+          await ensureQueue(boss, options.name)
+        } catch (error) {
+          // A pg-boss of ours that started stops again: left running, its pool, timers and
+          // LISTEN connection would outlive this holdership and the node's stop.
+          if (!options.boss) await boss.stop({ graceful: false, close: true }).catch(() => {})
+          throw error
+        }
         return boss
       })()
       bossUp = up

@@ -57,12 +57,16 @@ async function listen(
   // report (it polls instead), and a reconnect it cannot close would leak.
   let established = false
 
+  // The connection that listens now; one still connecting is the connect's to report.
+  let listening: pg.Client | undefined
+
   const lost = (client: pg.Client, error: Error) => {
     if (current !== client) return // an earlier connection, already given up
     current = undefined
     clearTimeout(heartbeat)
     client.end().catch(() => {})
-    if (closed || !established) return
+    if (closed || !established || listening !== client) return
+    listening = undefined
     settings.onError(new Error(`LISTEN connection lost: ${error.message}`, { cause: error }))
     scheduleReconnect()
   }
@@ -110,11 +114,17 @@ async function listen(
       await client.end().catch(() => {})
       throw error
     }
-    if (closed || current !== client) {
+    if (closed) {
       await client.end().catch(() => {})
       return
     }
+    if (current !== client) {
+      // It died between its LISTEN and here: the caller tries again (or pg-boss polls).
+      await client.end().catch(() => {})
+      throw new Error('the LISTEN connection ended as it started')
+    }
     established = true
+    listening = client
     attempt = 0
     beat(client)
     onReconnect() // pg-boss fetches what it may have missed while not listening
@@ -128,7 +138,16 @@ async function listen(
       clearTimeout(heartbeat)
       const client = current
       current = undefined
-      await client?.end().catch(() => {})
+      listening = undefined
+      // A LISTEN session needs no goodbye: on a dead path a graceful end would wait out the
+      // kernel's retransmissions (and pg-boss's stop with it).
+      await Promise.race([
+        client?.end().catch(() => {}),
+        new Promise((resolve) => setTimeout(resolve, 1000).unref()),
+      ])
+      ;(
+        client as unknown as { connection?: { stream?: { destroy(): void } } } | undefined
+      )?.connection?.stream?.destroy()
     },
   }
 }
