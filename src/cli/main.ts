@@ -6,6 +6,7 @@ import { SingletonError } from '../errors.js'
 // code of the dashboard, the demo or the operator commands (a smaller process, whose crash
 // the server notices sooner).
 const commands = () => import('./commands.js')
+const operatorCommands = () => import('./operator-commands.js')
 
 const HELP = `pg-singleton: one cluster-wide scheduled singleton, held in PostgreSQL
 
@@ -107,7 +108,7 @@ export async function main(argv: string[]): Promise<number> {
       })
       return 0
     case 'plan':
-      await (await import('./operator-commands.js')).planCommand({
+      await (await operatorCommands()).planCommand({
         config: values.config,
         embedded: values.embedded,
         json: values.json,
@@ -116,14 +117,14 @@ export async function main(argv: string[]): Promise<number> {
     case 'pause':
     case 'resume':
     case 'run-now':
-      await (await import('./operator-commands.js')).controlCommand(command, action, {
+      await (await operatorCommands()).controlCommand(command, action, {
         config: values.config,
         name: values.name,
         embedded: values.embedded,
       })
       return 0
     case 'forget':
-      await (await import('./operator-commands.js')).forgetCommand({
+      await (await operatorCommands()).forgetCommand({
         config: values.config,
         name: values.name,
         embedded: values.embedded,

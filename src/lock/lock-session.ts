@@ -1,5 +1,6 @@
 import pg from 'pg'
 import { fingerprint, type RunDefinition } from '../config/definition.js'
+import { destroySocket, endClient } from '../db/client.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { keepsSession, sessionNotKept } from './session-pinning.js'
@@ -346,11 +347,7 @@ export class LockSession {
   async close(): Promise<void> {
     if (this.#closed) return
     this.#closed = true
-    await Promise.race([
-      this.#client.end().catch(() => {}),
-      new Promise((resolve) => setTimeout(resolve, 1000).unref()),
-    ])
-    this.destroy()
+    await endClient(this.#client)
   }
 
   /** `work`, or an error (and a destroyed socket) when it has not answered within `ms`. */
@@ -380,8 +377,6 @@ export class LockSession {
    */
   destroy(): void {
     this.#closed = true
-    const stream = (this.#client as unknown as { connection?: { stream?: { destroy(): void } } })
-      .connection?.stream
-    stream?.destroy()
+    destroySocket(this.#client)
   }
 }

@@ -1,6 +1,7 @@
 import pg from 'pg'
 import type { PgBoss } from 'pg-boss'
 import { quoteIdent } from '../config/identifier.js'
+import { endClient } from '../db/client.js'
 
 interface ListenHandle {
   close(): Promise<void>
@@ -53,11 +54,9 @@ async function listen(
   let heartbeat: NodeJS.Timeout | undefined
   let reconnect: NodeJS.Timeout | undefined
   let attempt = 0
-  // Reconnects only once it has listened: a first connect that fails is pg-boss's to
-  // report (it polls instead), and a reconnect it cannot close would leak.
-  let established = false
-
-  // The connection that listens now; one still connecting is the connect's to report.
+  // The connection that listens now. Only its loss is reported and reconnected here: one
+  // still connecting is its connect's to report (the first to pg-boss, which then polls;
+  // a reconnect's to the retry that made it).
   let listening: pg.Client | undefined
 
   const lost = (client: pg.Client, error: Error) => {
@@ -65,7 +64,7 @@ async function listen(
     current = undefined
     clearTimeout(heartbeat)
     client.end().catch(() => {})
-    if (closed || !established || listening !== client) return
+    if (closed || listening !== client) return
     listening = undefined
     settings.onError(new Error(`LISTEN connection lost: ${error.message}`, { cause: error }))
     scheduleReconnect()
@@ -123,7 +122,6 @@ async function listen(
       await client.end().catch(() => {})
       throw new Error('the LISTEN connection ended as it started')
     }
-    established = true
     listening = client
     attempt = 0
     beat(client)
@@ -139,15 +137,8 @@ async function listen(
       const client = current
       current = undefined
       listening = undefined
-      // A LISTEN session needs no goodbye: on a dead path a graceful end would wait out the
-      // kernel's retransmissions (and pg-boss's stop with it).
-      await Promise.race([
-        client?.end().catch(() => {}),
-        new Promise((resolve) => setTimeout(resolve, 1000).unref()),
-      ])
-      ;(
-        client as unknown as { connection?: { stream?: { destroy(): void } } } | undefined
-      )?.connection?.stream?.destroy()
+      // Bounded: on a dead path pg-boss's stop would otherwise wait with it.
+      if (client) await endClient(client)
     },
   }
 }

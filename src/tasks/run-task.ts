@@ -2,6 +2,7 @@ import type pg from 'pg'
 import type { RunReport } from '../cleanup/run-cleanup.js'
 import type { TaskDefinition } from '../config/definition.js'
 import type { TaskContext } from '../config/task.js'
+import { destroySocket } from '../db/client.js'
 import { withClient } from '../db/transaction.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { localSettings, type TransactionLimits } from '../runs/fence.js'
@@ -85,10 +86,7 @@ export async function runTask(
         )
         expired = error
         drop(error)
-        // pg's Client keeps its socket here; destroying it fails the query in flight.
-        const socket = (client as unknown as { connection?: { stream?: { destroy(): void } } })
-          .connection?.stream
-        socket?.destroy()
+        destroySocket(client) // fails the query in flight
       }, deadlineMs)
       try {
         await client.query(`BEGIN; ${localSettings(deps.limits, { utc: false })}`)
