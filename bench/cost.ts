@@ -6,6 +6,7 @@ import {
   type NodeProcess,
   rssMiB,
   script,
+  settlePhaseMs,
   startNode,
   waitUntil,
   writeConfig,
@@ -156,20 +157,32 @@ export async function scaleFailover(
     }
     const read = async () =>
       (
-        await pool.query<{ epoch: string | null; waiting: number; pid: number | null }>(
-          'SELECT epoch, waiting_nodes AS waiting, backend_pid AS pid FROM pgsingleton.status WHERE name = $1',
-          [name],
-        )
+        await pool.query<{
+          epoch: string | null
+          waiting: number
+          pid: number | null
+          held_ms: number | null
+        }>({
+          // Prepared once, as in the failover section: the view's planning is not the takeover's.
+          name: 'bench-scale-read',
+          text: `SELECT epoch, waiting_nodes AS waiting, backend_pid AS pid,
+                  (extract(epoch FROM now() - acquired_at) * 1000)::float8 AS held_ms
+             FROM pgsingleton.status WHERE name = $1`,
+          values: [name],
+        })
       ).rows[0]
     const { rows: counted } = await pool.query(
       `SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name LIKE 'p%-%'`,
     )
     const times: number[] = []
     for (let trial = 0; trial < trials; trial++) {
+      const phase = settlePhaseMs()
       const before = await waitUntil(
         async () => {
           const row = await read()
-          return row?.epoch && row.pid && row.waiting >= standbys - 1 ? row : undefined
+          return row?.epoch && row.pid && row.waiting >= standbys - 1 && (row.held_ms ?? 0) >= phase
+            ? row
+            : undefined
         },
         60_000,
         20,

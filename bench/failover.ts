@@ -6,6 +6,7 @@ import {
   distribution,
   type NodeProcess,
   script,
+  settlePhaseMs,
   startNode,
   waitUntil,
   writeConfig,
@@ -85,12 +86,17 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
         waiting: number
         pid: number | null
         old_alive: boolean
-      }>(
-        `SELECT node_id, epoch, waiting_nodes AS waiting, backend_pid AS pid,
+        held_ms: number | null
+      }>({
+        // Prepared once: planning the view anew each time (about 2 ms here) would make every
+        // look from outside that much later than the commit it is looking for.
+        name: 'bench-failover-read',
+        text: `SELECT node_id, epoch, waiting_nodes AS waiting, backend_pid AS pid,
+                (extract(epoch FROM now() - acquired_at) * 1000)::float8 AS held_ms,
                 EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive
            FROM pgsingleton.status WHERE name = $1`,
-        [name, oldPid],
-      )
+        values: [name, oldPid],
+      })
     ).rows[0]
   const nodes: NodeProcess[] = []
   let next = 0
@@ -113,10 +119,18 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     for (let i = 0; i < 3; i++) spawnNode()
     for (let trial = 0; trial < trials; trial++) {
       for (const kind of Object.keys(kinds)) {
+        // A holder at a random phase of a settled holdership, as the references' holder is
+        // (not one still starting up from the previous trial's takeover).
+        const phase = settlePhaseMs()
         const before = await waitUntil(
           async () => {
             const row = await read()
-            return row?.node_id && row.epoch && row.waiting === live().length - 1 ? row : undefined
+            return row?.node_id &&
+              row.epoch &&
+              row.waiting === live().length - 1 &&
+              (row.held_ms ?? 0) >= phase
+              ? row
+              : undefined
           },
           60_000,
           5,
@@ -234,11 +248,12 @@ async function references(
         let goneAt: number | undefined
         await waitUntil(
           async () => {
-            const { rows } = await watcher.query(
-              `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1) AS granted,
+            const { rows } = await watcher.query({
+              name: 'bench-reference-read',
+              text: `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1) AS granted,
                       EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive`,
-              [Number(pid), Number(holderPid)],
-            )
+              values: [Number(pid), Number(holderPid)],
+            })
             if (goneAt === undefined && !rows[0].old_alive) goneAt = performance.now()
             return rows[0].granted ? true : undefined
           },

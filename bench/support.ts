@@ -96,6 +96,16 @@ export function cpuSeconds(pid: number | undefined): number {
   return (Number(fields[11]) + Number(fields[12])) / 100
 }
 
+/**
+ * How long a holder has held before a failover trial ends it: a random 0.5 to 1.5 s, so
+ * it is struck at a random phase of a settled holdership (its heartbeats, its scheduler's
+ * ticks), as the references' holder is, and not while it still starts up from the
+ * previous trial's takeover, whose first fenced tick the next epoch bump must wait for.
+ */
+export function settlePhaseMs(): number {
+  return 500 + Math.random() * 1000
+}
+
 export async function waitUntil<T>(
   probe: () => Promise<T | undefined>,
   timeoutMs = 60_000,

@@ -140,6 +140,64 @@ describe('the library inside an app', () => {
     await expect(a.start()).rejects.toThrow(/stopped/)
   })
 
+  it('a standby readies its session for the takeover and leaves no trace of it', async () => {
+    // The readying bumps the epoch of a name no singleton can have, in a transaction it
+    // rolls back: no row of it may stay, no notification go out, no transaction stay open.
+    const listener = new pg.Client({ connectionString: db.url })
+    await listener.connect()
+    const heard: string[] = []
+    listener.on('notification', (message) => heard.push(message.payload ?? ''))
+    await listener.query('LISTEN pgsingleton')
+    const nodes = ['a', 'b'].map((nodeId) =>
+      createSingleton({ name: 'lib-ready', connectionString: db.url, policies: [policy], nodeId }),
+    )
+    try {
+      for (const node of nodes) await node.start()
+      await waitFor('one holds, one waits', async () => {
+        const row = await statusOf(db.pool, 'lib-ready')
+        return row?.nodeId && row.waitingNodes === 1 ? row : undefined
+      })
+      const { rows } = await db.pool.query<{ leases: number; terms: number }>(
+        `SELECT (SELECT count(*)::int FROM pgsingleton.leases WHERE name LIKE 'warm-up %') AS leases,
+                (SELECT count(*)::int FROM pgsingleton.terms WHERE name LIKE 'warm-up %') AS terms`,
+      )
+      expect(rows[0]).toEqual({ leases: 0, terms: 0 })
+      const { rows: sessions } = await db.pool.query<{ state: string; xid: string | null }>(
+        `SELECT state, backend_xid::text AS xid FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name IN ('a', 'b')`,
+      )
+      expect(sessions).toHaveLength(2)
+      for (const session of sessions) {
+        expect(session.state).not.toMatch(/in transaction/)
+        expect(session.xid).toBeNull()
+      }
+      // The standby still takes over, at the next epoch; each bump is announced once.
+      const [holder, standby] = (await nodes[0]?.whereis()) === 'a' ? nodes : [...nodes].reverse()
+      const takes = once(standby as (typeof nodes)[number], 'lock:acquired')
+      await holder?.stop()
+      const [lease] = await takes
+      expect(lease.epoch).toBe(2)
+      const events = () =>
+        heard.map(
+          (payload) => JSON.parse(payload) as { singleton: string; epoch: number; node?: string },
+        )
+      await waitFor('the takeover heard', async () =>
+        events().some((event) => event.singleton === 'lib-ready' && event.epoch === 2)
+          ? true
+          : undefined,
+      )
+      expect(events().filter((event) => event.singleton.startsWith('warm-up'))).toEqual([])
+      expect(
+        events()
+          .filter((event) => event.singleton === 'lib-ready' && event.node)
+          .map((event) => event.epoch),
+      ).toEqual([1, 2])
+    } finally {
+      await Promise.all(nodes.map((node) => node.stop()))
+      await listener.end()
+    }
+  })
+
   it("works with the app's own pool and pg-boss, and leaves them running on stop()", async () => {
     const pool = new pg.Pool({ connectionString: db.url, max: 5 })
     const boss = new PgBoss({ connectionString: db.url, schedule: false })
