@@ -141,8 +141,8 @@ describe('the library inside an app', () => {
   })
 
   it('a standby readies its session for the takeover and leaves no trace of it', async () => {
-    // The readying bumps the epoch of a name no singleton can have, in a transaction it
-    // rolls back: no row of it may stay, no notification go out, no transaction stay open.
+    // The readying bumps the epoch of a name no singleton can have and undoes it in the
+    // same statement: no row of it may stay, no notification go out, no transaction stay open.
     const listener = new pg.Client({ connectionString: db.url })
     await listener.connect()
     const heard: string[] = []
