@@ -6,7 +6,7 @@ import type { ScheduledRun } from './schedule/scheduler.js'
 export interface SingletonWarning {
   /**
    * Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `PARTITIONS_DELETED_BY_ROW`,
-   * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`.
+   * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`, `TAKEOVER_NOT_READIED`.
    */
   code: string
   message: string

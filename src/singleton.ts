@@ -477,7 +477,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           }
         },
         onError: (error) => this.#emitError(error),
-        onWarning: (message) => this.#warn({ code: 'SESSION_SETTING_REFUSED', message }),
+        onWarning: (warning) => this.#warn(warning),
         onFatal: (error) => {
           // It cannot run safely here (a transaction pooler in front of the lock session):
           // it stops, and says why. The CLI exits non-zero on this code.

@@ -245,7 +245,14 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       },
     )
     await session.connect()
-    expect(session.warnings).toEqual([expect.stringMatching(/^client_connection_check_interval: /)])
+    expect(session.warnings).toEqual([
+      {
+        code: 'SESSION_SETTING_REFUSED',
+        message: expect.stringMatching(
+          /^the lock session goes on without a setting the server refused: client_connection_check_interval: /,
+        ),
+      },
+    ])
     await session.close()
   })
 

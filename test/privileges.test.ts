@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
-import { createSingleton, type RunReport } from '../src/index.js'
+import { createSingleton, type RunReport, type SingletonWarning } from '../src/index.js'
 import { countRows, createEventsTable, insertRows } from './support/app-table.js'
 import { useTestDatabase } from './support/database.js'
 
@@ -65,6 +65,49 @@ describe('a node running as a least-privilege role', () => {
     await node.stop()
     expect(errors).toEqual([])
     expect(await countRows(db.pool, 'true')).toBe(3)
+  })
+
+  it('takes over without USAGE on plpgsql, which only its readying for a takeover needs, and says so', async () => {
+    // A hardened database: DO blocks need USAGE on the language; calling functions does not.
+    await db.pool.query('REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC')
+    const warnings: SingletonWarning[] = []
+    const nodes = ['a', 'b'].map((nodeId) => {
+      const node = createSingleton({
+        name: 'least-privilege-no-plpgsql',
+        nodeId,
+        connectionString: asRole(),
+        policies: [
+          {
+            name: 'old',
+            table: 'app.events',
+            column: 'created_at',
+            olderThan: '1 day',
+            every: '1 hour',
+          },
+        ],
+      })
+      node.on('warning', (warning) => warnings.push(warning))
+      return node
+    })
+    try {
+      const [first, second] = nodes as [(typeof nodes)[number], (typeof nodes)[number]]
+      const holds = once(first, 'lock:acquired')
+      await first.start()
+      await holds
+      const waits = once(second, 'lock:waiting')
+      await second.start()
+      await waits
+      const takesOver = once(second, 'lock:acquired')
+      await first.stop()
+      const [lease] = await takesOver
+      expect(lease.epoch).toBeGreaterThan(1)
+      expect(await second.whereis()).toBe('b')
+      expect(warnings.map((w) => w.code)).toEqual(['TAKEOVER_NOT_READIED', 'TAKEOVER_NOT_READIED'])
+      expect(warnings[0]?.message).toMatch(/42501: permission denied for language plpgsql/)
+    } finally {
+      await Promise.all(nodes.map((node) => node.stop()))
+      await db.pool.query('GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC')
+    }
   })
 
   it('is refused, with the reason, on a table it may not delete from', async () => {

@@ -49,6 +49,15 @@ const SERVER_KEEPALIVE = {
   tcp_user_timeout: '10000',
 }
 
+/** What the lock session goes on without, for the node to warn of (`SingletonWarning`). */
+export interface SessionWarning {
+  readonly code: 'SESSION_SETTING_REFUSED' | 'TAKEOVER_NOT_READIED'
+  readonly message: string
+}
+
+/** The SQLSTATE of the error the readying raises to undo its bump (a class of our own). */
+const UNDONE = 'PGS01'
+
 /** What one slice of a standby's wait ended with. */
 type WaitSlice = 'acquired' | 'waiting' | 'moved'
 
@@ -63,7 +72,7 @@ export class LockSession {
   readonly #settings: LockSessionSettings
   #closed = false
   #backendPid = 0
-  #warnings: string[] = []
+  #warnings: SessionWarning[] = []
 
   constructor(connection: pg.ClientConfig, settings: LockSessionSettings) {
     this.#settings = settings
@@ -79,8 +88,11 @@ export class LockSession {
     this.#client = new pg.Client({ ...this.#connection, application_name: settings.nodeId })
   }
 
-  /** Settings the server refused, which the session goes on without (say, on some platforms). */
-  get warnings(): readonly string[] {
+  /**
+   * What the session goes on without: settings the server refused (say, on some
+   * platforms), and a readying for the takeover that failed.
+   */
+  get warnings(): readonly SessionWarning[] {
     return this.#warnings
   }
 
@@ -125,7 +137,12 @@ export class LockSession {
     })) {
       await this.#client
         .query('SELECT set_config($1, $2, false)', [setting, value])
-        .catch((error) => this.#warnings.push(`${setting}: ${errorMessage(error)}`))
+        .catch((error) =>
+          this.#warnings.push({
+            code: 'SESSION_SETTING_REFUSED',
+            message: `the lock session goes on without a setting the server refused: ${setting}: ${errorMessage(error)}`,
+          }),
+        )
     }
     // Refused before any lock is taken: a lock taken through a transaction pooler stays on
     // the pooled server connection after this node exits.
@@ -226,23 +243,41 @@ export class LockSession {
    * the metadata of the tables it writes: measured here, 3 to 5 ms of a 4 to 6 ms
    * statement, which would otherwise fall inside the takeover. A standby pays it now: it
    * bumps the epoch of a name no singleton can have (the name pattern has no space) and
-   * undoes it in the same statement, by raising an error it catches, which rolls back
-   * the block's subtransaction. Nothing is written, locked past it or announced (a
-   * notification of a rolled-back subtransaction is dropped), and no ERROR reaches the
-   * server log or the database's rollback count, which operators watch. Best effort: a
-   * failure here (say, a schema that refuses this node's protocol) is caught the same
-   * way, and shows in the real bump.
+   * undoes it in the same statement, by raising an error of its own and catching it,
+   * which rolls back the block's subtransaction. Nothing is written, locked past it or
+   * announced (a notification of a rolled-back subtransaction is dropped), and no ERROR
+   * reaches the server log or the database's rollback count, which operators watch.
+   * bump_epoch must stay free of effects a rollback does not undo (session-level locks,
+   * sequences, anything outside the database).
+   *
+   * Any other failure (no USAGE on plpgsql, which DO needs and the functions do not; no
+   * right on a table the bump writes; a schema that refuses this node's protocol) leaves
+   * the session as it was, and the node queues anyway, with a warning that names it: the
+   * same error from the real bump would keep this node from holding.
    */
   async #readyTakeover(): Promise<void> {
-    await this.#client.query(
-      `DO $ready$
-       BEGIN
-         PERFORM pgsingleton.bump_epoch('warm-up ' || pg_backend_pid(), 'warm-up');
-         RAISE EXCEPTION 'undone';
-       EXCEPTION WHEN OTHERS THEN
-         NULL;
-       END $ready$`,
-    )
+    try {
+      await this.#client.query(
+        // Its commit keeps nothing, so it need not wait for a WAL flush (or a synchronous replica).
+        `DO $ready$
+         BEGIN
+           PERFORM set_config('synchronous_commit', 'off', true);
+           BEGIN
+             PERFORM pgsingleton.bump_epoch('warm-up ' || pg_backend_pid(), 'warm-up');
+             RAISE EXCEPTION 'undone' USING ERRCODE = '${UNDONE}';
+           EXCEPTION WHEN SQLSTATE '${UNDONE}' THEN
+             NULL;
+           END;
+         END $ready$`,
+      )
+    } catch (error) {
+      // Not an answer from the server: the connection failed, as the next statement would.
+      if (!sqlState(error)) throw error
+      this.#warnings.push({
+        code: 'TAKEOVER_NOT_READIED',
+        message: `the standby could not ready its session for a takeover (${sqlState(error)}: ${errorMessage(error)}); it queues anyway, and takes over a few milliseconds slower, or, if the real epoch bump fails the same way, not at all`,
+      })
+    }
   }
 
   /**

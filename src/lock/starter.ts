@@ -3,7 +3,12 @@ import type { RunDefinition } from '../config/definition.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
-import { type Lease, LockSession, type LockSessionSettings } from './lock-session.js'
+import {
+  type Lease,
+  LockSession,
+  type LockSessionSettings,
+  type SessionWarning,
+} from './lock-session.js'
 
 export interface StarterHooks {
   /** The node is live and its definitions are recorded (after every reconnect). */
@@ -13,8 +18,8 @@ export interface StarterHooks {
   onAcquired(lease: Lease, fence: AbortSignal): void
   onLost(lease: Lease, reason: string): void
   onError(error: unknown): void
-  /** Settings the server refused on the lock session (once per distinct message). */
-  onWarning(message: string): void
+  /** What the lock session goes on without (once per distinct message). */
+  onWarning(warning: SessionWarning): void
   /** The node cannot run safely here (a transaction pooler): it stops queueing for good. */
   onFatal(error: SingletonError): void
 }
@@ -108,14 +113,12 @@ export class Starter {
       stop.addEventListener('abort', abortWait)
       try {
         await session.connect()
-        for (const warning of session.warnings) {
-          if (this.#warned.has(warning)) continue
-          this.#warned.add(warning)
-          this.#hooks.onWarning(
-            `the lock session goes on without a setting the server refused: ${warning}`,
-          )
-        }
         await session.register(this.#settings.definitions)
+        for (const warning of session.warnings) {
+          if (this.#warned.has(warning.message)) continue
+          this.#warned.add(warning.message)
+          this.#hooks.onWarning(warning)
+        }
         this.#hooks.onRegistered()
         this.#firstAttemptDone?.()
         this.#hooks.onWaiting()
