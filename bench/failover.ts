@@ -12,6 +12,10 @@ import {
   writeConfig,
 } from './support.js'
 
+const EVENTS = ['kill -9', 'SIGTERM', 'pg_terminate_backend', 'SIGSTOP (paused)'] as const
+/** Marks an event that struck the holder right after its takeover, while it started up. */
+export const EARLY = ', right after its takeover'
+
 export interface FailoverResult {
   kinds: Record<string, Distribution>
   references: Record<string, Distribution>
@@ -21,6 +25,8 @@ export interface FailoverResult {
    * epoch: the part that is pg-singleton's.
    */
   killBreakdown: { backendGone: Distribution; goneToNewEpoch: Distribution }
+  /** How long the holders struck right after a takeover had held. */
+  heldAtStrike?: Distribution
   /** The same events, seen by a session that LISTENs on channel pgsingleton instead of polling. */
   heard: Record<string, Distribution>
   /** The same first part for the reference's holder, a minimal process. */
@@ -109,19 +115,21 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
   const goneToEpoch: number[] = []
   const heard: Record<string, number[]> = {}
   const killedSizes: { rss: number; threads: number }[] = []
-  const kinds: Record<string, number[]> = {
-    'kill -9': [],
-    SIGTERM: [],
-    pg_terminate_backend: [],
-    'SIGSTOP (paused)': [],
-  }
+  // Each event strikes a settled holder, and the first three also one right after its
+  // takeover (the previous trial's), while it starts up.
+  const kinds: Record<string, number[]> = Object.fromEntries(
+    [...EVENTS, ...EVENTS.filter((e) => e !== 'SIGSTOP (paused)').map((e) => `${e}${EARLY}`)].map(
+      (kind) => [kind, []],
+    ),
+  )
+  const heldAtStrike: number[] = []
   try {
     for (let i = 0; i < 3; i++) spawnNode()
     for (let trial = 0; trial < trials; trial++) {
       for (const kind of Object.keys(kinds)) {
-        // A holder at a random phase of a settled holdership, as the references' holder is
-        // (not one still starting up from the previous trial's takeover).
-        const phase = settlePhaseMs()
+        const early = kind.endsWith(EARLY)
+        const event = early ? kind.slice(0, -EARLY.length) : kind
+        const phase = early ? 0 : settlePhaseMs()
         const before = await waitUntil(
           async () => {
             const row = await read()
@@ -133,14 +141,15 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
               : undefined
           },
           60_000,
-          5,
+          early ? 0 : 5,
         )
+        if (early) heldAtStrike.push(before.held_ms ?? Number.NaN)
         const holder = nodes.find((n) => n.id === before.node_id) as NodeProcess
         if (kind === 'kill -9') killedSizes.push(await processSize(holder.child.pid))
         const sent = performance.now()
-        if (kind === 'kill -9') holder.child.kill('SIGKILL')
-        else if (kind === 'SIGTERM') holder.child.kill('SIGTERM')
-        else if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
+        if (event === 'kill -9') holder.child.kill('SIGKILL')
+        else if (event === 'SIGTERM') holder.child.kill('SIGTERM')
+        else if (event === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
         else await pool.query('SELECT pg_terminate_backend($1)', [before.pid])
         let goneAt: number | undefined
         await waitUntil(
@@ -164,8 +173,8 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
           gone.push(goneAt - sent)
           goneToEpoch.push(seenAt - goneAt)
         }
-        if (kind === 'SIGSTOP (paused)') holder.child.kill('SIGCONT')
-        if (kind === 'kill -9' || kind === 'SIGTERM') {
+        if (event === 'SIGSTOP (paused)') holder.child.kill('SIGCONT')
+        if (event === 'kill -9' || event === 'SIGTERM') {
           await holder.exited
           spawnNode()
         }
@@ -183,6 +192,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     kinds: Object.fromEntries(Object.entries(kinds).map(([k, v]) => [k, distribution(v)])),
     references: reference.latencies,
     killBreakdown: { backendGone: distribution(gone), goneToNewEpoch: distribution(goneToEpoch) },
+    heldAtStrike: distribution(heldAtStrike),
     heard: Object.fromEntries(Object.entries(heard).map(([k, v]) => [k, distribution(v)])),
     referenceBackendGone: reference.backendGone,
     killedNode: sizes(killedSizes),

@@ -24,7 +24,7 @@ import {
   partitionDrop,
 } from './cleanup.js'
 import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
-import { type FailoverResult, failover } from './failover.js'
+import { EARLY, type FailoverResult, failover } from './failover.js'
 import { type Distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
@@ -225,13 +225,16 @@ function render(version: string, r: Results): string {
     lines.push(
       `## Failover (${r.failover.kinds['kill -9']?.n} trials each)`,
       '',
-      "Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in `pgsingleton.status` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each trial strikes a holder that has held for a random 0.5 to 1.5 s: at a random phase of a settled holdership, as the references' holder is, not while it still starts up from the previous trial's takeover (the next epoch bump waits for a fenced write in flight, such as its first scheduler tick).",
+      `Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
       '',
       '| event | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |',
       '|---|---|---|---|---|---|',
       ...Object.entries(r.failover.kinds).map(([k, d]) => {
         const h = r.failover?.heard[k]
-        return `| ${k} of the holder | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |`
+        const label = k.endsWith(EARLY)
+          ? `${k.slice(0, -EARLY.length)} of the holder, right after its takeover`
+          : `${k} of the holder`
+        return `| ${label} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |`
       }),
       ...Object.entries(r.failover.references).map(
         ([k, d]) => `| reference: ${k}, holder killed | ${dist(d)} | - |`,
@@ -323,7 +326,7 @@ function render(version: string, r: Results): string {
     lines.push(
       '## Failover with many standbys',
       '',
-      "Library instances, 50 to a process, all queued on one singleton; each trial ends the holder's session as a crash does, from the server (`pg_terminate_backend`), and times the takeover from outside, as the failover section does (a prepared poll of `pgsingleton.status`; a holder that has held for a random 0.5 to 1.5 s).",
+      "Library instances, 50 to a process, all queued on one singleton; each trial ends the holder's session as a crash does, from the server (`pg_terminate_backend`), and times the takeover from outside, as the failover section does (a prepared poll of `pgsingleton.status`; a settled holder, one that has held for a random 0.5 to 5.5 s).",
       '',
       '| standbys | server | connections | p50 | p95 | p99 | max |',
       '|---|---|---|---|---|---|---|',

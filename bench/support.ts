@@ -97,13 +97,13 @@ export function cpuSeconds(pid: number | undefined): number {
 }
 
 /**
- * How long a holder has held before a failover trial ends it: a random 0.5 to 1.5 s, so
- * it is struck at a random phase of a settled holdership (its heartbeats, its scheduler's
- * ticks), as the references' holder is, and not while it still starts up from the
- * previous trial's takeover, whose first fenced tick the next epoch bump must wait for.
+ * How long a holder has held before a failover trial ends it: a random 0.5 to 5.5 s, a
+ * whole cycle of its scheduler's ticks (at most 5 s apart) after its start-up, so a trial
+ * strikes at a random phase of a settled holdership, a fenced tick in flight as often as
+ * it happens. The failover section also strikes holders right after their takeover.
  */
 export function settlePhaseMs(): number {
-  return 500 + Math.random() * 1000
+  return 500 + Math.random() * 5000
 }
 
 export async function waitUntil<T>(
