@@ -14,7 +14,13 @@ import {
 
 const EVENTS = ['kill -9', 'SIGTERM', 'pg_terminate_backend', 'SIGSTOP (paused)'] as const
 /** Marks an event that struck the holder right after its takeover, while it started up. */
-export const EARLY = ', right after its takeover'
+const EARLY = ', right after its takeover'
+
+/** A kind of trial: its event, and whether it struck the holder right after its takeover. */
+export function splitKind(kind: string): { event: string; early: boolean } {
+  const early = kind.endsWith(EARLY)
+  return { event: early ? kind.slice(0, -EARLY.length) : kind, early }
+}
 
 export interface FailoverResult {
   kinds: Record<string, Distribution>
@@ -127,8 +133,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     for (let i = 0; i < 3; i++) spawnNode()
     for (let trial = 0; trial < trials; trial++) {
       for (const kind of Object.keys(kinds)) {
-        const early = kind.endsWith(EARLY)
-        const event = early ? kind.slice(0, -EARLY.length) : kind
+        const { event, early } = splitKind(kind)
         const phase = early ? 0 : settlePhaseMs()
         const before = await waitUntil(
           async () => {

@@ -24,7 +24,7 @@ import {
   partitionDrop,
 } from './cleanup.js'
 import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
-import { EARLY, type FailoverResult, failover } from './failover.js'
+import { type FailoverResult, failover, splitKind } from './failover.js'
 import { type Distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
@@ -231,9 +231,8 @@ function render(version: string, r: Results): string {
       '|---|---|---|---|---|---|',
       ...Object.entries(r.failover.kinds).map(([k, d]) => {
         const h = r.failover?.heard[k]
-        const label = k.endsWith(EARLY)
-          ? `${k.slice(0, -EARLY.length)} of the holder, right after its takeover`
-          : `${k} of the holder`
+        const { event, early } = splitKind(k)
+        const label = `${event} of the holder${early ? ', right after its takeover' : ''}`
         return `| ${label} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |`
       }),
       ...Object.entries(r.failover.references).map(

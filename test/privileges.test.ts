@@ -31,6 +31,11 @@ afterAll(async () => {
   await client.end()
 })
 
+/** The policy on the app's table that the role is granted, run `every`. */
+function eventsPolicy(every: string) {
+  return { name: 'old', table: 'app.events', column: 'created_at', olderThan: '1 day', every }
+}
+
 /** The test database's URL, logging in as the least-privilege role. */
 function asRole(): string {
   const url = new URL(db.url)
@@ -46,15 +51,7 @@ describe('a node running as a least-privilege role', () => {
     const node = createSingleton({
       name: 'least-privilege',
       connectionString: asRole(),
-      policies: [
-        {
-          name: 'old',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 day',
-          every: '1 minute',
-        },
-      ],
+      policies: [eventsPolicy('1 minute')],
     })
     const errors: Error[] = []
     node.on('error', (error) => errors.push(error))
@@ -76,15 +73,7 @@ describe('a node running as a least-privilege role', () => {
         name: 'least-privilege-no-plpgsql',
         nodeId,
         connectionString: asRole(),
-        policies: [
-          {
-            name: 'old',
-            table: 'app.events',
-            column: 'created_at',
-            olderThan: '1 day',
-            every: '1 hour',
-          },
-        ],
+        policies: [eventsPolicy('1 hour')],
       })
       node.on('warning', (warning) => warnings.push(warning))
       return node

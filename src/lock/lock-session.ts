@@ -271,11 +271,12 @@ export class LockSession {
          END $ready$`,
       )
     } catch (error) {
+      const code = sqlState(error)
       // Not an answer from the server: the connection failed, as the next statement would.
-      if (!sqlState(error)) throw error
+      if (!code) throw error
       this.#warnings.push({
         code: 'TAKEOVER_NOT_READIED',
-        message: `the standby could not ready its session for a takeover (${sqlState(error)}: ${errorMessage(error)}); it queues anyway, and takes over a few milliseconds slower, or, if the real epoch bump fails the same way, not at all`,
+        message: `the standby could not ready its session for a takeover (${code}: ${errorMessage(error)}); it queues anyway, and takes over a few milliseconds slower, or, if the real epoch bump fails the same way, not at all`,
       })
     }
   }
