@@ -1,6 +1,8 @@
 import { once } from 'node:events'
 import { access, readFile } from 'node:fs/promises'
+import pg from 'pg'
 import { describe, expect, it } from 'vitest'
+import { withClient } from '../src/db/transaction.js'
 import { errorMessage } from '../src/errors.js'
 import { createSingleton, type Lease } from '../src/index.js'
 import { LockSession } from '../src/lock/lock-session.js'
@@ -8,7 +10,7 @@ import { createEventsTable, dbNow, statusOf } from './support/app-table.js'
 import { useTestDatabase, waitFor } from './support/database.js'
 import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
 import { openClient } from './support/run-harness.js'
-import { PartitionableProxy } from './support/tcp-proxy.js'
+import { CoalescingRelay, PartitionableProxy } from './support/tcp-proxy.js'
 
 const db = useTestDatabase({ setup: ({ pool }) => createEventsTable(pool) })
 failOnNodesLeftRunning()
@@ -254,6 +256,46 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       },
     ])
     await session.close()
+  })
+
+  it('a pooled connection whose session ends in the same read as the ReadyForQuery that made it ready is heard, not a crash', async () => {
+    // Seen as a node process dying with "Unhandled 'error' event" when a holder's backends
+    // were terminated right after its takeover: its scheduler's first tick was opening a
+    // pool connection.
+    const target = new URL(db.url)
+    const relay = new CoalescingRelay(target.hostname, Number(target.port || 5432))
+    const url = new URL(db.url)
+    url.hostname = '127.0.0.1'
+    url.port = String(await relay.listen())
+    const pool = new pg.Pool({
+      connectionString: url.toString(),
+      max: 1,
+      application_name: 'coalesced',
+    })
+    pool.on('error', () => {})
+    const unheard: Error[] = []
+    const onUncaught = (error: Error) => unheard.push(error)
+    process.on('uncaughtException', onUncaught)
+    try {
+      const work = withClient(pool, (client) => client.query('SELECT 1'))
+      work.catch(() => {})
+      // The backend has sent its ReadyForQuery (held in the relay) and waits: end it.
+      await waitFor('the backend, ready', async () => {
+        const { rows } = await db.pool.query<{ ended: boolean }>(
+          `SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity
+            WHERE application_name = 'coalesced' AND state = 'idle'`,
+        )
+        return rows[0]?.ended
+      })
+      await expect(work).rejects.toThrow()
+      // The pool is usable again once the path is: the broken connection left it.
+      expect(pool.totalCount).toBe(0)
+    } finally {
+      process.off('uncaughtException', onUncaught)
+      await pool.end()
+      await relay.close()
+    }
+    expect(unheard.map(errorMessage)).toEqual([])
   })
 
   it('what is thrown without being an Error keeps its content', () => {

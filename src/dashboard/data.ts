@@ -1,4 +1,5 @@
 import type pg from 'pg'
+import { withClient } from '../db/transaction.js'
 import { type PolicyStatus, readPolicyStatus } from '../status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
 import { readTerms, type Term } from '../status/read-terms.js'
@@ -36,8 +37,15 @@ export interface Dashboard {
 }
 
 /** Everything the status page shows, read in one repeatable-read transaction. */
-export async function readDashboard(pool: pg.Pool, runsPerPolicy = 20): Promise<Dashboard> {
-  const client = await pool.connect()
+export function readDashboard(pool: pg.Pool, runsPerPolicy = 20): Promise<Dashboard> {
+  return withClient(pool, (client, drop) => readIn(client, drop, runsPerPolicy))
+}
+
+async function readIn(
+  client: pg.PoolClient,
+  drop: (error: Error) => void,
+  runsPerPolicy: number,
+): Promise<Dashboard> {
   try {
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
     const [{ rows: clock }, status, policies, terms, { rows: runs }] = [
@@ -106,9 +114,7 @@ export async function readDashboard(pool: pg.Pool, runsPerPolicy = 20): Promise<
       }),
     }
   } catch (error) {
-    await client.query('ROLLBACK').catch(() => {})
+    await client.query('ROLLBACK').catch(drop)
     throw error
-  } finally {
-    client.release()
   }
 }

@@ -97,3 +97,65 @@ export class PartitionableProxy {
     } else start()
   }
 }
+
+/**
+ * A TCP relay that passes what the client sends at once, and what the server sends up to
+ * its AuthenticationOk (so a password exchange goes through); from there on it holds what
+ * the server sends until the server closes the connection, then delivers it in one write,
+ * and closes. A client so reads the server's last messages (say, the ReadyForQuery that
+ * makes a new connection ready and the FATAL that ends its session) in one chunk, as it
+ * can on a busy machine.
+ */
+export class CoalescingRelay {
+  readonly #server: net.Server
+  readonly #sockets = new Set<net.Socket>()
+
+  constructor(
+    private readonly targetHost: string,
+    private readonly targetPort: number,
+  ) {
+    this.#server = net.createServer((client) => {
+      const upstream = net.connect(this.targetPort, this.targetHost)
+      this.#sockets.add(client).add(upstream)
+      let pending = Buffer.alloc(0)
+      let holding = false
+      const held: Buffer[] = []
+      client.on('error', () => {})
+      upstream.on('error', () => {})
+      client.on('data', (chunk) => upstream.write(chunk))
+      upstream.on('data', (chunk) => {
+        if (holding) {
+          held.push(chunk)
+          return
+        }
+        // Whole messages (a type byte, then a length that counts itself) pass until an
+        // AuthenticationOk ('R', code 0), which is held with all that follows.
+        pending = Buffer.concat([pending, chunk])
+        let at = 0
+        while (!holding && pending.length - at >= 5) {
+          const length = pending.readInt32BE(at + 1)
+          if (pending.length - at < 1 + length) break
+          if (pending[at] === 0x52 && length === 8 && pending.readInt32BE(at + 5) === 0) {
+            holding = true
+            break
+          }
+          at += 1 + length
+        }
+        client.write(pending.subarray(0, at))
+        if (holding) held.push(pending.subarray(at))
+        pending = holding ? Buffer.alloc(0) : pending.subarray(at)
+      })
+      upstream.on('close', () => client.end(Buffer.concat(held)))
+      client.on('close', () => upstream.destroy())
+    })
+  }
+  async listen(): Promise<number> {
+    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve))
+    return (this.#server.address() as net.AddressInfo).port
+  }
+
+  async close(): Promise<void> {
+    for (const socket of this.#sockets) socket.destroy()
+    await new Promise((resolve) => this.#server.close(resolve))
+  }
+}
