@@ -211,7 +211,6 @@ export async function cleanupVersusBulk(
             column: 'created_at',
             olderThan: OLDER_THAN,
             every: '1 hour',
-            batchSize: 100_000,
           }),
         )) as CleanupMeasure & { startToDoneSeconds: number; batches: number },
       )
@@ -297,7 +296,6 @@ export async function partitionDrop(url: string, rows: number): Promise<Partitio
         column: 'created_at',
         olderThan: '300 days',
         every: '1 hour',
-        batchSize: 100_000,
         partitions,
       })
     }

@@ -271,7 +271,7 @@ function render(version: string, r: Results): string {
     lines.push(
       '## Cleanup against one bulk DELETE',
       '',
-      "700,000 of 1,000,000 rows outdated (80-byte payload, index on the timestamp), in time order or shuffled; the bulk DELETE runs on an identical copy (same rows, same physical order) in the same run. Neither table is vacuumed before (an app's table would not be). pg-singleton: `batchSize` 100,000 as the ceiling, the default 30 ms budget per batch; its time is the run's `started_at` to `finished_at`, and start to done adds a fresh node's start-up, validation, lock, first tick and job hand-off. The app load: 4 connections, each reading one young row and updating another 100 times a second.",
+      "700,000 of 1,000,000 rows outdated (80-byte payload, index on the timestamp), in time order or shuffled; the bulk DELETE runs on an identical copy (same rows, same physical order) in the same run. Neither table is vacuumed before (an app's table would not be). pg-singleton with its defaults: `batchSize` 100,000 as the ceiling, a 30 ms budget per batch; its time is the run's `started_at` to `finished_at`, and start to done adds a fresh node's start-up, validation, lock, first tick and job hand-off. The app load: 4 connections, each reading one young row and updating another 100 times a second.",
       '',
       ...cleanupTable(r.cleanup),
       '',

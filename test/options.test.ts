@@ -27,7 +27,7 @@ describe('options are resolved once and validated with messages that name the op
     expect(options.heartbeatMs).toBe(1000)
     expect(options.fenceAfterMs).toBe(2000)
     expect(options.idleSessionTimeoutMs).toBe(3000)
-    expect(options.policies[0]?.batchSize).toBe(1000)
+    expect(options.policies[0]?.batchSize).toBe(100_000)
     expect(options.policies[0]?.table).toEqual({ schema: 'app', name: 'events' })
     expect(Object.isFrozen(options)).toBe(true)
     expect(Object.isFrozen(options.policies[0])).toBe(true)

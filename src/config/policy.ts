@@ -32,7 +32,10 @@ export interface RetentionPolicy {
    * which zone they are in; not needed for `timestamptz`.
    */
   timeZone?: string
-  /** The most rows one batch deletes, each batch its own short transaction. Default 1000. */
+  /**
+   * The most rows one batch deletes, each batch its own short transaction; below it the
+   * batch size follows the time budget (`batchTargetMs`). Default 100,000 (the most).
+   */
   batchSize?: number
   /**
    * Accept that deleting an outdated row also deletes or changes rows that reference it,
@@ -63,9 +66,16 @@ export interface ResolvedPolicy {
   readonly partitions: 'delete' | 'drop' | 'detach'
 }
 
-export const DEFAULT_BATCH_SIZE = 1000
 /** Above this a "short" batch stops being short: one delete holds its locks too long. */
 export const MAX_BATCH_SIZE = 100_000
+/**
+ * The ceiling is the most a batch may take; how much it does take is the time budget's
+ * (batchTargetMs) to say. A default ceiling of 1000 kept the budget from ever growing a
+ * batch: a backlog of a million rows then took 4 to 14 times as long as one bulk DELETE
+ * (measured on a time-ordered table with 5 to 50 % outdated), against 1.9 to 3.2 times
+ * with the budget deciding.
+ */
+export const DEFAULT_BATCH_SIZE = MAX_BATCH_SIZE
 /** Singleton and policy names end up in pg-boss queue names and keys, which allow this set. */
 export const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,100}$/
 const POLICY_KEYS = new Set([
