@@ -47,20 +47,45 @@ describe('batches sized to a time budget', () => {
     expect(new Pacer(5000, 30, 0, 0).span).toBe(32)
   })
 
-  it('in page order, the limit stays batchSize and the budget sets the span, kept under batchSize by the density seen', () => {
+  it('in page order, the budget sets the span and the limit; the limit grows only on batches that took at least half of it, and the span stays under it', () => {
     const pacer = new Pacer(5000, 30, 50, 0, 'tidrange')
-    expect(pacer.limit).toBe(5000)
+    expect(pacer.limit).toBe(1000)
     expect(pacer.span).toBe(20)
-    // A fast batch of 20 pages that found 1000 rows: twice the span, 40 pages.
-    pacer.after({ selected: 1000, elapsedMs: 5, pages: 20 })
+    // A fast batch of 20 pages that took 900 rows: the limit doubles, and so does the span.
+    pacer.after({ selected: 900, elapsedMs: 5, pages: 20 })
+    expect(pacer.limit).toBe(2000)
     expect(pacer.span).toBe(40)
-    // A fast batch of 40 pages that found 4000 rows: doubling would hold 8000 rows; the
-    // span stays where 90 % of batchSize fits (45 pages).
-    pacer.after({ selected: 4000, elapsedMs: 5, pages: 40 })
-    expect(pacer.span).toBe(45)
+    pacer.after({ selected: 1800, elapsedMs: 5, pages: 40 })
+    expect(pacer.limit).toBe(4000)
+    expect(pacer.span).toBe(80)
+    // Doubling again would pass batchSize: the limit stops there, and the span stays where
+    // 90 % of it fits at the density seen (3600 rows in 80 pages: 100 pages).
+    pacer.after({ selected: 3600, elapsedMs: 5, pages: 80 })
     expect(pacer.limit).toBe(5000)
+    expect(pacer.span).toBe(100)
     // The batch shrank its span itself (it was denser than thought): the next follows that.
-    pacer.after({ selected: 100, elapsedMs: 30, pages: 7 })
+    pacer.after({ selected: 2600, elapsedMs: 30, pages: 7 })
     expect(pacer.span).toBe(7)
+  })
+
+  it('in page order, pages with nothing outdated grow the span but not the limit, so the first dense region is met with the limit the walk had', () => {
+    const pacer = new Pacer(100_000, 30, 50, 0, 'tidrange')
+    for (let i = 0; i < 8; i++) pacer.after({ selected: 0, elapsedMs: 2 })
+    expect(pacer.span).toBe(5120)
+    expect(pacer.limit).toBe(1000)
+    // A slow batch shrinks the limit too, even one that took few rows.
+    pacer.after({ selected: 300, elapsedMs: 120, pages: 5120 })
+    expect(pacer.limit).toBe(250)
+  })
+
+  it('a batch done again carefully starts from the first size, whatever the plain ones had grown to', () => {
+    const pacer = new Pacer(100_000, 30, 50, 0)
+    for (let i = 0; i < 10; i++) pacer.after({ selected: pacer.limit, elapsedMs: 5 })
+    expect(pacer.limit).toBe(100_000)
+    pacer.careful()
+    expect(pacer.limit).toBe(1000)
+    const small = new Pacer(40, 30, 50, 0, 'tidrange')
+    small.careful()
+    expect(small.limit).toBe(40)
   })
 })

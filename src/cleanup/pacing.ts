@@ -3,8 +3,12 @@
  * budget: `batchSize` is the ceiling, and the size follows the time the last batch took
  * (its transaction, by the server's clock), so small tables finish in one batch and big
  * ones never hold their locks long. Along an index the budget sets the row limit; in page
- * order it sets the span of pages (the limit stays the ceiling, which the batch itself
- * enforces). A batch that took far longer than the budget (the app is busy, or I/O is) is
+ * order it sets both the span of pages and the row limit, which the batch itself enforces
+ * (a plain page-range delete that took more rows is rolled back and its span shrunk; any
+ * other takes at most the limit). The limit grows only on evidence: a fast batch that
+ * took at least half of it (along the index: all of it). So a walk that sped over pages
+ * with nothing outdated meets the first dense region with the limit it had, not the
+ * ceiling. A batch that took far longer than the budget (the app is busy, or I/O is) is
  * followed by a pause as long as it took, so that a cleanup yields to the app instead of
  * competing with it.
  */
@@ -21,7 +25,7 @@ export class Pacer {
     private readonly strategy: 'index' | 'tidrange' = 'index',
   ) {
     const first = Math.min(ceiling, FIRST_LIMIT)
-    this.#limit = strategy === 'tidrange' ? ceiling : first
+    this.#limit = first
     this.#span =
       tuplesPerPage > 0
         ? clamp(Math.ceil(first / tuplesPerPage), 1, MAX_SPAN_PAGES)
@@ -37,18 +41,30 @@ export class Pacer {
     return this.#span
   }
 
+  /**
+   * Before a batch done again carefully (rows that failed it are found one by one): it
+   * starts from the first batch's size, whatever the plain batches had grown to.
+   */
+  careful(): void {
+    this.#limit = Math.min(this.#limit, this.ceiling, FIRST_LIMIT)
+  }
+
   /** After a batch: the next size, and how long to pause before it. */
   after(batch: { selected: number; elapsedMs: number; pages?: number | null }): number {
     const factor = clamp(this.targetMs / Math.max(batch.elapsedMs, 1), 0.25, 2)
-    if (this.strategy === 'index' && batch.selected >= this.#limit) {
+    const evidence =
+      this.strategy === 'index'
+        ? batch.selected >= this.#limit
+        : batch.selected >= this.#limit / 2 || (factor < 1 && batch.selected > 0)
+    if (evidence) {
       this.#limit = clamp(Math.round(this.#limit * factor), MIN_LIMIT, this.ceiling)
     }
     const pages = batch.pages ?? this.#span
     let span = Math.round(pages * factor)
-    // A span that would hold more rows than the ceiling is rolled back and halved by the
+    // A span that would hold more rows than the limit is rolled back and shrunk by the
     // batch: keep under it, by the density the last batch saw.
     if (batch.selected > 0)
-      span = Math.min(span, Math.floor((this.ceiling * pages * 0.9) / batch.selected))
+      span = Math.min(span, Math.floor((this.#limit * pages * 0.9) / batch.selected))
     this.#span = clamp(span, 1, MAX_SPAN_PAGES)
     const backOff = batch.elapsedMs > SLOW * this.targetMs ? batch.elapsedMs : 0
     return this.pauseMs + backOff

@@ -235,6 +235,7 @@ async function clean(
       } catch (error) {
         if (!careful && mayBeTiedToRows(error)) {
           careful = true
+          pacer.careful()
           continue
         }
         return failed(

@@ -40,6 +40,7 @@ export async function migrateCommand(args: {
   }
   const { url } = await resolveConnection(say, args)
   const pool = new pg.Pool({ connectionString: url, max: 1 })
+  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
   try {
     const result = await migrateToLatest(pool)
     say(
@@ -153,6 +154,9 @@ export async function statusCommand(args: {
 }): Promise<void> {
   const { url } = await resolveConnection(say, args)
   const client = new pg.Client({ connectionString: url })
+  // A session that ends (a restart) fails the next statement with a clear error; unheard,
+  // the client's 'error' would end the process first.
+  client.on('error', () => {})
   await client.connect()
   try {
     await assertSchemaCurrent(client)

@@ -37,6 +37,7 @@ export async function resolveConnection(
       'It keeps running for other local nodes; stop it with `pg-singleton embedded stop`.',
   )
   const pool = new pg.Pool({ connectionString: server.url, max: 1 })
+  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
   try {
     await migrateToLatest(pool)
   } finally {

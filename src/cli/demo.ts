@@ -29,6 +29,7 @@ export async function demoCommand(): Promise<void> {
   // has no business in the database a DATABASE_URL (or a .env file) points at.
   const { url } = await resolveConnection((line) => say(line), { embedded: true })
   const pool = new pg.Pool({ connectionString: url, max: 2 })
+  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
   const nodes: ChildProcess[] = []
   try {
     await pool.query(`CREATE SCHEMA IF NOT EXISTS demo;

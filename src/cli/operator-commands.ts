@@ -34,6 +34,7 @@ async function singletonName(target: Target): Promise<string> {
 async function withDatabase<T>(target: Target, work: (pool: pg.Pool) => Promise<T>): Promise<T> {
   const { url } = await resolveConnection(say, target)
   const pool = new pg.Pool({ connectionString: url, max: 1 })
+  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
   try {
     await assertSchemaCurrent(pool)
     return await work(pool)

@@ -44,15 +44,18 @@ export async function startDashboard(options: {
         connectionString: options.connectionString,
         application_name: 'pg-singleton dashboard listen',
       })
+      // Heard from the start: a session that ends as the connection becomes ready emits
+      // 'error' before any awaited step returns, and unheard it would end the process.
+      const gone = new Promise<void>((resolve) => {
+        client.on('error', () => resolve())
+        client.once('end', () => resolve())
+      })
       try {
         await client.connect()
         client.on('notification', (message) => push(message.payload ?? 'change'))
         await client.query('LISTEN pgsingleton')
         listener = client
-        await new Promise<void>((resolve) => {
-          client.once('error', () => resolve())
-          client.once('end', () => resolve())
-        })
+        await gone
       } catch {
         // the database is away: try again
       }
