@@ -165,12 +165,14 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         })
     let checked: Awaited<ReturnType<typeof validatePolicies>>
     let bossInstalled: boolean
-    // Its session may end between two statements (a restart, pg_terminate_backend): the
-    // client then emits 'error', which unheard would end the process. The next statement
-    // fails with it, and start() with that.
-    if (setup instanceof pg.Client) setup.on('error', () => {})
     try {
-      if (setup instanceof pg.Client) await setup.connect()
+      if (setup instanceof pg.Client) {
+        // Its session may end between two statements (a restart, pg_terminate_backend):
+        // the client then emits 'error', which unheard would end the process. The next
+        // statement fails with it, and start() with that.
+        setup.on('error', () => {})
+        await setup.connect()
+      }
       await assertSchemaCurrent(setup)
       checked = await validatePolicies(setup, options.policies, options.tasks)
       const { rows } = await setup.query<{ installed: boolean }>(

@@ -23,13 +23,21 @@ const policy = {
   every: '1 minute',
 }
 
-async function proxied(): Promise<{ proxy: PartitionableProxy; url: string }> {
+/** The test database's URL through a relay of `kind`, listening on 127.0.0.1. */
+async function relayed<R extends { listen(): Promise<number> }>(
+  kind: new (host: string, port: number) => R,
+): Promise<{ relay: R; url: string }> {
   const target = new URL(db.url)
-  const proxy = new PartitionableProxy(target.hostname, Number(target.port || 5432))
+  const relay = new kind(target.hostname, Number(target.port || 5432))
   const url = new URL(db.url)
   url.hostname = '127.0.0.1'
-  url.port = String(await proxy.listen())
-  return { proxy, url: url.toString() }
+  url.port = String(await relay.listen())
+  return { relay, url: url.toString() }
+}
+
+async function proxied(): Promise<{ proxy: PartitionableProxy; url: string }> {
+  const { relay, url } = await relayed(PartitionableProxy)
+  return { proxy: relay, url }
 }
 
 describe('dead connections are noticed, and the cluster is never stuck', () => {
@@ -262,13 +270,9 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
     // Seen as a node process dying with "Unhandled 'error' event" when a holder's backends
     // were terminated right after its takeover: its scheduler's first tick was opening a
     // pool connection.
-    const target = new URL(db.url)
-    const relay = new CoalescingRelay(target.hostname, Number(target.port || 5432))
-    const url = new URL(db.url)
-    url.hostname = '127.0.0.1'
-    url.port = String(await relay.listen())
+    const { relay, url } = await relayed(CoalescingRelay)
     const pool = new pg.Pool({
-      connectionString: url.toString(),
+      connectionString: url,
       max: 1,
       application_name: 'coalesced',
     })

@@ -46,7 +46,7 @@ export class Pacer {
    * starts from the first batch's size, whatever the plain batches had grown to.
    */
   careful(): void {
-    this.#limit = Math.min(this.#limit, this.ceiling, FIRST_LIMIT)
+    this.#limit = Math.min(this.#limit, FIRST_LIMIT)
   }
 
   /** After a batch: the next size, and how long to pause before it. */

@@ -1,6 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import pg from 'pg'
+import type pg from 'pg'
 import { migrationFiles } from '../../migrations/index.js'
 import { loadConfigFile, loadTasks } from '../config/config-file.js'
 import { consoleLogger } from '../config/logger.js'
@@ -15,7 +15,7 @@ import {
 import { readStatus, type SingletonStatus } from '../status/read-status.js'
 import { readTerms, type Term } from '../status/read-terms.js'
 import { sleep } from '../wait.js'
-import { resolveConnection } from './connection.js'
+import { commandClient, commandPool, resolveConnection } from './connection.js'
 import { EMBEDDED_HOME, stopEmbedded } from './embedded.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
@@ -39,8 +39,7 @@ export async function migrateCommand(args: {
     return
   }
   const { url } = await resolveConnection(say, args)
-  const pool = new pg.Pool({ connectionString: url, max: 1 })
-  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
+  const pool = commandPool(url)
   try {
     const result = await migrateToLatest(pool)
     say(
@@ -153,10 +152,7 @@ export async function statusCommand(args: {
   watch?: boolean
 }): Promise<void> {
   const { url } = await resolveConnection(say, args)
-  const client = new pg.Client({ connectionString: url })
-  // A session that ends (a restart) fails the next statement with a clear error; unheard,
-  // the client's 'error' would end the process first.
-  client.on('error', () => {})
+  const client = commandClient(url)
   await client.connect()
   try {
     await assertSchemaCurrent(client)

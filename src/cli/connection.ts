@@ -4,6 +4,24 @@ import { migrateToLatest } from '../db/migrate.js'
 import { SingletonError } from '../errors.js'
 import { EMBEDDED_DEFAULT_PORT, EMBEDDED_HOME, ensureEmbedded } from './embedded.js'
 
+/**
+ * A pool for a CLI command. A connection that dies while idle (a restart) makes pg emit
+ * 'error', which unheard would end the process with Node's raw message: heard here, the
+ * next query opens a new connection, or fails with a clear error.
+ */
+export function commandPool(url: string, max = 1): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max })
+  pool.on('error', () => {})
+  return pool
+}
+
+/** A client for a CLI command, heard the same way: the next statement fails with its loss. */
+export function commandClient(url: string): pg.Client {
+  const client = new pg.Client({ connectionString: url })
+  client.on('error', () => {})
+  return client
+}
+
 export interface Connection {
   url: string
   embedded: boolean
@@ -36,8 +54,7 @@ export async function resolveConnection(
     `Embedded PostgreSQL: ${server.started ? 'started' : 'using'} the one on 127.0.0.1:${port} (data in ${server.dataDir}). ` +
       'It keeps running for other local nodes; stop it with `pg-singleton embedded stop`.',
   )
-  const pool = new pg.Pool({ connectionString: server.url, max: 1 })
-  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
+  const pool = commandPool(server.url)
   try {
     await migrateToLatest(pool)
   } finally {

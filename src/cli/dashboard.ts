@@ -1,7 +1,6 @@
-import pg from 'pg'
 import { startDashboard } from '../dashboard/server.js'
 import { assertSchemaCurrent } from '../db/migrate.js'
-import { resolveConnection } from './connection.js'
+import { commandClient, resolveConnection } from './connection.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
 
@@ -12,8 +11,7 @@ export async function dashboardCommand(args: {
   host: string
 }): Promise<void> {
   const { url } = await resolveConnection(say, args)
-  const client = new pg.Client({ connectionString: url })
-  client.on('error', () => {}) // the query that follows fails with it
+  const client = commandClient(url)
   await client.connect()
   try {
     await assertSchemaCurrent(client)

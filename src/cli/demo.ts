@@ -3,10 +3,10 @@ import { openSync } from 'node:fs'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import pg from 'pg'
+import type pg from 'pg'
 import { readStatus } from '../status/read-status.js'
 import { waitFor } from '../wait.js'
-import { resolveConnection } from './connection.js'
+import { commandPool, resolveConnection } from './connection.js'
 import { EMBEDDED_HOME } from './embedded.js'
 
 const say = (line: string) => process.stdout.write(`${line}\n`)
@@ -28,8 +28,7 @@ export async function demoCommand(): Promise<void> {
   // Always the embedded PostgreSQL: the demo creates and drops a schema of its own, which
   // has no business in the database a DATABASE_URL (or a .env file) points at.
   const { url } = await resolveConnection((line) => say(line), { embedded: true })
-  const pool = new pg.Pool({ connectionString: url, max: 2 })
-  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
+  const pool = commandPool(url, 2)
   const nodes: ChildProcess[] = []
   try {
     await pool.query(`CREATE SCHEMA IF NOT EXISTS demo;

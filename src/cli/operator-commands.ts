@@ -1,5 +1,5 @@
 import { hostname, userInfo } from 'node:os'
-import pg from 'pg'
+import type pg from 'pg'
 import { loadConfigFile } from '../config/config-file.js'
 import { resolvePolicies } from '../config/policy.js'
 import { resolveTasks } from '../config/task.js'
@@ -7,7 +7,7 @@ import { assertSchemaCurrent } from '../db/migrate.js'
 import { SingletonError } from '../errors.js'
 import { forgetSingleton, pausePolicy, requestRun, resumePolicy } from '../operations/controls.js'
 import { type PolicyPlan, planPolicies, planTasks, type TaskPlan } from '../operations/plan.js'
-import { resolveConnection } from './connection.js'
+import { commandPool, resolveConnection } from './connection.js'
 
 const say = (line: string) => process.stderr.write(`${line}\n`)
 
@@ -33,8 +33,7 @@ async function singletonName(target: Target): Promise<string> {
 
 async function withDatabase<T>(target: Target, work: (pool: pg.Pool) => Promise<T>): Promise<T> {
   const { url } = await resolveConnection(say, target)
-  const pool = new pg.Pool({ connectionString: url, max: 1 })
-  pool.on('error', () => {}) // an idle connection's loss: the next query reconnects
+  const pool = commandPool(url)
   try {
     await assertSchemaCurrent(pool)
     return await work(pool)
