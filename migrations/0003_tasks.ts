@@ -16,14 +16,10 @@
  * Raw SQL on purpose, as in 0001.
  */
 import { UP as SCHEMA_2 } from './0002_safe_deletes.js'
+import { excerpt } from './excerpt.js'
 
 /** A piece of schema 2's SQL, from `start` through `end`, for the way back. */
-function schema2(start: string, end: string): string {
-  const from = SCHEMA_2.indexOf(start)
-  const to = SCHEMA_2.indexOf(end, from)
-  if (from < 0 || to < 0) throw new Error(`schema 2 has no ${start}`)
-  return SCHEMA_2.slice(from, to + end.length)
-}
+const schema2 = (start: string, end: string) => excerpt(SCHEMA_2, start, end)
 
 export const UP = `
 UPDATE pgsingleton.meta SET schema_version = 3, protocol = 3;

@@ -7,23 +7,46 @@ import { lockKey } from '../src/lock/lock-key.js'
 import * as initial from './0001_initial.js'
 import * as safeDeletes from './0002_safe_deletes.js'
 import * as tasks from './0003_tasks.js'
+import * as fasterBatches from './0004_faster_batches.js'
 
-/** One schema version: the SQL that makes it, and the SQL that takes it back. */
+/** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
+  /** The revision it leaves in `pgsingleton.meta` (steps 1 to 3 also left it as schema_version). */
   readonly version: number
   readonly name: string
   readonly up: string
   readonly down: string
+  /**
+   * Nodes of the schema version before it run on it unchanged: it keeps
+   * `meta.schema_version` and the protocol, and moves only `meta.revision`.
+   */
+  readonly compatible?: true
 }
 
 const STEPS: readonly Step[] = [
   { version: 1, name: 'pgsingleton_0001_initial', up: initial.UP, down: initial.DOWN },
   { version: 2, name: 'pgsingleton_0002_safe_deletes', up: safeDeletes.UP, down: safeDeletes.DOWN },
   { version: 3, name: 'pgsingleton_0003_tasks', up: tasks.UP, down: tasks.DOWN },
+  {
+    version: 4,
+    name: 'pgsingleton_0004_faster_batches',
+    up: fasterBatches.UP,
+    down: fasterBatches.DOWN,
+    compatible: true,
+  },
 ]
 
-/** The `pgsingleton.meta.schema_version` the latest migration leaves behind. */
-export const SCHEMA_VERSION = STEPS[STEPS.length - 1]?.version ?? 0
+/**
+ * The `pgsingleton.meta.schema_version` the migrations leave behind: what a node must
+ * understand. A database at a higher one was migrated by a pg-singleton whose nodes this
+ * one cannot run beside (`SCHEMA_TOO_NEW`).
+ */
+export const SCHEMA_VERSION = STEPS.filter((step) => !step.compatible).at(-1)?.version ?? 0
+/**
+ * The `pgsingleton.meta.revision` the latest step leaves behind: this pg-singleton needs at
+ * least it, and runs on a higher one of the same schema version.
+ */
+export const SCHEMA_REVISION = STEPS.at(-1)?.version ?? 0
 
 /**
  * Every route takes this transaction-level lock first: `pg-singleton migrate`, an app's
@@ -35,29 +58,35 @@ export const MIGRATION_LOCK = lockKey('migrate pgsingleton').toString()
 export const PG_BOSS_INSTALL_LOCK = lockKey('install pg-boss').toString()
 
 /**
- * A step as one statement that applies it only where the schema is one version behind:
+ * The step a database is at, in SQL: `meta.revision` where there is one (from step 4),
+ * else `meta.schema_version`, else 0.
+ */
+const READ_STEP = `IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
+    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
+  END IF;`
+
+/**
+ * A step as one statement that applies it only where the schema is one step behind:
  * under the migration lock it reads `pgsingleton.meta`, does nothing when another route
- * already applied this version, refuses when an earlier one is missing, and otherwise runs
+ * already applied this step, refuses when an earlier one is missing, and otherwise runs
  * the step. One statement, so it is atomic even where a tool runs it outside a
  * transaction. This is the text of migrations/sql/ and what the Kysely migrations run.
  */
 export function stepSql(step: Step): string {
-  return `-- pg-singleton schema version ${step.version} (${step.name}).
+  return `-- pg-singleton schema step ${step.version} (${step.name}).
 -- Safe to run by any route, any number of times, at the same moment as another route:
--- it applies only on top of version ${step.version - 1} and records ${step.version} in pgsingleton.meta.
+-- it applies only on top of step ${step.version - 1} and records ${step.version} in pgsingleton.meta.
 DO $pgsingleton_migration$
 DECLARE
   found integer := 0;
 BEGIN
   PERFORM pg_advisory_xact_lock(${MIGRATION_LOCK});
-  IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
-  END IF;
+  ${READ_STEP}
   IF found >= ${step.version} THEN
     RETURN; -- applied already, by this route or another
   END IF;
   IF found < ${step.version - 1} THEN
-    RAISE EXCEPTION 'pg-singleton: schema version ${step.version} needs version ${step.version - 1} first; the database has %', found;
+    RAISE EXCEPTION 'pg-singleton: schema step ${step.version} needs step ${step.version - 1} first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$${step.up}$pgsingleton_step$;
 END $pgsingleton_migration$;
@@ -71,9 +100,7 @@ DECLARE
   found integer := 0;
 BEGIN
   PERFORM pg_advisory_xact_lock(${MIGRATION_LOCK});
-  IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
-  END IF;
+  ${READ_STEP}
   IF found = ${step.version} THEN
     EXECUTE $pgsingleton_step$${step.down}$pgsingleton_step$;
   END IF;

@@ -6,6 +6,7 @@ export {
   migrationFiles,
   migrationProvider,
   migrations,
+  SCHEMA_REVISION,
   SCHEMA_VERSION,
   withPgSingletonMigrations,
 } from '../migrations/index.js'

@@ -116,6 +116,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
+      'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -124,7 +125,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 4\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -143,6 +144,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
+      'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -162,7 +164,11 @@ describe('migrations that coexist with an app that migrates itself', () => {
       INSERT INTO pgsingleton.kysely_migration VALUES ('0001_initial', now()::text)`)
     const result = await migrateToLatest(ours.pool)
     expect(result).toMatchObject({
-      applied: ['pgsingleton_0002_safe_deletes', 'pgsingleton_0003_tasks'],
+      applied: [
+        'pgsingleton_0002_safe_deletes',
+        'pgsingleton_0003_tasks',
+        'pgsingleton_0004_faster_batches',
+      ],
       schemaVersion: SCHEMA_VERSION,
     })
     const { rows: recorded } = await ours.pool.query(
@@ -172,6 +178,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
+      'pgsingleton_0004_faster_batches',
     ])
 
     const app = await fresh()
@@ -183,6 +190,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial:Success',
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
+      'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -216,6 +224,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
+      'pgsingleton_0004_faster_batches',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -225,6 +234,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
+      'pgsingleton_0004_faster_batches',
       'pgsingleton_pgboss_schema',
     ])
   })

@@ -1,3 +1,5 @@
+import { Kysely, PostgresDialect } from 'kysely'
+import { Migrator } from 'kysely/migration'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
 import {
@@ -5,6 +7,8 @@ import {
   createSingleton,
   lockKey,
   migrateToLatest,
+  migrationProvider,
+  SCHEMA_REVISION,
   SCHEMA_VERSION,
 } from '../src/index.js'
 import { useTestDatabase } from './support/database.js'
@@ -42,6 +46,7 @@ describe('migrations', () => {
       'pgsingleton_0001_initial',
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
+      'pgsingleton_0004_faster_batches',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -74,6 +79,82 @@ describe('migrations', () => {
       })
     } finally {
       await db.pool.query('UPDATE pgsingleton.meta SET schema_version = $1', [SCHEMA_VERSION])
+    }
+  })
+
+  it('run on a later revision of their schema version, which a newer pg-singleton applied', async () => {
+    // What a newer pg-singleton's step that keeps the schema version leaves: a higher
+    // revision, and a step this one does not know in the migration table.
+    await db.pool.query('UPDATE pgsingleton.meta SET revision = $1', [SCHEMA_REVISION + 1])
+    await db.pool.query(
+      `INSERT INTO pgsingleton.pgsingleton_migration (name, timestamp) VALUES ('pgsingleton_9999_later', now()::text)`,
+    )
+    try {
+      expect(await migrateToLatest(db.pool)).toMatchObject({
+        applied: [],
+        schemaVersion: SCHEMA_VERSION,
+        revision: SCHEMA_REVISION + 1,
+      })
+      await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
+      // A step behind is another matter: this version needs its own revision.
+      await db.pool.query('UPDATE pgsingleton.meta SET revision = $1', [SCHEMA_REVISION - 1])
+      await expect(assertSchemaCurrent(db.pool)).rejects.toMatchObject({
+        code: 'SCHEMA_NOT_MIGRATED',
+        message: expect.stringMatching(
+          new RegExp(
+            `revision ${SCHEMA_REVISION - 1}; .* needs version ${SCHEMA_VERSION}, revision ${SCHEMA_REVISION} or later`,
+          ),
+        ),
+      })
+    } finally {
+      await db.pool.query(
+        `DELETE FROM pgsingleton.pgsingleton_migration WHERE name = 'pgsingleton_9999_later'`,
+      )
+      await db.pool.query('UPDATE pgsingleton.meta SET revision = $1', [SCHEMA_REVISION])
+    }
+  })
+
+  it('step 4 keeps schema 3: the same batch function for older nodes, and a way back', async () => {
+    const signature = async () =>
+      (
+        await db.pool.query<{ args: string; result: string; body: string }>(
+          `SELECT pg_get_function_identity_arguments(p.oid) AS args, pg_get_function_result(p.oid) AS result,
+                  p.prosrc AS body
+             FROM pg_proc p WHERE p.oid = 'pgsingleton.cleanup_batch'::regproc`,
+        )
+      ).rows[0]
+    // What a node of schema 3 reads at start-up, and the function its batches call.
+    const read = async () =>
+      (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta
+    const latest = await signature()
+    expect(await read()).toMatchObject({ schema_version: 3, revision: 4, protocol: 3 })
+    const kysely = new Kysely<unknown>({
+      dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: db.url, max: 1 }) }),
+    })
+    try {
+      const migrator = new Migrator({
+        db: kysely,
+        provider: migrationProvider,
+        migrationTableSchema: 'pgsingleton',
+        migrationTableName: 'pgsingleton_migration',
+        migrationLockTableName: 'pgsingleton_migration_lock',
+      })
+      expect((await migrator.migrateTo('pgsingleton_0003_tasks')).error).toBeUndefined()
+      const before = await signature()
+      expect(await read()).toEqual({ id: true, schema_version: 3, protocol: 3 })
+      expect(before?.body).not.toEqual(latest?.body)
+      expect({ args: before?.args, result: before?.result }).toEqual({
+        args: latest?.args,
+        result: latest?.result,
+      })
+      await expect(assertSchemaCurrent(db.pool)).rejects.toMatchObject({
+        code: 'SCHEMA_NOT_MIGRATED',
+      })
+      expect((await migrateToLatest(db.pool)).applied).toEqual(['pgsingleton_0004_faster_batches'])
+      expect(await signature()).toEqual(latest)
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 4 })
+    } finally {
+      await kysely.destroy()
     }
   })
 

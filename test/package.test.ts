@@ -23,6 +23,7 @@ describe('the built package, imported by its name through package.json "exports"
     expect(keys).toEqual(
       [
         'DEFAULTS',
+        'SCHEMA_REVISION',
         'SCHEMA_VERSION',
         'Singleton',
         'SingletonError',
@@ -59,12 +60,14 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0001_initial',
         'pgsingleton_0002_safe_deletes',
         'pgsingleton_0003_tasks',
+        'pgsingleton_0004_faster_batches',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
         'pgsingleton_0001_initial',
         'pgsingleton_0002_safe_deletes',
         'pgsingleton_0003_tasks',
+        'pgsingleton_0004_faster_batches',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,

@@ -1,19 +1,19 @@
--- pg-singleton schema version 1 (pgsingleton_0001_initial).
+-- pg-singleton schema step 1 (pgsingleton_0001_initial).
 -- Safe to run by any route, any number of times, at the same moment as another route:
--- it applies only on top of version 0 and records 1 in pgsingleton.meta.
+-- it applies only on top of step 0 and records 1 in pgsingleton.meta.
 DO $pgsingleton_migration$
 DECLARE
   found integer := 0;
 BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
+    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 1 THEN
     RETURN; -- applied already, by this route or another
   END IF;
   IF found < 0 THEN
-    RAISE EXCEPTION 'pg-singleton: schema version 1 needs version 0 first; the database has %', found;
+    RAISE EXCEPTION 'pg-singleton: schema step 1 needs step 0 first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$
 CREATE SCHEMA IF NOT EXISTS pgsingleton;

@@ -1,19 +1,19 @@
--- pg-singleton schema version 2 (pgsingleton_0002_safe_deletes).
+-- pg-singleton schema step 2 (pgsingleton_0002_safe_deletes).
 -- Safe to run by any route, any number of times, at the same moment as another route:
--- it applies only on top of version 1 and records 2 in pgsingleton.meta.
+-- it applies only on top of step 1 and records 2 in pgsingleton.meta.
 DO $pgsingleton_migration$
 DECLARE
   found integer := 0;
 BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
+    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 2 THEN
     RETURN; -- applied already, by this route or another
   END IF;
   IF found < 1 THEN
-    RAISE EXCEPTION 'pg-singleton: schema version 2 needs version 1 first; the database has %', found;
+    RAISE EXCEPTION 'pg-singleton: schema step 2 needs step 1 first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$
 -- What the nodes must speak: a lock session declares pgsingleton.protocol, and the epoch

@@ -1,19 +1,19 @@
--- pg-singleton schema version 3 (pgsingleton_0003_tasks).
+-- pg-singleton schema step 3 (pgsingleton_0003_tasks).
 -- Safe to run by any route, any number of times, at the same moment as another route:
--- it applies only on top of version 2 and records 3 in pgsingleton.meta.
+-- it applies only on top of step 2 and records 3 in pgsingleton.meta.
 DO $pgsingleton_migration$
 DECLARE
   found integer := 0;
 BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT schema_version FROM pgsingleton.meta' INTO found;
+    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 3 THEN
     RETURN; -- applied already, by this route or another
   END IF;
   IF found < 2 THEN
-    RAISE EXCEPTION 'pg-singleton: schema version 3 needs version 2 first; the database has %', found;
+    RAISE EXCEPTION 'pg-singleton: schema step 3 needs step 2 first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$
 UPDATE pgsingleton.meta SET schema_version = 3, protocol = 3;

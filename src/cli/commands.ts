@@ -44,8 +44,8 @@ export async function migrateCommand(args: {
     const result = await migrateToLatest(pool)
     say(
       result.applied.length > 0
-        ? `Applied ${result.applied.join(', ')}; schema pgsingleton is at version ${result.schemaVersion}.`
-        : `Schema pgsingleton is up to date (version ${result.schemaVersion}).`,
+        ? `Applied ${result.applied.join(', ')}; schema pgsingleton is at version ${result.schemaVersion}, revision ${result.revision}.`
+        : `Schema pgsingleton is up to date (version ${result.schemaVersion}, revision ${result.revision}).`,
     )
   } finally {
     await pool.end()

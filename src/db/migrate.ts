@@ -6,6 +6,7 @@ import {
   LEGACY_NAMES,
   MIGRATION_LOCK,
   PG_BOSS_INSTALL_LOCK,
+  SCHEMA_REVISION,
   SCHEMA_VERSION,
   schemaMigrations,
 } from '../../migrations/index.js'
@@ -16,7 +17,10 @@ import { withClient } from './transaction.js'
 export interface MigrationResult {
   /** Names of the migrations this call applied (empty when the schema was current). */
   applied: string[]
+  /** `pgsingleton.meta.schema_version`: what a node must understand. */
   schemaVersion: number
+  /** `pgsingleton.meta.revision`: the last step applied. */
+  revision: number
 }
 
 /**
@@ -58,8 +62,12 @@ async function installPgBoss(pool: pg.Pool): Promise<void> {
 }
 
 async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
-  const found = await readSchemaVersion(pool)
-  if (found !== undefined && found > SCHEMA_VERSION) throw schemaTooNew(found)
+  const found = await readSchema(pool)
+  if (found && found.version > SCHEMA_VERSION) throw schemaTooNew(found.version)
+  // A later step that keeps the schema version, applied by a newer pg-singleton: nothing
+  // to do, and Kysely's Migrator would refuse the step it does not know in its table.
+  if (found && found.revision > SCHEMA_REVISION)
+    return { applied: [], schemaVersion: found.version, revision: found.revision }
   await renameLegacyMigrations(pool)
 
   // Loaded here, not with this module: a node that only checks the schema never loads
@@ -94,16 +102,17 @@ async function migrateOwnSchema(pool: pg.Pool): Promise<MigrationResult> {
     }
     // A step another route (an app's migrator, the SQL files) had applied succeeds here
     // without doing anything: what this call applied is what moved the version.
-    const after = (await readSchemaVersion(pool)) ?? 0
+    const after = (await readSchema(pool)) ?? { version: 0, revision: 0 }
     return {
       applied: (results ?? [])
         .filter((r) => r.status === 'Success')
         .map((r) => r.migrationName)
         .filter((name) => {
-          const version = Number(/^pgsingleton_(\d+)_/.exec(name)?.[1])
-          return version > (found ?? 0) && version <= after
+          const step = Number(/^pgsingleton_(\d+)_/.exec(name)?.[1])
+          return step > (found?.revision ?? 0) && step <= after.revision
         }),
-      schemaVersion: after,
+      schemaVersion: after.version,
+      revision: after.revision,
     }
   } finally {
     await db.destroy()
@@ -143,30 +152,40 @@ async function renameLegacyMigrations(pool: pg.Pool): Promise<void> {
   })
 }
 
-/** Refuses a database that is not migrated, or migrated by a newer pg-singleton. */
+/**
+ * Refuses a database that is not migrated as far as this pg-singleton needs, or migrated
+ * to a schema version it does not know. A later revision of its own schema version (a
+ * newer pg-singleton's step that keeps the contract) is fine.
+ */
 export async function assertSchemaCurrent(pool: pg.Pool | pg.Client): Promise<void> {
-  const found = await readSchemaVersion(pool)
-  if (found === undefined || found < SCHEMA_VERSION) {
+  const found = await readSchema(pool)
+  if (found && found.version > SCHEMA_VERSION) throw schemaTooNew(found.version)
+  if (!found || found.version < SCHEMA_VERSION || found.revision < SCHEMA_REVISION) {
     throw new SingletonError(
       'SCHEMA_NOT_MIGRATED',
-      `The database has pg-singleton schema version ${found ?? 'none'}, this pg-singleton needs ${SCHEMA_VERSION}. ` +
+      `The database has pg-singleton schema ${found ? `version ${found.version}, revision ${found.revision}` : 'none'}; ` +
+        `this pg-singleton needs version ${SCHEMA_VERSION}, revision ${SCHEMA_REVISION} or later. ` +
         'Run `pg-singleton migrate` (or add the migrations from `pg-singleton/migrations` to your Kysely migrator) first.',
     )
   }
-  if (found > SCHEMA_VERSION) throw schemaTooNew(found)
 }
 
-async function readSchemaVersion(pool: pg.Pool | pg.Client): Promise<number | undefined> {
+/** The schema version and the last step applied (the revision; before step 4, the version). */
+async function readSchema(
+  pool: pg.Pool | pg.Client,
+): Promise<{ version: number; revision: number } | undefined> {
   // Looked up first, so that a database not migrated yet puts no ERROR in the server log.
   const { rows: found } = await pool.query<{ exists: boolean }>(
     `SELECT to_regclass('pgsingleton.meta') IS NOT NULL AS exists`,
   )
   if (!found[0]?.exists) return undefined
   try {
-    const { rows } = await pool.query<{ schema_version: number }>(
-      'SELECT schema_version FROM pgsingleton.meta',
+    const { rows } = await pool.query<{ version: number; revision: number }>(
+      `SELECT m.schema_version AS version,
+              coalesce((to_jsonb(m)->>'revision')::integer, m.schema_version) AS revision
+         FROM pgsingleton.meta m`,
     )
-    return rows[0]?.schema_version
+    return rows[0]
   } catch (error) {
     if (sqlState(error) === SQLSTATE.UNDEFINED_TABLE) return undefined
     throw error
