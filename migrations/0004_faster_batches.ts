@@ -1,11 +1,13 @@
 /**
  * Schema revision 4: faster batches, and the first step that older nodes keep running on.
  *
- * - `pgsingleton.cleanup_batch` (same signature, same outcomes, same rows deleted):
+ * - `pgsingleton.cleanup_batch` (same signature, same outcomes, same rule for what goes):
  *   - on a plain table (no DELETE trigger, DELETE rule or row security; not careful; no
- *     row held back before) an index walk selects and deletes in one statement, where it
- *     took three, and builds its cursor from the last row alone, where it built one for
- *     every row selected;
+ *     row held back before) a batch along the index is one DELETE of a range of values,
+ *     bounded by the value of the outdated row one past its limit (where those rows all
+ *     share one value, it picks rows by ctid, selection and delete in one statement);
+ *   - other batches along the index build their cursor from the last row alone, where
+ *     they built one for every row selected;
  *   - a DELETE rule now makes a table not plain for page-order walks too (a rule that
  *     turns the delete into an update would otherwise be walked again and again);
  *   - the careful path collects the rows that passed its trial deletes as index ranges,
@@ -87,6 +89,7 @@ DECLARE
   last_value jsonb;
   after_cursor text;
   ahead integer;
+  at_bound integer;
   bound jsonb;
   one_value boolean;
   xids xid[] := ARRAY(SELECT x::xid FROM jsonb_array_elements_text(coalesce(p_cursor->'xids', '[]')) AS x);
@@ -148,14 +151,20 @@ BEGIN
     IF plain THEN
       -- A range of values, deleted as a bulk DELETE would delete it: the value of the
       -- (limit + 1)th outdated row after the cursor bounds the batch, so the rows below it
-      -- are at most the limit; the next batch starts at that value. Where all of those
-      -- rows share one value, or the delete meets more rows than it should (rows written
-      -- since), the batch picks its rows by ctid instead.
+      -- are at most the limit; the next batch starts at that value. Where no more than
+      -- the limit remain, the largest of them bounds it (a bound keeps the planner on the
+      -- index even with statistics from before the cleanup). Where all of those rows share
+      -- one value, or the delete meets more rows than it should (rows written since), the
+      -- batch picks its rows by ctid instead. (Columns are qualified in ORDER BY: there a
+      -- bare name that is also an output column's means the output column.)
       EXECUTE format(
-        'SELECT count(*)::int, to_jsonb(max(v)), min(v) = max(v)
-           FROM (SELECT %1$I AS v FROM ONLY %2$s WHERE %3$s %4$s ORDER BY %1$I LIMIT $3 + 1) s',
+        'WITH s AS MATERIALIZED (
+           SELECT rel.%1$I AS v FROM ONLY %2$s AS rel WHERE %3$s %4$s ORDER BY rel.%1$I LIMIT $3 + 1)
+         SELECT count(*)::int, to_jsonb(max(s.v)), min(s.v) = max(s.v),
+                count(*) FILTER (WHERE s.v = top.v)::int
+           FROM s, (SELECT max(v) AS v FROM s) top',
         col, leaf_sql, pred, after_cursor)
-        INTO ahead, bound, one_value
+        INTO ahead, bound, one_value, at_bound
         USING cutoff, pos, lim;
       IF ahead = 0 THEN
         leaf_done := true;
@@ -163,16 +172,17 @@ BEGIN
       END IF;
       IF ahead <= lim OR NOT one_value THEN
         BEGIN
-          EXECUTE format('DELETE FROM ONLY %1$s WHERE %2$s %3$s %4$s', leaf_sql, pred, after_cursor,
-                         CASE WHEN ahead <= lim THEN ''
-                              ELSE format('AND %1$I < ($4 #>> ''{}'')::%2$s', col, cast_to) END)
+          EXECUTE format('DELETE FROM ONLY %1$s WHERE %2$s %3$s AND %4$I %5$s ($4 #>> ''{}'')::%6$s',
+                         leaf_sql, pred, after_cursor, col,
+                         CASE WHEN ahead <= lim THEN '<=' ELSE '<' END, cast_to)
             USING cutoff, pos, lim, bound;
           GET DIAGNOSTICS deleted = ROW_COUNT;
           IF deleted > lim THEN
             RAISE SQLSTATE 'PS001';
           END IF;
           IF deleted > 0 THEN
-            selected := deleted;
+            -- The rows the batch passes: all that remained, or those below the bound.
+            selected := greatest(deleted, CASE WHEN ahead <= lim THEN ahead ELSE ahead - at_bound END);
             IF ahead <= lim THEN
               leaf_done := true;
             ELSE
@@ -188,12 +198,14 @@ BEGIN
         -- By ctid: the selection and its delete in one statement.
         EXECUTE format(
           'WITH picked AS MATERIALIZED (
-             SELECT ctid AS t, %1$I AS v FROM ONLY %2$s WHERE %3$s %4$s ORDER BY %1$I, ctid LIMIT $3),
+             SELECT rel.ctid AS row_tid, rel.%1$I AS row_value FROM ONLY %2$s AS rel
+              WHERE %3$s %4$s ORDER BY rel.%1$I, rel.ctid LIMIT $3),
            gone AS (
-             DELETE FROM ONLY %2$s WHERE ctid = ANY (ARRAY(SELECT t FROM picked)) AND %3$s RETURNING 1)
+             DELETE FROM ONLY %2$s WHERE ctid = ANY (ARRAY(SELECT row_tid FROM picked)) AND %3$s RETURNING 1)
            SELECT (SELECT count(*) FROM picked)::int, (SELECT count(*) FROM gone)::int,
-                  (SELECT jsonb_build_array(to_jsonb(v), t::text)
-                     FROM (SELECT v, t FROM picked ORDER BY v DESC, t DESC LIMIT 1) last)',
+                  (SELECT jsonb_build_array(to_jsonb(last.row_value), last.row_tid::text)
+                     FROM (SELECT p.row_value, p.row_tid FROM picked p
+                            ORDER BY p.row_value DESC, p.row_tid DESC LIMIT 1) last)',
           col, leaf_sql, pred, after_cursor)
           INTO selected, deleted, pos
           USING cutoff, pos, lim;
@@ -211,10 +223,11 @@ BEGIN
       -- The cursor is the last row in (column, ctid) order: the largest value, and the
       -- last ctid of the ordered array.
       EXECUTE format(
-        'SELECT coalesce(array_agg(ctid ORDER BY v, ctid), ''{}''), count(*)::int, to_jsonb(max(v))
-           FROM (SELECT ctid, %1$I AS v FROM ONLY %2$s
-                  WHERE %3$s %4$s AND xmin <> ALL ($4)
-                  ORDER BY %1$I, ctid LIMIT $3) picked',
+        'SELECT coalesce(array_agg(picked.row_tid ORDER BY picked.row_value, picked.row_tid), ''{}''),
+                count(*)::int, to_jsonb(max(picked.row_value))
+           FROM (SELECT rel.ctid AS row_tid, rel.%1$I AS row_value FROM ONLY %2$s AS rel
+                  WHERE %3$s %4$s AND rel.xmin <> ALL ($4)
+                  ORDER BY rel.%1$I, rel.ctid LIMIT $3) picked',
         col, leaf_sql, pred, after_cursor)
         INTO tids, selected, last_value
         USING cutoff, pos, lim, xids;

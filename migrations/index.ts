@@ -58,11 +58,17 @@ export const MIGRATION_LOCK = lockKey('migrate pgsingleton').toString()
 export const PG_BOSS_INSTALL_LOCK = lockKey('install pg-boss').toString()
 
 /**
- * The step a database is at, in SQL: `meta.revision` where there is one (from step 4),
- * else `meta.schema_version`, else 0.
+ * The step a database is at, as SQL over a row `m` of `pgsingleton.meta`: its revision
+ * where it has one (from step 4, which needs schema version 3) and its schema version is
+ * still 3 or more, else its schema version. (A route that knows nothing of revisions, an
+ * older pg-singleton's, may have taken the schema version below 3 by a step down; the
+ * revision left behind then no longer says what is there.)
  */
+export const STEP_OF_META = `CASE WHEN m.schema_version >= 3
+  THEN coalesce((to_jsonb(m)->>'revision')::integer, m.schema_version) ELSE m.schema_version END`
+
 const READ_STEP = `IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
+    EXECUTE 'SELECT ${STEP_OF_META.replaceAll("'", "''")} FROM pgsingleton.meta m' INTO found;
   END IF;`
 
 /**

@@ -2,11 +2,13 @@ import { Kysely, PostgresDialect } from 'kysely'
 import { Migrator } from 'kysely/migration'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
+import * as tasks from '../migrations/0003_tasks.js'
 import {
   assertSchemaCurrent,
   createSingleton,
   lockKey,
   migrateToLatest,
+  migrationFiles,
   migrationProvider,
   SCHEMA_REVISION,
   SCHEMA_VERSION,
@@ -156,6 +158,29 @@ describe('migrations', () => {
     } finally {
       await kysely.destroy()
     }
+  })
+
+  it('a step down taken by a route that knows nothing of revisions is undone by the next migration', async () => {
+    // An older pg-singleton's step 3 down (run, say, by an app's own migrator whose table
+    // never saw step 4): schema version 2, and the revision step 4 left.
+    await db.pool.query(`BEGIN; ${tasks.DOWN} COMMIT;`)
+    expect(
+      (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
+    ).toMatchObject({ schema_version: 2, revision: 4 })
+    // The SQL files, as any route applies them: step 3 again, and step 4 finds itself there.
+    for (const [name, text] of Object.entries(migrationFiles()))
+      if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
+    await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
+    const { rows } = await db.pool.query(
+      `SELECT to_jsonb(m) AS meta, to_regclass('pgsingleton.terms') IS NOT NULL AS terms,
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%WITH s AS MATERIALIZED%' AS step4
+         FROM pgsingleton.meta m`,
+    )
+    expect(rows[0]).toMatchObject({
+      meta: { schema_version: 3, revision: 4, protocol: 3 },
+      terms: true,
+      step4: true,
+    })
   })
 
   it('keep epochs from ever going down', async () => {

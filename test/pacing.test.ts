@@ -31,6 +31,14 @@ describe('batches sized to a time budget', () => {
     expect(pacer.limit).toBe(1000)
   })
 
+  it('along the index, a batch that left rows behind stopped at its limit, though it took fewer (rows sharing the bounding value wait for the next)', () => {
+    const pacer = new Pacer(5000, 30, 50, 0)
+    pacer.after({ selected: 991, elapsedMs: 5, leafDone: false })
+    expect(pacer.limit).toBe(2000)
+    pacer.after({ selected: 1990, elapsedMs: 60, leafDone: false })
+    expect(pacer.limit).toBe(1000)
+  })
+
   it('pauses after a batch far over its budget, as long as it took, on top of batchPauseMs', () => {
     const pacer = new Pacer(5000, 30, 50, 7)
     expect(pacer.after({ selected: 1000, elapsedMs: 40 })).toBe(7)

@@ -243,6 +243,37 @@ describe('what a delete may touch besides the outdated rows', () => {
   })
 })
 
+describe('the index walk', () => {
+  it.each(['t', 'v', 'row_tid', 'row_value'])(
+    'follows the values of a column named %s, also where more rows share one value than a batch takes',
+    async (column) => {
+      const table = `app.walk_${column}`
+      // The index comes first: no statistics, so no estimate of the share, and the run
+      // walks the index. Physical order is not value order: the oldest rows, all of one
+      // value and more than a batch, come after younger outdated ones.
+      await db.pool.query(`CREATE TABLE ${table} (id serial PRIMARY KEY, "${column}" timestamptz NOT NULL);
+        CREATE INDEX ON ${table} ("${column}");
+        INSERT INTO ${table} ("${column}") SELECT now() - interval '10 days' - g * interval '1 minute' FROM generate_series(1, 10) AS g;
+        INSERT INTO ${table} ("${column}") SELECT now() - interval '30 days' FROM generate_series(1, 11);
+        INSERT INTO ${table} ("${column}") SELECT now() - interval '5 days' - g * interval '1 minute' FROM generate_series(1, 9) AS g;
+        INSERT INTO ${table} ("${column}") SELECT now() - g * interval '1 minute' FROM generate_series(1, 5) AS g;`)
+      const { report, name } = await cleanOnce({
+        name: 'walk',
+        table,
+        column,
+        olderThan: '1 day',
+        every: '1 hour',
+        batchSize: 10,
+      })
+      expect(report).toMatchObject({ status: 'done', rowsDeleted: 30, rowsSkipped: 0 })
+      expect(await count(table)).toBe(5)
+      expect(Math.max(...(await batchesOf(name)).map((b) => b.rows_deleted))).toBeLessThanOrEqual(
+        10,
+      )
+    },
+  )
+})
+
 describe('rows that cannot go never stall the policy', () => {
   it('rows held by foreign keys (immediate and deferred) and a trigger are skipped and counted; the rest go; a minute of every second piles nothing up', async () => {
     await db.pool.query(`

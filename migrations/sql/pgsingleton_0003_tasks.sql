@@ -7,7 +7,8 @@ DECLARE
 BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
-    EXECUTE 'SELECT coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) FROM pgsingleton.meta m' INTO found;
+    EXECUTE 'SELECT CASE WHEN m.schema_version >= 3
+  THEN coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 3 THEN
     RETURN; -- applied already, by this route or another

@@ -6,7 +6,7 @@
  * order it sets both the span of pages and the row limit, which the batch itself enforces
  * (a plain page-range delete that took more rows is rolled back and its span shrunk; any
  * other takes at most the limit). The limit grows only on evidence: a fast batch that
- * took at least half of it (along the index: all of it). So a walk that sped over pages
+ * took at least half of it (along the index: one that stopped at it). So a walk that sped over pages
  * with nothing outdated meets the first dense region with the limit it had, not the
  * ceiling. A batch that took far longer than the budget (the app is busy, or I/O is) is
  * followed by a pause as long as it took, so that a cleanup yields to the app instead of
@@ -50,11 +50,19 @@ export class Pacer {
   }
 
   /** After a batch: the next size, and how long to pause before it. */
-  after(batch: { selected: number; elapsedMs: number; pages?: number | null }): number {
+  after(batch: {
+    selected: number
+    elapsedMs: number
+    pages?: number | null
+    leafDone?: boolean
+  }): number {
     const factor = clamp(this.targetMs / Math.max(batch.elapsedMs, 1), 0.25, 2)
+    // Along the index, a batch that left rows of its table stopped at its limit, even with
+    // fewer rows than the limit: a batch that deletes a range of values stops below the
+    // value the rows one past the limit share.
     const evidence =
       this.strategy === 'index'
-        ? batch.selected >= this.#limit
+        ? batch.selected >= this.#limit || batch.leafDone === false
         : batch.selected >= this.#limit / 2 || (factor < 1 && batch.selected > 0)
     if (evidence) {
       this.#limit = clamp(Math.round(this.#limit * factor), MIN_LIMIT, this.ceiling)

@@ -8,6 +8,7 @@ import {
   PG_BOSS_INSTALL_LOCK,
   SCHEMA_REVISION,
   SCHEMA_VERSION,
+  STEP_OF_META,
   schemaMigrations,
 } from '../../migrations/index.js'
 import { SingletonError } from '../errors.js'
@@ -181,9 +182,7 @@ async function readSchema(
   if (!found[0]?.exists) return undefined
   try {
     const { rows } = await pool.query<{ version: number; revision: number }>(
-      `SELECT m.schema_version AS version,
-              coalesce((to_jsonb(m)->>'revision')::integer, m.schema_version) AS revision
-         FROM pgsingleton.meta m`,
+      `SELECT m.schema_version AS version, ${STEP_OF_META} AS revision FROM pgsingleton.meta m`,
     )
     return rows[0]
   } catch (error) {
