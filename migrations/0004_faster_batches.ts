@@ -24,7 +24,8 @@ import { UP as SCHEMA_2 } from './0002_safe_deletes.js'
 import { excerpt } from './excerpt.js'
 
 export const UP = `
-ALTER TABLE pgsingleton.meta ADD COLUMN revision integer NOT NULL DEFAULT 3;
+-- (The column may be there already: left by a step down of a route that knows nothing of it.)
+ALTER TABLE pgsingleton.meta ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 3;
 UPDATE pgsingleton.meta SET revision = 4;
 
 -- One batch of a run, in the caller's transaction (one statement: the caller sets

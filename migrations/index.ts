@@ -60,12 +60,20 @@ export const PG_BOSS_INSTALL_LOCK = lockKey('install pg-boss').toString()
 /**
  * The step a database is at, as SQL over a row `m` of `pgsingleton.meta`: its revision
  * where it has one (from step 4, which needs schema version 3) and its schema version is
- * still 3 or more, else its schema version. (A route that knows nothing of revisions, an
- * older pg-singleton's, may have taken the schema version below 3 by a step down; the
- * revision left behind then no longer says what is there.)
+ * still 3 or more, else its schema version; never below its schema version. (A route that
+ * knows nothing of revisions, an older pg-singleton's, may have taken the schema version
+ * below 3 by a step down; the revision left behind then no longer says what is there.
+ * Every step applied from here on records its revision, so a climb back by this route
+ * rewrites it.)
  */
 export const STEP_OF_META = `CASE WHEN m.schema_version >= 3
-  THEN coalesce((to_jsonb(m)->>'revision')::integer, m.schema_version) ELSE m.schema_version END`
+  THEN greatest(coalesce((to_jsonb(m)->>'revision')::integer, 0), m.schema_version) ELSE m.schema_version END`
+
+/** Sets `meta.revision` to `revision`, where the database has the column (from step 4). */
+const recordRevision = (revision: number) => `IF EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('pgsingleton.meta') AND attname = 'revision' AND NOT attisdropped) THEN
+    EXECUTE 'UPDATE pgsingleton.meta SET revision = ${revision}';
+  END IF;`
 
 const READ_STEP = `IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
     EXECUTE 'SELECT ${STEP_OF_META.replaceAll("'", "''")} FROM pgsingleton.meta m' INTO found;
@@ -95,6 +103,7 @@ BEGIN
     RAISE EXCEPTION 'pg-singleton: schema step ${step.version} needs step ${step.version - 1} first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$${step.up}$pgsingleton_step$;
+  ${recordRevision(step.version)}
 END $pgsingleton_migration$;
 `
 }
@@ -109,6 +118,7 @@ BEGIN
   ${READ_STEP}
   IF found = ${step.version} THEN
     EXECUTE $pgsingleton_step$${step.down}$pgsingleton_step$;
+    ${recordRevision(step.version - 1)}
   END IF;
 END $pgsingleton_migration$;`
 }

@@ -2,6 +2,7 @@ import { Kysely, PostgresDialect } from 'kysely'
 import { Migrator } from 'kysely/migration'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
+import * as safeDeletes from '../migrations/0002_safe_deletes.js'
 import * as tasks from '../migrations/0003_tasks.js'
 import {
   assertSchemaCurrent,
@@ -160,14 +161,15 @@ describe('migrations', () => {
     }
   })
 
-  it('a step down taken by a route that knows nothing of revisions is undone by the next migration', async () => {
-    // An older pg-singleton's step 3 down (run, say, by an app's own migrator whose table
-    // never saw step 4): schema version 2, and the revision step 4 left.
-    await db.pool.query(`BEGIN; ${tasks.DOWN} COMMIT;`)
+  it('steps down taken by a route that knows nothing of revisions are undone by the next migration', async () => {
+    // An older pg-singleton's steps 3 and 2 down (run, say, by an app's own migrator whose
+    // table never saw step 4): schema version 1, the revision step 4 left, and step 2's
+    // functions gone, step 4's batch function with them.
+    await db.pool.query(`BEGIN; ${tasks.DOWN} ${safeDeletes.DOWN} COMMIT;`)
     expect(
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
-    ).toMatchObject({ schema_version: 2, revision: 4 })
-    // The SQL files, as any route applies them: step 3 again, and step 4 finds itself there.
+    ).toMatchObject({ schema_version: 1, revision: 4 })
+    // The SQL files, as any route applies them: steps 2, 3 and 4 again.
     for (const [name, text] of Object.entries(migrationFiles()))
       if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
     await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()

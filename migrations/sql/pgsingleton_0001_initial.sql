@@ -8,7 +8,7 @@ BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
     EXECUTE 'SELECT CASE WHEN m.schema_version >= 3
-  THEN coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
+  THEN greatest(coalesce((to_jsonb(m)->>''revision'')::integer, 0), m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 1 THEN
     RETURN; -- applied already, by this route or another
@@ -172,4 +172,8 @@ CREATE VIEW pgsingleton.status AS
     LIMIT 1
   ) r ON true;
 $pgsingleton_step$;
+  IF EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('pgsingleton.meta') AND attname = 'revision' AND NOT attisdropped) THEN
+    EXECUTE 'UPDATE pgsingleton.meta SET revision = 1';
+  END IF;
 END $pgsingleton_migration$;

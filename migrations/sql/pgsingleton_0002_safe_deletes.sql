@@ -8,7 +8,7 @@ BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
     EXECUTE 'SELECT CASE WHEN m.schema_version >= 3
-  THEN coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
+  THEN greatest(coalesce((to_jsonb(m)->>''revision'')::integer, 0), m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 2 THEN
     RETURN; -- applied already, by this route or another
@@ -939,4 +939,8 @@ BEGIN
      AND n->>'Node Type' IN ('Index Scan', 'Index Only Scan', 'Bitmap Index Scan', 'Seq Scan', 'Tid Range Scan', 'Tid Scan');
 END $fn$;
 $pgsingleton_step$;
+  IF EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('pgsingleton.meta') AND attname = 'revision' AND NOT attisdropped) THEN
+    EXECUTE 'UPDATE pgsingleton.meta SET revision = 2';
+  END IF;
 END $pgsingleton_migration$;

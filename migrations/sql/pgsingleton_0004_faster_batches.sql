@@ -8,7 +8,7 @@ BEGIN
   PERFORM pg_advisory_xact_lock(-7089759982357046742);
   IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
     EXECUTE 'SELECT CASE WHEN m.schema_version >= 3
-  THEN coalesce((to_jsonb(m)->>''revision'')::integer, m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
+  THEN greatest(coalesce((to_jsonb(m)->>''revision'')::integer, 0), m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
   END IF;
   IF found >= 4 THEN
     RETURN; -- applied already, by this route or another
@@ -17,7 +17,8 @@ BEGIN
     RAISE EXCEPTION 'pg-singleton: schema step 4 needs step 3 first; the database has %', found;
   END IF;
   EXECUTE $pgsingleton_step$
-ALTER TABLE pgsingleton.meta ADD COLUMN revision integer NOT NULL DEFAULT 3;
+-- (The column may be there already: left by a step down of a route that knows nothing of it.)
+ALTER TABLE pgsingleton.meta ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 3;
 UPDATE pgsingleton.meta SET revision = 4;
 
 -- One batch of a run, in the caller's transaction (one statement: the caller sets
@@ -401,4 +402,8 @@ BEGIN
   elapsed_ms := extract(epoch FROM clock_timestamp() - now()) * 1000;
 END $fn$;
 $pgsingleton_step$;
+  IF EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('pgsingleton.meta') AND attname = 'revision' AND NOT attisdropped) THEN
+    EXECUTE 'UPDATE pgsingleton.meta SET revision = 4';
+  END IF;
 END $pgsingleton_migration$;

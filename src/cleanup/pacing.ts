@@ -58,8 +58,10 @@ export class Pacer {
   }): number {
     const factor = clamp(this.targetMs / Math.max(batch.elapsedMs, 1), 0.25, 2)
     // Along the index, a batch that left rows of its table stopped at its limit, even with
-    // fewer rows than the limit: a batch that deletes a range of values stops below the
-    // value the rows one past the limit share.
+    // fewer rows than the limit (a batch that deletes a range of values stops below the
+    // value the rows one past the limit share). A run calls this only after such batches,
+    // so there every index batch counts; one that finished its table, or says nothing of
+    // it, counts only when full.
     const evidence =
       this.strategy === 'index'
         ? batch.selected >= this.#limit || batch.leafDone === false
