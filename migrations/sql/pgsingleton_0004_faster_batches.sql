@@ -18,8 +18,8 @@ BEGIN
   END IF;
   EXECUTE $pgsingleton_step$
 -- (The column may be there already: left by a step down of a route that knows nothing of it.)
+-- Every step's wrapper (stepSql) records its revision once the step has run: 4 here.
 ALTER TABLE pgsingleton.meta ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 3;
-UPDATE pgsingleton.meta SET revision = 4;
 
 -- One batch of a run, in the caller's transaction (one statement: the caller sets
 -- lock_timeout and statement_timeout LOCAL in the same message).
