@@ -626,7 +626,9 @@ async function ownServer(): Promise<string> {
   const home = await mkdtemp(join(tmpdir(), 'pg-singleton-chaos-'))
   await chmod(home, 0o755) // as root, the server runs as the postgres user
   const dataDir = join(home, 'pgdata')
-  const port = 46000 + Math.floor(random() * 4000)
+  // Below the kernel's ephemeral range (32768 and up): while the server restarts, a port
+  // there can be taken by some client's outgoing connection, and the server cannot listen.
+  const port = 26000 + Math.floor(random() * 4000)
   const { url } = await ensureEmbedded(dataDir, port)
   restartServer = { url, dataDir, home }
   return url

@@ -28,7 +28,9 @@ beforeAll(async () => {
   home = await mkdtemp(join(tmpdir(), 'pg-singleton-restart-'))
   await chmod(home, 0o755) // as root, the server runs as the postgres user
   dataDir = join(home, 'pgdata')
-  port = 45000 + (randomBytes(2).readUInt16BE(0) % 5000)
+  // Below the kernel's ephemeral range (32768 and up): a port there can be taken by some
+  // client's outgoing connection, while the server is down or before it first starts.
+  port = 20000 + (randomBytes(2).readUInt16BE(0) % 5000)
   url = (await ensureEmbedded(dataDir, port)).url
   pool = new pg.Pool({ connectionString: url, max: 2 })
   pool.on('error', () => {})
