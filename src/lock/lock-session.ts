@@ -3,6 +3,7 @@ import { fingerprint, type RunDefinition } from '../config/definition.js'
 import { destroySocket, endClient } from '../db/client.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
+import { withHighDescriptor } from './high-descriptor.js'
 import { keepsSession, sessionNotKept } from './session-pinning.js'
 
 /**
@@ -109,7 +110,7 @@ export class LockSession {
   async connect(): Promise<void> {
     // An idle client that errors emits 'error'; without a listener Node would end the process.
     this.#client.on('error', () => {})
-    await this.#client.connect()
+    await withHighDescriptor(() => this.#client.connect())
     const { rows } = await this.#client.query<{ pid: number; version: number }>(
       `SELECT pg_backend_pid() AS pid, current_setting('server_version_num')::int AS version`,
     )
