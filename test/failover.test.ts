@@ -1,3 +1,4 @@
+import { readdir, readFile, readlink } from 'node:fs/promises'
 import { describe, expect, it } from 'vitest'
 import {
   countRows,
@@ -502,4 +503,53 @@ describe('failover between real node processes', () => {
     await stopAll(nodes.filter((n) => n !== worker))
     expect(await safetyViolations(db.pool, name)).toEqual([])
   })
+
+  it.runIf(process.platform === 'linux')(
+    "a holder's lock session has the highest descriptor of its connections, which Linux closes first when the process is killed",
+    async () => {
+      const { name, nodes } = await cluster(1)
+      try {
+        const holder = byId(nodes, `${name}-node-1`)
+        // The pool and pg-boss connect once the node holds and its first tick has run.
+        const backends = await waitFor('the holder opened its other connections', async () => {
+          const { rows } = await db.pool.query<{ application_name: string; client_port: number }>(
+            `SELECT application_name, client_port FROM pg_stat_activity
+              WHERE application_name = $1 OR application_name LIKE $1 || ' %'`,
+            [holder.id],
+          )
+          return rows.length >= 3 ? rows : undefined
+        })
+        // Each connection's socket, found by its local port, then its descriptor in the process.
+        const inodeByPort = new Map<number, string>()
+        for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+          const lines = (await readFile(file, 'utf8').catch(() => '')).split('\n').slice(1)
+          for (const line of lines) {
+            const fields = line.trim().split(/\s+/)
+            if (fields.length < 10) continue
+            inodeByPort.set(Number.parseInt(fields[1]?.split(':')[1] ?? '', 16), fields[9] ?? '')
+          }
+        }
+        const fdByInode = new Map<string, number>()
+        const dir = `/proc/${holder.child.pid}/fd`
+        for (const fd of await readdir(dir)) {
+          const target = await readlink(`${dir}/${fd}`).catch(() => '')
+          const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1]
+          if (inode) fdByInode.set(inode, Number(fd))
+        }
+        const fds = backends.map((b) => ({
+          name: b.application_name,
+          fd: fdByInode.get(inodeByPort.get(b.client_port) ?? ''),
+        }))
+        expect(
+          fds.every((x) => x.fd !== undefined),
+          JSON.stringify(fds),
+        ).toBe(true)
+        const lock = fds.find((x) => x.name === holder.id)
+        const others = fds.filter((x) => x !== lock).map((x) => x.fd ?? 0)
+        expect(lock?.fd, JSON.stringify(fds)).toBeGreaterThan(Math.max(...others))
+      } finally {
+        await stopAll(nodes)
+      }
+    },
+  )
 })
