@@ -83,6 +83,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
    * and closes. Idempotent; safe to call while `start()` runs.
    */
   stop(): Promise<void> {
+    // A holder unlocks first, in this tick; the rest of the stop follows.
+    this.#starter?.handOverNow()
     this.#stopped.abort()
     this.#stopping ??= (async () => {
       await this.#starting?.catch(() => {})

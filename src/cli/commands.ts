@@ -97,7 +97,6 @@ export async function runCommand(args: {
       say(`${signal} again: exiting now`)
       process.exit(130)
     }
-    logger.info({ signal }, 'stopping: handing the lock over, letting the batch in flight end')
     stopping = singleton.stop().then(
       async () => {
         await metrics?.shutdown().catch(() => {})
@@ -108,6 +107,8 @@ export async function runCommand(args: {
         process.exit(1)
       },
     )
+    // Logged once the stop has begun: a holder's hand-over is sent first.
+    logger.info({ signal }, 'stopping: handing the lock over, letting the batch in flight end')
   }
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
