@@ -147,7 +147,8 @@ async function main(): Promise<void> {
       await chmod(home, 0o755)
       const server = await ensureEmbedded(
         join(home, 'pgdata'),
-        47000 + Math.floor(Math.random() * 2000),
+        // Below the kernel's ephemeral ports (32768 to 60999), which any outgoing connection may hold.
+        16000 + Math.floor(Math.random() * 2000),
         {
           max_connections: '300',
         },

@@ -125,7 +125,8 @@ describe('the pg-singleton command', () => {
     for (let p = dir; p.startsWith(base); p = join(p, '..')) await chmod(p, 0o755) // as root, the server runs as the postgres user, who must reach the project
     const env = {
       DATABASE_URL: undefined,
-      PG_SINGLETON_EMBEDDED_PORT: String(55000 + Math.floor(Math.random() * 5000)),
+      // Below the kernel's ephemeral ports (32768 to 60999), which any outgoing connection may hold.
+      PG_SINGLETON_EMBEDDED_PORT: String(30000 + Math.floor(Math.random() * 2000)),
     }
     expect(dir.length).toBeGreaterThan(150)
     try {
