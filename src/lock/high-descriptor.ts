@@ -33,6 +33,12 @@ export async function withHighDescriptor<T>(connect: () => Promise<T>): Promise<
   try {
     return await connect()
   } finally {
-    for (const fd of held) closeSync(fd)
+    for (const fd of held) {
+      try {
+        closeSync(fd)
+      } catch {
+        // Already closed: never let it hide the connect's own outcome.
+      }
+    }
   }
 }
