@@ -519,16 +519,9 @@ describe('failover between real node processes', () => {
           )
           return rows.length >= 3 ? rows : undefined
         })
-        // Each connection's socket, found by its local port, then its descriptor in the process.
-        const inodeByPort = new Map<number, string>()
-        for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
-          const lines = (await readFile(file, 'utf8').catch(() => '')).split('\n').slice(1)
-          for (const line of lines) {
-            const fields = line.trim().split(/\s+/)
-            if (fields.length < 10) continue
-            inodeByPort.set(Number.parseInt(fields[1]?.split(':')[1] ?? '', 16), fields[9] ?? '')
-          }
-        }
+        // Each connection's descriptor in the process, found by its socket's local port. Only
+        // the holder's own sockets are read from /proc/net/tcp: another socket on the same
+        // port (a TIME_WAIT entry, inode 0, or another process's) cannot stand in for one.
         const fdByInode = new Map<string, number>()
         const dir = `/proc/${holder.child.pid}/fd`
         for (const fd of await readdir(dir)) {
@@ -536,9 +529,19 @@ describe('failover between real node processes', () => {
           const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1]
           if (inode) fdByInode.set(inode, Number(fd))
         }
+        const fdByPort = new Map<number, number>()
+        for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+          const lines = (await readFile(file, 'utf8').catch(() => '')).split('\n').slice(1)
+          for (const line of lines) {
+            const fields = line.trim().split(/\s+/)
+            const fd = fdByInode.get(fields[9] ?? '')
+            if (fd !== undefined)
+              fdByPort.set(Number.parseInt(fields[1]?.split(':')[1] ?? '', 16), fd)
+          }
+        }
         const fds = backends.map((b) => ({
           name: b.application_name,
-          fd: fdByInode.get(inodeByPort.get(b.client_port) ?? ''),
+          fd: fdByPort.get(b.client_port),
         }))
         expect(
           fds.every((x) => x.fd !== undefined),

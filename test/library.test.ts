@@ -3,6 +3,8 @@ import pg from 'pg'
 import { PgBoss } from 'pg-boss'
 import { describe, expect, it } from 'vitest'
 import { createSingleton, type RunReport } from '../src/index.js'
+import type { Lease } from '../src/lock/lock-session.js'
+import { Starter } from '../src/lock/starter.js'
 import { queueName } from '../src/queue/cleanup-queue.js'
 import {
   countRows,
@@ -322,5 +324,52 @@ describe('the library inside an app', () => {
       `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs WHERE created_at < now() - interval '30 days'`,
     )
     expect(rows[0].n).toBe(0)
+  })
+
+  it("a stop in the tick a step-down ended the hold leaves the step-down's own account of the term", async () => {
+    // The stop's hand-over is for a node that holds: once another ending has ended the
+    // hold, in the same tick, that ending records the term and unlocks, once.
+    let acquired: (lease: Lease) => void = () => {}
+    const holds = new Promise<Lease>((resolve) => {
+      acquired = resolve
+    })
+    const losses: string[] = []
+    const starter = new Starter(
+      { connectionString: db.url },
+      {
+        name: 'lib-step-down-stop',
+        nodeId: 'a',
+        idleSessionTimeoutMs: 3000,
+        lockWaitSliceMs: 1000,
+        connectionCheckMs: 1000,
+        deadAfterMs: 5000,
+        definitions: [],
+        heartbeatMs: 1000,
+        fenceAfterMs: 2000,
+        reconnectDelayMs: 100,
+        stepDownCoolOffMs: 1000,
+      },
+      {
+        onRegistered: () => {},
+        onWaiting: () => {},
+        onAcquired: (lease) => acquired(lease),
+        onLost: (_lease, reason) => losses.push(reason),
+        onError: () => {},
+        onWarning: () => {},
+        onFatal: () => {},
+      },
+    )
+    await starter.start()
+    const lease = await holds
+    starter.stepDown('ticks keep failing')
+    expect(await starter.stop(async () => {})).toBeUndefined()
+    expect(losses).toEqual(['stepped down: ticks keep failing'])
+    const { rows } = await db.pool.query(
+      'SELECT end_reason, closed_by, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
+      [lease.name, lease.epoch],
+    )
+    expect(rows).toEqual([
+      { end_reason: 'released', closed_by: 'holder', detail: 'stepped down: ticks keep failing' },
+    ])
   })
 })

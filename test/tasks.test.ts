@@ -329,6 +329,47 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     expect((await writesOf('stale')).length).toBe(0)
   })
 
+  it("a stopping holder keeps its session while a task outlasts the server's idle_session_timeout, then reports lock:released", async () => {
+    // After the hand-over the holder sends no heartbeats; its session must not idle out
+    // (the node would drop from the cluster, and the release fail) while its work ends.
+    let started = false
+    let finishTask: () => void = () => {}
+    const { node: n, errors } = node(
+      [
+        {
+          name: 'long',
+          every: '1 hour',
+          handler: async () => {
+            started = true
+            await new Promise<void>((resolve) => {
+              finishTask = resolve
+            })
+          },
+        },
+      ],
+      { heartbeatMs: 100, fenceAfterMs: 300, idleSessionTimeoutMs: 500 },
+    )
+    await n.start()
+    await waitFor('the task runs', async () => started)
+    const released = once(n, 'lock:released')
+    const stopping = n.stop()
+    // Three idle timeouts later, the lock session (named after the node) is still there.
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1500))
+      const { rows } = await db.pool.query(
+        'SELECT pid FROM pg_stat_activity WHERE application_name = $1',
+        [n.options.nodeId],
+      )
+      expect(rows).toHaveLength(1)
+    } finally {
+      finishTask()
+    }
+    await stopping
+    const [lease] = await released
+    expect(lease).toMatchObject({ nodeId: n.options.nodeId })
+    expect(errors).toEqual([])
+  })
+
   it("a config file with tasks (and no policies): each module's default export is the handler, a relative module is read from the config file's folder", async () => {
     const dir = tmpdir()
     const module = join(dir, `pg-singleton-task-${process.pid}-${++seq}.mjs`)

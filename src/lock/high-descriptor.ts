@@ -1,4 +1,4 @@
-import { closeSync, openSync } from 'node:fs'
+import { closeSync, fstatSync, openSync } from 'node:fs'
 import { devNull } from 'node:os'
 
 /**
@@ -18,27 +18,58 @@ const RESERVED = 64
  * session's backend frees the lock before the others' exits run; closed last, behind a
  * holder's four other connections, it freed the lock about 5 ms later on a 2-core machine
  * (bench: "the killed node's backend is gone"). Only an ordering: nothing depends on it
- * for correctness, so on other platforms, or when no descriptor can be opened, it does
- * nothing.
+ * for correctness. So it stands aside whenever it could get in the way: on other
+ * platforms; when the process cannot open all of them (near its descriptor limit, where
+ * holding them would make the connect itself fail with EMFILE); and at the end, where it
+ * closes only numbers that still are its /dev/null (a number another part of the process
+ * closed and reused during the connect belongs to that part now).
  */
 export async function withHighDescriptor<T>(connect: () => Promise<T>): Promise<T> {
-  const held: number[] = []
-  if (process.platform === 'linux') {
-    try {
-      while (held.length < RESERVED) held.push(openSync(devNull, 'r'))
-    } catch {
-      // Out of descriptors: the connect gets whatever number is free.
-    }
-  }
+  const held = process.platform === 'linux' ? reserve() : NONE
   try {
     return await connect()
   } finally {
-    for (const fd of held) {
-      try {
-        closeSync(fd)
-      } catch {
-        // Already closed: never let it hide the connect's own outcome.
-      }
+    release(held)
+  }
+}
+
+/** The descriptors held, and the device number that marks them as ours (/dev/null's). */
+interface Held {
+  fds: number[]
+  device: number
+}
+
+const NONE: Held = { fds: [], device: -1 }
+
+function reserve(): Held {
+  const held: Held = { fds: [], device: -1 }
+  try {
+    while (held.fds.length < RESERVED) held.fds.push(openSync(devNull, 'r'))
+    held.device = fstatSync(held.fds[0] as number).rdev
+    return held
+  } catch {
+    // Near the limit: give every one back, so the connect can have a descriptor.
+    for (const fd of held.fds) closeQuietly(fd)
+    return NONE
+  }
+}
+
+function release(held: Held): void {
+  for (const fd of held.fds) {
+    try {
+      const stat = fstatSync(fd)
+      if (stat.isCharacterDevice() && stat.rdev === held.device) closeSync(fd)
+    } catch {
+      // Closed by someone else (EBADF): nothing of ours to close, and never let it hide
+      // the connect's own outcome.
     }
+  }
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd)
+  } catch {
+    // Already closed.
   }
 }

@@ -20,6 +20,9 @@ const PIN_CHECK_MS = 10_000
  * and fencing at sent + fenceAfterMs (< idle_session_timeout) is always first. The
  * watchdog reads a monotonic clock, so a process that wakes from SIGSTOP or a long GC
  * pause fences on its first tick, before it can schedule anything.
+ *
+ * `onEnd` runs in the tick the holdership ends, before the promise's callers run: the
+ * caller learns of it without a microtask in which it would still think itself holding.
  */
 export function holdUntilLost(
   session: LockSession,
@@ -27,6 +30,7 @@ export function holdUntilLost(
   timing: HoldTiming,
   stop: AbortSignal,
   stepDown: AbortSignal,
+  onEnd: () => void = () => {},
 ): Promise<string> {
   return new Promise((resolve, reject) => {
     let lastOkSentAt = performance.now()
@@ -49,6 +53,7 @@ export function holdUntilLost(
     const finish = (reason: string, fatal?: Error) => {
       if (finished) return
       finished = true
+      onEnd()
       clearInterval(watchdog)
       clearTimeout(beatTimer)
       stop.removeEventListener('abort', onStop)

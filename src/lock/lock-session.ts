@@ -396,6 +396,12 @@ export class LockSession {
     )
   }
 
+  /** A query that keeps the session from idling out (after a hand-over, while work ends). */
+  async ping(): Promise<void> {
+    if (this.#closed) return
+    await this.#withDeadline(this.#client.query('SELECT 1'), this.#settings.deadAfterMs, 'a ping')
+  }
+
   async release(): Promise<void> {
     if (this.#closed) return
     try {

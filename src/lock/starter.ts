@@ -53,6 +53,8 @@ export class Starter {
   #firstAttemptDone: (() => void) | undefined
   #held: LockSession | undefined
   #lease: Lease | undefined
+  /** The lease while its hold lasts: cleared in the tick the hold ends, whatever ends it. */
+  #holding: Lease | undefined
   #handedOver: Promise<void> | undefined
 
   constructor(connection: pg.ClientConfig, settings: StarterSettings, hooks: StarterHooks) {
@@ -92,7 +94,9 @@ export class Starter {
    * not holding.
    */
   handOverNow(): void {
-    const lease = this.#lease
+    // Not #lease: in the microtasks after a hold ended another way (superseded, lost, stepped
+    // down), #lease still names it, and that ending's own account must stand.
+    const lease = this.#holding
     if (!lease || this.#handedOver) return
     this.#handedOver = this.#held?.handOver(lease.epoch, 'stopped').catch(() => {})
     this.#stop.abort()
@@ -113,11 +117,23 @@ export class Starter {
     await this.#handedOver
     // Undefined when the holdership ended otherwise before the stop (its loss is reported as such).
     const lease = this.#lease
-    await beforeRelease()
-    this.#lease = undefined
     const held = this.#held
+    // The session stays while the work ends (up to a batch's statement timeout): a query now
+    // and then keeps the server's idle_session_timeout from ending it, and with it the
+    // node's membership, before the node is done.
+    const keepAlive = held
+      ? setInterval(() => held.ping().catch(() => {}), this.#settings.heartbeatMs)
+      : undefined
+    try {
+      await beforeRelease()
+    } finally {
+      clearInterval(keepAlive)
+    }
+    this.#lease = undefined
     this.#held = undefined
-    if (held) await held.release()
+    // Handed over already, or not: closing the session frees the lock all the same. A
+    // session the server ended meanwhile cannot unlock, and needs no unlocking.
+    if (held) await held.release().catch(() => held.destroy())
     return lease
   }
 
@@ -156,11 +172,22 @@ export class Starter {
         this.#hooks.onAcquired(lease, fence.signal)
         let reason: string
         try {
-          reason = await holdUntilLost(session, lease, this.#settings, stop, stepDown.signal)
+          this.#holding = lease
+          reason = await holdUntilLost(
+            session,
+            lease,
+            this.#settings,
+            stop,
+            stepDown.signal,
+            () => {
+              this.#holding = undefined
+            },
+          )
         } catch (error) {
           fence.abort(errorMessage(error))
           throw error
         } finally {
+          this.#holding = undefined
           this.#stepDown = undefined
         }
         fence.abort(reason)
