@@ -372,4 +372,42 @@ describe('the library inside an app', () => {
       { end_reason: 'released', closed_by: 'holder', detail: 'stepped down: ticks keep failing' },
     ])
   })
+
+  it('along the index, the first batch on a table whose outdated rows are scattered over its pages is small; the rest grow, and every outdated row goes', async () => {
+    // 60,000 rows (about 800 pages) in random order, 5 % outdated: the run walks the index,
+    // and 1000 rows would touch some 570 pages in its first batch.
+    await db.pool.query(`DROP TABLE IF EXISTS app.scattered;
+      CREATE TABLE app.scattered (id int PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
+      INSERT INTO app.scattered
+        SELECT i, CASE WHEN i <= 3000 THEN now() - interval '2 hours' - i * interval '1 second'
+                       ELSE now() - (i % 3000) * interval '1 second' END, repeat('x', 80)
+          FROM generate_series(1, 60000) AS i ORDER BY random();
+      CREATE INDEX ON app.scattered (created_at);
+      ANALYZE app.scattered;`)
+    const node = createSingleton({
+      name: 'lib-scattered',
+      connectionString: db.url,
+      policies: [{ ...policy, name: 'scattered', table: 'app.scattered', batchSize: 100_000 }],
+    })
+    const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+    await node.start()
+    try {
+      expect((await done)[0]).toMatchObject({ status: 'done', rowsDeleted: 3000 })
+    } finally {
+      await node.stop()
+    }
+    const { rows } = await db.pool.query<{ rows_deleted: number }>(
+      `SELECT b.rows_deleted FROM pgsingleton.cleanup_batches b
+         JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id
+        WHERE r.singleton = 'lib-scattered' ORDER BY b.batch`,
+    )
+    expect(rows[0]?.rows_deleted).toBeGreaterThan(0)
+    expect(rows[0]?.rows_deleted).toBeLessThanOrEqual(200)
+    expect(Math.max(...rows.map((r) => r.rows_deleted))).toBeGreaterThan(200)
+    const { rows: left } = await db.pool.query(
+      `SELECT count(*)::int AS n, count(*) FILTER (WHERE created_at < now() - interval '1 hour')::int AS outdated
+         FROM app.scattered`,
+    )
+    expect(left[0]).toEqual({ n: 57000, outdated: 0 })
+  })
 })

@@ -96,4 +96,36 @@ describe('batches sized to a time budget', () => {
     small.careful()
     expect(small.limit).toBe(40)
   })
+
+  it("along an index, the first batch takes the rows expected on 128 heap pages at most: fewer when the column is scattered over a big leaf's pages", () => {
+    // 1,000,000 rows on 13,000 pages, shuffled: 1000 rows would touch about 960 pages.
+    const scattered = new Pacer(100_000, 30, 77, 0, 'index', { pages: 13_000, correlation: 0.01 })
+    expect(scattered.limit).toBeGreaterThanOrEqual(125)
+    expect(scattered.limit).toBeLessThanOrEqual(130)
+    // The same leaf in time order: 1000 rows sit on 13 pages.
+    expect(new Pacer(100_000, 30, 77, 0, 'index', { pages: 13_000, correlation: 0.99 }).limit).toBe(
+      1000,
+    )
+    // Descending order is as good as ascending.
+    expect(new Pacer(100_000, 30, 77, 0, 'index', { pages: 13_000, correlation: -1 }).limit).toBe(
+      1000,
+    )
+    // A small leaf: all its pages are fewer than 128, however scattered.
+    expect(new Pacer(100_000, 30, 77, 0, 'index', { pages: 100, correlation: 0 }).limit).toBe(1000)
+    // Unknown size (never analyzed), or a correlation unknown on a big leaf (taken as none).
+    expect(new Pacer(100_000, 30, 77, 0, 'index', { pages: 0, correlation: null }).limit).toBe(1000)
+    expect(
+      new Pacer(100_000, 30, 77, 0, 'index', { pages: 13_000, correlation: null }).limit,
+    ).toBeLessThanOrEqual(130)
+    // batchSize stays the ceiling, and page order keeps its own first size.
+    expect(new Pacer(50, 30, 77, 0, 'index', { pages: 13_000, correlation: 0 }).limit).toBe(50)
+    expect(new Pacer(100_000, 30, 77, 0, 'tidrange', { pages: 13_000, correlation: 0 }).limit).toBe(
+      1000,
+    )
+    // A careful batch starts again from that first size, and the size grows on evidence.
+    for (let i = 0; i < 3; i++) scattered.after({ selected: scattered.limit, elapsedMs: 5 })
+    expect(scattered.limit).toBeGreaterThan(900)
+    scattered.careful()
+    expect(scattered.limit).toBeLessThanOrEqual(130)
+  })
 })

@@ -208,12 +208,17 @@ async function clean(
       const share = await runs.outdatedShare(deps.pool, leaf.leaf, run.definition).catch(() => null)
       if (share !== null && share >= PAGE_ORDER_SHARE) strategy = 'tidrange'
     }
+    const layout =
+      strategy === 'index'
+        ? await runs.leafLayout(deps.pool, leaf.leaf, run.definition.column).catch(() => undefined)
+        : undefined
     const pacer = new Pacer(
       run.definition.batchSize,
       deps.batchTargetMs,
       leaf.tuples_per_page ?? 0,
       deps.batchPauseMs,
       strategy,
+      layout,
     )
     let cursor: unknown = null
     let careful = false

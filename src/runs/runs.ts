@@ -1,4 +1,5 @@
 import pg from 'pg'
+import type { Layout } from '../cleanup/pacing.js'
 import type { PolicyDefinition, RunDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { type FenceToken, localSettings, type TransactionLimits, withFence } from './fence.js'
@@ -498,6 +499,23 @@ export async function outdatedShare(
     [leaf, JSON.stringify(definition)],
   )
   return rows[0]?.share ?? null
+}
+
+/**
+ * A leaf's heap pages and its column's physical order, from its statistics: how scattered
+ * the first batch of an index walk is expected to be. Only a choice of size: unknown
+ * values come back as 0 pages and a null correlation.
+ */
+export async function leafLayout(pool: pg.Pool, leaf: number, column: string): Promise<Layout> {
+  const { rows } = await pool.query<{ pages: number | null; correlation: number | null }>(
+    `SELECT c.relpages::float8 AS pages,
+            (SELECT s.correlation::float8 FROM pg_stats s
+              WHERE s.schemaname = n.nspname AND s.tablename = c.relname
+                AND s.attname = $2 AND NOT s.inherited) AS correlation
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1`,
+    [leaf, column],
+  )
+  return { pages: Math.max(0, rows[0]?.pages ?? 0), correlation: rows[0]?.correlation ?? null }
 }
 
 /**
