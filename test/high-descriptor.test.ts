@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { closeSync, fstatSync, openSync, readdirSync, readlinkSync } from 'node:fs'
+import { closeSync, fstatSync, openSync, readdirSync, readlinkSync, unlinkSync } from 'node:fs'
 import { createServer, type Server, Socket } from 'node:net'
 import { devNull, tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -68,40 +68,58 @@ describe.runIf(process.platform === 'linux')('withHighDescriptor', () => {
       expect(fstatSync(reused).isFile()).toBe(true)
     } finally {
       closeSync(reused)
+      unlinkSync(file)
       socket.destroy()
     }
   })
 
-  it('stands aside when fewer descriptors are free than it would hold, so the connect still gets one', async () => {
-    // A process at its limit with 10 descriptors free: holding 64 would leave the
-    // connect none (EMFILE).
-    const module = pathToFileURL(
-      join(import.meta.dirname, '../dist/src/lock/high-descriptor.js'),
-    ).href
-    const script = `
-      import { openSync, closeSync } from 'node:fs'
-      import { Socket } from 'node:net'
-      const { withHighDescriptor } = await import(${JSON.stringify(module)})
-      const filler = []
-      try { for (;;) filler.push(openSync('/dev/null', 'r')) } catch (error) { if (error.code !== 'EMFILE') throw error }
-      for (const fd of filler.splice(-10)) closeSync(fd)
-      const socket = await withHighDescriptor(() => new Promise((resolve, reject) => {
-        const s = new Socket(); s.once('error', reject); s.connect(${port}, '127.0.0.1', () => resolve(s))
-      }))
-      console.log('connected', socket._handle.fd)
-      socket.destroy()
-    `
-    const child = spawn('sh', [
-      '-c',
-      `ulimit -n 200 && exec "$0" --input-type=module -e "$1"`,
-      process.execPath,
-      script,
-    ])
-    let output = ''
-    child.stdout.on('data', (chunk) => (output += chunk))
-    child.stderr.on('data', (chunk) => (output += chunk))
-    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve))
-    expect(output).toMatch(/^connected \d+/)
-    expect(code).toBe(0)
+  it('gives them back as soon as the socket has its number, when told', async () => {
+    const before = nullCount()
+    let duringStartUp = -1
+    const socket = await withHighDescriptor(async (opened) => {
+      const connected = await connectSocket()
+      opened() // what the lock session does on its socket's 'connect'
+      duringStartUp = nullCount() // the start-up and authentication that follow
+      return connected
+    })
+    socket.destroy()
+    expect(duringStartUp).toBe(before)
   })
+
+  // A process at its limit with this many descriptors free: holding 64 with fewer than two
+  // left over would leave the connect none (EMFILE), so it holds none.
+  it.each([10, 63, 64, 65, 66, 80, 81])(
+    'connects with %i descriptors free below the limit',
+    async (free) => {
+      // Compiled code (npm test builds first): the child runs plain Node.
+      const module = pathToFileURL(
+        join(import.meta.dirname, '../dist/src/lock/high-descriptor.js'),
+      ).href
+      const script = `
+        import { openSync, closeSync } from 'node:fs'
+        import { Socket } from 'node:net'
+        const { withHighDescriptor } = await import(${JSON.stringify(module)})
+        const filler = []
+        try { for (;;) filler.push(openSync('/dev/null', 'r')) } catch (error) { if (error.code !== 'EMFILE') throw error }
+        for (const fd of filler.splice(-${free})) closeSync(fd)
+        const socket = await withHighDescriptor(() => new Promise((resolve, reject) => {
+          const s = new Socket(); s.once('error', reject); s.connect(${port}, '127.0.0.1', () => resolve(s))
+        }))
+        console.log('connected', socket._handle.fd)
+        socket.destroy()
+      `
+      const child = spawn('sh', [
+        '-c',
+        `ulimit -n 300 && exec "$0" --input-type=module -e "$1"`,
+        process.execPath,
+        script,
+      ])
+      let output = ''
+      child.stdout.on('data', (chunk) => (output += chunk))
+      child.stderr.on('data', (chunk) => (output += chunk))
+      const code = await new Promise<number | null>((resolve) => child.on('exit', resolve))
+      expect(output).toMatch(/^connected \d+/)
+      expect(code).toBe(0)
+    },
+  )
 })

@@ -173,6 +173,14 @@ describe('the library inside an app', () => {
         expect(session.state).not.toMatch(/in transaction/)
         expect(session.xid).toBeNull()
       }
+      // The holder readied its hand-over right after its takeover, on a key of its own:
+      // no lock of it stays. Two membership locks and the singleton's are all that is held.
+      await new Promise((resolve) => setTimeout(resolve, 500))
+      const { rows: locks } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted AND a.application_name IN ('a', 'b')`,
+      )
+      expect(locks).toEqual([{ n: 3 }])
       // The standby still takes over, at the next epoch; each bump is announced once.
       const [holder, standby] = (await nodes[0]?.whereis()) === 'a' ? nodes : [...nodes].reverse()
       const takes = once(standby as (typeof nodes)[number], 'lock:acquired')
@@ -326,18 +334,20 @@ describe('the library inside an app', () => {
     expect(rows[0].n).toBe(0)
   })
 
-  it("a stop in the tick a step-down ended the hold leaves the step-down's own account of the term", async () => {
-    // The stop's hand-over is for a node that holds: once another ending has ended the
-    // hold, in the same tick, that ending records the term and unlocks, once.
+  /** A bare Starter (what a Singleton runs) on this database, and what its hooks saw. */
+  function starterOf(
+    name: string,
+    onAcquired: (starter: Starter, lease: Lease) => void = () => {},
+  ) {
+    const losses: string[] = []
     let acquired: (lease: Lease) => void = () => {}
     const holds = new Promise<Lease>((resolve) => {
       acquired = resolve
     })
-    const losses: string[] = []
-    const starter = new Starter(
+    const starter: Starter = new Starter(
       { connectionString: db.url },
       {
-        name: 'lib-step-down-stop',
+        name,
         nodeId: 'a',
         idleSessionTimeoutMs: 3000,
         lockWaitSliceMs: 1000,
@@ -352,25 +362,75 @@ describe('the library inside an app', () => {
       {
         onRegistered: () => {},
         onWaiting: () => {},
-        onAcquired: (lease) => acquired(lease),
+        onAcquired: (lease) => {
+          onAcquired(starter, lease)
+          acquired(lease)
+        },
         onLost: (_lease, reason) => losses.push(reason),
         onError: () => {},
         onWarning: () => {},
         onFatal: () => {},
       },
     )
+    return { starter, holds, losses }
+  }
+  const termOf = async (lease: Lease) =>
+    (
+      await db.pool.query(
+        'SELECT end_reason, closed_by, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
+        [lease.name, lease.epoch],
+      )
+    ).rows
+
+  it("a stop in the tick a step-down ended the hold leaves the step-down's own account of the term", async () => {
+    // The stop's hand-over is for a node that holds: once another ending has ended the
+    // hold, in the same tick, that ending records the term and unlocks, once.
+    const { starter, holds, losses } = starterOf('lib-step-down-stop')
     await starter.start()
     const lease = await holds
     starter.stepDown('ticks keep failing')
     expect(await starter.stop(async () => {})).toBeUndefined()
     expect(losses).toEqual(['stepped down: ticks keep failing'])
-    const { rows } = await db.pool.query(
-      'SELECT end_reason, closed_by, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
-      [lease.name, lease.epoch],
-    )
-    expect(rows).toEqual([
+    expect(await termOf(lease)).toEqual([
       { end_reason: 'released', closed_by: 'holder', detail: 'stepped down: ticks keep failing' },
     ])
+  })
+
+  it('a stop from inside lock:acquired hands over too, before the work ends', async () => {
+    let stopping: Promise<Lease | undefined> | undefined
+    let freeDuringWork: boolean | undefined
+    const { starter, holds } = starterOf('lib-stop-in-acquired', (self) => {
+      stopping = self.stop(async () => {
+        freeDuringWork = (await statusOf(db.pool, 'lib-stop-in-acquired'))?.nodeId === null
+      })
+    })
+    await starter.start()
+    const lease = await holds
+    expect(await stopping).toEqual(lease)
+    expect(freeDuringWork).toBe(true)
+    expect(await termOf(lease)).toEqual([
+      { end_reason: 'released', closed_by: 'holder', detail: 'stopped' },
+    ])
+  })
+
+  it('a stop whose hand-over the server refuses frees the lock all the same, before the work ends', async () => {
+    const { starter, holds } = starterOf('lib-refused-hand-over')
+    await starter.start()
+    const lease = await holds
+    // The term cannot end as released: the hand-over's statement fails, unlock and all.
+    await db.pool.query(
+      `ALTER TABLE pgsingleton.terms ADD CONSTRAINT refuse_release
+         CHECK (name <> 'lib-refused-hand-over' OR end_reason IS DISTINCT FROM 'released') NOT VALID`,
+    )
+    try {
+      let holderDuringWork: string | null | undefined = 'unread'
+      await starter.stop(async () => {
+        holderDuringWork = (await statusOf(db.pool, lease.name))?.nodeId
+      })
+      expect(holderDuringWork).toBeNull()
+    } finally {
+      await db.pool.query('ALTER TABLE pgsingleton.terms DROP CONSTRAINT refuse_release')
+    }
   })
 
   it('along the index, the first batch on a table whose outdated rows are scattered over its pages is small; the rest grow, and every outdated row goes', async () => {

@@ -8,9 +8,14 @@ import { devNull } from 'node:os'
  */
 const RESERVED = 64
 
+/** Opened on top of them and closed at once: the connect's own socket needs free numbers too. */
+const HEADROOM = 16
+
 /**
  * Runs `connect` (which opens a socket) with the lowest free descriptors held, so the socket
- * gets a number above the connections the process opens later.
+ * gets a number above the connections the process opens later. `connect` calls `opened`
+ * once its socket has its number (the TCP connection is up), to give them back before the
+ * rest of the start-up; otherwise they go back when it settles.
  *
  * Why: when a process is killed (kill -9, the OOM killer), Linux closes its descriptors in
  * reverse order of their numbers, the highest first, and each closed connection's server
@@ -18,18 +23,26 @@ const RESERVED = 64
  * session's backend frees the lock before the others' exits run; closed last, behind a
  * holder's four other connections, it freed the lock about 5 ms later on a 2-core machine
  * (bench: "the killed node's backend is gone"). Only an ordering: nothing depends on it
- * for correctness. So it stands aside whenever it could get in the way: on other
- * platforms; when the process cannot open all of them (near its descriptor limit, where
- * holding them would make the connect itself fail with EMFILE); and at the end, where it
- * closes only numbers that still are its /dev/null (a number another part of the process
- * closed and reused during the connect belongs to that part now).
+ * for correctness. So it stands aside wherever it could get in the way: on other
+ * platforms; when the process cannot open 16 more than it holds (near its descriptor
+ * limit, holding them would make the connect itself fail with EMFILE); when /dev/null is
+ * not the null device. At the end it closes only numbers that are still the null device:
+ * one that another part of the process closed and reused meanwhile (by a double close, a
+ * bug of its own) is left to it, unless that part opened /dev/null too, which cannot be
+ * told apart.
  */
-export async function withHighDescriptor<T>(connect: () => Promise<T>): Promise<T> {
-  const held = process.platform === 'linux' ? reserve() : NONE
-  try {
-    return await connect()
-  } finally {
+export async function withHighDescriptor<T>(
+  connect: (opened: () => void) => Promise<T>,
+): Promise<T> {
+  let held = process.platform === 'linux' ? reserve() : NONE
+  const opened = () => {
     release(held)
+    held = NONE
+  }
+  try {
+    return await connect(opened)
+  } finally {
+    opened()
   }
 }
 
@@ -42,14 +55,16 @@ interface Held {
 const NONE: Held = { fds: [], device: -1 }
 
 function reserve(): Held {
-  const held: Held = { fds: [], device: -1 }
+  const fds: number[] = []
   try {
-    while (held.fds.length < RESERVED) held.fds.push(openSync(devNull, 'r'))
-    held.device = fstatSync(held.fds[0] as number).rdev
-    return held
+    while (fds.length < RESERVED + HEADROOM) fds.push(openSync(devNull, 'r'))
+    const stat = fstatSync(fds[0] as number)
+    if (!stat.isCharacterDevice()) throw new Error(`${devNull} is not a device here`)
+    for (const fd of fds.splice(RESERVED)) closeSync(fd)
+    return { fds, device: stat.rdev }
   } catch {
-    // Near the limit: give every one back, so the connect can have a descriptor.
-    for (const fd of held.fds) closeQuietly(fd)
+    // Near the limit, or no null device: give every one back.
+    for (const fd of fds) closeQuietly(fd)
     return NONE
   }
 }

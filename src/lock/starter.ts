@@ -55,7 +55,8 @@ export class Starter {
   #lease: Lease | undefined
   /** The lease while its hold lasts: cleared in the tick the hold ends, whatever ends it. */
   #holding: Lease | undefined
-  #handedOver: Promise<void> | undefined
+  /** The stop's hand-over: whether the server unlocked. */
+  #handedOver: Promise<boolean> | undefined
 
   constructor(connection: pg.ClientConfig, settings: StarterSettings, hooks: StarterHooks) {
     this.#connection = connection
@@ -98,7 +99,10 @@ export class Starter {
     // down), #lease still names it, and that ending's own account must stand.
     const lease = this.#holding
     if (!lease || this.#handedOver) return
-    this.#handedOver = this.#held?.handOver(lease.epoch, 'stopped').catch(() => {})
+    this.#handedOver = (this.#held?.handOver(lease.epoch, 'stopped') ?? Promise.reject()).then(
+      () => true,
+      () => false,
+    )
     this.#stop.abort()
   }
 
@@ -114,26 +118,34 @@ export class Starter {
     this.#stop.abort()
     this.#firstAttemptDone?.()
     await this.#loop
-    await this.#handedOver
+    const handedOver = await this.#handedOver
     // Undefined when the holdership ended otherwise before the stop (its loss is reported as such).
     const lease = this.#lease
     const held = this.#held
-    // The session stays while the work ends (up to a batch's statement timeout): a query now
-    // and then keeps the server's idle_session_timeout from ending it, and with it the
-    // node's membership, before the node is done.
-    const keepAlive = held
-      ? setInterval(() => held.ping().catch(() => {}), this.#settings.heartbeatMs)
-      : undefined
+    // Handed over already, or not: closing the session frees the lock all the same. A
+    // session the server ended meanwhile cannot unlock, and needs no unlocking.
+    const release = async () => {
+      this.#lease = undefined
+      this.#held = undefined
+      if (held) await held.release().catch(() => held.destroy())
+    }
+    // A hand-over that failed (the server refused it, or it did not answer) may have left
+    // the lock held: the session goes now, before the work ends, so the next node is not
+    // kept waiting for it.
+    if (held && handedOver === false) await release()
+    // After a hand-over the session stays while the work ends (up to a batch's statement
+    // timeout): a query now and then keeps the server's idle_session_timeout from ending
+    // it, and with it the node's membership, before the node is done. It holds no lock.
+    const keepAlive =
+      held && handedOver
+        ? setInterval(() => held.ping().catch(() => {}), this.#settings.heartbeatMs)
+        : undefined
     try {
       await beforeRelease()
     } finally {
       clearInterval(keepAlive)
+      await release()
     }
-    this.#lease = undefined
-    this.#held = undefined
-    // Handed over already, or not: closing the session frees the lock all the same. A
-    // session the server ended meanwhile cannot unlock, and needs no unlocking.
-    if (held) await held.release().catch(() => held.destroy())
     return lease
   }
 
@@ -166,13 +178,15 @@ export class Starter {
         delay = this.#settings.reconnectDelayMs
         this.#lease = lease
         this.#held = session
+        // Before onAcquired: a stop from inside it hands over too.
+        this.#holding = lease
         const fence = new AbortController()
         const stepDown = new AbortController()
         this.#stepDown = stepDown
         this.#hooks.onAcquired(lease, fence.signal)
+        void session.readyHandOver().catch(() => {})
         let reason: string
         try {
-          this.#holding = lease
           reason = await holdUntilLost(
             session,
             lease,
