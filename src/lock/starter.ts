@@ -184,7 +184,8 @@ export class Starter {
         const stepDown = new AbortController()
         this.#stepDown = stepDown
         this.#hooks.onAcquired(lease, fence.signal)
-        void session.readyHandOver().catch(() => {})
+        // Not when a stop (from inside onAcquired) is already handing over.
+        if (!stop.aborted) void session.readyHandOver().catch(() => {})
         let reason: string
         try {
           reason = await holdUntilLost(
