@@ -62,12 +62,7 @@ const sizes = (all: { rss: number; threads: number }[]) => ({
  * sees the new holder's bumped epoch in `pgsingleton.status` (so its commit is included),
  * polled in a tight loop. Three CLI nodes with the default timings.
  */
-export async function failover(
-  url: string,
-  trials: number,
-  /** Only these events, and no references (for a quick look at one event; the bench runs all). */
-  only?: readonly string[],
-): Promise<FailoverResult> {
+export async function failover(url: string, trials: number): Promise<FailoverResult> {
   const pool = new pg.Pool({ connectionString: url, max: 2 })
   await pool.query('CREATE TABLE IF NOT EXISTS public.bench_noop (at timestamptz NOT NULL)')
   const name = 'bench-failover'
@@ -129,9 +124,9 @@ export async function failover(
   // Each event strikes a settled holder, and the first three also one right after its
   // takeover (the previous trial's), while it starts up.
   const kinds: Record<string, number[]> = Object.fromEntries(
-    [...EVENTS, ...EVENTS.filter((e) => e !== 'SIGSTOP (paused)').map((e) => `${e}${EARLY}`)]
-      .filter((kind) => !only || only.includes(splitKind(kind).event))
-      .map((kind) => [kind, []]),
+    [...EVENTS, ...EVENTS.filter((e) => e !== 'SIGSTOP (paused)').map((e) => `${e}${EARLY}`)].map(
+      (kind) => [kind, []],
+    ),
   )
   const heldAtStrike: number[] = []
   try {
@@ -197,9 +192,7 @@ export async function failover(
     await listener.end()
     await pool.end()
   }
-  const reference = only
-    ? { latencies: {}, backendGone: distribution([]), holderSizes: sizes([]) }
-    : await references(url, trials)
+  const reference = await references(url, trials)
   return {
     kinds: Object.fromEntries(Object.entries(kinds).map(([k, v]) => [k, distribution(v)])),
     references: reference.latencies,

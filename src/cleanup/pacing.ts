@@ -27,10 +27,8 @@ export class Pacer {
     /** The leaf's size and the column's physical order, from its statistics (index walks). */
     layout: Layout = { pages: 0, correlation: null },
   ) {
-    const first =
-      strategy === 'index'
-        ? firstIndexLimit(Math.min(ceiling, FIRST_LIMIT), tuplesPerPage, layout)
-        : Math.min(ceiling, FIRST_LIMIT)
+    const limit = Math.min(ceiling, FIRST_LIMIT)
+    const first = strategy === 'index' ? firstIndexLimit(limit, tuplesPerPage, layout) : limit
     this.#first = first
     this.#limit = first
     this.#span =

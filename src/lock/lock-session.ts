@@ -59,6 +59,28 @@ export interface SessionWarning {
 /** The SQLSTATE of the error the readying raises to undo its bump (a class of our own). */
 const UNDONE = 'PGS01'
 
+/**
+ * The readying of a session (a standby's for its takeover, a holder's for its hand-over):
+ * one DO statement that runs `setup`, then `body` in a subtransaction it rolls back, so
+ * what the body loads stays in the session and what it writes or notifies does not. Both
+ * may name `warm_up`, a singleton name of this session's own ('warm-up <backend pid>':
+ * real names have no space).
+ */
+function undone(setup: string, body: string): string {
+  return `DO $ready$
+   DECLARE
+     warm_up text := 'warm-up ' || pg_backend_pid();
+   BEGIN
+     ${setup}
+     BEGIN
+       ${body}
+       RAISE EXCEPTION 'undone' USING ERRCODE = '${UNDONE}';
+     EXCEPTION WHEN SQLSTATE '${UNDONE}' THEN
+       NULL;
+     END;
+   END $ready$`
+}
+
 /** What one slice of a standby's wait ended with. */
 type WaitSlice = 'acquired' | 'waiting' | 'moved'
 
@@ -267,16 +289,10 @@ export class LockSession {
     try {
       await this.#client.query(
         // Its commit keeps nothing, so it need not wait for a WAL flush (or a synchronous replica).
-        `DO $ready$
-         BEGIN
-           PERFORM set_config('synchronous_commit', 'off', true);
-           BEGIN
-             PERFORM pgsingleton.bump_epoch('warm-up ' || pg_backend_pid(), 'warm-up');
-             RAISE EXCEPTION 'undone' USING ERRCODE = '${UNDONE}';
-           EXCEPTION WHEN SQLSTATE '${UNDONE}' THEN
-             NULL;
-           END;
-         END $ready$`,
+        undone(
+          `PERFORM set_config('synchronous_commit', 'off', true);`,
+          `PERFORM pgsingleton.bump_epoch(warm_up, 'warm-up');`,
+        ),
       )
     } catch (error) {
       const code = sqlState(error)
@@ -393,21 +409,13 @@ export class LockSession {
   async readyHandOver(): Promise<void> {
     if (this.#closed) return
     await this.#client.query(
-      `DO $ready$
-       DECLARE
-         warm_up text := 'warm-up ' || pg_backend_pid();
-       BEGIN
-         PERFORM set_config('lock_timeout', '100ms', true);
-         PERFORM pg_advisory_lock(pgsingleton.lock_key(warm_up));
-         BEGIN
-           PERFORM set_config('synchronous_commit', 'off', true),
-                   pgsingleton.end_term(warm_up, 0, 'released', 'warm-up'),
-                   pg_advisory_unlock(pgsingleton.lock_key(warm_up));
-           RAISE EXCEPTION 'undone' USING ERRCODE = '${UNDONE}';
-         EXCEPTION WHEN SQLSTATE '${UNDONE}' THEN
-           NULL;
-         END;
-       END $ready$`,
+      undone(
+        `PERFORM set_config('lock_timeout', '100ms', true);
+         PERFORM pg_advisory_lock(pgsingleton.lock_key(warm_up));`,
+        `PERFORM set_config('synchronous_commit', 'off', true),
+                 pgsingleton.end_term(warm_up, 0, 'released', 'warm-up'),
+                 pg_advisory_unlock(pgsingleton.lock_key(warm_up));`,
+      ),
     )
   }
 
