@@ -8,6 +8,7 @@ import * as initial from './0001_initial.js'
 import * as safeDeletes from './0002_safe_deletes.js'
 import * as tasks from './0003_tasks.js'
 import * as fasterBatches from './0004_faster_batches.js'
+import * as handOver from './0005_hand_over.js'
 
 /** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -32,6 +33,13 @@ const STEPS: readonly Step[] = [
     name: 'pgsingleton_0004_faster_batches',
     up: fasterBatches.UP,
     down: fasterBatches.DOWN,
+    compatible: true,
+  },
+  {
+    version: 5,
+    name: 'pgsingleton_0005_hand_over',
+    up: handOver.UP,
+    down: handOver.DOWN,
     compatible: true,
   },
 ]

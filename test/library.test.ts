@@ -142,6 +142,169 @@ describe('the library inside an app', () => {
     await expect(a.start()).rejects.toThrow(/stopped/)
   })
 
+  describe('the hand-over', () => {
+    /** Bumps announced on channel pgsingleton, with the backend that announced each. */
+    const listen = async () => {
+      const listener = new pg.Client({ connectionString: db.url })
+      await listener.connect()
+      const bumps: { singleton: string; epoch: number; node: string; by: number }[] = []
+      listener.on('notification', (message) => {
+        const event = JSON.parse(message.payload ?? '{}')
+        if (event.node) bumps.push({ ...event, by: message.processId })
+      })
+      await listener.query('LISTEN pgsingleton')
+      return { bumps, end: () => listener.end() }
+    }
+    const lease = async (name: string) =>
+      (
+        await db.pool.query<{ epoch: string; node_id: string; backend_pid: number }>(
+          'SELECT epoch, node_id, backend_pid FROM pgsingleton.leases WHERE name = $1',
+          [name],
+        )
+      ).rows[0]
+    const terms = async (name: string) =>
+      (
+        await db.pool.query(
+          `SELECT epoch::int, node_id, end_reason, closed_by FROM pgsingleton.terms
+            WHERE name = $1 ORDER BY epoch`,
+          [name],
+        )
+      ).rows
+    /** Node a holds, node b waits. */
+    const pair = async (name: string) => {
+      const [a, b] = ['a', 'b'].map((nodeId) =>
+        createSingleton({ name, connectionString: db.url, policies: [policy], nodeId }),
+      ) as [ReturnType<typeof createSingleton>, ReturnType<typeof createSingleton>]
+      const aHolds = once(a, 'lock:acquired')
+      await a.start()
+      const [aLease] = (await aHolds) as [Lease]
+      await b.start()
+      const waiting = await waitFor('b queued', async () => {
+        const row = await statusOf(db.pool, name)
+        return row?.waitingNodeIds.includes('b') ? row : undefined
+      })
+      const { rows } = await db.pool.query<{ pid: number }>(
+        `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'b'
+            AND wait_event_type = 'Lock'`,
+      )
+      expect(waiting.nodeId).toBe('a')
+      return { a, b, aPid: aLease.backendPid, bPid: rows[0]?.pid as number }
+    }
+
+    it("a stop bumps the next node's epoch in its own statement: the next node is current at that commit", async () => {
+      const heard = await listen()
+      const { a, b, aPid, bPid } = await pair('lib-hand-epoch')
+      try {
+        const bHolds = once(b, 'lock:acquired')
+        await a.stop()
+        const [bLease] = (await bHolds) as [Lease]
+        // One bump, announced by the stopping holder's session; the next node took it as is.
+        expect(bLease).toMatchObject({ epoch: 2, backendPid: bPid })
+        expect(await lease('lib-hand-epoch')).toEqual({
+          epoch: '2',
+          node_id: 'b',
+          backend_pid: bPid,
+        })
+        await waitFor('the bump heard', async () => (heard.bumps.length >= 2 ? true : undefined))
+        expect(heard.bumps.filter((bump) => bump.singleton === 'lib-hand-epoch')).toEqual([
+          { singleton: 'lib-hand-epoch', epoch: 1, node: 'a', by: aPid },
+          { singleton: 'lib-hand-epoch', epoch: 2, node: 'b', by: aPid },
+        ])
+        expect(await terms('lib-hand-epoch')).toEqual([
+          { epoch: 1, node_id: 'a', end_reason: 'released', closed_by: 'holder' },
+          { epoch: 2, node_id: 'b', end_reason: null, closed_by: null },
+        ])
+        expect(await b.whereis()).toBe('b')
+      } finally {
+        await Promise.all([a.stop(), b.stop()])
+        await heard.end()
+      }
+    })
+
+    it('while a batch of its epoch holds the lease, a stop only unlocks: the next node bumps once the batch ends', async () => {
+      const heard = await listen()
+      const { a, b, bPid } = await pair('lib-hand-batch')
+      // What a batch's fence check holds on the lease row until the batch commits.
+      const batch = await db.pool.connect()
+      try {
+        await batch.query('BEGIN')
+        await batch.query(
+          `SELECT 1 FROM pgsingleton.leases WHERE name = 'lib-hand-batch' AND epoch = 1 FOR KEY SHARE`,
+        )
+        const bHolds = once(b, 'lock:acquired')
+        await a.stop()
+        // Unlocked, not handed over: b waits for the batch, to bump.
+        await waitFor('b granted the lock', async () =>
+          (
+            await db.pool.query(
+              `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
+              [bPid],
+            )
+          ).rowCount === 0
+            ? true
+            : undefined,
+        )
+        expect(await lease('lib-hand-batch')).toMatchObject({ epoch: '1', node_id: 'a' })
+        await batch.query('COMMIT')
+        const [bLease] = (await bHolds) as [Lease]
+        expect(bLease.epoch).toBe(2)
+        await waitFor('the bump heard', async () =>
+          heard.bumps.some((bump) => bump.epoch === 2) ? true : undefined,
+        )
+        expect(heard.bumps.find((bump) => bump.epoch === 2)).toMatchObject({ node: 'b', by: bPid })
+      } finally {
+        await batch.query('ROLLBACK').catch(() => {})
+        batch.release()
+        await Promise.all([a.stop(), b.stop()])
+        await heard.end()
+      }
+    })
+
+    it('a waiter that is not a live node speaking the protocol is handed nothing', async () => {
+      for (const speaks of [false, true]) {
+        const name = `lib-hand-stranger-${speaks}`
+        const a = createSingleton({
+          name,
+          connectionString: db.url,
+          policies: [policy],
+          nodeId: 'a',
+        })
+        const aHolds = once(a, 'lock:acquired')
+        await a.start()
+        await aHolds
+        // A session that registers as a node and queues on the lock, as a node of schema 2
+        // would (it declares no protocol), or as one of this schema.
+        const stranger = new pg.Client({ connectionString: db.url, application_name: 'stranger' })
+        await stranger.connect()
+        try {
+          if (speaks) await stranger.query(`SET pgsingleton.protocol = '3'`)
+          await stranger.query(
+            `SELECT pg_advisory_lock(pgsingleton.member_key($1, 'stranger'));
+             INSERT INTO pgsingleton.nodes (singleton, node_id, backend_pid, member_key)
+             VALUES ($1, 'stranger', pg_backend_pid(), pgsingleton.member_key($1, 'stranger'))`.replace(
+              /\$1/g,
+              `'${name}'`,
+            ),
+          )
+          const granted = stranger.query('SELECT pg_advisory_lock(pgsingleton.lock_key($1))', [
+            name,
+          ])
+          await waitFor('the stranger queued', async () =>
+            (await statusOf(db.pool, name))?.waitingNodes === 1 ? true : undefined,
+          )
+          await a.stop()
+          await granted
+          expect(await lease(name)).toMatchObject(
+            speaks ? { epoch: '2', node_id: 'stranger' } : { epoch: '1', node_id: 'a' },
+          )
+        } finally {
+          await a.stop()
+          await stranger.end()
+        }
+      }
+    })
+  })
+
   it('a standby readies its session for the takeover and leaves no trace of it', async () => {
     // The readying bumps the epoch of a name no singleton can have and undoes it in the
     // same statement: no row of it may stay, no notification go out, no transaction stay open.

@@ -117,6 +117,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
+      'pgsingleton_0005_hand_over:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -125,7 +126,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 4\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 5\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -145,6 +146,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
+      'pgsingleton_0005_hand_over:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -168,6 +170,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
         'pgsingleton_0002_safe_deletes',
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
+        'pgsingleton_0005_hand_over',
       ],
       schemaVersion: SCHEMA_VERSION,
     })
@@ -179,6 +182,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
+      'pgsingleton_0005_hand_over',
     ])
 
     const app = await fresh()
@@ -191,6 +195,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes:Success',
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
+      'pgsingleton_0005_hand_over:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -225,6 +230,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
+      'pgsingleton_0005_hand_over',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -235,6 +241,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
+      'pgsingleton_0005_hand_over',
       'pgsingleton_pgboss_schema',
     ])
   })

@@ -50,6 +50,7 @@ describe('migrations', () => {
       'pgsingleton_0002_safe_deletes',
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
+      'pgsingleton_0005_hand_over',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -117,20 +118,36 @@ describe('migrations', () => {
     }
   })
 
-  it('step 4 keeps schema 3: the same batch function for older nodes, and a way back', async () => {
-    const signature = async () =>
+  it('steps 4 and 5 keep schema 3: the same functions for older nodes, and a way back', async () => {
+    // The functions a node of schema 3 calls, whose contract the steps keep.
+    const signature = async (fn: string) =>
       (
         await db.pool.query<{ args: string; result: string; body: string }>(
           `SELECT pg_get_function_identity_arguments(p.oid) AS args, pg_get_function_result(p.oid) AS result,
                   p.prosrc AS body
-             FROM pg_proc p WHERE p.oid = 'pgsingleton.cleanup_batch'::regproc`,
+             FROM pg_proc p WHERE p.oid = $1::regproc`,
+          [fn],
         )
       ).rows[0]
-    // What a node of schema 3 reads at start-up, and the function its batches call.
+    const signatures = async () => ({
+      batch: await signature('pgsingleton.cleanup_batch'),
+      bump: await signature('pgsingleton.bump_epoch'),
+    })
+    // What a node of schema 3 reads at start-up.
     const read = async () =>
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta
-    const latest = await signature()
-    expect(await read()).toMatchObject({ schema_version: 3, revision: 4, protocol: 3 })
+    const step5 = async () =>
+      (
+        await db.pool.query(
+          `SELECT to_regproc('pgsingleton.hand_over') IS NOT NULL AS hand_over,
+                  EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'pgsingleton.nodes'::regclass
+                           AND attname = 'protocol' AND NOT attisdropped) AS protocol,
+                  EXISTS (SELECT FROM pg_trigger WHERE tgname = 'nodes_protocol') AS "trigger"`,
+        )
+      ).rows[0]
+    const latest = await signatures()
+    expect(await read()).toMatchObject({ schema_version: 3, revision: 5, protocol: 3 })
+    expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     const kysely = new Kysely<unknown>({
       dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: db.url, max: 1 }) }),
     })
@@ -142,20 +159,33 @@ describe('migrations', () => {
         migrationTableName: 'pgsingleton_migration',
         migrationLockTableName: 'pgsingleton_migration_lock',
       })
+      expect((await migrator.migrateTo('pgsingleton_0004_faster_batches')).error).toBeUndefined()
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 4 })
+      expect(await step5()).toEqual({ hand_over: false, protocol: false, trigger: false })
+      const at4 = await signatures()
+      expect(at4.batch).toEqual(latest.batch)
+      expect(at4.bump?.body).not.toEqual(latest.bump?.body)
       expect((await migrator.migrateTo('pgsingleton_0003_tasks')).error).toBeUndefined()
-      const before = await signature()
+      const before = await signatures()
       expect(await read()).toEqual({ id: true, schema_version: 3, protocol: 3 })
-      expect(before?.body).not.toEqual(latest?.body)
-      expect({ args: before?.args, result: before?.result }).toEqual({
-        args: latest?.args,
-        result: latest?.result,
-      })
+      expect(before.bump).toEqual(at4.bump)
+      for (const fn of ['batch', 'bump'] as const) {
+        expect(before[fn]?.body).not.toEqual(latest[fn]?.body)
+        expect({ args: before[fn]?.args, result: before[fn]?.result }).toEqual({
+          args: latest[fn]?.args,
+          result: latest[fn]?.result,
+        })
+      }
       await expect(assertSchemaCurrent(db.pool)).rejects.toMatchObject({
         code: 'SCHEMA_NOT_MIGRATED',
       })
-      expect((await migrateToLatest(db.pool)).applied).toEqual(['pgsingleton_0004_faster_batches'])
-      expect(await signature()).toEqual(latest)
-      expect(await read()).toMatchObject({ schema_version: 3, revision: 4 })
+      expect((await migrateToLatest(db.pool)).applied).toEqual([
+        'pgsingleton_0004_faster_batches',
+        'pgsingleton_0005_hand_over',
+      ])
+      expect(await signatures()).toEqual(latest)
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 5 })
+      expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     } finally {
       await kysely.destroy()
     }
@@ -163,25 +193,27 @@ describe('migrations', () => {
 
   it('steps down taken by a route that knows nothing of revisions are undone by the next migration', async () => {
     // An older pg-singleton's steps 3 and 2 down (run, say, by an app's own migrator whose
-    // table never saw step 4): schema version 1, the revision step 4 left, and step 2's
-    // functions gone, step 4's batch function with them.
+    // table never saw steps 4 and 5): schema version 1, the revision step 5 left, and step
+    // 2's functions gone, steps 4 and 5's with them.
     await db.pool.query(`BEGIN; ${tasks.DOWN} ${safeDeletes.DOWN} COMMIT;`)
     expect(
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
-    ).toMatchObject({ schema_version: 1, revision: 4 })
-    // The SQL files, as any route applies them: steps 2, 3 and 4 again.
+    ).toMatchObject({ schema_version: 1, revision: 5 })
+    // The SQL files, as any route applies them: steps 2 to 5 again.
     for (const [name, text] of Object.entries(migrationFiles()))
       if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
     await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
     const { rows } = await db.pool.query(
       `SELECT to_jsonb(m) AS meta, to_regclass('pgsingleton.terms') IS NOT NULL AS terms,
-              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%WITH s AS MATERIALIZED%' AS step4
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%WITH s AS MATERIALIZED%' AS step4,
+              to_regproc('pgsingleton.hand_over') IS NOT NULL AS step5
          FROM pgsingleton.meta m`,
     )
     expect(rows[0]).toMatchObject({
-      meta: { schema_version: 3, revision: 4, protocol: 3 },
+      meta: { schema_version: 3, revision: 5, protocol: 3 },
       terms: true,
       step4: true,
+      step5: true,
     })
   })
 

@@ -70,6 +70,7 @@ function undone(setup: string, body: string): string {
   return `DO $ready$
    DECLARE
      warm_up text := 'warm-up ' || pg_backend_pid();
+     warm_epoch bigint;
    BEGIN
      ${setup}
      BEGIN
@@ -397,12 +398,11 @@ export class LockSession {
 
   /**
    * Readies a new holder's session for its hand-over, off the takeover's path: runs what the
-   * hand-over runs, on a key of its own (locked just before) and a term that does not
-   * exist, in a subtransaction it rolls back, so nothing stays and no notification goes
-   * out; one statement, so no other query of the session can run inside it. The first
-   * hand-over of a session otherwise loads what it touches on the way (end_term, the
-   * terms table's locks): about 2 ms on a 2-core machine in a fresh session, against 0.5 ms
-   * readied. It waits at most 100 ms for a lock (a migration's, say), so that it never
+   * hand-over runs, on a key and a term of its own (locked and bumped just before), in a
+   * subtransaction it rolls back, so nothing stays and no notification goes out; one
+   * statement, so no other query of the session can run inside it. The first hand-over of
+   * a session otherwise compiles pgsingleton.hand_over and plans its statements on the way:
+   * 4 to 8 ms on a 2-core machine, against about 2 ms readied. It waits at most 100 ms for a lock (a migration's, say), so that it never
    * holds up the heartbeat queued behind it. Only speed: a session that cannot ready hands
    * over all the same.
    */
@@ -412,9 +412,11 @@ export class LockSession {
       undone(
         `PERFORM set_config('lock_timeout', '100ms', true);
          PERFORM pg_advisory_lock(pgsingleton.lock_key(warm_up));`,
-        `PERFORM set_config('synchronous_commit', 'off', true),
-                 pgsingleton.end_term(warm_up, 0, 'released', 'warm-up'),
-                 pg_advisory_unlock(pgsingleton.lock_key(warm_up));`,
+        // A term of its own to hand over: every statement of the hand-over then runs (with no
+        // one waiting on the key, it hands nothing over).
+        `SELECT b.epoch INTO warm_epoch FROM pgsingleton.bump_epoch(warm_up, 'warm-up') b;
+         PERFORM set_config('synchronous_commit', 'off', true),
+                 pgsingleton.hand_over(warm_up, warm_epoch, 'warm-up');`,
       ),
     )
   }
@@ -422,19 +424,25 @@ export class LockSession {
   /**
    * Unlocks the singleton's lock alone: the next waiter holds at once, while this session
    * stays, and with it the node's membership (its work in flight ends as a live node's).
+   * The term ends as released, and the next holder's epoch is bumped for it, in the same
+   * statement (pgsingleton.hand_over): the next holder is current at this commit, without
+   * waiting for its own backend to wake up and bump. When no node waits, or a batch of this
+   * epoch holds the lease row, only the term ends; the next holder bumps itself, as after
+   * a crash.
    */
   async handOver(epoch: number, detail: string): Promise<void> {
     if (this.#closed) return
-    // The term ends as released, in the statement that unlocks: before the next holder's bump.
-    // That bump waits for this statement's row lock on the term, so this commit does not
-    // wait for its WAL flush (synchronous_commit off, for this statement alone): the next
-    // holder's own commit, which is synchronous, flushes this one with it. A server crash
-    // in between loses only the 'released' account, and the next holder then closes the
-    // term as lost.
+    // The next holder's bump waits for this statement's row locks (the term, the lease), and
+    // a handed epoch is taken by a statement that locks the lease row: either way the next
+    // holder commits after this one, synchronously, and its commit flushes this one with it.
+    // So this commit does not wait for its WAL flush (synchronous_commit off, for this
+    // statement alone), and no node works under an epoch a server crash could take back. A
+    // crash in between loses the 'released' account and the handed epoch together: the
+    // lease is as before the hand-over, and the next holder bumps past it.
     await this.#withDeadline(
       this.#client.query(
-        `SELECT set_config('synchronous_commit', 'off', true),
-                pgsingleton.end_term($1, $2, 'released', $3), pg_advisory_unlock(pgsingleton.lock_key($1))`,
+        `SELECT set_config('synchronous_commit', 'off', true), h.successor, h.epoch
+           FROM pgsingleton.hand_over($1, $2, $3) h`,
         [this.#settings.name, epoch, detail],
       ),
       this.#settings.deadAfterMs,

@@ -1,0 +1,137 @@
+-- pg-singleton schema step 5 (pgsingleton_0005_hand_over).
+-- Safe to run by any route, any number of times, at the same moment as another route:
+-- it applies only on top of step 4 and records 5 in pgsingleton.meta.
+DO $pgsingleton_migration$
+DECLARE
+  found integer := 0;
+BEGIN
+  PERFORM pg_advisory_xact_lock(-7089759982357046742);
+  IF to_regclass('pgsingleton.meta') IS NOT NULL THEN
+    EXECUTE 'SELECT CASE WHEN m.schema_version >= 3
+  THEN greatest(coalesce((to_jsonb(m)->>''revision'')::integer, 0), m.schema_version) ELSE m.schema_version END FROM pgsingleton.meta m' INTO found;
+  END IF;
+  IF found >= 5 THEN
+    RETURN; -- applied already, by this route or another
+  END IF;
+  IF found < 4 THEN
+    RAISE EXCEPTION 'pg-singleton: schema step 5 needs step 4 first; the database has %', found;
+  END IF;
+  EXECUTE $pgsingleton_step$
+ALTER TABLE pgsingleton.nodes ADD COLUMN IF NOT EXISTS protocol integer;
+
+CREATE OR REPLACE FUNCTION pgsingleton.nodes_protocol() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.protocol := (SELECT CASE WHEN s ~ '^[0-9]{1,9}$' THEN s::integer END FROM (SELECT current_setting('pgsingleton.protocol', true) AS s) x);
+  RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER nodes_protocol BEFORE INSERT OR UPDATE ON pgsingleton.nodes
+  FOR EACH ROW EXECUTE FUNCTION pgsingleton.nodes_protocol();
+
+CREATE OR REPLACE FUNCTION pgsingleton.bump_epoch(p_singleton text, p_node_id text,
+  OUT epoch bigint, OUT acquired_at timestamptz)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  PERFORM 1 FROM pgsingleton.leases l WHERE l.name = p_singleton FOR UPDATE;
+  -- Handed over by the previous holder (pgsingleton.hand_over) to this very session.
+  SELECT l.epoch, l.acquired_at INTO epoch, acquired_at
+    FROM pgsingleton.leases l
+   WHERE l.name = p_singleton AND l.backend_pid = pg_backend_pid() AND l.node_id = p_node_id
+     AND EXISTS (SELECT 1 FROM pgsingleton.terms t
+                  WHERE t.name = l.name AND t.epoch = l.epoch AND t.ended_at IS NULL)
+     AND (SELECT CASE WHEN s ~ '^[0-9]{1,9}$' THEN s::integer END FROM (SELECT current_setting('pgsingleton.protocol', true) AS s) x)
+         >= (SELECT m.protocol FROM pgsingleton.meta m);
+  IF FOUND THEN
+    RETURN;
+  END IF;
+  -- The clock, not now(): in a wait slice, now() is when the slice began.
+  INSERT INTO pgsingleton.leases AS l (name, epoch, node_id, backend_pid, acquired_at, heartbeat_at)
+  VALUES (p_singleton, 1, p_node_id, pg_backend_pid(), clock_timestamp(), clock_timestamp())
+  ON CONFLICT (name) DO UPDATE
+    SET epoch = l.epoch + 1, node_id = excluded.node_id, backend_pid = excluded.backend_pid,
+        acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
+  RETURNING l.epoch, l.acquired_at INTO epoch, acquired_at;
+  UPDATE pgsingleton.terms t
+     SET ended_at = bump_epoch.acquired_at, end_reason = 'lost', closed_by = 'successor',
+         detail = format('closed by %s, which took over at epoch %s', p_node_id, bump_epoch.epoch)
+   WHERE t.name = p_singleton AND t.ended_at IS NULL;
+  -- A holder's own account may have committed after this bump read the clock: no term
+  -- ends after the next began.
+  UPDATE pgsingleton.terms t SET ended_at = bump_epoch.acquired_at
+   WHERE t.name = p_singleton AND t.epoch < bump_epoch.epoch AND t.ended_at > bump_epoch.acquired_at;
+  INSERT INTO pgsingleton.terms (name, epoch, node_id, acquired_at)
+  VALUES (p_singleton, bump_epoch.epoch, p_node_id, bump_epoch.acquired_at)
+  ON CONFLICT DO NOTHING;
+  PERFORM pg_notify('pgsingleton',
+    json_build_object('singleton', p_singleton, 'epoch', bump_epoch.epoch, 'node', p_node_id)::text);
+END $$;
+-- The holder lets go of epoch p_epoch (see the step's header). successor and epoch are
+-- the node handed the next epoch and that epoch, or NULL when none was. Every statement
+-- runs on every call (those with nothing to do match no row), so that a session readied
+-- on a key and a term of its own has planned them all.
+CREATE OR REPLACE FUNCTION pgsingleton.hand_over(p_singleton text, p_epoch bigint, p_detail text,
+  OUT successor text, OUT epoch bigint)
+LANGUAGE plpgsql VOLATILE
+-- The plans made when the session readied its hand-over serve the real one (custom plans,
+-- made anew for each of a statement's first five runs, cost about 1 ms here, inside the
+-- hand-over).
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  singleton_key bigint := pgsingleton.lock_key(p_singleton);
+  kept boolean := false;
+  next_pid integer;
+BEGIN
+  PERFORM pgsingleton.end_term(p_singleton, p_epoch, 'released', p_detail);
+  -- The lease row first, so that the next holder's bump, which locks it at once, waits for
+  -- this commit and finds its epoch here. Not while a batch of this epoch holds it.
+  BEGIN
+    PERFORM 1 FROM pgsingleton.leases l
+     WHERE l.name = p_singleton AND l.epoch = p_epoch AND l.backend_pid = pg_backend_pid()
+       FOR UPDATE NOWAIT;
+    kept := FOUND;
+  EXCEPTION WHEN lock_not_available THEN
+    kept := false;
+  END;
+  -- (A session that held no lock hands nothing over; the server warns of it.)
+  IF NOT pg_advisory_unlock(singleton_key) THEN
+    kept := false;
+  END IF;
+  -- The server granted the lock to the first waiter inside pg_advisory_unlock: a live,
+  -- registered node of this singleton (its membership lock held by the same session) that
+  -- speaks the schema's protocol.
+  SELECT n.node_id, n.backend_pid INTO successor, next_pid
+    FROM pg_locks g
+    JOIN pgsingleton.nodes n ON n.singleton = p_singleton AND n.backend_pid = g.pid
+    JOIN pg_locks m ON m.locktype = 'advisory' AND m.granted AND m.objsubid = 1
+                   AND m.database = g.database AND m.pid = g.pid
+                   AND m.classid::bigint = ((n.member_key >> 32) & 4294967295)
+                   AND m.objid::bigint = (n.member_key & 4294967295)
+   WHERE kept AND g.locktype = 'advisory' AND g.granted AND g.objsubid = 1
+     AND g.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+     AND g.classid::bigint = ((singleton_key >> 32) & 4294967295)
+     AND g.objid::bigint = (singleton_key & 4294967295)
+     AND g.pid <> pg_backend_pid()
+     AND n.protocol >= (SELECT mt.protocol FROM pgsingleton.meta mt);
+  UPDATE pgsingleton.leases l
+     SET epoch = l.epoch + 1, node_id = successor, backend_pid = next_pid,
+         acquired_at = clock_timestamp(), heartbeat_at = clock_timestamp()
+   WHERE l.name = p_singleton AND l.epoch = p_epoch AND successor IS NOT NULL
+  RETURNING l.epoch INTO epoch;
+  INSERT INTO pgsingleton.terms (name, epoch, node_id, acquired_at)
+  SELECT l.name, l.epoch, l.node_id, l.acquired_at FROM pgsingleton.leases l
+   WHERE l.name = p_singleton AND l.epoch = hand_over.epoch
+  ON CONFLICT DO NOTHING;
+  IF epoch IS NULL THEN
+    successor := NULL;
+  ELSE
+    PERFORM pg_notify('pgsingleton',
+      json_build_object('singleton', p_singleton, 'epoch', epoch, 'node', successor)::text);
+  END IF;
+END $$;
+$pgsingleton_step$;
+  IF EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('pgsingleton.meta') AND attname = 'revision' AND NOT attisdropped) THEN
+    EXECUTE 'UPDATE pgsingleton.meta SET revision = 5';
+  END IF;
+END $pgsingleton_migration$;
