@@ -6,7 +6,8 @@ import type { ScheduledRun } from './schedule/scheduler.js'
 export interface SingletonWarning {
   /**
    * Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `PARTITIONS_DELETED_BY_ROW`,
-   * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`, `TAKEOVER_NOT_READIED`.
+   * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`, `TAKEOVER_NOT_READIED`,
+   * `HAND_OVER_FAILED`.
    */
   code: string
   message: string

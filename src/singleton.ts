@@ -486,6 +486,26 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         },
         onError: (error) => this.#emitError(error),
         onWarning: (warning) => this.#warn(warning),
+        onHandOverFailed: async (lease, error) => {
+          this.#warn({
+            code: 'HAND_OVER_FAILED',
+            message: `the hand-over of epoch ${lease.epoch} failed (${errorMessage(error)}): the lock session was closed instead, which frees the lock`,
+          })
+          // The term is still open: the next holder would close it as lost.
+          await pool
+            .query('SELECT pgsingleton.end_term($1, $2, $3, $4)', [
+              lease.name,
+              lease.epoch,
+              'released',
+              `stopped; the hand-over failed, and the lock session was closed (${errorMessage(error)})`,
+            ])
+            .catch((recordError) =>
+              options.logger.warn(
+                { epoch: lease.epoch, error: errorMessage(recordError) },
+                'could not record how the term ended',
+              ),
+            )
+        },
         onFatal: (error) => {
           // It cannot run safely here (a transaction pooler in front of the lock session):
           // it stops, and says why. The CLI exits non-zero on this code.

@@ -260,6 +260,68 @@ describe('the library inside an app', () => {
       }
     })
 
+    it("a hand-over that does not answer closes the session, and the term ends as the holder's own account says", async () => {
+      const name = 'lib-hand-silent'
+      const [a, b] = ['a', 'b'].map((nodeId) =>
+        createSingleton({
+          name,
+          connectionString: db.url,
+          policies: [policy],
+          nodeId,
+          deadConnectionAfterMs: 800,
+        }),
+      ) as [ReturnType<typeof createSingleton>, ReturnType<typeof createSingleton>]
+      const aHolds = once(a, 'lock:acquired')
+      await a.start()
+      const [aLease] = (await aHolds) as [Lease]
+      await b.start()
+      await waitFor('b queued', async () =>
+        (await statusOf(db.pool, name))?.waitingNodeIds.includes('b') ? true : undefined,
+      )
+      // The term's row locked elsewhere: the hand-over's end_term waits, past its deadline.
+      const blocker = await db.pool.connect()
+      try {
+        await blocker.query('BEGIN')
+        await blocker.query(
+          'SELECT 1 FROM pgsingleton.terms WHERE name = $1 AND epoch = 1 FOR UPDATE',
+          [name],
+        )
+        const warned = once(a, 'warning')
+        const bHolds = once(b, 'lock:acquired')
+        const stopping = a.stop()
+        const [warning] = await warned
+        expect(warning).toMatchObject({ code: 'HAND_OVER_FAILED' })
+        // The server ends the backend of the closed session within its connection check (1 s):
+        // until then, the statement would still run, and hand over, once the row is free.
+        await waitFor('the lock session gone', async () =>
+          (
+            await db.pool.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [
+              aLease.backendPid,
+            ])
+          ).rowCount === 0
+            ? true
+            : undefined,
+        )
+        await blocker.query('COMMIT')
+        await stopping
+        const [bLease] = (await bHolds) as [Lease]
+        expect(bLease.epoch).toBe(2)
+        expect(await terms(name)).toEqual([
+          { epoch: 1, node_id: 'a', end_reason: 'released', closed_by: 'holder' },
+          { epoch: 2, node_id: 'b', end_reason: null, closed_by: null },
+        ])
+        const { rows } = await db.pool.query(
+          'SELECT detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
+          [name, aLease.epoch],
+        )
+        expect(rows[0]?.detail).toMatch(/hand-over failed/)
+      } finally {
+        await blocker.query('ROLLBACK').catch(() => {})
+        blocker.release()
+        await Promise.all([a.stop(), b.stop()])
+      }
+    })
+
     it('a waiter that is not a live node speaking the protocol is handed nothing', async () => {
       for (const speaks of [false, true]) {
         const name = `lib-hand-stranger-${speaks}`

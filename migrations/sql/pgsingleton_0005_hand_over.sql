@@ -30,7 +30,9 @@ CREATE OR REPLACE TRIGGER nodes_protocol BEFORE INSERT OR UPDATE ON pgsingleton.
 
 CREATE OR REPLACE FUNCTION pgsingleton.bump_epoch(p_singleton text, p_node_id text,
   OUT epoch bigint, OUT acquired_at timestamptz)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
   PERFORM 1 FROM pgsingleton.leases l WHERE l.name = p_singleton FOR UPDATE;
   -- Handed over by the previous holder (pgsingleton.hand_over) to this very session.

@@ -22,6 +22,12 @@ export interface StarterHooks {
   onWarning(warning: SessionWarning): void
   /** The node cannot run safely here (a transaction pooler): it stops queueing for good. */
   onFatal(error: SingletonError): void
+  /**
+   * A stop's hand-over failed (the server refused it, or it did not answer): the session
+   * was closed instead, which frees the lock, and the term is still open. The stop waits
+   * for what this returns (the term's end recorded another way) before it resolves.
+   */
+  onHandOverFailed?(lease: Lease, error: unknown): Promise<void>
 }
 
 export interface StarterSettings extends LockSessionSettings {
@@ -57,6 +63,8 @@ export class Starter {
   #holding: Lease | undefined
   /** The stop's hand-over: whether the server unlocked. */
   #handedOver: Promise<boolean> | undefined
+  /** Why the stop's hand-over failed, when it did. */
+  #handOverError: unknown
 
   constructor(connection: pg.ClientConfig, settings: StarterSettings, hooks: StarterHooks) {
     this.#connection = connection
@@ -99,9 +107,15 @@ export class Starter {
     // down), #lease still names it, and that ending's own account must stand.
     const lease = this.#holding
     if (!lease || this.#handedOver) return
-    this.#handedOver = (this.#held?.handOver(lease.epoch, 'stopped') ?? Promise.reject()).then(
+    this.#handedOver = (
+      this.#held?.handOver(lease.epoch, 'stopped') ??
+      Promise.reject(new Error('the lock session was gone'))
+    ).then(
       () => true,
-      () => false,
+      (error) => {
+        this.#handOverError = error
+        return false
+      },
     )
     this.#stop.abort()
   }
@@ -132,7 +146,12 @@ export class Starter {
     // A hand-over that failed (the server refused it, or it did not answer) may have left
     // the lock held: the session goes now, before the work ends, so the next node is not
     // kept waiting for it.
-    if (held && handedOver === false) await release()
+    let recorded: Promise<void> | undefined
+    if (held && handedOver === false) {
+      await release()
+      // Alongside the work's end: the term's end recorded another way.
+      if (lease) recorded = this.#hooks.onHandOverFailed?.(lease, this.#handOverError)
+    }
     // After a hand-over the session stays while the work ends (up to a batch's statement
     // timeout): a query now and then keeps the server's idle_session_timeout from ending
     // it, and with it the node's membership, before the node is done. It holds no lock.
@@ -145,6 +164,7 @@ export class Starter {
     } finally {
       clearInterval(keepAlive)
       await release()
+      await recorded?.catch(() => {})
     }
     return lease
   }
