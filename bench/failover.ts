@@ -35,6 +35,12 @@ export interface FailoverResult {
   heldAtStrike?: Distribution
   /** The same events, seen by a session that LISTENs on channel pgsingleton instead of polling. */
   heard: Record<string, Distribution>
+  /**
+   * The same events, until the new holder's wait statement has returned (its node then
+   * knows it holds), seen from outside in pg_stat_activity. Later than the epoch seen after
+   * a hand-over, where the stopping holder bumped it.
+   */
+  returned?: Record<string, Distribution>
   /** The same first part for the reference's holder, a minimal process. */
   referenceBackendGone: Distribution
   /** Resident memory (MiB) and threads of each CLI node killed with -9, read just before. */
@@ -99,13 +105,16 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
         pid: number | null
         old_alive: boolean
         held_ms: number | null
+        returned: boolean | null
       }>({
         // Prepared once: planning the view anew each time (about 2 ms here) would make every
         // look from outside that much later than the commit it is looking for.
         name: 'bench-failover-read',
         text: `SELECT node_id, epoch, waiting_nodes AS waiting, backend_pid AS pid,
                 (extract(epoch FROM now() - acquired_at) * 1000)::float8 AS held_ms,
-                EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive
+                EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive,
+                (SELECT NOT (a.state = 'active' AND a.query LIKE '%wait_for_lock%')
+                   FROM pg_stat_activity a WHERE a.pid = backend_pid) AS returned
            FROM pgsingleton.status WHERE name = $1`,
         values: [name, oldPid],
       })
@@ -120,6 +129,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
   const gone: number[] = []
   const goneToEpoch: number[] = []
   const heard: Record<string, number[]> = {}
+  const returned: Record<string, number[]> = {}
   const killedSizes: { rss: number; threads: number }[] = []
   // Each event strikes a settled holder, and the first three also one right after its
   // takeover (the previous trial's), while it starts up.
@@ -157,17 +167,24 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
         else if (event === 'SIGSTOP (paused)') holder.child.kill('SIGSTOP')
         else await pool.query('SELECT pg_terminate_backend($1)', [before.pid])
         let goneAt: number | undefined
+        let seenAt: number | undefined
         await waitUntil(
           async () => {
             const row = await read(before.pid ?? 0)
-            if (goneAt === undefined && row && !row.old_alive) goneAt = performance.now()
-            return row?.node_id && Number(row.epoch) > Number(before.epoch) ? row : undefined
+            const now = performance.now()
+            if (goneAt === undefined && row && !row.old_alive) goneAt = now
+            if (!row?.node_id || Number(row.epoch) <= Number(before.epoch)) return undefined
+            seenAt ??= now
+            return row.returned ? row : undefined
           },
           60_000,
           0,
         )
-        const seenAt = performance.now()
+        const returnedAt = performance.now()
+        if (seenAt === undefined) throw new Error('the new epoch was never seen')
         kinds[kind]?.push(seenAt - sent)
+        returned[kind] ??= []
+        returned[kind].push(returnedAt - sent)
         const heardNew = [...heardAt].find(([epoch]) => epoch > Number(before.epoch))
         if (heardNew) {
           heard[kind] ??= []
@@ -199,6 +216,7 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     killBreakdown: { backendGone: distribution(gone), goneToNewEpoch: distribution(goneToEpoch) },
     heldAtStrike: distribution(heldAtStrike),
     heard: Object.fromEntries(Object.entries(heard).map(([k, v]) => [k, distribution(v)])),
+    returned: Object.fromEntries(Object.entries(returned).map(([k, v]) => [k, distribution(v)])),
     referenceBackendGone: reference.backendGone,
     killedNode: sizes(killedSizes),
     referenceHolder: reference.holderSizes,

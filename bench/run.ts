@@ -237,19 +237,27 @@ function render(version: string, r: Results): string {
       '',
       `Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
       '',
-      '| event | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |',
-      '|---|---|---|---|---|---|',
+      `| event | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |${r.failover.returned ? " p50 / p99 the new holder's wait statement returned |" : ''}`,
+      `|---|---|---|---|---|---|${r.failover.returned ? '---|' : ''}`,
       ...Object.entries(r.failover.kinds).map(([k, d]) => {
         const h = r.failover?.heard[k]
+        const back = r.failover?.returned?.[k]
         const { event, early } = splitKind(k)
         const label = `${event} of the holder${early ? ', right after its takeover' : ''}`
-        return `| ${label} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |`
+        return `| ${label} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |${r.failover?.returned ? ` ${back ? `${ms(back.p50)} / ${ms(back.p99)}` : '-'} |` : ''}`
       }),
       ...Object.entries(r.failover.references).map(
-        ([k, d]) => `| reference: ${k}, holder killed | ${dist(d)} | - |`,
+        ([k, d]) =>
+          `| reference: ${k}, holder killed | ${dist(d)} | - |${r.failover?.returned ? ' - |' : ''}`,
       ),
       '',
       'A paused holder keeps its lock until the server ends its silent session (`idleSessionTimeoutMs`, 3 s, counted from its last heartbeat).',
+      ...(r.failover.returned
+        ? [
+            '',
+            "After a SIGTERM the stopping holder bumps the next holder's epoch in its hand-over statement: from that commit the database names the next holder and fences the old epoch. The new holder's node learns it when its own wait statement, woken by the grant, has taken the epoch and returned (the last column, seen from outside in `pg_stat_activity`, polled with the status); after a crash the new holder bumps the epoch itself, in that statement.",
+          ]
+        : []),
       '',
       `Where a crash failover goes: the server frees the lock when the killed process's backend ends, which takes as long as the kernel needs to tear the process down (its memory is freed before its sockets are closed) and close its socket; a CLI node${size(r.failover.killedNode)} takes longer to tear down than the reference's minimal holder${size(r.failover.referenceHolder)}. The rest is pg-singleton's: the waiter is granted the lock, and the same statement commits the new epoch.`,
       '',

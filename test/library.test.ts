@@ -191,7 +191,7 @@ describe('the library inside an app', () => {
       return { a, b, aPid: aLease.backendPid, bPid: rows[0]?.pid as number }
     }
 
-    it("a stop bumps the next node's epoch in its own statement: the next node is current at that commit", async () => {
+    it("a stop bumps the next node's epoch in its own statement, which the next node takes as is", async () => {
       const heard = await listen()
       const { a, b, aPid, bPid } = await pair('lib-hand-epoch')
       try {

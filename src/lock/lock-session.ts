@@ -410,13 +410,15 @@ export class LockSession {
     if (this.#closed) return
     await this.#client.query(
       undone(
-        `PERFORM set_config('lock_timeout', '100ms', true);
+        // Its commit keeps nothing, so it need not wait for a WAL flush: the body writes (in
+        // its subtransaction), which gives the transaction an id, and so a commit record.
+        `PERFORM set_config('lock_timeout', '100ms', true),
+                 set_config('synchronous_commit', 'off', true);
          PERFORM pg_advisory_lock(pgsingleton.lock_key(warm_up));`,
         // A term of its own to hand over: every statement of the hand-over then runs (with no
         // one waiting on the key, it hands nothing over).
         `SELECT b.epoch INTO warm_epoch FROM pgsingleton.bump_epoch(warm_up, 'warm-up') b;
-         PERFORM set_config('synchronous_commit', 'off', true),
-                 pgsingleton.hand_over(warm_up, warm_epoch, 'warm-up');`,
+         PERFORM pgsingleton.hand_over(warm_up, warm_epoch, 'warm-up');`,
       ),
     )
   }
@@ -425,26 +427,23 @@ export class LockSession {
    * Unlocks the singleton's lock alone: the next waiter holds at once, while this session
    * stays, and with it the node's membership (its work in flight ends as a live node's).
    * The term ends as released, and the next holder's epoch is bumped for it, in the same
-   * statement (pgsingleton.hand_over): the next holder is current at this commit, without
-   * waiting for its own backend to wake up and bump. When no node waits, or a batch of this
-   * epoch holds the lease row, only the term ends; the next holder bumps itself, as after
-   * a crash.
+   * statement (pgsingleton.hand_over): from this commit the database names the next holder
+   * and fences this epoch, without waiting for the next holder's backend to wake up and
+   * bump (its node hears it when its wait statement has taken the epoch). When no node
+   * waits, or a batch of this epoch holds the lease row, only the term ends; the next
+   * holder bumps itself, as after a crash.
    */
   async handOver(epoch: number, detail: string): Promise<void> {
     if (this.#closed) return
-    // The next holder's bump waits for this statement's row locks (the term, the lease), and
-    // a handed epoch is taken by a statement that locks the lease row: either way the next
-    // holder commits after this one, synchronously, and its commit flushes this one with it.
-    // So this commit does not wait for its WAL flush (synchronous_commit off, for this
-    // statement alone), and no node works under an epoch a server crash could take back. A
-    // crash in between loses the 'released' account and the handed epoch together: the
-    // lease is as before the hand-over, and the next holder bumps past it.
+    // The function decides whether the commit waits for its WAL flush: not when it only
+    // ended the term (the next holder's bump, synchronous, flushes it), yes when it handed
+    // an epoch over.
     await this.#withDeadline(
-      this.#client.query(
-        `SELECT set_config('synchronous_commit', 'off', true), h.successor, h.epoch
-           FROM pgsingleton.hand_over($1, $2, $3) h`,
-        [this.#settings.name, epoch, detail],
-      ),
+      this.#client.query('SELECT h.successor, h.epoch FROM pgsingleton.hand_over($1, $2, $3) h', [
+        this.#settings.name,
+        epoch,
+        detail,
+      ]),
       this.#settings.deadAfterMs,
       'the hand-over',
     )
