@@ -61,6 +61,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0002_safe_deletes',
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
+        'pgsingleton_0005_hand_over',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
@@ -68,6 +69,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0002_safe_deletes',
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
+        'pgsingleton_0005_hand_over',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,
