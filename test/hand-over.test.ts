@@ -34,7 +34,21 @@ async function nodeSession(name: string, nodeId: string) {
           'SELECT slice, epoch FROM pgsingleton.wait_for_lock($1, $2, 200)',
           [name, nodeId],
         )
-        if (slice[0]?.slice === 'acquired') return Number(slice[0].epoch)
+        if (slice[0]?.slice !== 'acquired') continue
+        if (slice[0].epoch !== null) return Number(slice[0].epoch)
+        // The bump waited out the slice (for a batch, a DDL): the node bumps on its own.
+        for (;;) {
+          const bumped = await client
+            .query<{ epoch: string }>('SELECT epoch FROM pgsingleton.bump_epoch($1, $2)', [
+              name,
+              nodeId,
+            ])
+            .catch((error) => {
+              if (error.code === '55P03') return undefined
+              throw error
+            })
+          if (bumped) return Number(bumped.rows[0]?.epoch)
+        }
       }
     },
     handOver: async (epoch: number) =>
@@ -101,55 +115,73 @@ describe('the hand-over, in SQL', () => {
     }
   })
 
-  it('with a DDL queued on the nodes table, the hand-over only unlocks, and the next node bumps without waiting for it', async () => {
-    const holder = await nodeSession('ho-ddl', 'h')
-    const next = await nodeSession('ho-ddl', 'w')
-    const reader = await db.pool.connect()
-    const ddl = await db.pool.connect()
-    try {
-      expect(await holder.acquire()).toBe(1)
-      const taken = next.acquire()
-      await waitFor('w queued', async () =>
-        (
-          await db.pool.query(
-            `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
-            [next.pid],
-          )
-        ).rowCount === 1
-          ? true
-          : undefined,
-      )
-      // An app's reader holds the table; a DDL queues behind it, and every new lock on the
-      // table would queue behind the DDL.
-      await reader.query('BEGIN')
-      await reader.query('SELECT count(*) FROM pgsingleton.nodes')
-      await ddl.query('BEGIN')
-      const altered = ddl.query('ALTER TABLE pgsingleton.nodes ADD COLUMN ho_ddl integer')
-      await waitFor('the DDL queued', async () =>
-        (
-          await db.pool.query(
-            `SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND relation = 'pgsingleton.nodes'::regclass
-                AND mode = 'AccessExclusiveLock' AND NOT granted`,
-          )
-        ).rowCount === 1
-          ? true
-          : undefined,
-      )
-      expect(await holder.handOver(1)).toEqual({ successor: null, epoch: null })
-      expect(await taken).toBe(2)
-      expect(await terms('ho-ddl')).toEqual([
-        { epoch: 1, node_id: 'h', end_reason: 'released', closed_by: 'holder' },
-        { epoch: 2, node_id: 'w', end_reason: null, closed_by: null },
-      ])
-      await reader.query('COMMIT')
-      await altered
-      await ddl.query('ROLLBACK')
-    } finally {
-      await reader.query('ROLLBACK').catch(() => {})
-      await ddl.query('ROLLBACK').catch(() => {})
-      reader.release()
-      ddl.release()
-      await Promise.all([holder.end(), next.end()])
-    }
-  })
+  it.each([
+    ['nodes', 'ALTER TABLE pgsingleton.nodes ADD COLUMN ho_ddl integer', 'AccessExclusiveLock'],
+    ['leases', 'CREATE INDEX ho_ddl ON pgsingleton.leases (heartbeat_at)', 'ShareLock'],
+  ])(
+    'with a DDL queued on the %s table, the hand-over only unlocks, and the next node bumps without waiting for it',
+    async (table, statement, mode) => {
+      const name = `ho-ddl-${table}`
+      const holder = await nodeSession(name, 'h')
+      const next = await nodeSession(name, 'w')
+      const reader = await db.pool.connect()
+      const ddl = await db.pool.connect()
+      try {
+        expect(await holder.acquire()).toBe(1)
+        const taken = next.acquire()
+        await waitFor('w queued', async () =>
+          (
+            await db.pool.query(
+              `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
+              [next.pid],
+            )
+          ).rowCount === 1
+            ? true
+            : undefined,
+        )
+        // A transaction holds the table (a reader; for the lease table, a writer); a DDL queues
+        // behind it, and every conflicting lock on the table would queue behind the DDL.
+        await reader.query('BEGIN')
+        await reader.query(
+          table === 'nodes'
+            ? 'SELECT count(*) FROM pgsingleton.nodes'
+            : 'LOCK TABLE pgsingleton.leases IN ROW EXCLUSIVE MODE',
+        )
+        await ddl.query('BEGIN')
+        const altered = ddl.query(statement)
+        await waitFor('the DDL queued', async () =>
+          (
+            await db.pool.query(
+              `SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND relation = $1::regclass
+                AND mode = $2 AND NOT granted`,
+              [`pgsingleton.${table}`, mode],
+            )
+          ).rowCount === 1
+            ? true
+            : undefined,
+        )
+        expect(await holder.handOver(1)).toEqual({ successor: null, epoch: null })
+        const release = async () => {
+          await reader.query('COMMIT')
+          await altered
+          await ddl.query('ROLLBACK')
+        }
+        // The next node's own bump writes the lease table too, and waits for the DDL there, as
+        // it did before the hand-over bumped for it; the hand-over does not wait with it.
+        if (table === 'leases') await release()
+        expect(await taken).toBe(2)
+        expect(await terms(name)).toEqual([
+          { epoch: 1, node_id: 'h', end_reason: 'released', closed_by: 'holder' },
+          { epoch: 2, node_id: 'w', end_reason: null, closed_by: null },
+        ])
+        if (table === 'nodes') await release()
+      } finally {
+        await reader.query('ROLLBACK').catch(() => {})
+        await ddl.query('ROLLBACK').catch(() => {})
+        reader.release()
+        ddl.release()
+        await Promise.all([holder.end(), next.end()])
+      }
+    },
+  )
 })

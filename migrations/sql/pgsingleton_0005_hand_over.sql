@@ -92,6 +92,8 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   singleton_key bigint := pgsingleton.lock_key(p_singleton);
+  -- Read before the unlock, with every other catalog and table the hand-over reads.
+  this_database oid := (SELECT d.oid FROM pg_database d WHERE d.datname = current_database());
   kept boolean := false;
   next_pid integer;
 BEGIN
@@ -103,6 +105,9 @@ BEGIN
   -- this epoch holds the lease row.
   BEGIN
     LOCK TABLE pgsingleton.nodes, pgsingleton.meta IN ACCESS SHARE MODE NOWAIT;
+    -- The lease row's lock alone is ROW SHARE on the table: the UPDATE after the unlock needs
+    -- ROW EXCLUSIVE, which would queue behind a CREATE INDEX queued on the table.
+    LOCK TABLE pgsingleton.leases, pgsingleton.terms IN ROW EXCLUSIVE MODE NOWAIT;
     PERFORM 1 FROM pgsingleton.leases l
      WHERE l.name = p_singleton AND l.epoch = p_epoch AND l.backend_pid = pg_backend_pid()
        FOR UPDATE NOWAIT;
@@ -137,7 +142,7 @@ BEGIN
                      AND m.classid::bigint = ((n.member_key >> 32) & 4294967295)
                      AND m.objid::bigint = (n.member_key & 4294967295)
      WHERE g.locktype = 'advisory' AND g.granted AND g.objsubid = 1
-       AND g.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+       AND g.database = this_database
        AND g.classid::bigint = ((singleton_key >> 32) & 4294967295)
        AND g.objid::bigint = (singleton_key & 4294967295)
        AND g.pid <> pg_backend_pid()
