@@ -402,8 +402,8 @@ export class LockSession {
    * subtransaction it rolls back, so nothing stays and no notification goes out; one
    * statement, so no other query of the session can run inside it. The first hand-over of
    * a session otherwise compiles pgsingleton.hand_over and plans its statements on the way:
-   * 4 to 8 ms on a 2-core machine, against about 2 ms readied. It waits at most 100 ms for a lock (a migration's, say), so that it never
-   * holds up the heartbeat queued behind it. Only speed: a session that cannot ready hands
+   * 4 to 8 ms on a 2-core machine, against about 2 ms readied. It waits at most 100 ms for a
+   * lock (a migration's, say), so that it never holds up the heartbeat queued behind it. Only speed: a session that cannot ready hands
    * over all the same.
    */
   async readyHandOver(): Promise<void> {
@@ -415,8 +415,8 @@ export class LockSession {
         `PERFORM set_config('lock_timeout', '100ms', true),
                  set_config('synchronous_commit', 'off', true);
          PERFORM pg_advisory_lock(pgsingleton.lock_key(warm_up));`,
-        // A term of its own to hand over: every statement of the hand-over then runs (with no
-        // one waiting on the key, it hands nothing over).
+        // A term of its own to hand over: every statement of the hand-over but the
+        // announcement then runs (with no one waiting on the key, it hands nothing over).
         `SELECT b.epoch INTO warm_epoch FROM pgsingleton.bump_epoch(warm_up, 'warm-up') b;
          PERFORM pgsingleton.hand_over(warm_up, warm_epoch, 'warm-up');`,
       ),
