@@ -50,6 +50,8 @@ interface Fault {
    */
   termEnds?: string[]
   run(trial: Trial): Promise<void>
+  /** What else the fault's trial must show, beyond every trial's oracles. */
+  verify?(trial: Trial): Promise<string[]>
 }
 
 interface Outcome {
@@ -83,6 +85,10 @@ class Trial {
   readonly name: string
   readonly proxies: PartitionableProxy[] = []
   readonly nodes: NodeProcess[] = []
+  /** Node processes replaced by a restart, with how they exited. */
+  readonly retired: { node: NodeProcess; code: number | null; signal: string | null }[] = []
+  #config = ''
+  readonly #nodeStarts: (() => NodeProcess)[] = []
   url = ''
   pool!: pg.Pool
   faultAt: Date | undefined
@@ -140,7 +146,7 @@ class Trial {
     }))
     // Every node works the queue, so faults hit workers that do not hold as well.
     const tasks = [{ name: 'mark', module, every: '1 second' }]
-    const config = await writeConfig({
+    this.#config = await writeConfig({
       name: this.name,
       policies,
       tasks,
@@ -160,8 +166,16 @@ class Trial {
         env.PG_SINGLETON_LOCK_URL = nodeUrl
         nodeUrl = bouncer?.url ?? ''
       }
-      this.nodes.push(startNode(nodeUrl, config, `${this.name}-node-${n}`, env))
+      const start = () => startNode(nodeUrl, this.#config, `${this.name}-node-${n}`, env)
+      this.#nodeStarts.push(start)
+      this.nodes.push(start())
     }
+    await this.settled()
+    this.epochBefore = (await statusOf(this.pool, this.name))?.epoch ?? 0
+  }
+
+  /** A holder, two nodes queued, and a run done. */
+  async settled(): Promise<void> {
     await waitFor(
       'a holder, two queued, and a first run done',
       async () => {
@@ -174,7 +188,22 @@ class Trial {
       },
       30_000,
     )
-    this.epochBefore = (await statusOf(this.pool, this.name))?.epoch ?? 0
+  }
+
+  /**
+   * Stops a node with SIGTERM, as a deploy does, waits for it to exit, and starts it again
+   * with the same node id and path.
+   */
+  async restart(node: NodeProcess): Promise<void> {
+    const i = this.nodes.indexOf(node)
+    node.signal('SIGTERM')
+    const exit = await Promise.race([
+      node.exited,
+      new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 30_000)),
+    ])
+    if (!exit) throw new Error(`${node.id} did not exit within 30 s of SIGTERM`)
+    this.retired.push({ node, code: exit.code, signal: exit.signal })
+    this.nodes[i] = (this.#nodeStarts[i] as () => NodeProcess)()
   }
 
   /** Outdated, young and almost-outdated rows, ten times a second. */
@@ -233,9 +262,12 @@ class Trial {
     ).rows[0]?.now
   }
 
-  /** The new holder's epoch bump, measured from the fault by the database clock. */
+  /**
+   * The next holder's epoch bump (the first after the fault, when more followed), measured
+   * from the fault by the database clock.
+   */
   async takeover(boundMs: number): Promise<number> {
-    const row = await waitFor(
+    await waitFor(
       'a new holder',
       async () => {
         const r = await statusOf(this.pool, this.name)
@@ -243,7 +275,11 @@ class Trial {
       },
       Math.max(30_000, boundMs * 3),
     )
-    return (row.acquiredAt?.getTime() ?? 0) - (this.faultAt?.getTime() ?? 0)
+    const { rows } = await this.pool.query<{ acquired_at: Date }>(
+      'SELECT acquired_at FROM pgsingleton.terms WHERE name = $1 AND epoch = $2',
+      [this.name, this.epochBefore + 1],
+    )
+    return (rows[0]?.acquired_at.getTime() ?? 0) - (this.faultAt?.getTime() ?? 0)
   }
 
   /** Every row outdated when this is called is gone soon after: cleaning goes on. */
@@ -294,6 +330,7 @@ class Trial {
     problems.push(...(await unfinishedOccurrences(this.pool, this.name)))
     problems.push(...(await this.#taskViolations()))
     problems.push(...(await this.#termViolations()))
+    problems.push(...((await this.fault.verify?.(this)) ?? []))
     return problems
   }
 
@@ -423,6 +460,45 @@ const FAULTS: Fault[] = [
       await pause(0, 1500)
       await t.markFault()
       node.signal('SIGKILL')
+    },
+  },
+  {
+    id: 'term-holder',
+    termEnds: ['released/holder'],
+    name: 'SIGTERM of the holder, restarted, three times over (a rolling deploy)',
+    boundMs: 1000,
+    async run(t) {
+      for (let round = 1; round <= 3; round++) {
+        if (round > 1) await t.settled()
+        const { node } = await t.holder()
+        // Anywhere in its work: a batch, a task, a tick, or idle between them.
+        await pause(0, 1500)
+        if (round === 1) await t.markFault()
+        await t.restart(node)
+      }
+      await t.settled()
+    },
+    async verify(t) {
+      const problems: string[] = []
+      // Every stop handed over as a stop should: it exited cleanly, the hand-over did not
+      // fail, and its term reads as its own account.
+      for (const { node, code, signal } of t.retired) {
+        if (code !== 0) problems.push(`${node.id} exited with ${code ?? signal} after SIGTERM`)
+        if (node.output().includes('HAND_OVER_FAILED'))
+          problems.push(`${node.id}'s hand-over failed: ${node.output().slice(-500)}`)
+      }
+      const { rows } = await t.pool.query(
+        `SELECT epoch, end_reason, closed_by FROM pgsingleton.terms
+          WHERE name = $1 AND epoch >= $2 AND ended_at IS NOT NULL ORDER BY epoch`,
+        [t.name, t.epochBefore],
+      )
+      if (rows.length < 3) problems.push(`only ${rows.length} terms ended after the first stop`)
+      for (const row of rows)
+        if (`${row.end_reason}/${row.closed_by}` !== 'released/holder')
+          problems.push(
+            `term ${row.epoch} ended as ${row.end_reason}/${row.closed_by}, not released/holder`,
+          )
+      return problems
     },
   },
   {
