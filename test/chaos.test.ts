@@ -756,9 +756,11 @@ unfinished; the task wrote each occurrence once, exactly the occurrences whose r
 done, and never after a newer holder's term began (by the database clock); the terms
 (\`pgsingleton.terms\`) run one per epoch, none ends after the next began, and the term
 of the holder the fault took away ended as that fault allows (a holder killed with
-\`kill -9\` is closed by its successor as \`lost\`); after each fault a node holds within
-the bound, and every row outdated at the fault is gone soon after. A takeover is timed
-from the fault to the new holder's epoch bump, by the database clock.
+\`kill -9\` is closed by its successor as \`lost\`; in a rolling deploy every stop exits
+0, its hand-over does not fail, and every term it ends reads \`released\` by the holder);
+after each fault a node holds within the bound, and every row outdated at the fault is
+gone soon after. A takeover is timed from the fault to the first new epoch's bump, by the
+database clock.
 
 Timings of these trials (short, so that trials are quick): ${Object.entries(TIMING)
     .map(([k, v]) => `\`${k}\` ${v}`)

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import { existsSync } from 'node:fs'
 import { chmod, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -99,5 +100,17 @@ describe('a database restart', () => {
     for (const node of nodes) node.signal('SIGTERM')
     for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
     expect(await safetyViolations(pool, name)).toEqual([])
+  })
+})
+
+describe('an embedded server of another directory on the port', () => {
+  it('is named in a clear error, not used as this directory’s, and the directory is left alone', async () => {
+    const other = join(home, 'other-project', 'pgdata')
+    await expect(ensureEmbedded(other, port)).rejects.toThrow(
+      `port ${port} on 127.0.0.1 is taken by another embedded PostgreSQL, with its data in ${dataDir}`,
+    )
+    expect(existsSync(join(home, 'other-project'))).toBe(false)
+    // Its own directory's server is reused as before.
+    expect(await ensureEmbedded(dataDir, port)).toMatchObject({ started: false, port })
   })
 })

@@ -1,6 +1,6 @@
 import { execFile, execFileSync, spawn } from 'node:child_process'
 import { closeSync, existsSync, openSync } from 'node:fs'
-import { mkdir, readFile, rm, stat } from 'node:fs/promises'
+import { mkdir, readFile, realpath, rm, stat } from 'node:fs/promises'
 import { createRequire } from 'node:module'
 import { arch, platform, userInfo } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -40,13 +40,15 @@ export async function ensureEmbedded(
 ): Promise<EmbeddedServer> {
   const url = embeddedUrl(port)
   const absolute = resolve(dataDir)
-  if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
+  if (await runningHere(url, absolute, port))
+    return { url, dataDir: absolute, port, started: false }
   const home = resolve(absolute, '..')
   await mkdir(home, { recursive: true })
   const lock = join(home, `start-${port}.lock`)
   await takeLock(lock)
   try {
-    if (await canConnect(url)) return { url, dataDir: absolute, port, started: false }
+    if (await runningHere(url, absolute, port))
+      return { url, dataDir: absolute, port, started: false }
     const asRoot = userInfo().uid === 0
     const { postgres } = await binaries()
     if (!existsSync(join(absolute, 'PG_VERSION'))) {
@@ -143,6 +145,43 @@ export async function stopEmbedded(dataDir: string): Promise<boolean> {
   }
   process.kill(pid, 'SIGKILL')
   return true
+}
+
+/**
+ * Whether the embedded server of `dataDir` already answers on `port`. A server that answers
+ * there with our credentials but keeps its data elsewhere (another project's embedded
+ * server, another checkout of this one) is not reused: the nodes would work in a database
+ * that `embedded stop` here cannot stop, while every message names this directory.
+ */
+async function runningHere(url: string, dataDir: string, port: number): Promise<boolean> {
+  const dir = await dataDirectoryAt(url)
+  if (dir === undefined) return false
+  const [mine, theirs] = await Promise.all([canonical(dataDir), canonical(dir)])
+  if (mine === theirs) return true
+  throw new Error(
+    `port ${port} on 127.0.0.1 is taken by another embedded PostgreSQL, with its data in ${dir}, not in ${dataDir}. Stop that one (pg-singleton embedded stop, in its project), or give this one another port with PG_SINGLETON_EMBEDDED_PORT.`,
+  )
+}
+
+async function canonical(path: string): Promise<string> {
+  return realpath(path).catch(() => resolve(path))
+}
+
+/** The data directory of the server answering at `url`, or undefined when none does. */
+async function dataDirectoryAt(url: string): Promise<string | undefined> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2000 })
+  client.on('error', () => {})
+  try {
+    await client.connect()
+    const { rows } = await client.query<{ dir: string }>(
+      `SELECT current_setting('data_directory') AS dir`,
+    )
+    return rows[0]?.dir
+  } catch {
+    return undefined
+  } finally {
+    await client.end().catch(() => {})
+  }
 }
 
 async function canConnect(url: string): Promise<boolean> {
