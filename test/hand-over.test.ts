@@ -62,6 +62,19 @@ async function nodeSession(name: string, nodeId: string) {
   }
 }
 
+/** Until the session waits in the lock queue (a lock it asked for, not granted). */
+const queued = (session: { pid: number }) =>
+  waitFor('the session queued', async () =>
+    (
+      await db.pool.query(
+        `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
+        [session.pid],
+      )
+    ).rowCount === 1
+      ? true
+      : undefined,
+  )
+
 const terms = async (name: string) =>
   (
     await db.pool.query(
@@ -98,16 +111,7 @@ describe('the hand-over, in SQL', () => {
       // As when a grant came in the same instant as a wait slice's lock_timeout.
       await holder.client.query(`SELECT pg_advisory_lock(pgsingleton.lock_key('ho-twice'))`)
       const taken = next.acquire()
-      await waitFor('w queued', async () =>
-        (
-          await db.pool.query(
-            `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
-            [next.pid],
-          )
-        ).rowCount === 1
-          ? true
-          : undefined,
-      )
+      await queued(next)
       expect(await holder.handOver(1)).toEqual({ successor: 'w', epoch: '2' })
       expect(await taken).toBe(2)
     } finally {
@@ -129,16 +133,7 @@ describe('the hand-over, in SQL', () => {
       try {
         expect(await holder.acquire()).toBe(1)
         const taken = next.acquire()
-        await waitFor('w queued', async () =>
-          (
-            await db.pool.query(
-              `SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted`,
-              [next.pid],
-            )
-          ).rowCount === 1
-            ? true
-            : undefined,
-        )
+        await queued(next)
         // A transaction holds the table (a reader; for the lease table, a writer); a DDL queues
         // behind it, and every conflicting lock on the table would queue behind the DDL.
         await reader.query('BEGIN')

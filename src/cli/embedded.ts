@@ -103,7 +103,7 @@ export async function ensureEmbedded(
     child.unref()
     closeSync(log)
     const deadline = Date.now() + 60_000
-    while (!(await canConnect(url))) {
+    while ((await dataDirectoryAt(url)) === undefined) {
       if (child.exitCode !== null)
         throw new Error(
           `embedded PostgreSQL exited with code ${child.exitCode}; see ${join(home, `postgres-${port}.log`)}`,
@@ -179,20 +179,6 @@ async function dataDirectoryAt(url: string): Promise<string | undefined> {
     return rows[0]?.dir
   } catch {
     return undefined
-  } finally {
-    await client.end().catch(() => {})
-  }
-}
-
-async function canConnect(url: string): Promise<boolean> {
-  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2000 })
-  client.on('error', () => {})
-  try {
-    await client.connect()
-    await client.query('SELECT 1')
-    return true
-  } catch {
-    return false
   } finally {
     await client.end().catch(() => {})
   }

@@ -403,8 +403,8 @@ export class LockSession {
    * statement, so no other query of the session can run inside it. The first hand-over of
    * a session otherwise compiles pgsingleton.hand_over and plans its statements on the way:
    * 4 to 8 ms on a 2-core machine, against about 2 ms readied. It waits at most 100 ms for a
-   * lock (a migration's, say), so that it never holds up the heartbeat queued behind it. Only speed: a session that cannot ready hands
-   * over all the same.
+   * lock (a migration's, say), so that it never holds up the heartbeat queued behind it.
+   * Only speed: a session that cannot ready hands over all the same.
    */
   async readyHandOver(): Promise<void> {
     if (this.#closed) return
