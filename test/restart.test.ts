@@ -103,6 +103,86 @@ describe('a database restart', () => {
   })
 })
 
+describe('a server crash, with synchronous_commit off for the database', () => {
+  it('never takes back an epoch bump once it was seen committed: the next holder gets a higher epoch', async () => {
+    const name = 'crash'
+    const { rows: db } = await pool.query<{ name: string }>('SELECT current_database() AS name')
+    const database = pg.escapeIdentifier(db[0]?.name ?? '')
+    // The app's choice for its own writes: commits return before their WAL is flushed.
+    await pool.query(`ALTER DATABASE ${database} SET synchronous_commit = off`)
+    const config = await writeConfig({
+      name,
+      policies: [
+        {
+          name: 'old',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+        },
+      ],
+    })
+    const nodes = [startNode(url, config, 'crash-1'), startNode(url, config, 'crash-2')]
+    let walWriter: number | undefined
+    try {
+      const first = await waitFor('a holder', async () => {
+        const row = await statusOf(pool, name)
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+      })
+      // With the WAL writer stopped, a commit that does not flush its WAL itself stays in
+      // the server's memory only, where a crash loses it.
+      const { rows } = await pool.query<{ pid: number }>(
+        `SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'`,
+      )
+      walWriter = rows[0]?.pid
+      if (!walWriter) throw new Error('no walwriter in pg_stat_activity')
+      process.kill(walWriter, 'SIGSTOP')
+      await pool.query('SELECT pg_terminate_backend($1)', [first.backendPid])
+      const seen = await waitFor('the standby to take over', async () => {
+        const row = await statusOf(pool, name)
+        return row?.nodeId && (row.epoch ?? 0) > (first.epoch ?? 0) ? row : undefined
+      })
+      // A crash: the server ends every session and recovers from the WAL on disk.
+      process.kill(walWriter, 'SIGKILL')
+      walWriter = undefined
+      const after = await waitFor(
+        'a holder after the crash',
+        async () => {
+          for (const node of nodes) {
+            if (node.child.exitCode !== null)
+              throw new Error(`${node.id} exited:\n${node.output()}`)
+          }
+          const row = await statusOf(pool, name).catch(() => undefined)
+          return row?.nodeId &&
+            row.epoch !== null &&
+            row.backendPid !== seen.backendPid &&
+            row.waitingNodes === 1
+            ? row
+            : undefined
+        },
+        30_000,
+      )
+      expect(
+        after.epoch,
+        `epoch ${seen.epoch}, seen committed before the crash, was given again after it`,
+      ).toBeGreaterThan(seen.epoch ?? 0)
+      for (const node of nodes) node.signal('SIGTERM')
+      for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
+      expect(await safetyViolations(pool, name)).toEqual([])
+    } finally {
+      if (walWriter) process.kill(walWriter, 'SIGCONT')
+      for (const node of nodes) if (node.child.exitCode === null) node.signal('SIGKILL')
+      await Promise.all(nodes.map((node) => node.exited))
+      await waitFor('the server back', () =>
+        pool.query(`ALTER DATABASE ${database} RESET synchronous_commit`).then(
+          () => true,
+          () => undefined,
+        ),
+      )
+    }
+  })
+})
+
 describe('an embedded server of another directory on the port', () => {
   it('is named in a clear error, not used as this directory’s, and the directory is left alone', async () => {
     const other = join(home, 'other-project', 'pgdata')
