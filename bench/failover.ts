@@ -43,6 +43,13 @@ export interface FailoverResult {
   returned?: Record<string, Distribution>
   /** The same first part for the reference's holder, a minimal process. */
   referenceBackendGone: Distribution
+  /**
+   * How long after a kill -9 the killed process's backend is gone, for a minimal holder
+   * carrying more memory (MiB of touched buffers added): the kernel frees a process's memory
+   * before it closes its sockets, so this part of a crash failover grows with the size of
+   * the process the lock session lives in (an app that embeds the library, say).
+   */
+  goneByMemory?: { addedMiB: number; rssMiB: Distribution; gone: Distribution }[]
   /** Resident memory (MiB) and threads of each CLI node killed with -9, read just before. */
   killedNode?: { rssMiB: Distribution; threads: Distribution }
   /** The same for the reference's minimal holder. */
@@ -210,7 +217,10 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
     await pool.end()
   }
   const reference = await references(url, trials)
+  const goneByMemory = []
+  for (const addedMiB of [0, 100, 300]) goneByMemory.push(await teardown(url, trials, addedMiB))
   return {
+    goneByMemory,
     kinds: Object.fromEntries(Object.entries(kinds).map(([k, v]) => [k, distribution(v)])),
     references: reference.latencies,
     killBreakdown: { backendGone: distribution(gone), goneToNewEpoch: distribution(goneToEpoch) },
@@ -307,4 +317,54 @@ async function references(
     backendGone: distribution(gone),
     holderSizes: sizes(holderSizes),
   }
+}
+
+/**
+ * A minimal holder with `addedMiB` of touched memory, killed with -9, `trials` times: how
+ * long until the server shows its backend gone (the moment its lock is free to grant).
+ */
+async function teardown(
+  url: string,
+  trials: number,
+  addedMiB: number,
+): Promise<{ addedMiB: number; rssMiB: Distribution; gone: Distribution }> {
+  const watcher = new pg.Client({ connectionString: url })
+  await watcher.connect()
+  const source = `import pg from 'pg'
+    const ballast = []; for (let i = 0; i < Number(process.env.MIB); i++) ballast.push(Buffer.alloc(1 << 20, 1))
+    const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
+    const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid); setInterval(() => ballast.length, 1e9)`
+  const gone: number[] = []
+  const rss: number[] = []
+  try {
+    for (let trial = 0; trial < trials; trial++) {
+      const holder = script(source, { URL: url, MIB: String(addedMiB) })
+      const exited = new Promise((resolve) => holder.once('exit', resolve))
+      const pid = await new Promise<number>((resolve) =>
+        holder.stdout?.once('data', (chunk) => resolve(Number(String(chunk).trim()))),
+      )
+      // Settled, as a holder that has held a while is.
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      rss.push((await processSize(holder.pid)).rss)
+      const sent = performance.now()
+      holder.kill('SIGKILL')
+      await waitUntil(
+        async () => {
+          const { rows } = await watcher.query({
+            name: 'bench-teardown-read',
+            text: 'SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1) AS alive',
+            values: [pid],
+          })
+          return rows[0].alive ? undefined : true
+        },
+        10_000,
+        0,
+      )
+      gone.push(performance.now() - sent)
+      await exited
+    }
+  } finally {
+    await watcher.end()
+  }
+  return { addedMiB, rssMiB: distribution(rss), gone: distribution(gone) }
 }

@@ -267,6 +267,19 @@ function render(version: string, r: Results): string {
       `| from then to the new epoch seen in pgsingleton.status | ${dist(r.failover.killBreakdown.goneToNewEpoch)} |`,
       `| reference: the killed minimal holder's backend is gone | ${dist(r.failover.referenceBackendGone)} |`,
       '',
+      ...(r.failover.goneByMemory
+        ? [
+            "That first part grows with the killed process's memory, whatever holds the lock: a minimal holder carrying more (touched buffers), killed with -9, until the server shows its backend gone. A node embedded in a big app fails over after a crash that much later; a stop (SIGTERM) does not wait for it.",
+            '',
+            '| the killed process | p50 | p95 | p99 | max |',
+            '|---|---|---|---|---|',
+            ...r.failover.goneByMemory.map(
+              (g) =>
+                `| ${Math.round(g.rssMiB.p50)} MiB resident (${g.addedMiB} MiB added) | ${dist(g.gone)} |`,
+            ),
+            '',
+          ]
+        : []),
     )
     const crash = r.failover.kinds['kill -9']
     const graceful = r.failover.kinds.SIGTERM
