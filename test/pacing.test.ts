@@ -25,6 +25,23 @@ describe('batches sized to a time budget', () => {
     expect(pacer.limit).toBe(10)
   })
 
+  it('a batch cancelled by its statement_timeout is tried again at a quarter of its size and span, down to the smallest, then no more', () => {
+    const pacer = new Pacer(5000, 30, 50, 0, 'tidrange')
+    expect([pacer.limit, pacer.span]).toEqual([1000, 20])
+    const sizes: number[][] = []
+    while (pacer.shrink()) sizes.push([pacer.limit, pacer.span])
+    expect(sizes).toEqual([
+      [250, 5],
+      [62, 1],
+      [15, 1],
+      [10, 1],
+    ])
+    // A batchSize under the smallest is the smallest.
+    const small = new Pacer(5, 30, 50, 0)
+    expect(small.shrink()).toBe(false)
+    expect(small.limit).toBe(5)
+  })
+
   it('a batch that found fewer rows than it asked for says nothing about the size', () => {
     const pacer = new Pacer(5000, 30, 50, 0)
     pacer.after({ selected: 10, elapsedMs: 1 })

@@ -216,6 +216,39 @@ describe('what a delete may touch besides the outdated rows', () => {
     expect(await count('app.messages')).toBe(0) // the reply went with it, as allowed
   })
 
+  it('a batch its statement_timeout cancels (rows deleted with it by ON DELETE CASCADE) is tried again smaller, and the run finishes', async () => {
+    await db.pool.query(`CREATE TABLE app.threads (id int PRIMARY KEY, at timestamptz NOT NULL);
+      CREATE INDEX ON app.threads (at);
+      CREATE TABLE app.posts (id bigserial PRIMARY KEY, thread int NOT NULL REFERENCES app.threads ON DELETE CASCADE);
+      CREATE INDEX ON app.posts (thread);
+      INSERT INTO app.threads SELECT g, now() - interval '40 days' FROM generate_series(1, 1000) AS g;
+      INSERT INTO app.threads SELECT g, now() FROM generate_series(1001, 1050) AS g;
+      INSERT INTO app.posts (thread) SELECT t FROM generate_series(1, 1050) AS t, generate_series(1, 300);
+      ANALYZE app.threads, app.posts;`)
+    // The first batch (1000 threads, 300,000 posts with them) cannot finish in 100 ms.
+    const { report, name } = await cleanOnce(
+      {
+        name: 'threads',
+        table: 'app.threads',
+        column: 'at',
+        olderThan: '30 days',
+        every: '1 hour',
+        allowCascade: true,
+      },
+      { batchStatementTimeoutMs: 100, batchLockTimeoutMs: 50 },
+    )
+    expect(report, report.reason).toMatchObject({
+      status: 'done',
+      rowsDeleted: 1000,
+      rowsSkipped: 0,
+    })
+    expect(await count('app.threads')).toBe(50)
+    expect(await count('app.posts')).toBe(50 * 300)
+    expect(await count("app.threads WHERE at < now() - interval '30 days'")).toBe(0)
+    // Each batch that committed was a smaller one than the first try.
+    expect(Math.max(...(await batchesOf(name)).map((b) => b.rows_deleted))).toBeLessThan(1000)
+  })
+
   it('rows the delete leaves in place without an error (a trigger returning NULL) are counted, and the walk moves past them', async () => {
     await db.pool.query(`CREATE TABLE app.notes (id int PRIMARY KEY, on_day date NOT NULL, archived boolean NOT NULL DEFAULT false);
       CREATE INDEX ON app.notes (on_day);

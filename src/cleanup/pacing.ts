@@ -54,6 +54,23 @@ export class Pacer {
     this.#limit = Math.min(this.#limit, this.#first)
   }
 
+  /**
+   * After a batch the server cancelled (its statement_timeout ran out, so it rolled back
+   * and deleted nothing): the same batch is tried again at a quarter of the size, limit and
+   * span, down to the smallest. A batch's first size is a guess, and the time a row costs
+   * has no bound the pacer can know beforehand (rows deleted with it by ON DELETE CASCADE,
+   * a trigger's work, a cold disk). False when it is at the smallest already: the batch
+   * cannot be made to fit.
+   */
+  shrink(): boolean {
+    const limit = Math.max(Math.min(MIN_LIMIT, this.#limit), Math.floor(this.#limit / 4))
+    const span = Math.max(1, Math.floor(this.#span / 4))
+    if (limit === this.#limit && span === this.#span) return false
+    this.#limit = limit
+    this.#span = span
+    return true
+  }
+
   /** After a batch: the next size, and how long to pause before it. */
   after(batch: {
     selected: number

@@ -1,6 +1,6 @@
 import type pg from 'pg'
 import { isTask, type PolicyDefinition, type TaskDefinition } from '../config/definition.js'
-import { mayBeTiedToRows } from '../db/sqlstate.js'
+import { mayBeTiedToRows, SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import type { CleanupJob } from '../queue/cleanup-queue.js'
 import type { TransactionLimits } from '../runs/fence.js'
@@ -222,6 +222,13 @@ async function clean(
     )
     let cursor: unknown = null
     let careful = false
+    /**
+     * A batch of this leaf ran out of its statement_timeout: its rows cost more than their
+     * number says (rows ON DELETE CASCADE takes with them, a trigger's work, a cold disk).
+     * The rest of the leaf goes carefully, which takes at most the limit: a plain batch in
+     * page order deletes all its pages' rows before it counts them.
+     */
+    let limited = false
     for (;;) {
       if (signal.aborted) {
         return failed(`interrupted between batches: ${String(signal.reason ?? 'stopping')}`, false)
@@ -238,6 +245,20 @@ async function clean(
       try {
         batch = await runs.recordBatch(deps.pool, deps.limits, run, request)
       } catch (error) {
+        // Cancelled by its statement_timeout: it rolled back, and is tried again smaller.
+        // It rolled back whole: tried again from the same cursor, smaller and carefully.
+        const cancelled = sqlState(error) === SQLSTATE.QUERY_CANCELED
+        if (cancelled && (pacer.shrink() || !limited)) {
+          limited = true
+          careful = true
+          continue
+        }
+        if (cancelled) {
+          return failed(
+            `policy "${run.policy}", ${leaf.relation}: a batch of at most ${pacer.limit} rows did not finish within batchStatementTimeoutMs (${deps.limits.statementTimeoutMs} ms), even at the smallest size: ${errorMessage(error)}`,
+            true,
+          )
+        }
         if (!careful && mayBeTiedToRows(error)) {
           careful = true
           pacer.careful()
@@ -259,7 +280,7 @@ async function clean(
         return failed(`policy "${run.policy}", ${leaf.relation}: the batch did not move on`, true)
       }
       cursor = batch.cursor
-      careful = careful && batch.skipped > 0
+      careful = limited || (careful && batch.skipped > 0)
       const pauseMs = pacer.after(batch)
       if (pauseMs > 0) await sleep(pauseMs, signal)
       if (deps.maxReplicaLagMs > 0) await waitForReplicas(deps, signal)

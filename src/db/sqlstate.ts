@@ -14,6 +14,8 @@ export const SQLSTATE = {
   NUMERIC_VALUE_OUT_OF_RANGE: '22003',
   UNIQUE_VIOLATION: '23505',
   DEADLOCK_DETECTED: '40P01',
+  /** The statement was cancelled: its `statement_timeout` elapsed (or pg_cancel_backend). */
+  QUERY_CANCELED: '57014',
 } as const
 
 /**
