@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process'
 import { once } from 'node:events'
 import pg from 'pg'
 import { PgBoss } from 'pg-boss'
@@ -563,6 +564,7 @@ describe('the library inside an app', () => {
   function starterOf(
     name: string,
     onAcquired: (starter: Starter, lease: Lease) => void = () => {},
+    stepDownCoolOffMs = 1000,
   ) {
     const losses: string[] = []
     let acquired: (lease: Lease) => void = () => {}
@@ -582,7 +584,7 @@ describe('the library inside an app', () => {
         heartbeatMs: 1000,
         fenceAfterMs: 2000,
         reconnectDelayMs: 100,
-        stepDownCoolOffMs: 1000,
+        stepDownCoolOffMs,
       },
       {
         onRegistered: () => {},
@@ -619,6 +621,42 @@ describe('the library inside an app', () => {
     expect(await termOf(lease)).toEqual([
       { end_reason: 'released', closed_by: 'holder', detail: 'stepped down: ticks keep failing' },
     ])
+  })
+
+  it('a step-down whose lock session was lost meanwhile is a loss: the node queues again at once, not after the cool-off', async () => {
+    // A database restart fails what made the holder step down (pg-boss could not start)
+    // and its session alike. Here the session ends on the server in the tick the holder
+    // steps down, before the node has heard of it (the event loop is blocked meanwhile).
+    const leases: Lease[] = []
+    const { starter, losses } = starterOf(
+      'lib-step-down-lost',
+      (self, lease) => {
+        leases.push(lease)
+        if (leases.length > 1) return
+        execFileSync(
+          process.execPath,
+          [
+            '--input-type=module',
+            '-e',
+            `import pg from 'pg'; const c = new pg.Client(process.env.URL); await c.connect();
+             await c.query('SELECT pg_terminate_backend($1)', [${lease.backendPid}]); await c.end()`,
+          ],
+          { env: { ...process.env, URL: db.url } },
+        )
+        self.stepDown('pg-boss could not start')
+      },
+      60_000,
+    )
+    await starter.start()
+    await waitFor(
+      'the node to hold again',
+      async () => (leases.length > 1 ? true : undefined),
+      10_000,
+    )
+    expect(losses).toHaveLength(1)
+    expect(losses[0]).toMatch(/\(and the lock session was lost meanwhile\)$/)
+    expect(leases[1]?.epoch).toBeGreaterThan(leases[0]?.epoch ?? 0)
+    await starter.stop(async () => {})
   })
 
   it('a stop from inside lock:acquired hands over too, before the work ends', async () => {

@@ -25,21 +25,32 @@ describe('batches sized to a time budget', () => {
     expect(pacer.limit).toBe(10)
   })
 
-  it('a batch cancelled by its statement_timeout is tried again at a quarter of its size and span, down to the smallest, then no more', () => {
-    const pacer = new Pacer(5000, 30, 50, 0, 'tidrange')
-    expect([pacer.limit, pacer.span]).toEqual([1000, 20])
+  it('a batch cancelled by its statement_timeout is tried again at a quarter of its size (and in page order its span), down to one row, then no more', () => {
+    const pages = new Pacer(5000, 30, 50, 0, 'tidrange')
+    expect([pages.limit, pages.span]).toEqual([1000, 20])
     const sizes: number[][] = []
-    while (pacer.shrink()) sizes.push([pacer.limit, pacer.span])
+    while (pages.shrink()) sizes.push([pages.limit, pages.span])
     expect(sizes).toEqual([
       [250, 5],
       [62, 1],
       [15, 1],
-      [10, 1],
+      [3, 1],
+      [1, 1],
     ])
-    // A batchSize under the smallest is the smallest.
-    const small = new Pacer(5, 30, 50, 0)
-    expect(small.shrink()).toBe(false)
-    expect(small.limit).toBe(5)
+    // Along the index the span means nothing: only the limit shrinks.
+    const index = new Pacer(5000, 30, 50, 0)
+    const limits: number[] = []
+    while (index.shrink()) limits.push(index.limit)
+    expect(limits).toEqual([250, 62, 15, 3, 1])
+    expect(index.span).toBe(20)
+  })
+
+  it('after a cancelled batch the size never grows back to half of what was cancelled', () => {
+    const pacer = new Pacer(5000, 30, 50, 0)
+    expect(pacer.shrink()).toBe(true)
+    expect(pacer.limit).toBe(250)
+    for (let i = 0; i < 10; i++) pacer.after({ selected: pacer.limit, elapsedMs: 1 })
+    expect(pacer.limit).toBe(500)
   })
 
   it('a batch that found fewer rows than it asked for says nothing about the size', () => {

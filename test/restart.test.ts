@@ -136,7 +136,20 @@ describe('a server crash, with synchronous_commit off for the database', () => {
       )
       walWriter = rows[0]?.pid
       if (!walWriter) throw new Error('no walwriter in pg_stat_activity')
-      process.kill(walWriter, 'SIGSTOP')
+      // Stopped while it sleeps, never while it writes: stopped holding the WAL write lock,
+      // it would hold up every flush, the bump's too.
+      const stopped = walWriter
+      await waitFor('the WAL writer stopped while it sleeps', async () => {
+        process.kill(stopped, 'SIGSTOP')
+        const { rows } = await pool.query<{ wait_event: string | null }>(
+          'SELECT wait_event FROM pg_stat_activity WHERE pid = $1',
+          [stopped],
+        )
+        if (rows[0]?.wait_event === 'WalWriterMain') return true
+        process.kill(stopped, 'SIGCONT')
+        await new Promise((resolve) => setTimeout(resolve, 5))
+        return undefined
+      })
       await pool.query('SELECT pg_terminate_backend($1)', [first.backendPid])
       const seen = await waitFor('the standby to take over', async () => {
         const row = await statusOf(pool, name)
@@ -161,7 +174,12 @@ describe('a server crash, with synchronous_commit off for the database', () => {
             : undefined
         },
         30_000,
-      )
+      ).catch(async (error: Error) => {
+        const status = await statusOf(pool, name).catch((e) => e)
+        throw new Error(
+          `${error.message}; seen ${JSON.stringify(seen)}; status: ${JSON.stringify(status)}\n${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
+        )
+      })
       expect(
         after.epoch,
         `epoch ${seen.epoch}, seen committed before the crash, was given again after it`,

@@ -16,6 +16,9 @@ export class Pacer {
   readonly #first: number
   #limit: number
   #span: number
+  /** Below the size of the last batch its statement_timeout cancelled: the limit never grows back to it. */
+  #cap: number
+  #spanCap = MAX_SPAN_PAGES
 
   constructor(
     private readonly ceiling: number,
@@ -31,6 +34,7 @@ export class Pacer {
     const first = strategy === 'index' ? firstIndexLimit(limit, tuplesPerPage, layout) : limit
     this.#first = first
     this.#limit = first
+    this.#cap = ceiling
     this.#span =
       tuplesPerPage > 0
         ? clamp(Math.ceil(first / tuplesPerPage), 1, MAX_SPAN_PAGES)
@@ -56,16 +60,19 @@ export class Pacer {
 
   /**
    * After a batch the server cancelled (its statement_timeout ran out, so it rolled back
-   * and deleted nothing): the same batch is tried again at a quarter of the size, limit and
-   * span, down to the smallest. A batch's first size is a guess, and the time a row costs
-   * has no bound the pacer can know beforehand (rows deleted with it by ON DELETE CASCADE,
-   * a trigger's work, a cold disk). False when it is at the smallest already: the batch
-   * cannot be made to fit.
+   * and deleted nothing): the same batch is tried again at a quarter of the size (the
+   * limit, and in page order the span), down to one row and one page, and the size never
+   * grows back to half of what was cancelled. A batch's first size is a guess, and the time
+   * a row costs has no bound the pacer can know beforehand (rows deleted with it by ON
+   * DELETE CASCADE, a trigger's work, a cold disk). False when it is at the smallest
+   * already: the batch cannot be made to fit.
    */
   shrink(): boolean {
-    const limit = Math.max(Math.min(MIN_LIMIT, this.#limit), Math.floor(this.#limit / 4))
-    const span = Math.max(1, Math.floor(this.#span / 4))
+    const limit = Math.max(1, Math.floor(this.#limit / 4))
+    const span = this.strategy === 'tidrange' ? Math.max(1, Math.floor(this.#span / 4)) : this.#span
     if (limit === this.#limit && span === this.#span) return false
+    this.#cap = Math.max(1, Math.min(this.#cap, Math.floor(this.#limit / 2)))
+    this.#spanCap = Math.max(1, Math.min(this.#spanCap, Math.floor(this.#span / 2)))
     this.#limit = limit
     this.#span = span
     return true
@@ -89,7 +96,11 @@ export class Pacer {
         ? batch.selected >= this.#limit || batch.leafDone === false
         : batch.selected >= this.#limit / 2 || (factor < 1 && batch.selected > 0)
     if (evidence) {
-      this.#limit = clamp(Math.round(this.#limit * factor), MIN_LIMIT, this.ceiling)
+      this.#limit = clamp(
+        Math.round(this.#limit * factor),
+        Math.min(MIN_LIMIT, this.#cap),
+        Math.min(this.ceiling, this.#cap),
+      )
     }
     const pages = batch.pages ?? this.#span
     let span = Math.round(pages * factor)
@@ -97,7 +108,7 @@ export class Pacer {
     // batch: keep under it, by the density the last batch saw.
     if (batch.selected > 0)
       span = Math.min(span, Math.floor((this.#limit * pages * 0.9) / batch.selected))
-    this.#span = clamp(span, 1, MAX_SPAN_PAGES)
+    this.#span = clamp(span, 1, this.#spanCap)
     const backOff = batch.elapsedMs > SLOW * this.targetMs ? batch.elapsedMs : 0
     return this.pauseMs + backOff
   }

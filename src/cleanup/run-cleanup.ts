@@ -242,20 +242,27 @@ async function clean(
         careful,
       }
       let batch: runs.BatchResult
+      const sentAt = performance.now()
       try {
         batch = await runs.recordBatch(deps.pool, deps.limits, run, request)
       } catch (error) {
-        // Cancelled by its statement_timeout: it rolled back, and is tried again smaller.
-        // It rolled back whole: tried again from the same cursor, smaller and carefully.
-        const cancelled = sqlState(error) === SQLSTATE.QUERY_CANCELED
-        if (cancelled && (pacer.shrink() || !limited)) {
+        // Cancelled by its statement_timeout (not by an operator's pg_cancel_backend, the
+        // same SQLSTATE, which comes sooner and fails the run as before): it rolled back
+        // whole, and is tried again from the same cursor, smaller and carefully, after a
+        // pause as long as it took, as after any batch far over its budget.
+        const timedOut =
+          sqlState(error) === SQLSTATE.QUERY_CANCELED &&
+          performance.now() - sentAt >= deps.limits.statementTimeoutMs * 0.9
+        if (timedOut && (pacer.shrink() || !limited)) {
           limited = true
           careful = true
+          await sleep(deps.limits.statementTimeoutMs, signal)
+          if (deps.maxReplicaLagMs > 0) await waitForReplicas(deps, signal)
           continue
         }
-        if (cancelled) {
+        if (timedOut) {
           return failed(
-            `policy "${run.policy}", ${leaf.relation}: a batch of at most ${pacer.limit} rows did not finish within batchStatementTimeoutMs (${deps.limits.statementTimeoutMs} ms), even at the smallest size: ${errorMessage(error)}`,
+            `policy "${run.policy}", ${leaf.relation}: a batch of ${pacer.limit === 1 ? 'one row' : `at most ${pacer.limit} rows`} did not finish within batchStatementTimeoutMs (${deps.limits.statementTimeoutMs} ms), even at the smallest size (raise it for this table): ${errorMessage(error)}`,
             true,
           )
         }

@@ -154,17 +154,17 @@ export class LockSession {
     const { idleSessionTimeoutMs, lockWaitSliceMs, connectionCheckMs } = this.#settings
     // An epoch bump (and a hand-over's) commits with this session's synchronous_commit, and
     // must never be lost once committed: a server crash that takes back a bump would give
-    // the same epoch, the fencing token, to the next holder. So never below 'local' (the
-    // commit waits for the local WAL flush), even where the role or database turned it off
-    // for the app; what waits for a replica ('on', 'remote_write', 'remote_apply') stays.
+    // the same epoch, the fencing token, to the next holder. So where the role or database
+    // turned it off for the app, 'on' (the server's default: the local WAL flush, and the
+    // synchronous standbys if any are configured); any other value is the operator's, and
+    // left alone (not pinned: a reload still reaches it).
     await this.#client.query(
       `SELECT set_config('idle_session_timeout', $1, false),
               set_config('lock_timeout', $2, false),
               set_config('statement_timeout', '0', false),
               set_config('pgsingleton.protocol', $3, false),
-              set_config('synchronous_commit',
-                CASE current_setting('synchronous_commit') WHEN 'off' THEN 'local'
-                  ELSE current_setting('synchronous_commit') END, false)`,
+              (SELECT set_config('synchronous_commit', 'on', false)
+                WHERE current_setting('synchronous_commit') = 'off')`,
       [`${idleSessionTimeoutMs}ms`, `${lockWaitSliceMs}ms`, String(PROTOCOL)],
     )
     // Each may be refused (client_connection_check_interval is not supported on every
