@@ -233,6 +233,12 @@ export async function failover(url: string, trials: number): Promise<FailoverRes
   }
 }
 
+/** The first line a script prints. */
+const firstLine = (child: ReturnType<typeof script>) =>
+  new Promise<string>((resolve) =>
+    child.stdout?.once('data', (chunk) => resolve(String(chunk).trim())),
+  )
+
 /**
  * The two references, in the same run: a bare `pg_advisory_lock` waiter woken by the
  * holder's kill -9 (the physical limit), and a waiter that polls `pg_try_advisory_lock`
@@ -262,10 +268,6 @@ async function references(
     const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid)
     for (;;) { const r = await c.query('SELECT pg_try_advisory_lock($1) AS got', [process.env.KEY]); if (r.rows[0].got) break; await new Promise((s) => setTimeout(s, 1000)) }
     setInterval(() => {}, 1e9)`
-  const firstLine = (child: ReturnType<typeof script>) =>
-    new Promise<string>((resolve) =>
-      child.stdout?.once('data', (chunk) => resolve(String(chunk).trim())),
-    )
   const gone: number[] = []
   const holderSizes: { rss: number; threads: number }[] = []
   const out: Record<string, number[]> = {
@@ -340,9 +342,7 @@ async function teardown(
     for (let trial = 0; trial < trials; trial++) {
       const holder = script(source, { URL: url, MIB: String(addedMiB) })
       const exited = new Promise((resolve) => holder.once('exit', resolve))
-      const pid = await new Promise<number>((resolve) =>
-        holder.stdout?.once('data', (chunk) => resolve(Number(String(chunk).trim()))),
-      )
+      const pid = Number(await firstLine(holder))
       // Settled, as a holder that has held a while is.
       await new Promise((resolve) => setTimeout(resolve, 200))
       rss.push((await processSize(holder.pid)).rss)

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 // The built module: it starts initdb through a compiled helper next to it.
 import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
 import { migrateToLatest } from '../src/db/migrate.js'
+import type { SingletonStatus } from '../src/status/read-status.js'
 import {
   countRows,
   createEventsTable,
@@ -16,7 +17,12 @@ import {
   statusOf,
 } from './support/app-table.js'
 import { waitFor } from './support/database.js'
-import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
+import {
+  failOnNodesLeftRunning,
+  type NodeProcess,
+  startNode,
+  writeConfig,
+} from './support/nodes.js'
 
 // A server of its own, since this test restarts it under the nodes.
 let home: string
@@ -45,21 +51,54 @@ afterAll(async () => {
 })
 failOnNodesLeftRunning()
 
+/**
+ * The status once a holder that `accept`s holds with one node waiting, within 30 s; fails
+ * at once when a node exits, and otherwise with the status and every node's output.
+ */
+async function holderAfter(
+  event: string,
+  name: string,
+  nodes: NodeProcess[],
+  accept: (row: SingletonStatus) => boolean,
+  context = '',
+): Promise<SingletonStatus> {
+  return waitFor(
+    `a holder after ${event}`,
+    async () => {
+      for (const node of nodes) {
+        if (node.child.exitCode !== null) throw new Error(`${node.id} exited:\n${node.output()}`)
+      }
+      const row = await statusOf(pool, name).catch(() => undefined)
+      return row?.nodeId && row.waitingNodes === 1 && accept(row) ? row : undefined
+    },
+    30_000,
+  ).catch(async (error: Error) => {
+    const status = await statusOf(pool, name).catch((e) => e)
+    throw new Error(
+      `${error.message}; ${context ? `${context}; ` : ''}status: ${JSON.stringify(status)}\n${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
+    )
+  })
+}
+
+/** A node config that cleans app.events every second. */
+const eventsConfig = (name: string) =>
+  writeConfig({
+    name,
+    policies: [
+      {
+        name: 'old',
+        table: 'app.events',
+        column: 'created_at',
+        olderThan: '1 hour',
+        every: '1 second',
+      },
+    ],
+  })
+
 describe('a database restart', () => {
   it('drops every session; the nodes live on, queue again, and one holds a higher epoch and cleans', async () => {
     const name = 'restart'
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '1 second',
-        },
-      ],
-    })
+    const config = await eventsConfig(name)
     const nodes = [startNode(url, config, 'restart-1'), startNode(url, config, 'restart-2')]
     const before = await waitFor('a holder', async () => {
       const row = await statusOf(pool, name)
@@ -69,24 +108,12 @@ describe('a database restart', () => {
     expect(await stopEmbedded(dataDir)).toBe(true)
     await ensureEmbedded(dataDir, port)
 
-    const after = await waitFor(
-      'a holder after the restart',
-      async () => {
-        for (const node of nodes) {
-          if (node.child.exitCode !== null) throw new Error(`${node.id} exited:\n${node.output()}`)
-        }
-        const row = await statusOf(pool, name).catch(() => undefined)
-        return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) && row.waitingNodes === 1
-          ? row
-          : undefined
-      },
-      30_000,
-    ).catch(async (error: Error) => {
-      const status = await statusOf(pool, name).catch((e) => e)
-      throw new Error(
-        `${error.message}; status: ${JSON.stringify(status)}\n${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
-      )
-    })
+    const after = await holderAfter(
+      'the restart',
+      name,
+      nodes,
+      (row) => (row.epoch ?? 0) > (before.epoch ?? 0),
+    )
     expect(after.epoch).toBeGreaterThan(before.epoch ?? 0)
     for (const node of nodes) expect(node.child.exitCode, node.output()).toBeNull()
 
@@ -110,18 +137,7 @@ describe('a server crash, with synchronous_commit off for the database', () => {
     const database = pg.escapeIdentifier(db[0]?.name ?? '')
     // The app's choice for its own writes: commits return before their WAL is flushed.
     await pool.query(`ALTER DATABASE ${database} SET synchronous_commit = off`)
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '1 second',
-        },
-      ],
-    })
+    const config = await eventsConfig(name)
     const nodes = [startNode(url, config, 'crash-1'), startNode(url, config, 'crash-2')]
     let walWriter: number | undefined
     try {
@@ -158,28 +174,13 @@ describe('a server crash, with synchronous_commit off for the database', () => {
       // A crash: the server ends every session and recovers from the WAL on disk.
       process.kill(walWriter, 'SIGKILL')
       walWriter = undefined
-      const after = await waitFor(
-        'a holder after the crash',
-        async () => {
-          for (const node of nodes) {
-            if (node.child.exitCode !== null)
-              throw new Error(`${node.id} exited:\n${node.output()}`)
-          }
-          const row = await statusOf(pool, name).catch(() => undefined)
-          return row?.nodeId &&
-            row.epoch !== null &&
-            row.backendPid !== seen.backendPid &&
-            row.waitingNodes === 1
-            ? row
-            : undefined
-        },
-        30_000,
-      ).catch(async (error: Error) => {
-        const status = await statusOf(pool, name).catch((e) => e)
-        throw new Error(
-          `${error.message}; seen ${JSON.stringify(seen)}; status: ${JSON.stringify(status)}\n${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
-        )
-      })
+      const after = await holderAfter(
+        'the crash',
+        name,
+        nodes,
+        (row) => row.epoch !== null && row.backendPid !== seen.backendPid,
+        `seen ${JSON.stringify(seen)}`,
+      )
       expect(
         after.epoch,
         `epoch ${seen.epoch}, seen committed before the crash, was given again after it`,

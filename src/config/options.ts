@@ -86,7 +86,7 @@ export interface SingletonOptions {
   /**
    * `statement_timeout` of a cleanup batch. It also bounds how long a batch of a stale
    * holder can delay the next holder's epoch bump. A batch it cancels rolls back and is
-   * tried again at a quarter of its size, down to 10 rows. Default 10000 ms.
+   * tried again at a quarter of its size, down to one row. Default 10000 ms.
    */
   batchStatementTimeoutMs?: number
   /** How often an idle cleanup worker polls pg-boss (LISTEN/NOTIFY wakes it sooner). Default 0.5 s. */
