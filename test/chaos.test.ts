@@ -687,6 +687,7 @@ describe(`chaos: ${TRIALS} seeded trial(s) of each fault`, () => {
             await trial.finish().catch(() => {})
             await trial.close().catch(() => {})
           }
+          if (problems.length > 0) printNodeOutput(trial)
           outcomes.push({ fault: fault.name, trial: n, violations: problems, takeoverMs })
           expect(problems, `${fault.name}, trial ${n} (CHAOS_SEED=${SEED})`).toEqual([])
         }
@@ -695,6 +696,15 @@ describe(`chaos: ${TRIALS} seeded trial(s) of each fault`, () => {
     )
   }
 })
+
+/**
+ * A failed trial's story as its nodes told it (their logs, the retired ones' too), on
+ * stderr: the database records what happened, the logs say why.
+ */
+function printNodeOutput(trial: Trial): void {
+  for (const { id, output } of [...trial.retired.map((r) => r.node), ...trial.nodes])
+    console.error(`--- ${trial.name}: ${id}\n${output()}`)
+}
 
 /** A server of its own for the restart trials: it is stopped and started under the nodes. */
 async function ownServer(): Promise<string> {

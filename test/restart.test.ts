@@ -24,7 +24,7 @@ import {
   writeConfig,
 } from './support/nodes.js'
 
-// A server of its own, since this test restarts it under the nodes.
+// A server of its own, since these tests restart, crash and reconfigure it under the nodes.
 let home: string
 let dataDir: string
 let port: number
@@ -211,5 +211,80 @@ describe('an embedded server of another directory on the port', () => {
     expect(existsSync(join(home, 'other-project'))).toBe(false)
     // Its own directory's server is reused as before.
     expect(await ensureEmbedded(dataDir, port)).toMatchObject({ started: false, port })
+  })
+})
+
+describe('a server whose commits stall: a synchronous standby named, and none connected', () => {
+  it('keeps its holder: a heartbeat does not wait for the flush, so the holder is not fenced and no one bumps', async () => {
+    const name = 'stall'
+    // Tight timings, so that a heartbeat waiting for the flush would fence within 600 ms.
+    const config = await writeConfig({
+      name,
+      policies: [
+        {
+          name: 'old',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+        },
+      ],
+      heartbeatMs: 200,
+      fenceAfterMs: 600,
+      idleSessionTimeoutMs: 1000,
+      lockWaitSliceMs: 500,
+      deadConnectionAfterMs: 1000,
+    })
+    const nodes = [startNode(url, config, 'stall-1'), startNode(url, config, 'stall-2')]
+    const setStandbys = async (value: string | null) => {
+      await pool.query(
+        value === null
+          ? 'ALTER SYSTEM RESET synchronous_standby_names'
+          : `ALTER SYSTEM SET synchronous_standby_names = '${value}'`,
+      )
+      await pool.query('SELECT pg_reload_conf()')
+      await waitFor('the setting in effect', async () => {
+        const { rows } = await pool.query(
+          `SELECT current_setting('synchronous_standby_names') AS v`,
+        )
+        return rows[0]?.v === (value ?? '') ? true : undefined
+      })
+    }
+    try {
+      const before = await holderAfter('the start', name, nodes, (row) => row.epoch !== null)
+      // From here every commit that wrote waits for a standby that never comes: the local
+      // flush is done, the acknowledgement never.
+      await setStandbys('absent_standby')
+      await new Promise((resolve) => setTimeout(resolve, 3000))
+      const during = await statusOf(pool, name)
+      const holder = nodes.find((node) => node.id === before.nodeId)
+      expect(holder?.output(), 'the holder fenced itself').not.toContain('no heartbeat succeeded')
+      expect(
+        during,
+        `status after 3 s of stalled commits: ${nodes.map((n) => `--- ${n.id}\n${n.output()}`).join('\n')}`,
+      ).toMatchObject({
+        nodeId: before.nodeId,
+        epoch: before.epoch,
+        backendPid: before.backendPid,
+        waitingNodes: 1,
+      })
+      await setStandbys(null)
+
+      // The commits that waited go through, and the same term cleans on.
+      await insertRows(pool, 200, '2 hours')
+      await waitFor(
+        'the rows outdated after the stall to be cleaned',
+        async () => (await countRows(pool, 'true')) === 0,
+        30_000,
+      )
+      expect((await statusOf(pool, name))?.epoch).toBe(before.epoch)
+      for (const node of nodes) node.signal('SIGTERM')
+      for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)
+      expect(await safetyViolations(pool, name)).toEqual([])
+    } finally {
+      await setStandbys(null)
+      for (const node of nodes) if (node.child.exitCode === null) node.signal('SIGKILL')
+      await Promise.all(nodes.map((node) => node.exited))
+    }
   })
 })
