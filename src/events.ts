@@ -7,7 +7,7 @@ export interface SingletonWarning {
   /**
    * Stable: `UNINDEXED_COLUMN`, `LEGACY_ZONE_NAME`, `PARTITIONS_DELETED_BY_ROW`,
    * `POLICY_DISAGREEMENT`, `SESSION_SETTING_REFUSED`, `TAKEOVER_NOT_READIED`,
-   * `HAND_OVER_FAILED`.
+   * `SESSION_CHECK_SKIPPED`, `HAND_OVER_FAILED`.
    */
   code: string
   message: string

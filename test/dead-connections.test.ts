@@ -6,9 +6,9 @@ import { withClient } from '../src/db/transaction.js'
 import { errorMessage } from '../src/errors.js'
 import { createSingleton, type Lease } from '../src/index.js'
 import { LockSession } from '../src/lock/lock-session.js'
-import { createEventsTable, dbNow, statusOf } from './support/app-table.js'
-import { useTestDatabase, waitFor } from './support/database.js'
-import { failOnNodesLeftRunning, startNode, writeConfig } from './support/nodes.js'
+import { countRows, createEventsTable, dbNow, insertRows, statusOf } from './support/app-table.js'
+import { createTestDatabase, useTestDatabase, waitFor } from './support/database.js'
+import { failOnNodesLeftRunning, startNode, stopAll, writeConfig } from './support/nodes.js'
 import { openClient } from './support/run-harness.js'
 import { CoalescingRelay, PartitionableProxy } from './support/tcp-proxy.js'
 
@@ -197,6 +197,64 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       await sick.stop()
       await healthy.stop()
       await proxy.close()
+    }
+  })
+
+  it('a database that takes no new connection (as at max_connections) leaves the holder holding: its 10 s session check is skipped, with a warning', async () => {
+    // A database of its own, closed to new connections for a while.
+    const own = await createTestDatabase()
+    const name = new URL(own.url).pathname.slice(1)
+    // Opened before the close, and kept: the test reads through it while the door is shut.
+    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
+    reader.on('error', () => {})
+    await createEventsTable(own.pool)
+    const config = await writeConfig({
+      name: 'closed',
+      policies: [{ ...policy, every: '1 second' }],
+    })
+    const nodes = [startNode(own.url, config, 'closed-1'), startNode(own.url, config, 'closed-2')]
+    try {
+      const before = await waitFor('a holder and a standby', async () => {
+        const row = await statusOf(reader, 'closed')
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+      })
+      const holder = nodes.find((node) => node.id === before.nodeId)
+      if (!holder) throw new Error(`no node ${before.nodeId}`)
+      // From another database: a session cannot close its own.
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      // The first check comes 10 s into the holdership.
+      await waitFor(
+        'the holder to skip its session check, or to let go',
+        async () => /SESSION_CHECK_SKIPPED|fenced: no longer the holder/.test(holder.output()),
+        20_000,
+      )
+      // Another second, so that a holder that had let go would show it.
+      await new Promise((resolve) => setTimeout(resolve, 1000))
+      expect(holder.output()).not.toContain('fenced: no longer the holder')
+      expect(holder.output()).toContain('is not currently accepting connections')
+      expect(await statusOf(reader, 'closed')).toMatchObject({
+        nodeId: before.nodeId,
+        epoch: before.epoch,
+        backendPid: before.backendPid,
+        waitingNodes: 1,
+      })
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+
+      // The same term cleans on once the door opens.
+      await insertRows(reader, 100, '2 hours')
+      await waitFor(
+        'the rows outdated after the reopening to be cleaned',
+        async () => (await countRows(reader, 'true')) === 0,
+        30_000,
+      )
+      expect((await statusOf(reader, 'closed'))?.epoch).toBe(before.epoch)
+      await stopAll(nodes)
+      for (const node of nodes) expect(node.child.exitCode, node.output()).toBe(0)
+    } finally {
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
+      await stopAll(nodes)
+      await reader.end()
+      await own.drop()
     }
   })
 

@@ -7,7 +7,7 @@ export interface HoldTiming {
 }
 
 /** How often a holder checks again that no other client is handed its session (a transaction pooler). */
-const PIN_CHECK_MS = 10_000
+export const PIN_CHECK_MS = 10_000
 
 /**
  * Keeps the lock session proving itself while the node holds the singleton, and
@@ -31,11 +31,12 @@ export function holdUntilLost(
   stop: AbortSignal,
   stepDown: AbortSignal,
   onEnd: () => void = () => {},
+  onUnchecked: (reason: string) => void = () => {},
 ): Promise<string> {
   return new Promise((resolve, reject) => {
     let lastOkSentAt = performance.now()
     let beatTimer: NodeJS.Timeout | undefined
-    let lastPinCheck = performance.now()
+    let pinTimer: NodeJS.Timeout | undefined
     let finished = false
     const watchdog = setInterval(
       () => {
@@ -56,6 +57,7 @@ export function holdUntilLost(
       onEnd()
       clearInterval(watchdog)
       clearTimeout(beatTimer)
+      clearTimeout(pinTimer)
       stop.removeEventListener('abort', onStop)
       stepDown.removeEventListener('abort', onStepDown)
       if (fatal) reject(fatal)
@@ -69,21 +71,34 @@ export function holdUntilLost(
         } else {
           finish(`epoch ${lease.epoch} is no longer current: another node took over`)
         }
-        if (!finished && performance.now() - lastPinCheck > PIN_CHECK_MS) {
-          lastPinCheck = performance.now()
-          await session.assertStillPinned()
-        }
       } catch (error) {
-        // A lock session that turned out to be pooled is the caller's to stop for good.
+        // A lock session that turned out to be pooled (its statement ran in another backend)
+        // is the caller's to stop for good.
         const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
         finish(`heartbeat failed: ${errorMessage(error)}`, pooled ? error : undefined)
       }
       if (!finished) beatTimer = setTimeout(beat, timing.heartbeatMs)
     }
+    // Off the heartbeat's path, on a connection of its own: a check that waits for a new
+    // connection (slow to authenticate, refused at max_connections) delays no heartbeat,
+    // and one that cannot check ends nothing.
+    const checkPinned = async () => {
+      try {
+        const unchecked = await session.checkStillPinned()
+        if (unchecked && !finished) onUnchecked(unchecked)
+      } catch (error) {
+        const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
+        finish(`session check failed: ${errorMessage(error)}`, pooled ? error : undefined)
+      }
+      if (!finished) pinTimer = setTimeout(checkPinned, PIN_CHECK_MS)
+    }
     session.onLost((error) => finish(`lock session lost: ${errorMessage(error)}`))
     stop.addEventListener('abort', onStop)
     stepDown.addEventListener('abort', onStepDown)
     if (stop.aborted) finish('stopped')
-    else beatTimer = setTimeout(beat, timing.heartbeatMs)
+    else {
+      beatTimer = setTimeout(beat, timing.heartbeatMs)
+      pinTimer = setTimeout(checkPinned, PIN_CHECK_MS)
+    }
   })
 }

@@ -52,7 +52,7 @@ const SERVER_KEEPALIVE = {
 
 /** What the lock session goes on without, for the node to warn of (`SingletonWarning`). */
 export interface SessionWarning {
-  readonly code: 'SESSION_SETTING_REFUSED' | 'TAKEOVER_NOT_READIED'
+  readonly code: 'SESSION_SETTING_REFUSED' | 'TAKEOVER_NOT_READIED' | 'SESSION_CHECK_SKIPPED'
   readonly message: string
 }
 
@@ -190,18 +190,38 @@ export class LockSession {
     this.#backendPid = first.pid
   }
 
-  /** Checks again, while the node runs, that no other client is handed this session. */
-  async assertStillPinned(): Promise<void> {
-    const pinned = await this.#withDeadline(
-      keepsSession(this.#client, this.#connection, 1),
-      this.#settings.deadAfterMs,
-      'the session check',
-    )
-    if (!pinned.kept) throw sessionNotKept(pinned.reason)
-    if (pinned.pid !== this.#backendPid)
+  /**
+   * Checks again, while the node holds, that no other client on the same URL is handed
+   * this server session (this session's own statements staying in it is checked by every
+   * heartbeat). Throws SESSION_NOT_KEPT when one is; resolves with the reason it could not
+   * check when the other client could not connect or answer in time (a server at
+   * max_connections, a database closed to new connections, a slow authentication). That is
+   * no verdict on this session, which goes on holding: it never waits on this check, and
+   * never dies of it.
+   */
+  async checkStillPinned(): Promise<string | undefined> {
+    const deadline = this.#settings.deadAfterMs
+    const other = new pg.Client({
+      ...this.#connection,
+      connectionTimeoutMillis: deadline,
+      query_timeout: deadline,
+    })
+    other.on('error', () => {})
+    let theirs: number | undefined
+    try {
+      await other.connect()
+      const { rows } = await other.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
+      theirs = rows[0]?.pid
+    } catch (error) {
+      return `could not open another connection to check that the lock session is not shared: ${errorMessage(error)}`
+    } finally {
+      await endClient(other)
+    }
+    if (theirs === this.#backendPid)
       throw sessionNotKept(
-        `the session's backend changed from ${this.#backendPid} to ${pinned.pid}`,
+        `another client on the same URL was handed this connection's server session (backend ${theirs})`,
       )
+    return undefined
   }
 
   /**

@@ -77,6 +77,13 @@ export class Starter {
     return this.#lease
   }
 
+  /** Each distinct warning once in the process's life: a condition that lasts is not news every 10 s. */
+  #warnOnce(warning: SessionWarning): void {
+    if (this.#warned.has(warning.message)) return
+    this.#warned.add(warning.message)
+    this.#hooks.onWarning(warning)
+  }
+
   /** Starts the loop; resolves once its first connection has registered the node, or failed to. */
   start(): Promise<void> {
     this.#firstAttempt ??= new Promise((resolve) => {
@@ -182,11 +189,7 @@ export class Starter {
       try {
         await session.connect()
         await session.register(this.#settings.definitions)
-        for (const warning of session.warnings) {
-          if (this.#warned.has(warning.message)) continue
-          this.#warned.add(warning.message)
-          this.#hooks.onWarning(warning)
-        }
+        for (const warning of session.warnings) this.#warnOnce(warning)
         this.#hooks.onRegistered()
         this.#firstAttemptDone?.()
         this.#hooks.onWaiting()
@@ -218,6 +221,7 @@ export class Starter {
             () => {
               this.#holding = undefined
             },
+            (reason) => this.#warnOnce({ code: 'SESSION_CHECK_SKIPPED', message: reason }),
           )
         } catch (error) {
           fence.abort(errorMessage(error))
