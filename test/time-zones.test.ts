@@ -152,6 +152,88 @@ describe('"outdated" is judged in the policy\'s zone, never the session\'s', () 
     expect(await labels(db, 'app.days')).toEqual(['today-0', 'today-1'])
   })
 
+  it('a batch cancelled by its statement_timeout and tried again smaller, then carefully, keeps the same cut-off: Tokyo wall times in a UTC+14 database lose only rows over an hour old', async () => {
+    // Read in the database's zone (5 hours east of Tokyo), every young row here would look
+    // over an hour old. The outdated ones carry a cascaded child each whose delete takes
+    // 5 ms; laid out oldest first, the table is walked in page order, and the first batch,
+    // the outdated rows of its first pages, is over a second of work: cancelled at 250 ms.
+    // The last pages hold the rows either side of the cut-off, mixed.
+    await east.pool.query(`CREATE TABLE app.tokyo_threads (id int PRIMARY KEY, label text NOT NULL, at timestamp NOT NULL);
+      CREATE INDEX ON app.tokyo_threads (at);
+      CREATE TABLE app.tokyo_posts (id bigserial PRIMARY KEY, thread int NOT NULL REFERENCES app.tokyo_threads ON DELETE CASCADE);
+      CREATE INDEX ON app.tokyo_posts (thread);
+      -- Counts every post delete, those rolled back too (a sequence is not rolled back).
+      CREATE SEQUENCE app.post_deletes;
+      CREATE FUNCTION app.slow_post() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM nextval('app.post_deletes'), pg_sleep(0.005); RETURN OLD; END $$;
+      CREATE TRIGGER slow BEFORE DELETE ON app.tokyo_posts FOR EACH ROW EXECUTE FUNCTION app.slow_post();
+      INSERT INTO app.tokyo_threads (id, label, at)
+      SELECT g, label, (now() AT TIME ZONE 'Asia/Tokyo') - age FROM (
+        SELECT g, CASE WHEN g <= 300 THEN 'old' WHEN g <= 330 THEN 'just outdated'
+                       WHEN g <= 360 THEN 'just young' ELSE 'young' END AS label,
+               CASE WHEN g <= 300 THEN interval '3 hours' - g * interval '1 second'
+                    WHEN g <= 330 THEN interval '61 minutes'
+                    WHEN g <= 360 THEN interval '59 minutes'
+                    ELSE interval '30 minutes' END AS age
+          FROM generate_series(1, 400) AS g ORDER BY g <= 300 DESC, CASE WHEN g <= 300 THEN g END, random()) x;
+      INSERT INTO app.tokyo_posts (thread) SELECT id FROM app.tokyo_threads;
+      ANALYZE app.tokyo_threads, app.tokyo_posts;`)
+    const name = `tz-${++seq}`
+    const node = createSingleton({
+      name,
+      connectionString: east.url,
+      batchStatementTimeoutMs: 250,
+      batchLockTimeoutMs: 50,
+      policies: [
+        {
+          name: 'tokyo-threads',
+          table: 'app.tokyo_threads',
+          column: 'at',
+          timeZone: 'Asia/Tokyo',
+          olderThan: '1 hour',
+          every: '1 hour',
+          allowCascade: true,
+        },
+      ],
+    })
+    const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+    await node.start()
+    const [report] = await done
+    await node.stop()
+    expect(report, report.reason).toMatchObject({
+      status: 'done',
+      rowsDeleted: 330,
+      rowsSkipped: 0,
+    })
+    const { rows: left } = await east.pool.query<{ label: string; n: number }>(
+      'SELECT label, count(*)::int AS n FROM app.tokyo_threads GROUP BY label ORDER BY label',
+    )
+    expect(left).toEqual([
+      { label: 'just young', n: 30 },
+      { label: 'young', n: 40 },
+    ])
+    const { rows: posts } = await east.pool.query<{ n: number }>(
+      'SELECT count(*)::int AS n FROM app.tokyo_posts p JOIN app.tokyo_threads t ON t.id = p.thread',
+    )
+    expect(posts[0]?.n).toBe(70)
+    // What committed came in more, smaller batches than the first try, rolled back whole.
+    const { rows: batches } = await east.pool.query<{ n: number; biggest: number }>(
+      `SELECT count(*)::int AS n, max(b.rows_deleted)::int AS biggest FROM pgsingleton.cleanup_batches b
+         JOIN pgsingleton.cleanup_runs r ON r.id = b.run_id WHERE r.singleton = $1`,
+      [name],
+    )
+    expect(batches[0]?.n).toBeGreaterThan(1)
+    expect(batches[0]?.biggest).toBeLessThan(330)
+    // And some were tried and rolled back: more post deletes ran than the 330 that stayed.
+    const { rows: tried } = await east.pool.query<{ n: string }>(
+      'SELECT last_value AS n FROM app.post_deletes',
+    )
+    expect(
+      Number(tried[0]?.n),
+      'no batch was cancelled: the test no longer tries the retry',
+    ).toBeGreaterThan(330)
+  })
+
   it('timestamptz needs no zone, and one given is not used', async () => {
     await east.pool.query(`TRUNCATE app.instants;
       INSERT INTO app.instants (label, at) VALUES ('young', now() - interval '59 minutes'), ('old', now() - interval '61 minutes');`)
