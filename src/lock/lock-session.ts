@@ -411,13 +411,15 @@ export class LockSession {
    * another node bumped it; throws when the statement ran in another server session (a
    * transaction pooler the start-up check missed).
    *
-   * Its commit does not wait for its WAL to reach the disk, nor a synchronous standby: a
-   * heartbeat proves that the server answered this session at the current epoch, which it
-   * knows before any flush, and a crash that takes back a heartbeat_at ends the session
-   * (and the holdership) anyway. Waiting would make the holder's tenure hang on the disk:
-   * an fsync that stalls past fenceAfterMs, under another process's writes, or a
-   * synchronous standby that is down, would fence a holder whose session is fine, and
-   * hand the singleton to a node whose bump waits for the same flush.
+   * Without synchronous replication its commit does not wait for its WAL to reach the
+   * disk: a heartbeat proves that the server answered this session at the current epoch,
+   * which it knows before any flush, and a crash that takes back a heartbeat_at ends the
+   * session (and the holdership) anyway. Waiting made the holder's tenure hang on the
+   * disk: an fsync that stalled past fenceAfterMs under another process's writes fenced a
+   * holder whose session was fine. With synchronous standbys configured (and this session
+   * committing through them) it does wait, for them: a primary cut off from its standby
+   * cannot tell it from the standby's promotion, where another node may take the next
+   * epoch, and a holder whose heartbeats the standby no longer confirms must fence.
    */
   async heartbeat(epoch: number): Promise<'current' | 'superseded'> {
     const { rows } = await this.#client.query<{ pid: number; updated: number }>(
@@ -425,7 +427,9 @@ export class LockSession {
          UPDATE pgsingleton.leases SET heartbeat_at = now()
           WHERE name = $1 AND epoch = $2 AND backend_pid = pg_backend_pid() RETURNING 1)
        SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM beat)::int AS updated,
-              set_config('synchronous_commit', 'off', true) AS unflushed`,
+              (SELECT set_config('synchronous_commit', 'off', true)
+                WHERE current_setting('synchronous_standby_names') = ''
+                   OR current_setting('synchronous_commit') IN ('off', 'local')) AS unflushed`,
       [this.#settings.name, epoch],
     )
     if (rows[0]?.pid !== this.#backendPid)
