@@ -80,10 +80,11 @@ async function holderAfter(
   })
 }
 
-/** A node config that cleans app.events every second. */
-const eventsConfig = (name: string) =>
+/** A node config that cleans app.events every second, with `timings` over the defaults. */
+const eventsConfig = (name: string, timings: object = {}) =>
   writeConfig({
     name,
+    ...timings,
     policies: [
       {
         name: 'old',
@@ -218,17 +219,7 @@ describe('a server whose commits stall: a synchronous standby named, and none co
   it('fences its holder, which cannot tell it from the standby promoted; once the standby is back a holder takes a higher epoch and cleans', async () => {
     const name = 'stall'
     // Tight timings: a heartbeat the standby does not confirm fences within 600 ms.
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '1 second',
-        },
-      ],
+    const config = await eventsConfig(name, {
       heartbeatMs: 200,
       fenceAfterMs: 600,
       idleSessionTimeoutMs: 1000,

@@ -7,7 +7,7 @@ export interface HoldTiming {
 }
 
 /** How often a holder checks again that no other client is handed its session (a transaction pooler). */
-export const PIN_CHECK_MS = 10_000
+const PIN_CHECK_MS = 10_000
 
 /**
  * Keeps the lock session proving itself while the node holds the singleton, and
@@ -63,6 +63,12 @@ export function holdUntilLost(
       if (fatal) reject(fatal)
       else resolve(reason)
     }
+    // A lock session that turned out to be pooled (a statement of it ran in another backend,
+    // or another client was handed its backend) is the caller's to stop for good.
+    const failed = (what: string, error: unknown) => {
+      const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
+      finish(`${what} failed: ${errorMessage(error)}`, pooled ? error : undefined)
+    }
     const beat = async () => {
       const sentAt = performance.now()
       try {
@@ -72,10 +78,7 @@ export function holdUntilLost(
           finish(`epoch ${lease.epoch} is no longer current: another node took over`)
         }
       } catch (error) {
-        // A lock session that turned out to be pooled (its statement ran in another backend)
-        // is the caller's to stop for good.
-        const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
-        finish(`heartbeat failed: ${errorMessage(error)}`, pooled ? error : undefined)
+        failed('heartbeat', error)
       }
       if (!finished) beatTimer = setTimeout(beat, timing.heartbeatMs)
     }
@@ -87,8 +90,7 @@ export function holdUntilLost(
         const unchecked = await session.checkStillPinned()
         if (unchecked && !finished) onUnchecked(unchecked)
       } catch (error) {
-        const pooled = error instanceof SingletonError && error.code === 'SESSION_NOT_KEPT'
-        finish(`session check failed: ${errorMessage(error)}`, pooled ? error : undefined)
+        failed('session check', error)
       }
       if (!finished) pinTimer = setTimeout(checkPinned, PIN_CHECK_MS)
     }

@@ -4,7 +4,7 @@ import { destroySocket, endClient } from '../db/client.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { withHighDescriptor } from './high-descriptor.js'
-import { keepsSession, sessionNotKept } from './session-pinning.js'
+import { keepsSession, sessionNotKept, sharedSession } from './session-pinning.js'
 
 /**
  * The protocol this code speaks, declared on the lock session. A database migrated to a
@@ -217,10 +217,7 @@ export class LockSession {
     } finally {
       await endClient(other)
     }
-    if (theirs === this.#backendPid)
-      throw sessionNotKept(
-        `another client on the same URL was handed this connection's server session (backend ${theirs})`,
-      )
+    if (theirs === this.#backendPid) throw sessionNotKept(sharedSession(theirs))
     return undefined
   }
 

@@ -18,22 +18,17 @@ import { SingletonError } from '../errors.js'
 export async function keepsSession(
   client: pg.Client,
   config: pg.ClientConfig,
-  rounds = 3,
-): Promise<{ kept: true; pid: number } | { kept: false; reason: string }> {
+): Promise<{ kept: true } | { kept: false; reason: string }> {
   const pidOf = async (c: pg.Client) =>
     (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? -1
   const ours = await pidOf(client)
-  for (let round = 0; round < rounds; round++) {
+  for (let round = 0; round < 3; round++) {
     const other = new pg.Client({ connectionTimeoutMillis: 10_000, ...config })
     other.on('error', () => {})
     await other.connect()
     try {
       const theirs = await pidOf(other)
-      if (theirs === ours)
-        return {
-          kept: false,
-          reason: `another client on the same URL was handed this connection's server session (backend ${ours})`,
-        }
+      if (theirs === ours) return { kept: false, reason: sharedSession(ours) }
       const again = await pidOf(client)
       if (again !== ours)
         return {
@@ -44,7 +39,12 @@ export async function keepsSession(
       await other.end().catch(() => {})
     }
   }
-  return { kept: true, pid: ours }
+  return { kept: true }
+}
+
+/** What a second client handed the session's backend `pid` gives away: a transaction pooler. */
+export function sharedSession(pid: number): string {
+  return `another client on the same URL was handed this connection's server session (backend ${pid})`
 }
 
 /** Whether connections on `config` keep their server sessions (false behind a transaction pooler). */
