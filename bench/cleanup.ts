@@ -19,7 +19,12 @@ export interface CleanupMeasure {
   rowsPerSecond: number
   longestBatchMs: number | null
   walBytes: number
-  /** The app's latencies while this ran (when it ran with the app load). */
+  /**
+   * When the work itself ran (ms since the epoch): the bulk DELETE's statement; our run's
+   * `started_at` to `finished_at`, by the server's clock on this same host.
+   */
+  window?: [number, number]
+  /** The app's latencies of the operations that overlapped `window` (with the app load). */
   app?: Distribution
 }
 
@@ -32,7 +37,15 @@ export interface CleanupComparison {
   /** Rounds on fresh tables, the bulk DELETE and ours in turn (absent in older results: 1). */
   rounds?: number
   bulk: CleanupMeasure
-  ours: CleanupMeasure & { startToDoneSeconds: number; batches: number }
+  ours: CleanupMeasure & {
+    startToDoneSeconds: number
+    batches: number
+    /**
+     * The app's latencies from our node's start to its stop: the run, and the node's
+     * start-up (connect, validation, lock, pg-boss, first tick) and stop around it.
+     */
+    appStartToStop?: Distribution
+  }
   appIdle?: Distribution
 }
 
@@ -72,10 +85,10 @@ async function appLoad(url: string, table: string, youngFrom: number, youngTo: n
   ])
   await new Promise((resolve) => child.once('message', resolve))
   return {
-    /** Latencies since the last mark. */
+    /** The operations since the last mark: [started (ms since the epoch), latency (ms)]. */
     mark: () =>
-      new Promise<number[]>((resolve) => {
-        child.once('message', (latencies) => resolve(latencies as number[]))
+      new Promise<[number, number][]>((resolve) => {
+        child.once('message', (operations) => resolve(operations as [number, number][]))
         child.send('mark')
       }),
     stop: async () => {
@@ -126,8 +139,15 @@ export async function ourCleanup(
   const startToDone = (performance.now() - started) / 1000
   await node.stop()
   const walBytes = await walSince(pool, walFrom)
-  const { rows } = await pool.query<{ run_s: number; longest: number | null }>(
+  const { rows } = await pool.query<{
+    run_s: number
+    from_ms: number
+    to_ms: number
+    longest: number | null
+  }>(
     `SELECT extract(epoch FROM max(r.finished_at) - min(r.started_at))::float8 AS run_s,
+            (extract(epoch FROM min(r.started_at)) * 1000)::float8 AS from_ms,
+            (extract(epoch FROM max(r.finished_at)) * 1000)::float8 AS to_ms,
             (SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) FROM pgsingleton.cleanup_batches b
                JOIN pgsingleton.cleanup_runs rr ON rr.id = b.run_id WHERE rr.singleton = $1)::float8 AS longest
        FROM pgsingleton.cleanup_runs r WHERE r.singleton = $1`,
@@ -140,6 +160,7 @@ export async function ourCleanup(
     rowsPerSecond: report.rowsDeleted / seconds,
     longestBatchMs: rows[0]?.longest ?? null,
     walBytes,
+    window: [Number(rows[0]?.from_ms), Number(rows[0]?.to_ms)],
     startToDoneSeconds: startToDone,
     batches: report.batches,
   }
@@ -159,7 +180,9 @@ function median(values: number[]): number {
  * rounds on fresh tables. A cleanup lasts well under a second: on this kind of machine one
  * round's bulk DELETE took from 0.28 to 0.45 s within a day, so a ratio of one round says
  * little; with the load, too few of the app's operations fall in one round for its p99 to
- * mean much, so the app's latencies are pooled over the rounds. Times are the rounds'
+ * mean much (about 140 in a cleanup of 0.35 s), so the app's latencies are pooled over the
+ * rounds: 10 of them give some 1,400 operations each for the bulk DELETE and for ours, so
+ * that their p99s are the 14th slowest, not a single stall's. Times are the rounds'
  * medians, the longest batch the rounds' longest.
  */
 export async function cleanupVersusBulk(
@@ -168,43 +191,63 @@ export async function cleanupVersusBulk(
   shuffled: boolean,
   withLoad: boolean,
   share = 0.7,
-  rounds = withLoad ? 5 : 3,
+  rounds = withLoad ? 10 : 3,
 ): Promise<CleanupComparison> {
   const pool = new pg.Pool({ connectionString: url, max: 3 })
   const youngFrom = Math.ceil(rows * share) + 1
-  const latencies = { idle: [] as number[], bulk: [] as number[], ours: [] as number[] }
+  const latencies = {
+    idle: [] as number[],
+    bulk: [] as number[],
+    ours: [] as number[],
+    oursStartToStop: [] as number[],
+  }
+  /**
+   * Runs `work` under the app load: the app's latencies of the operations that overlapped
+   * the work's own window go to `into`, and all since the work was called to `whole`.
+   */
   const measure = async (
     table: string,
     into: number[],
     work: () => Promise<CleanupMeasure>,
+    whole?: number[],
   ): Promise<CleanupMeasure> => {
     const load = withLoad ? await appLoad(url, table, youngFrom, rows) : undefined
     try {
       if (load) {
         await new Promise((resolve) => setTimeout(resolve, 2000))
-        latencies.idle.push(...(await load.mark()))
+        latencies.idle.push(...(await load.mark()).map(([, spent]) => spent))
       }
       const result = await work()
-      if (load) into.push(...(await load.mark()))
+      if (load) {
+        const operations = await load.mark()
+        const [from, to] = result.window ?? [Number.NEGATIVE_INFINITY, Number.POSITIVE_INFINITY]
+        into.push(
+          ...operations.filter(([at, spent]) => at < to && at + spent > from).map(([, l]) => l),
+        )
+        whole?.push(...operations.map(([, spent]) => spent))
+      }
       return result
     } finally {
       await load?.stop()
     }
   }
   const bulks: CleanupMeasure[] = []
-  const ourRuns: (CleanupMeasure & { startToDoneSeconds: number; batches: number })[] = []
+  const ourRuns: CleanupComparison['ours'][] = []
   try {
     for (let round = 1; round <= rounds; round++) {
       await makeTables(pool, rows, shuffled)
       bulks.push(
         await measure('public.bench_bulk', latencies.bulk, async () => {
           const walFrom = await wal(pool)
+          const from = Date.now()
           const started = performance.now()
           const { rowCount } = await pool.query(
             `DELETE FROM public.bench_bulk WHERE created_at < now() - interval '${olderThan(share)}'`,
           )
           const seconds = (performance.now() - started) / 1000
+          const window: [number, number] = [from, Date.now()]
           return {
+            window,
             seconds,
             rows: rowCount ?? 0,
             rowsPerSecond: (rowCount ?? 0) / seconds,
@@ -216,15 +259,19 @@ export async function cleanupVersusBulk(
       await pool.query('CHECKPOINT')
       const name = `bench-cleanup-${shuffled ? 'shuffled' : 'ordered'}-${rows}-${Math.round(share * 100)}-${withLoad ? 'load' : 'quiet'}-${round}`
       ourRuns.push(
-        (await measure('public.bench_ours', latencies.ours, () =>
-          ourCleanup(url, pool, name, {
-            name: 'p',
-            table: 'public.bench_ours',
-            column: 'created_at',
-            olderThan: olderThan(share),
-            every: '1 hour',
-          }),
-        )) as CleanupMeasure & { startToDoneSeconds: number; batches: number },
+        (await measure(
+          'public.bench_ours',
+          latencies.ours,
+          () =>
+            ourCleanup(url, pool, name, {
+              name: 'p',
+              table: 'public.bench_ours',
+              column: 'created_at',
+              olderThan: olderThan(share),
+              every: '1 hour',
+            }),
+          latencies.oursStartToStop,
+        )) as CleanupComparison['ours'],
       )
     }
     const summary = <T extends CleanupMeasure>(all: T[]): T => {
@@ -245,6 +292,7 @@ export async function cleanupVersusBulk(
     if (withLoad) {
       bulk.app = distribution(latencies.bulk)
       ours.app = distribution(latencies.ours)
+      ours.appStartToStop = distribution(latencies.oursStartToStop)
     }
     return {
       layout: shuffled ? 'shuffled' : 'time-ordered',
