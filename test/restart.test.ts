@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 // The built module: it starts initdb through a compiled helper next to it.
 import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
 import { migrateToLatest } from '../src/db/migrate.js'
+import * as runs from '../src/runs/runs.js'
 import type { SingletonStatus } from '../src/status/read-status.js'
 import {
   countRows,
@@ -23,6 +24,7 @@ import {
   startNode,
   writeConfig,
 } from './support/nodes.js'
+import { definitionsOf, Holder, issueNow, LIMITS } from './support/run-harness.js'
 
 // A server of its own, since these tests restart, crash and reconfigure it under the nodes.
 let home: string
@@ -322,6 +324,98 @@ describe('a server crash in the middle of a run, whose batches commit without wa
       if (walWriter) process.kill(walWriter, 'SIGCONT')
       for (const node of nodes) if (node.child.exitCode === null) node.signal('SIGKILL')
       await Promise.all(nodes.map((node) => node.exited))
+    }
+  })
+})
+
+describe('a run whose last batches a server crash took back', () => {
+  it('is not done: its record is short of what its batches returned, so it is retried from the start', async () => {
+    const table = 'app.retaken_events'
+    await createEventsTable(pool, table)
+    // Nothing but this test commits on the server meanwhile (no autovacuum's analyze either).
+    await pool.query(`ALTER TABLE ${table} SET (autovacuum_enabled = off)`)
+    await insertRows(pool, 400, '2 hours', table)
+    await insertRows(pool, 50, '10 minutes', table)
+    const [definition] = await definitionsOf(pool, [
+      {
+        name: 'old',
+        table,
+        column: 'created_at',
+        olderThan: '1 hour',
+        every: '1 hour',
+        batchSize: 40,
+      },
+    ])
+    if (!definition) throw new Error('no definition')
+    const holder = await new Holder(url, 'retaken', 'retaken-a').join([definition])
+    let walWriter: number | undefined
+    try {
+      await holder.hold()
+      const [issued] = await issueNow(pool, holder, definition)
+      const claim = await runs.claim(pool, issued?.runId ?? '', 'retaken-a')
+      if (typeof claim === 'string') throw new Error(claim)
+      const [leaf] = (
+        await pool.query<{ leaf: string }>(
+          `SELECT l.leaf FROM pgsingleton.cleanup_leaves($1::regclass, 'created_at') l`,
+          [table],
+        )
+      ).rows
+      // The worker's own account of its batches, as run-cleanup keeps it.
+      const returned = { rowsDeleted: claim.rowsDeleted, rowsSkipped: claim.rowsSkipped }
+      let cursor: unknown = null
+      const batch = async () => {
+        const result = await runs.recordBatch(pool, LIMITS, claim, {
+          leaf: Number(leaf?.leaf),
+          strategy: 'index',
+          cursor,
+          limit: 40,
+          span: 4,
+          careful: false,
+        })
+        expect(result.outcome).toBe('deleted')
+        cursor = result.cursor
+        returned.rowsDeleted += result.deleted
+        returned.rowsSkipped += result.skipped
+      }
+      for (let i = 0; i < 4; i++) await batch()
+      // A checkpoint flushes the WAL: those four batches are on disk.
+      await pool.query('CHECKPOINT')
+      walWriter = await stopWalWriterAsleep()
+      for (let i = 0; i < 3; i++) await batch()
+      expect(await countRows(pool, "created_at < now() - interval '1 hour'", table)).toBe(120)
+      process.kill(walWriter, 'SIGKILL')
+      walWriter = undefined
+      await waitFor('the server back', () =>
+        Promise.all([countRows(pool, 'true', table), countRows(pool, 'true', table)]).then(
+          () => true,
+          () => undefined,
+        ),
+      )
+      // The three batches after the WAL writer stopped are gone whole: rows and accounts.
+      expect(await countRows(pool, "created_at < now() - interval '1 hour'", table)).toBe(240)
+      const { rows: record } = await pool.query(
+        'SELECT rows_deleted::int AS deleted, batches FROM pgsingleton.cleanup_runs WHERE id = $1',
+        [claim.runId],
+      )
+      expect(record[0]).toEqual({ deleted: 160, batches: 4 })
+
+      const completed = await runs.complete(pool, LIMITS, claim, returned)
+      expect(completed.status).toBe('retaken')
+      expect(completed).toMatchObject({ reason: expect.stringContaining('160 rows deleted') })
+      const { rows: after } = await pool.query(
+        'SELECT status FROM pgsingleton.cleanup_runs WHERE id = $1',
+        [claim.runId],
+      )
+      expect(after[0]?.status, 'the guard leaves the run to its caller, still running').toBe(
+        'running',
+      )
+      // With the counts its record holds, the same run completes.
+      expect(
+        await runs.complete(pool, LIMITS, claim, { rowsDeleted: 160, rowsSkipped: 0 }),
+      ).toEqual({ status: 'done' })
+    } finally {
+      if (walWriter) process.kill(walWriter, 'SIGCONT')
+      await holder.close().catch(() => {})
     }
   })
 })

@@ -294,7 +294,14 @@ async function clean(
     }
   }
 
-  const completed = await runs.complete(deps.pool, deps.limits, run)
+  const completed = await runs.complete(deps.pool, deps.limits, run, {
+    rowsDeleted: report.rowsDeleted,
+    rowsSkipped: report.rowsSkipped,
+  })
+  // Not a failure of the policy's (it does not count toward its retries), yet no stop
+  // either: reported as a failure to be retried.
+  if (completed.status === 'retaken')
+    return { ...(await failed(completed.reason, false)), interrupted: false }
   if (completed.status === 'fenced')
     return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }

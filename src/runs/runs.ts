@@ -535,22 +535,50 @@ export async function leafLayout(pool: pg.Pool, leaf: number, column: string): P
  * Worker: marks the run done under the same fence as its batches, so a stale holder's
  * worker cannot complete it. An occurrence is completed at most once (a unique index);
  * a run that would be a second completion is fenced instead.
+ *
+ * A cleanup passes the counts its batches returned (`progress`): the run is done only if
+ * the run's row still holds them. Batches commit without waiting for their flush
+ * (recordBatch), so a server crash can take back the last of them while the worker,
+ * reconnected, walks on from where its own memory says; the rows those batches had
+ * deleted are back, behind its cursor. Then the counts are short, and the run is not
+ * done but `retaken`: the caller fails it without counting a failure, and it is tried
+ * again from the start. A batch taken back that had deleted and skipped nothing left
+ * nothing behind.
  */
 export async function complete(
   pool: pg.Pool,
   limits: TransactionLimits,
   run: Claim,
-): Promise<{ status: 'done' } | { status: 'fenced'; reason: string }> {
+  progress?: { rowsDeleted: number; rowsSkipped: number },
+): Promise<
+  { status: 'done' } | { status: 'fenced'; reason: string } | { status: 'retaken'; reason: string }
+> {
   try {
     const fenced = await withFence(pool, limits, run, async (tx) => {
-      const result = await tx.query(
-        `UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now()
-          WHERE id = $1 AND attempt = $2 AND status = 'running'`,
-        [run.runId, run.attempt],
+      const { rows } = await tx.query<{
+        done: boolean
+        rows_deleted: string
+        rows_skipped: string
+      }>(
+        `WITH done AS (
+           UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now()
+            WHERE id = $1 AND attempt = $2 AND status = 'running'
+              AND ($3::bigint IS NULL OR (rows_deleted = $3 AND rows_skipped = $4))
+           RETURNING id)
+         SELECT EXISTS (SELECT FROM done) AS done, r.rows_deleted, r.rows_skipped
+           FROM pgsingleton.cleanup_runs r
+          WHERE r.id = $1 AND r.attempt = $2 AND r.status = 'running'`,
+        [run.runId, run.attempt, progress?.rowsDeleted ?? null, progress?.rowsSkipped ?? null],
       )
-      return result.rowCount === 1
+      return rows[0]
     })
-    if (!fenced.fenced && fenced.result) return { status: 'done' }
+    if (!fenced.fenced && fenced.result?.done) return { status: 'done' }
+    if (!fenced.fenced && fenced.result && progress) {
+      return {
+        status: 'retaken',
+        reason: `the run's record holds ${fenced.result.rows_deleted} rows deleted and ${fenced.result.rows_skipped} skipped where its batches returned ${progress.rowsDeleted} and ${progress.rowsSkipped}: a server crash or failover took back its last batches, whose rows are back; it runs again from the start`,
+      }
+    }
     const reason = fenced.fenced
       ? `epoch ${run.epoch} is no longer current: the run could not be completed`
       : 'the run was closed by a holder before it could be completed'

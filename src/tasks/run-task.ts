@@ -192,7 +192,6 @@ export async function runTask(
     return { ...report, status: recorded?.status ?? 'fenced', reason, interrupted }
   }
   const completed = await runs.complete(deps.pool, deps.limits, run)
-  if (completed.status === 'fenced')
-    return { ...report, status: 'fenced', reason: completed.reason }
+  if (completed.status !== 'done') return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }
 }

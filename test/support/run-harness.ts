@@ -101,7 +101,7 @@ export async function issueNow(
 export interface Worked {
   claim: runs.Claim
   batches: runs.BatchResult[]
-  status: 'done' | 'fenced' | 'stopped'
+  status: 'done' | 'fenced' | 'retaken' | 'stopped'
 }
 
 /**
@@ -150,7 +150,13 @@ export async function workRun(
       }
     }
   }
-  const done = await runs.complete(pool, LIMITS, claim)
+  // As a worker does: done only if the run's record holds what its batches returned.
+  const sum = (of: (batch: runs.BatchResult) => number) =>
+    batches.reduce((total, batch) => total + of(batch), 0)
+  const done = await runs.complete(pool, LIMITS, claim, {
+    rowsDeleted: claim.rowsDeleted + sum((batch) => batch.deleted),
+    rowsSkipped: claim.rowsSkipped + sum((batch) => batch.skipped),
+  })
   return { claim, batches, status: done.status }
 }
 
