@@ -298,10 +298,9 @@ async function clean(
     rowsDeleted: report.rowsDeleted,
     rowsSkipped: report.rowsSkipped,
   })
-  // Not a failure of the policy's (it does not count toward its retries), yet no stop
-  // either: reported as a failure to be retried.
-  if (completed.status === 'retaken')
-    return { ...(await failed(completed.reason, false)), interrupted: false }
+  // Counted as a failure, though a crash is not the policy's doing: were the counts ever
+  // to differ for another reason, the run would end exhausted, not loop.
+  if (completed.status === 'retaken') return failed(completed.reason, true)
   if (completed.status === 'fenced')
     return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }

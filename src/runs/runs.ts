@@ -541,7 +541,8 @@ export async function leafLayout(pool: pg.Pool, leaf: number, column: string): P
  * (recordBatch), so a server crash can take back the last of them while the worker,
  * reconnected, walks on from where its own memory says; the rows those batches had
  * deleted are back, behind its cursor. Then the counts are short, and the run is not
- * done but `retaken`: the caller fails it without counting a failure, and it is tried
+ * done but `retaken`: the caller fails it (a failure that counts, so that counts that
+ * differed for any other reason could not keep it running for ever), and it is tried
  * again from the start. A batch taken back that had deleted and skipped nothing left
  * nothing behind.
  */
