@@ -160,6 +160,20 @@ async function stopWalWriterAsleep(): Promise<number> {
   return walWriter
 }
 
+/** Names the synchronous standbys (null: none), and waits until the server has it. */
+async function setStandbys(value: string | null): Promise<void> {
+  await pool.query(
+    value === null
+      ? 'ALTER SYSTEM RESET synchronous_standby_names'
+      : `ALTER SYSTEM SET synchronous_standby_names = '${value}'`,
+  )
+  await pool.query('SELECT pg_reload_conf()')
+  await waitFor('the setting in effect', async () => {
+    const { rows } = await pool.query(`SELECT current_setting('synchronous_standby_names') AS v`)
+    return rows[0]?.v === (value ?? '') ? true : undefined
+  })
+}
+
 describe('a server crash, with synchronous_commit off for the database', () => {
   it('never takes back an epoch bump once it was seen committed: the next holder gets a higher epoch', async () => {
     const name = 'crash'
@@ -361,7 +375,11 @@ describe('a run whose last batches a server crash took back', () => {
         )
       ).rows
       // The worker's own account of its batches, as run-cleanup keeps it.
-      const returned = { rowsDeleted: claim.rowsDeleted, rowsSkipped: claim.rowsSkipped }
+      const returned = {
+        rowsDeleted: claim.rowsDeleted,
+        rowsSkipped: claim.rowsSkipped,
+        batches: claim.batches,
+      }
       let cursor: unknown = null
       const batch = async () => {
         const result = await runs.recordBatch(pool, LIMITS, claim, {
@@ -376,6 +394,7 @@ describe('a run whose last batches a server crash took back', () => {
         cursor = result.cursor
         returned.rowsDeleted += result.deleted
         returned.rowsSkipped += result.skipped
+        if (result.selected > 0) returned.batches += 1
       }
       for (let i = 0; i < 4; i++) await batch()
       // A checkpoint flushes the WAL: those four batches are on disk.
@@ -411,10 +430,65 @@ describe('a run whose last batches a server crash took back', () => {
       )
       // With the counts its record holds, the same run completes.
       expect(
-        await runs.complete(pool, LIMITS, claim, { rowsDeleted: 160, rowsSkipped: 0 }),
+        await runs.complete(pool, LIMITS, claim, { rowsDeleted: 160, rowsSkipped: 0, batches: 4 }),
       ).toEqual({ status: 'done' })
     } finally {
       if (walWriter) process.kill(walWriter, 'SIGCONT')
+      await holder.close().catch(() => {})
+    }
+  })
+})
+
+describe('a batch, with a synchronous standby named', () => {
+  it('waits for the standby, as the app commits do: a cleanup never runs ahead of it', async () => {
+    const table = 'app.standby_events'
+    await createEventsTable(pool, table)
+    await insertRows(pool, 100, '2 hours', table)
+    const [definition] = await definitionsOf(pool, [
+      {
+        name: 'old',
+        table,
+        column: 'created_at',
+        olderThan: '1 hour',
+        every: '1 hour',
+        batchSize: 40,
+      },
+    ])
+    if (!definition) throw new Error('no definition')
+    const holder = await new Holder(url, 'standby-batch', 'standby-a').join([definition])
+    try {
+      await holder.hold()
+      const [issued] = await issueNow(pool, holder, definition)
+      const claim = await runs.claim(pool, issued?.runId ?? '', 'standby-a')
+      if (typeof claim === 'string') throw new Error(claim)
+      const [leaf] = (
+        await pool.query<{ leaf: string }>(
+          `SELECT l.leaf FROM pgsingleton.cleanup_leaves($1::regclass, 'created_at') l`,
+          [table],
+        )
+      ).rows
+      const request = (cursor: unknown): runs.BatchRequest => ({
+        leaf: Number(leaf?.leaf),
+        strategy: 'index',
+        cursor,
+        limit: 40,
+        span: 4,
+        careful: false,
+      })
+      const first = await runs.recordBatch(pool, LIMITS, claim, request(null))
+      expect(first).toMatchObject({ outcome: 'deleted', deleted: 40 })
+      await setStandbys('absent_standby')
+      let answered = false
+      const second = runs.recordBatch(pool, LIMITS, claim, request(first.cursor)).then((batch) => {
+        answered = true
+        return batch
+      })
+      await new Promise((resolve) => setTimeout(resolve, 1500))
+      expect(answered, 'the batch returned without the standby').toBe(false)
+      await setStandbys(null)
+      expect(await second).toMatchObject({ outcome: 'deleted', deleted: 40 })
+    } finally {
+      await setStandbys(null)
       await holder.close().catch(() => {})
     }
   })
@@ -444,20 +518,6 @@ describe('a server whose commits stall: a synchronous standby named, and none co
       deadConnectionAfterMs: 1000,
     })
     const nodes = [startNode(url, config, 'stall-1'), startNode(url, config, 'stall-2')]
-    const setStandbys = async (value: string | null) => {
-      await pool.query(
-        value === null
-          ? 'ALTER SYSTEM RESET synchronous_standby_names'
-          : `ALTER SYSTEM SET synchronous_standby_names = '${value}'`,
-      )
-      await pool.query('SELECT pg_reload_conf()')
-      await waitFor('the setting in effect', async () => {
-        const { rows } = await pool.query(
-          `SELECT current_setting('synchronous_standby_names') AS v`,
-        )
-        return rows[0]?.v === (value ?? '') ? true : undefined
-      })
-    }
     try {
       const before = await holderAfter('the start', name, nodes, (row) => row.epoch !== null)
       // From here every commit that wrote waits for a standby that never comes: the local

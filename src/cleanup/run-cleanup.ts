@@ -297,6 +297,7 @@ async function clean(
   const completed = await runs.complete(deps.pool, deps.limits, run, {
     rowsDeleted: report.rowsDeleted,
     rowsSkipped: report.rowsSkipped,
+    batches: report.batches,
   })
   // Counted as a failure, though a crash is not the policy's doing: were the counts ever
   // to differ for another reason, the run would end exhausted, not loop.

@@ -393,17 +393,18 @@ export interface BatchResult {
  * literal. The fence, the owner check, the agreement check, the delete, the progress and
  * the audit row are all in `pgsingleton.cleanup_batch`.
  *
- * The batch commits without waiting for its WAL flush (or a synchronous standby): what a
- * server crash or a failover to a standby can take back is the last batches whole, their
- * deletes with their progress and audit rows, never a part of one, and what comes back
- * is rows that are still outdated, which the occurrence, closed unfinished and issued
- * again, deletes again. Commit order is unchanged, so the fence holds as before: the
- * next holder's epoch bump waits for the batch and flushes it with its own commit, and so
- * does the run's completion, which commits as the session's setting says. Waiting for
- * each batch's flush cost about 3 ms between two batches on a local disk (bench), more on
- * networked storage or behind a remote synchronous standby. A partition dropped in a
- * batch commits with its flush all the same: the server forces it for a transaction that
- * removes files.
+ * Where no synchronous standby is configured, the batch commits without waiting for its
+ * WAL flush: what a server crash can take back is the last batches whole, their deletes
+ * with their progress and audit rows, never a part of one, and what comes back is rows
+ * that are still outdated. The run's completion (`complete`) finds its record short of
+ * what its batches returned and the run is tried again from the start. Commit order is
+ * unchanged, so the fence holds as before: the next holder's epoch bump waits for the
+ * batch and flushes it with its own commit, and so does the completion. Waiting for each
+ * batch's flush cost about 3 ms between two batches on a local disk (bench). With
+ * synchronous standbys each batch still waits for them, as the app's commits do: the
+ * standby's pace is then the cleanup's, and a cleanup never runs ahead of it into the
+ * app's commits. (A partition removed whole is not a batch: its own transaction commits
+ * with the session's setting.)
  */
 export async function recordBatch(
   pool: pg.Pool,
@@ -417,7 +418,8 @@ export async function recordBatch(
   }
   const literal = (value: string) => pg.escapeLiteral(value)
   const text =
-    `${localSettings(limits, { utc: false })}; SET LOCAL synchronous_commit = off; ` +
+    `${localSettings(limits, { utc: false })}; ` +
+    `SELECT set_config('synchronous_commit', 'off', true) WHERE current_setting('synchronous_standby_names') = ''; ` +
     'SELECT * FROM pgsingleton.cleanup_batch(' +
     [
       int(Number(run.runId)),
@@ -536,8 +538,9 @@ export async function leafLayout(pool: pg.Pool, leaf: number, column: string): P
  * worker cannot complete it. An occurrence is completed at most once (a unique index);
  * a run that would be a second completion is fenced instead.
  *
- * A cleanup passes the counts its batches returned (`progress`): the run is done only if
- * the run's row still holds them. Batches commit without waiting for their flush
+ * A cleanup passes the counts its batches returned (`progress`: rows deleted and skipped,
+ * and batches, partitions removed among them): the run is done only if the run's row
+ * still holds them. Batches commit without waiting for their flush
  * (recordBatch), so a server crash can take back the last of them while the worker,
  * reconnected, walks on from where its own memory says; the rows those batches had
  * deleted are back, behind its cursor. Then the counts are short, and the run is not
@@ -550,34 +553,49 @@ export async function complete(
   pool: pg.Pool,
   limits: TransactionLimits,
   run: Claim,
-  progress?: { rowsDeleted: number; rowsSkipped: number },
+  progress?: { rowsDeleted: number; rowsSkipped: number; batches: number },
 ): Promise<
   { status: 'done' } | { status: 'fenced'; reason: string } | { status: 'retaken'; reason: string }
 > {
   try {
     const fenced = await withFence(pool, limits, run, async (tx) => {
+      // The run's row locked first: a holder closing it meanwhile is waited for, and seen.
+      // The completion commits with its flush, flushing every batch before it, even where
+      // the role or database has synchronous_commit off (any other value is left alone).
       const { rows } = await tx.query<{
-        done: boolean
         rows_deleted: string
         rows_skipped: string
+        batches: number
       }>(
-        `WITH done AS (
-           UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now()
-            WHERE id = $1 AND attempt = $2 AND status = 'running'
-              AND ($3::bigint IS NULL OR (rows_deleted = $3 AND rows_skipped = $4))
-           RETURNING id)
-         SELECT EXISTS (SELECT FROM done) AS done, r.rows_deleted, r.rows_skipped
-           FROM pgsingleton.cleanup_runs r
-          WHERE r.id = $1 AND r.attempt = $2 AND r.status = 'running'`,
-        [run.runId, run.attempt, progress?.rowsDeleted ?? null, progress?.rowsSkipped ?? null],
+        `SELECT rows_deleted, rows_skipped, batches,
+                CASE WHEN current_setting('synchronous_commit') = 'off'
+                     THEN set_config('synchronous_commit', 'on', true) END
+           FROM pgsingleton.cleanup_runs
+          WHERE id = $1 AND attempt = $2 AND status = 'running'
+          FOR UPDATE`,
+        [run.runId, run.attempt],
       )
-      return rows[0]
+      const record = rows[0]
+      if (!record) return 'closed' as const
+      if (
+        progress &&
+        (Number(record.rows_deleted) !== progress.rowsDeleted ||
+          Number(record.rows_skipped) !== progress.rowsSkipped ||
+          record.batches !== progress.batches)
+      )
+        return record
+      await tx.query(
+        `UPDATE pgsingleton.cleanup_runs SET status = 'done', finished_at = now() WHERE id = $1`,
+        [run.runId],
+      )
+      return 'done' as const
     })
-    if (!fenced.fenced && fenced.result?.done) return { status: 'done' }
-    if (!fenced.fenced && fenced.result && progress) {
+    if (!fenced.fenced && fenced.result === 'done') return { status: 'done' }
+    if (!fenced.fenced && typeof fenced.result === 'object' && progress) {
+      const record = fenced.result
       return {
         status: 'retaken',
-        reason: `the run's record holds ${fenced.result.rows_deleted} rows deleted and ${fenced.result.rows_skipped} skipped where its batches returned ${progress.rowsDeleted} and ${progress.rowsSkipped}: a server crash or failover took back its last batches, whose rows are back; it runs again from the start`,
+        reason: `the run's record holds ${record.rows_deleted} rows deleted, ${record.rows_skipped} skipped and ${record.batches} batches where its batches returned ${progress.rowsDeleted}, ${progress.rowsSkipped} and ${progress.batches}: a server crash or failover took back its last batches, whose rows are back; it runs again from the start`,
       }
     }
     const reason = fenced.fenced

@@ -156,6 +156,7 @@ export async function workRun(
   const done = await runs.complete(pool, LIMITS, claim, {
     rowsDeleted: claim.rowsDeleted + sum((batch) => batch.deleted),
     rowsSkipped: claim.rowsSkipped + sum((batch) => batch.skipped),
+    batches: claim.batches + batches.filter((batch) => batch.selected > 0).length,
   })
   return { claim, batches, status: done.status }
 }
