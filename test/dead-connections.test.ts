@@ -220,6 +220,14 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       })
       const holder = nodes.find((node) => node.id === before.nodeId)
       if (!holder) throw new Error(`no node ${before.nodeId}`)
+      // Settled first: a holder whose pg-boss cannot even start (its connections refused)
+      // steps down, which is not what this test is about. A run done means it started.
+      await waitFor('a run done by the holder', async () => {
+        const { rows } = await reader.query(
+          `SELECT 1 FROM pgsingleton.cleanup_runs WHERE singleton = 'closed' AND status = 'done'`,
+        )
+        return rows.length > 0 ? true : undefined
+      })
       // From another database: a session cannot close its own.
       await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
       // The first check comes 10 s into the holdership.
