@@ -54,8 +54,8 @@ afterAll(async () => {
 failOnNodesLeftRunning()
 
 /**
- * The status once a holder that `accept`s holds with one node waiting, within 30 s; fails
- * at once when a node exits, and otherwise with the status and every node's output.
+ * The status once a holder that `accept`s holds with one node waiting, within `withinMs`;
+ * fails at once when a node exits, and otherwise with the status and every node's output.
  */
 async function holderAfter(
   event: string,
@@ -63,6 +63,7 @@ async function holderAfter(
   nodes: NodeProcess[],
   accept: (row: SingletonStatus) => boolean,
   context = '',
+  withinMs = 30_000,
 ): Promise<SingletonStatus> {
   return waitFor(
     `a holder after ${event}`,
@@ -73,7 +74,7 @@ async function holderAfter(
       const row = await statusOf(pool, name).catch(() => undefined)
       return row?.nodeId && row.waitingNodes === 1 && accept(row) ? row : undefined
     },
-    30_000,
+    withinMs,
   ).catch(async (error: Error) => {
     const status = await statusOf(pool, name).catch((e) => e)
     throw new Error(
@@ -204,6 +205,10 @@ describe('a server crash, with synchronous_commit off for the database', () => {
         nodes,
         (row) => row.epoch !== null && row.backendPid !== seen.backendPid,
         `seen ${JSON.stringify(seen)}`,
+        // The node that had just taken over may have been starting pg-boss when the server
+        // went down: it steps down, and queues again only 30 s later (a gap in the
+        // product, noted, not what this test is about: the epoch below).
+        45_000,
       )
       expect(
         after.epoch,
@@ -223,7 +228,7 @@ describe('a server crash, with synchronous_commit off for the database', () => {
         ),
       )
     }
-  })
+  }, 120_000)
 })
 
 describe('a server crash in the middle of a run, whose batches commit without waiting for their WAL flush', () => {
