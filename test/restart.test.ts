@@ -7,6 +7,7 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 // The built module: it starts initdb through a compiled helper next to it.
 import { ensureEmbedded, stopEmbedded } from '../dist/src/cli/embedded.js'
+import type { PolicyDefinition } from '../src/config/definition.js'
 import { migrateToLatest } from '../src/db/migrate.js'
 import * as runs from '../src/runs/runs.js'
 import type { SingletonStatus } from '../src/status/read-status.js'
@@ -347,6 +348,47 @@ describe('a server crash in the middle of a run, whose batches commit without wa
   })
 })
 
+/** A policy deleting `table`'s rows older than an hour, 40 a batch, as a node checks it. */
+async function batchesOf40(table: string): Promise<PolicyDefinition> {
+  const [definition] = await definitionsOf(pool, [
+    {
+      name: 'old',
+      table,
+      column: 'created_at',
+      olderThan: '1 hour',
+      every: '1 hour',
+      batchSize: 40,
+    },
+  ])
+  if (!definition) throw new Error('no definition')
+  return definition
+}
+
+/**
+ * `holder` (joined with `definition`) holds, issues its run and claims it, as a worker
+ * does; `request` is a batch of that run from `cursor`, along the index.
+ */
+async function claimedRun(holder: Holder, definition: PolicyDefinition, table: string) {
+  await holder.hold()
+  const [issued] = await issueNow(pool, holder, definition)
+  const claim = await runs.claim(pool, issued?.runId ?? '', holder.nodeId)
+  if (typeof claim === 'string') throw new Error(claim)
+  const { rows } = await pool.query<{ leaf: string }>(
+    `SELECT l.leaf FROM pgsingleton.cleanup_leaves($1::regclass, 'created_at') l`,
+    [table],
+  )
+  const leaf = Number(rows[0]?.leaf)
+  const request = (cursor: unknown): runs.BatchRequest => ({
+    leaf,
+    strategy: 'index',
+    cursor,
+    limit: 40,
+    span: 4,
+    careful: false,
+  })
+  return { claim, request }
+}
+
 describe('a run whose last batches a server crash took back', () => {
   it('is not done: its record is short of what its batches returned, so it is retried from the start', async () => {
     const table = 'app.retaken_events'
@@ -355,30 +397,11 @@ describe('a run whose last batches a server crash took back', () => {
     await pool.query(`ALTER TABLE ${table} SET (autovacuum_enabled = off)`)
     await insertRows(pool, 400, '2 hours', table)
     await insertRows(pool, 50, '10 minutes', table)
-    const [definition] = await definitionsOf(pool, [
-      {
-        name: 'old',
-        table,
-        column: 'created_at',
-        olderThan: '1 hour',
-        every: '1 hour',
-        batchSize: 40,
-      },
-    ])
-    if (!definition) throw new Error('no definition')
+    const definition = await batchesOf40(table)
     const holder = await new Holder(url, 'retaken', 'retaken-a').join([definition])
     let walWriter: number | undefined
     try {
-      await holder.hold()
-      const [issued] = await issueNow(pool, holder, definition)
-      const claim = await runs.claim(pool, issued?.runId ?? '', 'retaken-a')
-      if (typeof claim === 'string') throw new Error(claim)
-      const [leaf] = (
-        await pool.query<{ leaf: string }>(
-          `SELECT l.leaf FROM pgsingleton.cleanup_leaves($1::regclass, 'created_at') l`,
-          [table],
-        )
-      ).rows
+      const { claim, request } = await claimedRun(holder, definition, table)
       // The worker's own account of its batches, as run-cleanup keeps it.
       const returned = {
         rowsDeleted: claim.rowsDeleted,
@@ -387,14 +410,7 @@ describe('a run whose last batches a server crash took back', () => {
       }
       let cursor: unknown = null
       const batch = async () => {
-        const result = await runs.recordBatch(pool, LIMITS, claim, {
-          leaf: Number(leaf?.leaf),
-          strategy: 'index',
-          cursor,
-          limit: 40,
-          span: 4,
-          careful: false,
-        })
+        const result = await runs.recordBatch(pool, LIMITS, claim, request(cursor))
         expect(result.outcome).toBe('deleted')
         cursor = result.cursor
         returned.rowsDeleted += result.deleted
@@ -449,37 +465,10 @@ describe('a batch, with a synchronous standby named', () => {
     const table = 'app.standby_events'
     await createEventsTable(pool, table)
     await insertRows(pool, 100, '2 hours', table)
-    const [definition] = await definitionsOf(pool, [
-      {
-        name: 'old',
-        table,
-        column: 'created_at',
-        olderThan: '1 hour',
-        every: '1 hour',
-        batchSize: 40,
-      },
-    ])
-    if (!definition) throw new Error('no definition')
+    const definition = await batchesOf40(table)
     const holder = await new Holder(url, 'standby-batch', 'standby-a').join([definition])
     try {
-      await holder.hold()
-      const [issued] = await issueNow(pool, holder, definition)
-      const claim = await runs.claim(pool, issued?.runId ?? '', 'standby-a')
-      if (typeof claim === 'string') throw new Error(claim)
-      const [leaf] = (
-        await pool.query<{ leaf: string }>(
-          `SELECT l.leaf FROM pgsingleton.cleanup_leaves($1::regclass, 'created_at') l`,
-          [table],
-        )
-      ).rows
-      const request = (cursor: unknown): runs.BatchRequest => ({
-        leaf: Number(leaf?.leaf),
-        strategy: 'index',
-        cursor,
-        limit: 40,
-        span: 4,
-        careful: false,
-      })
+      const { claim, request } = await claimedRun(holder, definition, table)
       const first = await runs.recordBatch(pool, LIMITS, claim, request(null))
       expect(first).toMatchObject({ outcome: 'deleted', deleted: 40 })
       await setStandbys('absent_standby')
