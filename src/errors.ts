@@ -7,6 +7,7 @@ export type SingletonErrorCode =
   | 'INVALID_POLICY' // a retention policy does not match the database (table, column, interval)
   | 'SCHEMA_NOT_MIGRATED' // pgsingleton's migrations have not been run on this database
   | 'SCHEMA_TOO_NEW' // the database was migrated by a newer pg-singleton than this one
+  | 'QUEUE_NOT_STARTED' // the holder's pg-boss did not start (a connection failure): it tries again, and steps down after stepDownAfterMs
   | 'SESSION_NOT_KEPT' // the lock connection cannot keep a session (e.g. a transaction pooler)
   | 'CLEANUP_FAILED' // a cleanup batch failed; the run is recorded as failed and retried
   | 'ROWS_SKIPPED' // a run left rows it could not delete (locked, or refused by a constraint or trigger)

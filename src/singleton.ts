@@ -9,6 +9,7 @@ import type { RunDefinition } from './config/definition.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
+import { SQLSTATE, sqlState } from './db/sqlstate.js'
 import { assertPeersSupported } from './dependencies.js'
 import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents, SingletonWarning } from './events.js'
@@ -266,12 +267,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
               },
             )
           }
-          await boss.start().catch((error: Error) => {
-            throw new SingletonError(
-              'SCHEMA_NOT_MIGRATED',
-              `pg-boss could not start (${error.message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
-              { cause: error },
-            )
+          await boss.start().catch((error: unknown) => {
+            throw bossStartError(error)
           })
         }
         try {
@@ -394,6 +391,42 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     // With 'when-holding', a holdership that ended while pg-boss was still starting does
     // not start the worker.
     let holding = false
+    // A new holder's pg-boss may fail to start on a blip the lock session outlived or is
+    // about to be told of: a server restart, a database closed to new connections for a
+    // while, max_connections reached. Stepping down on it would leave a one-node cluster
+    // without a holder for the cool-off, and a server's restart would have every node in
+    // turn step down on it. So the holder tries again, with the starter's backoff, until
+    // stepDownAfterMs, the bound its failing schedule ticks get; a schema pg-boss cannot
+    // work with does not mend by waiting, and steps down at once.
+    const startBossWhileHolding = async (fence: AbortSignal): Promise<PgBoss | undefined> => {
+      const began = performance.now()
+      let delay = options.reconnectDelayMs
+      for (;;) {
+        try {
+          return await startBoss()
+        } catch (error) {
+          if (fence.aborted) return undefined
+          if (error instanceof SingletonError && error.code === 'SCHEMA_NOT_MIGRATED') throw error
+          const failingFor = performance.now() - began
+          if (failingFor + delay > options.stepDownAfterMs) {
+            throw new SingletonError(
+              'QUEUE_NOT_STARTED',
+              `pg-boss has not started for ${Math.round(failingFor / 1000)} s (stepDownAfterMs ${options.stepDownAfterMs}); last: ${errorMessage(error)}`,
+              { cause: error },
+            )
+          }
+          const reason =
+            error instanceof SingletonError
+              ? error.message
+              : `pg-boss could not start: ${errorMessage(error)}`
+          const retry = `${reason}; holding on, trying again in ${delay} ms`
+          this.#emitError(new SingletonError('QUEUE_NOT_STARTED', retry, { cause: error }))
+          await sleep(delay, fence)
+          if (fence.aborted) return undefined
+          delay = Math.min(delay * 2, 5000)
+        }
+      }
+    }
     const work = () =>
       startBoss()
         .then((boss) => {
@@ -428,7 +461,6 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           metrics.holdershipStarted()
           this.#safeEmit('lock:acquired', lease)
           holding = true
-          if (options.workQueue === 'when-holding') void work()
           const schedule = (boss: PgBoss) =>
             runScheduler(
               {
@@ -456,11 +488,20 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
               fence,
               options.stepDownAfterMs,
             )
-          this.#scheduler = startBoss()
-            .then(schedule, (error) => {
-              this.#emitError(error)
-              return `pg-boss could not start: ${errorMessage(error)}`
-            })
+          this.#scheduler = startBossWhileHolding(fence)
+            .then(
+              (boss) => {
+                if (!boss) return undefined
+                // The worker too: with 'when-holding' it starts with each holdership, and
+                // with 'always' a registration's own start of pg-boss may have failed.
+                void work()
+                return schedule(boss)
+              },
+              (error) => {
+                this.#emitError(error)
+                return errorMessage(error)
+              },
+            )
             .then((stepDown) => {
               // A holder that cannot do its job gives the lock to a healthier node.
               if (stepDown) this.#starter?.stepDown(stepDown)
@@ -598,6 +639,31 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     this.options.logger.error({ error: wrapped.message }, 'background error')
     if (this.listenerCount('error') > 0) this.#safeEmit('error', wrapped)
   }
+}
+
+/**
+ * Why pg-boss did not start. Its own words for a schema it cannot run on (or ours for one
+ * gone since start-up) call for a migration; anything else (a refused or lost connection,
+ * a timeout) is not fixed by one, and the message does not send the operator there.
+ */
+function bossStartError(error: unknown): SingletonError {
+  const message = errorMessage(error)
+  const code = sqlState(error)
+  if (
+    /pg-boss is not installed|requires migrations/.test(message) ||
+    code === SQLSTATE.UNDEFINED_TABLE ||
+    code === SQLSTATE.INVALID_SCHEMA_NAME ||
+    code === SQLSTATE.UNDEFINED_FUNCTION
+  ) {
+    return new SingletonError(
+      'SCHEMA_NOT_MIGRATED',
+      `pg-boss could not start (${message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
+      { cause: error },
+    )
+  }
+  return new SingletonError('QUEUE_NOT_STARTED', `pg-boss could not start: ${message}`, {
+    cause: error,
+  })
 }
 
 /** How a holdership that ended without a stop reads in `pgsingleton.terms`. */

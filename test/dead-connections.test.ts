@@ -220,8 +220,8 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       })
       const holder = nodes.find((node) => node.id === before.nodeId)
       if (!holder) throw new Error(`no node ${before.nodeId}`)
-      // Settled first: a holder whose pg-boss cannot even start (its connections refused)
-      // steps down, which is not what this test is about. A run done means it started.
+      // Settled first: this test is about a holder at work (a run done means its pg-boss
+      // started); a new holder whose pg-boss cannot start is the next test's.
       await waitFor('a run done by the holder', async () => {
         const { rows } = await reader.query(
           `SELECT 1 FROM pgsingleton.cleanup_runs WHERE singleton = 'closed' AND status = 'done'`,
@@ -258,6 +258,129 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       expect((await statusOf(reader, 'closed'))?.epoch).toBe(before.epoch)
       await stopAll(nodes)
       for (const node of nodes) expect(node.child.exitCode, node.output()).toBe(0)
+    } finally {
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
+      await stopAll(nodes)
+      await reader.end()
+      await own.drop()
+    }
+  })
+
+  it('a new holder whose pg-boss cannot open its connections (the database closed to them) holds on, and starts it when they open: no step-down, no 30 s without a holder', async () => {
+    const own = await createTestDatabase()
+    const name = new URL(own.url).pathname.slice(1)
+    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
+    reader.on('error', () => {})
+    await createEventsTable(own.pool)
+    const config = await writeConfig({
+      name: 'door',
+      policies: [{ ...policy, every: '1 second' }],
+    })
+    const nodes = [startNode(own.url, config, 'door-1'), startNode(own.url, config, 'door-2')]
+    try {
+      const before = await waitFor('a holder and a standby', async () => {
+        const row = await statusOf(reader, 'door')
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+      })
+      const holder = nodes.find((node) => node.id === before.nodeId)
+      const standby = nodes.find((node) => node.id !== before.nodeId)
+      if (!holder || !standby) throw new Error(`no node ${before.nodeId}`)
+      // The standby takes over on its lock session, which needs no new connection; its
+      // pg-boss, which starts with the holdership, does.
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      holder.signal('SIGKILL')
+      await holder.exited
+      const taken = await waitFor('the standby to take over', async () => {
+        const row = await statusOf(reader, 'door')
+        return row?.nodeId === standby.id && (row.epoch ?? 0) > (before.epoch ?? 0)
+          ? row
+          : undefined
+      })
+      await waitFor('its pg-boss to fail to start', async () =>
+        /QUEUE_NOT_STARTED|pg-boss could not start/.test(standby.output()),
+      )
+      // A few of its tries, with the door still shut: it holds on.
+      await new Promise((resolve) => setTimeout(resolve, 3000))
+      expect(standby.output()).not.toContain('fenced: no longer the holder')
+      expect(standby.output()).not.toContain('pg-singleton migrate')
+      expect(await statusOf(reader, 'door')).toMatchObject({
+        nodeId: standby.id,
+        epoch: taken.epoch,
+        backendPid: taken.backendPid,
+      })
+      await insertRows(reader, 100, '2 hours')
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+      // Well inside the 30 s a stepped-down node would sit out before it queued again.
+      await waitFor(
+        'the same term to start pg-boss and clean',
+        async () => (await countRows(reader, 'true')) === 0,
+        20_000,
+      )
+      expect((await statusOf(reader, 'door'))?.epoch).toBe(taken.epoch)
+      expect(standby.output()).not.toContain('fenced: no longer the holder')
+      await stopAll(nodes)
+      expect(standby.child.exitCode, standby.output()).toBe(0)
+    } finally {
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
+      await stopAll(nodes)
+      await reader.end()
+      await own.drop()
+    }
+  })
+
+  it('a new holder whose pg-boss stays unable to start steps down after stepDownAfterMs, its term recorded as released, and holds again once it can', async () => {
+    const own = await createTestDatabase()
+    const name = new URL(own.url).pathname.slice(1)
+    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
+    reader.on('error', () => {})
+    await createEventsTable(own.pool)
+    const config = await writeConfig({
+      name: 'shut',
+      stepDownAfterMs: 2000,
+      policies: [{ ...policy, every: '1 second' }],
+    })
+    const nodes = [startNode(own.url, config, 'shut-1'), startNode(own.url, config, 'shut-2')]
+    try {
+      const before = await waitFor('a holder and a standby', async () => {
+        const row = await statusOf(reader, 'shut')
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+      })
+      const holder = nodes.find((node) => node.id === before.nodeId)
+      const standby = nodes.find((node) => node.id !== before.nodeId)
+      if (!holder || !standby) throw new Error(`no node ${before.nodeId}`)
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      holder.signal('SIGKILL')
+      await holder.exited
+      const taken = await waitFor('the standby to take over', async () => {
+        const row = await statusOf(reader, 'shut')
+        return row?.nodeId === standby.id && (row.epoch ?? 0) > (before.epoch ?? 0)
+          ? row
+          : undefined
+      })
+      const ended = await waitFor(
+        'its term to end',
+        async () => {
+          const { rows } = await reader.query<{ end_reason: string; detail: string }>(
+            'SELECT end_reason, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2 AND ended_at IS NOT NULL',
+            ['shut', taken.epoch],
+          )
+          return rows[0]
+        },
+        15_000,
+      )
+      expect(ended.end_reason).toBe('released')
+      expect(ended.detail).toMatch(/pg-boss has not started for \d+ s \(stepDownAfterMs 2000\)/)
+      expect(standby.output()).not.toContain('pg-singleton migrate')
+      await insertRows(reader, 100, '2 hours')
+      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+      await waitFor(
+        'a later term to clean',
+        async () => (await countRows(reader, 'true')) === 0,
+        30_000,
+      )
+      expect((await statusOf(reader, 'shut'))?.epoch).toBeGreaterThan(taken.epoch ?? 0)
+      await stopAll(nodes)
+      expect(standby.child.exitCode, standby.output()).toBe(0)
     } finally {
       await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
       await stopAll(nodes)

@@ -7,6 +7,8 @@ export const SQLSTATE = {
   /** `lock_timeout` elapsed while waiting for a lock (our wait slices end this way). */
   LOCK_NOT_AVAILABLE: '55P03',
   UNDEFINED_TABLE: '42P01',
+  UNDEFINED_FUNCTION: '42883',
+  INVALID_SCHEMA_NAME: '3F000',
   INVALID_DATETIME_FORMAT: '22007',
   INVALID_TEXT_REPRESENTATION: '22P02',
   DATETIME_FIELD_OVERFLOW: '22008',
@@ -43,10 +45,34 @@ export const INTERVAL_PARSE_ERRORS: readonly string[] = [
   SQLSTATE.NUMERIC_VALUE_OUT_OF_RANGE,
 ]
 
+/**
+ * The SQLSTATE of an error the server sent; undefined for anything else. A socket's
+ * failure carries a `code` too (ECONNRESET, EPIPE, which has five characters), and so
+ * does a SingletonError: neither is the server's answer. pg's DatabaseError carries the
+ * message's severity; nothing else does.
+ */
 export function sqlState(error: unknown): string | undefined {
-  if (typeof error === 'object' && error !== null && 'code' in error) {
-    const code = (error as { code: unknown }).code
-    return typeof code === 'string' ? code : undefined
-  }
-  return undefined
+  if (typeof error !== 'object' || error === null) return undefined
+  const { code, severity } = error as { code?: unknown; severity?: unknown }
+  return typeof code === 'string' && typeof severity === 'string' ? code : undefined
 }
+
+/**
+ * The session is gone, or the server will not keep one: no answer at all (a closed or
+ * reset socket, a client-side deadline), a connection exception (08), the server ending
+ * the session (pg_terminate_backend, a shutdown, a crash of another backend, the idle
+ * session timeout) or refusing new ones (starting up, recovering, too many connections).
+ */
+export function isConnectionLoss(error: unknown): boolean {
+  const code = sqlState(error)
+  if (code === undefined) return true
+  return code.startsWith('08') || CONNECTION_LOSS.has(code)
+}
+
+const CONNECTION_LOSS = new Set([
+  '57P01', // admin_shutdown: pg_terminate_backend, a fast shutdown
+  '57P02', // crash_shutdown: another backend crashed, the server restarts
+  '57P03', // cannot_connect_now: starting up, in recovery
+  '57P05', // idle_session_timeout
+  '53300', // too_many_connections
+])

@@ -1,6 +1,6 @@
 import type pg from 'pg'
 import type { RunDefinition } from '../config/definition.js'
-import { sqlState } from '../db/sqlstate.js'
+import { isConnectionLoss } from '../db/sqlstate.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { sleep } from '../wait.js'
 import { holdUntilLost } from './hold.js'
@@ -236,14 +236,15 @@ export class Starter {
         this.#lease = undefined
         if (stepDown.signal.aborted) {
           // Handed over at once: unlocked and closed, the next waiter holds. A session that
-          // cannot answer (no server's reply, only a failed connection) was lost meanwhile:
-          // a database restart fails what made the node step down and its session alike.
+          // cannot answer (no server's reply, or the server ending the session: a restart,
+          // a crash of another backend) was lost meanwhile: a database restart fails what
+          // made the node step down and its session alike.
           // That is a loss, after which the node queues again at once, as after any; the
           // cool-off is for a node worse off than its peers, and would leave a single node's
           // singleton without a holder for all of it.
           const answered = await session.handOver(lease.epoch, reason).then(
             () => true,
-            (error) => sqlState(error) !== undefined,
+            (error) => !isConnectionLoss(error),
           )
           await session.release().catch(() => session.destroy())
           if (answered) {
