@@ -113,6 +113,10 @@ class Trial {
         CREATE TABLE chaos."${this.name}_${t}" (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
         CREATE INDEX ON chaos."${this.name}_${t}" (created_at);
         CREATE TABLE IF NOT EXISTS chaos.deleted (tbl text, id bigint, created_at timestamptz, deleted_at timestamptz);
+        CREATE INDEX IF NOT EXISTS deleted_tbl_id ON chaos.deleted (tbl, id);
+        -- After each of the feeder's inserts has committed: every id up to upto is visible
+        -- to a transaction that begins after committed_by (ids rise in commit order: one feeder).
+        CREATE TABLE IF NOT EXISTS chaos.fed (tbl text, upto bigint, committed_by timestamptz);
         CREATE OR REPLACE FUNCTION chaos.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
           INSERT INTO chaos.deleted VALUES (TG_TABLE_NAME, OLD.id, OLD.created_at, now());
@@ -212,11 +216,21 @@ class Trial {
       for (const t of ['a', 'b']) {
         await this.pool
           .query(
-            `INSERT INTO chaos."${this.name}_${t}" (created_at, payload)
-             SELECT now() - CASE WHEN g <= 12 THEN interval '2 hours'
-                                 WHEN g <= 16 THEN interval '30 minutes'
-                                 ELSE interval '59 minutes 59 seconds' END, 'x'
-               FROM generate_series(1, 20) AS g`,
+            `WITH fed AS (
+               INSERT INTO chaos."${this.name}_${t}" (created_at, payload)
+               SELECT now() - CASE WHEN g <= 12 THEN interval '2 hours'
+                                   WHEN g <= 16 THEN interval '30 minutes'
+                                   ELSE interval '59 minutes 59 seconds' END, 'x'
+                 FROM generate_series(1, 20) AS g
+               RETURNING id)
+             SELECT max(id) AS upto FROM fed`,
+          )
+          .then(({ rows }) =>
+            // A statement of its own, after the insert's commit returned.
+            this.pool.query('INSERT INTO chaos.fed VALUES ($1, $2, clock_timestamp())', [
+              `${this.name}_${t}`,
+              rows[0].upto,
+            ]),
           )
           .catch(() => {})
       }
@@ -328,9 +342,58 @@ class Trial {
         `row ${row.tbl}#${row.id} (created ${row.created_at.toISOString()}) was deleted at ${row.deleted_at.toISOString()}, younger than an hour`,
       )
     problems.push(...(await unfinishedOccurrences(this.pool, this.name)))
+    problems.push(...(await this.#doneRunViolations()))
     problems.push(...(await this.#taskViolations()))
     problems.push(...(await this.#termViolations()))
     problems.push(...((await this.fault.verify?.(this)) ?? []))
+    return problems
+  }
+
+  /**
+   * A run recorded done, with no row skipped, left no row behind that it should have
+   * deleted: every row committed before the run began, and older than the earliest cut-off
+   * of its batches (cut-offs only rise, and every batch deletes below its own), was gone
+   * when the run completed, that is, is neither in the table nor deleted after it.
+   */
+  async #doneRunViolations(): Promise<string[]> {
+    const problems: string[] = []
+    for (const t of ['a', 'b']) {
+      const tbl = `${this.name}_${t}`
+      const { rows } = await this.pool.query(
+        `WITH done AS (
+           SELECT r.id, r.started_at, r.finished_at, min(b.cutoff) AS cut,
+                  (SELECT max(f.upto) FROM chaos.fed f
+                    WHERE f.tbl = $3 AND f.committed_by < r.started_at) AS upto
+             FROM pgsingleton.cleanup_runs r
+             JOIN pgsingleton.cleanup_batches b ON b.run_id = r.id
+            WHERE r.singleton = $1 AND r.policy = $2 AND r.status = 'done' AND r.rows_skipped = 0
+            GROUP BY r.id)
+         SELECT d.id AS run, d.finished_at, d.cut, x.id, x.deleted_at
+           FROM done d
+           CROSS JOIN LATERAL (
+             (SELECT e.id, NULL::timestamptz AS deleted_at FROM chaos."${tbl}" e
+               WHERE e.id <= d.upto AND e.created_at < d.cut LIMIT 1)
+             UNION ALL
+             (SELECT l.id, l.deleted_at FROM chaos.deleted l
+               WHERE l.tbl = $3 AND l.id <= d.upto AND l.created_at < d.cut
+                 AND l.deleted_at > d.finished_at LIMIT 1)
+             LIMIT 1) x
+          ORDER BY d.id LIMIT 5`,
+        [this.name, `events-${t}`, tbl],
+      )
+      for (const row of rows)
+        problems.push(
+          `run ${row.run} of events-${t} is done (at ${row.finished_at.toISOString()}, cut-off ${row.cut.toISOString()}) but left row ${row.id}, ${row.deleted_at ? `deleted only at ${row.deleted_at.toISOString()}` : 'still there'}`,
+        )
+      const { rows: checked } = await this.pool.query(
+        `SELECT count(*)::int AS n, count(*) FILTER (WHERE rows_skipped > 0)::int AS skipping
+           FROM pgsingleton.cleanup_runs
+          WHERE singleton = $1 AND policy = $2 AND status = 'done'`,
+        [this.name, `events-${t}`],
+      )
+      if (checked[0].n === checked[0].skipping)
+        problems.push(`no run of events-${t} was done without skipping a row: nothing to check`)
+    }
     return problems
   }
 
@@ -762,7 +825,9 @@ writes a row through \`fenced()\`, and writes this file. The oracles are the dat
 records only: batches of different epochs never overlap and commit in epoch order
 (\`cleanup_batches\`); no row younger than the cut-off is deleted (a trigger logs every
 delete with its transaction's time); no occurrence is completed twice, and none is left
-unfinished; the task wrote each occurrence once, exactly the occurrences whose runs are
+unfinished; a run recorded done with no row skipped left no row behind that was older
+than its cut-off and committed before it began (the feeder logs, after each commit, the
+ids it made visible); the task wrote each occurrence once, exactly the occurrences whose runs are
 done, and never after a newer holder's term began (by the database clock); the terms
 (\`pgsingleton.terms\`) run one per epoch, none ends after the next began, and the term
 of the holder the fault took away ended as that fault allows (a holder killed with

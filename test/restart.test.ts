@@ -501,7 +501,11 @@ describe('a run whose last batches a server crash took back', () => {
 
       const completed = await runs.complete(pool, LIMITS, claim, returned)
       expect(completed.status).toBe('retaken')
-      expect(completed).toMatchObject({ reason: expect.stringContaining('160 rows deleted') })
+      expect(completed).toMatchObject({
+        reason: expect.stringContaining('160 rows deleted'),
+        // What the run reports: what stayed deleted, not what the batches returned.
+        record: { rowsDeleted: 160, rowsSkipped: 0, batches: 4 },
+      })
       const { rows: after } = await pool.query(
         'SELECT status FROM pgsingleton.cleanup_runs WHERE id = $1',
         [claim.runId],

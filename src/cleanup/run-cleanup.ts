@@ -301,7 +301,12 @@ async function clean(
   })
   // Counted as a failure, though a crash is not the policy's doing: were the counts ever
   // to differ for another reason, the run would end exhausted, not loop.
-  if (completed.status === 'retaken') return failed(completed.reason, true)
+  if (completed.status === 'retaken') {
+    // The report tells what stayed deleted, as the record does, not what the batches that
+    // were taken back had returned.
+    Object.assign(report, completed.record)
+    return failed(completed.reason, true)
+  }
   if (completed.status === 'fenced')
     return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }

@@ -555,7 +555,14 @@ export async function complete(
   run: Claim,
   progress?: { rowsDeleted: number; rowsSkipped: number; batches: number },
 ): Promise<
-  { status: 'done' } | { status: 'fenced'; reason: string } | { status: 'retaken'; reason: string }
+  | { status: 'done' }
+  | { status: 'fenced'; reason: string }
+  | {
+      status: 'retaken'
+      reason: string
+      /** What the run's record holds: what the batches that stayed deleted. */
+      record: { rowsDeleted: number; rowsSkipped: number; batches: number }
+    }
 > {
   try {
     const fenced = await withFence(pool, limits, run, async (tx) => {
@@ -595,6 +602,11 @@ export async function complete(
       const record = fenced.result
       return {
         status: 'retaken',
+        record: {
+          rowsDeleted: Number(record.rows_deleted),
+          rowsSkipped: Number(record.rows_skipped),
+          batches: record.batches,
+        },
         reason: `the run's record holds ${record.rows_deleted} rows deleted, ${record.rows_skipped} skipped and ${record.batches} batches where its batches returned ${progress.rowsDeleted}, ${progress.rowsSkipped} and ${progress.batches}: a server crash or failover took back its last batches, whose rows are back; it runs again from the start`,
       }
     }
