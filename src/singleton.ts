@@ -9,7 +9,7 @@ import type { RunDefinition } from './config/definition.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
-import { SQLSTATE, sqlState } from './db/sqlstate.js'
+import { isPassingConnectionFailure, SQLSTATE, sqlState } from './db/sqlstate.js'
 import { assertPeersSupported } from './dependencies.js'
 import { errorMessage, SingletonError } from './errors.js'
 import type { SingletonEvents, SingletonWarning } from './events.js'
@@ -267,7 +267,9 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
               },
             )
           }
-          await boss.start().catch((error: unknown) => {
+          await boss.start().catch(async (error: unknown) => {
+            // A start that failed part-way may have opened connections: closed now.
+            await boss.stop({ graceful: false, close: true }).catch(() => {})
             throw bossStartError(error)
           })
         }
@@ -396,43 +398,126 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     // while, max_connections reached. Stepping down on it would leave a one-node cluster
     // without a holder for the cool-off, and a server's restart would have every node in
     // turn step down on it. So the holder tries again, with the starter's backoff, until
-    // stepDownAfterMs, the bound its failing schedule ticks get; a schema pg-boss cannot
-    // work with does not mend by waiting, and steps down at once.
+    // stepDownAfterMs from the first failure, the bound its failing schedule ticks get (a
+    // try still running then is left to finish in the background, and stopped with the
+    // holdership). A failure that does not pass by itself (a schema pg-boss cannot run
+    // on, a password, a permission) steps it down at once, as before.
     const startBossWhileHolding = async (fence: AbortSignal): Promise<PgBoss | undefined> => {
       const began = performance.now()
+      const deadline = began + options.stepDownAfterMs
       let delay = options.reconnectDelayMs
       for (;;) {
+        // Each try ends by the deadline (the last gets a second at least), or with the fence.
+        const bound = new AbortController()
+        const ends = AbortSignal.any([fence, bound.signal])
+        const limit = Math.max(1000, deadline - performance.now())
         try {
-          return await startBoss()
+          const boss = await Promise.race([
+            startBoss(),
+            sleep(limit, ends).then(() => {
+              // Ended by the fence, or by the try's own end (its outcome is the race's).
+              if (ends.aborted) return undefined
+              throw new Error(`it did not start within ${options.stepDownAfterMs} ms`)
+            }),
+          ])
+          return fence.aborted ? undefined : boss
         } catch (error) {
           if (fence.aborted) return undefined
-          if (error instanceof SingletonError && error.code === 'SCHEMA_NOT_MIGRATED') throw error
-          const failingFor = performance.now() - began
-          if (failingFor + delay > options.stepDownAfterMs) {
-            throw new SingletonError(
-              'QUEUE_NOT_STARTED',
-              `pg-boss has not started for ${Math.round(failingFor / 1000)} s (stepDownAfterMs ${options.stepDownAfterMs}); last: ${errorMessage(error)}`,
-              { cause: error },
-            )
-          }
           const reason =
             error instanceof SingletonError
               ? error.message
               : `pg-boss could not start: ${errorMessage(error)}`
-          const retry = `${reason}; holding on, trying again in ${delay} ms`
+          const left = deadline - performance.now()
+          const passing = isPassingConnectionFailure(error) || /did not start within/.test(reason)
+          if (!passing || left <= 0) {
+            throw new SingletonError(
+              passing || !(error instanceof SingletonError) ? 'QUEUE_NOT_STARTED' : error.code,
+              passing
+                ? `pg-boss has not started for ${Math.round((performance.now() - began) / 1000)} s (stepDownAfterMs ${options.stepDownAfterMs}); last: ${reason}`
+                : reason,
+              { cause: error },
+            )
+          }
+          const wait = Math.min(delay, left)
+          const retry = `${reason}; holding on, trying again in ${Math.round(wait)} ms`
           this.#emitError(new SingletonError('QUEUE_NOT_STARTED', retry, { cause: error }))
-          await sleep(delay, fence)
+          await sleep(wait, fence)
           if (fence.aborted) return undefined
           delay = Math.min(delay * 2, 5000)
+        } finally {
+          bound.abort()
         }
       }
     }
-    const work = () =>
+    const work = (boss: PgBoss) => {
+      // Not for a holdership that ended, or a node that is stopping (its worker is closing).
+      if (this.#stopping || !(options.workQueue === 'always' || holding)) return
+      worker.start(boss).catch((error) => this.#emitError(error))
+    }
+    const workWhenUp = () =>
       startBoss()
-        .then((boss) => {
-          if (options.workQueue === 'always' || holding) return worker.start(boss)
-        })
+        .then(work)
         .catch((error) => this.#emitError(error))
+    const schedule = (boss: PgBoss, lease: Lease, fence: AbortSignal) =>
+      runScheduler(
+        {
+          pool,
+          boss,
+          definitions,
+          limits,
+          onScheduled: (run) => {
+            options.logger.info({ ...run }, 'cleanup run scheduled')
+            this.#safeEmit('schedule:sent', run)
+          },
+          onDisagreement: (policies) => {
+            if (policies.length === 0) {
+              options.logger.info({}, 'the live nodes agree on every policy again')
+              return
+            }
+            this.#warn({
+              code: 'POLICY_DISAGREEMENT',
+              message: `the live nodes hold different definitions of ${policies.map((p) => `"${p}"`).join(', ')}; held back until they agree (see pgsingleton.policy_status)`,
+            })
+          },
+          onError: (error) => this.#emitError(error),
+        },
+        lease,
+        fence,
+        options.stepDownAfterMs,
+      )
+    /**
+     * The holder's part: pg-boss started, then the schedule, until the holdership ends or
+     * the holder cannot do its job. Then it steps down, so that a healthier node holds;
+     * but only when another node waits to take over. Alone, it would only leave the
+     * singleton without a holder for the cool-off: it holds on, says so, and tries again.
+     */
+    const lead = async (lease: Lease, fence: AbortSignal): Promise<void> => {
+      while (!fence.aborted) {
+        const began = performance.now()
+        let reason: string | undefined
+        const boss = await startBossWhileHolding(fence).catch((error) => {
+          this.#emitError(error)
+          reason = errorMessage(error)
+          return undefined
+        })
+        if (boss && !fence.aborted) {
+          work(boss)
+          reason = await schedule(boss, lease, fence)
+        }
+        if (!reason || fence.aborted) return
+        const waiting = await this.#starter?.othersWaiting().catch(() => true)
+        if (waiting || fence.aborted) {
+          this.#starter?.stepDown(reason)
+          return
+        }
+        this.#warn({
+          code: 'STEP_DOWN_SKIPPED',
+          message: `the holder would step down (${reason}), but no other node waits to take over: it holds on, and tries again`,
+        })
+        // A failure that comes back at once (a schema) is tried again only this long after.
+        await sleep(options.stepDownAfterMs - (performance.now() - began), fence)
+      }
+    }
 
     this.#starter = new Starter(
       connection,
@@ -446,7 +531,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       },
       {
         onRegistered: () => {
-          if (options.workQueue === 'always') void work() // idempotent
+          if (options.workQueue === 'always') void workWhenUp() // idempotent
         },
         onWaiting: () => {
           options.logger.info({}, 'queued for the lock')
@@ -461,51 +546,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           metrics.holdershipStarted()
           this.#safeEmit('lock:acquired', lease)
           holding = true
-          const schedule = (boss: PgBoss) =>
-            runScheduler(
-              {
-                pool,
-                boss,
-                definitions,
-                limits,
-                onScheduled: (run) => {
-                  options.logger.info({ ...run }, 'cleanup run scheduled')
-                  this.#safeEmit('schedule:sent', run)
-                },
-                onDisagreement: (policies) => {
-                  if (policies.length === 0) {
-                    options.logger.info({}, 'the live nodes agree on every policy again')
-                    return
-                  }
-                  this.#warn({
-                    code: 'POLICY_DISAGREEMENT',
-                    message: `the live nodes hold different definitions of ${policies.map((p) => `"${p}"`).join(', ')}; held back until they agree (see pgsingleton.policy_status)`,
-                  })
-                },
-                onError: (error) => this.#emitError(error),
-              },
-              lease,
-              fence,
-              options.stepDownAfterMs,
-            )
-          this.#scheduler = startBossWhileHolding(fence)
-            .then(
-              (boss) => {
-                if (!boss) return undefined
-                // The worker too: with 'when-holding' it starts with each holdership, and
-                // with 'always' a registration's own start of pg-boss may have failed.
-                void work()
-                return schedule(boss)
-              },
-              (error) => {
-                this.#emitError(error)
-                return errorMessage(error)
-              },
-            )
-            .then((stepDown) => {
-              // A holder that cannot do its job gives the lock to a healthier node.
-              if (stepDown) this.#starter?.stepDown(stepDown)
-            })
+          this.#scheduler = lead(lease, fence)
         },
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
@@ -657,7 +698,7 @@ function bossStartError(error: unknown): SingletonError {
   ) {
     return new SingletonError(
       'SCHEMA_NOT_MIGRATED',
-      `pg-boss could not start (${message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too.`,
+      `pg-boss could not start (${message}). Run \`pg-singleton migrate\`, which installs pg-boss's schema too (or, where other nodes run a newer pg-boss that migrated it, upgrade this node).`,
       { cause: error },
     )
   }

@@ -148,6 +148,57 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
     for (const node of nodes) expect((await node.exited).code).toBe(0)
   })
 
+  it('a holder whose ticks keep failing, with no other node waiting, holds on and says so: stepping down would leave no holder', async () => {
+    const { proxy, url } = await proxied()
+    const alone = createSingleton({
+      name: 'alone',
+      policies: [{ ...policy, every: '1 second' }],
+      batchStatementTimeoutMs: 500,
+      deadConnectionAfterMs: 500,
+      stepDownAfterMs: 2000,
+      nodeId: 'alone',
+      connectionString: url,
+      lockConnectionString: db.url,
+    })
+    alone.on('error', () => {})
+    const warnings: string[] = []
+    alone.on('warning', (warning) => warnings.push(warning.code))
+    const lost: string[] = []
+    alone.on('lock:lost', ({ reason }) => lost.push(reason))
+    try {
+      const held = once(alone, 'lock:acquired')
+      await alone.start()
+      const [lease] = (await held) as [Lease]
+      proxy.partition({ drop: true })
+      await waitFor('the holder to hold on', async () =>
+        warnings.includes('STEP_DOWN_SKIPPED') ? true : undefined,
+      )
+      expect(lost).toEqual([])
+      expect(await statusOf(db.pool, 'alone')).toMatchObject({
+        nodeId: 'alone',
+        epoch: lease.epoch,
+      })
+      proxy.heal()
+      // Its ticks run again in the same term: a run gets done.
+      await insertRows(db.pool, 10, '2 hours')
+      await waitFor(
+        'a run done after the path healed',
+        async () => {
+          const { rows } = await db.pool.query(
+            `SELECT 1 FROM pgsingleton.cleanup_runs WHERE singleton = 'alone' AND status = 'done' AND rows_deleted > 0`,
+          )
+          return rows.length > 0 ? true : undefined
+        },
+        20_000,
+      )
+      expect(lost).toEqual([])
+    } finally {
+      proxy.heal()
+      await alone.stop()
+      await proxy.close()
+    }
+  })
+
   it('a holder whose ticks keep failing (its pool broken, its lock session fine) steps down, says why, and queues again later', async () => {
     const { proxy, url } = await proxied()
     const options = {
@@ -328,7 +379,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
     }
   })
 
-  it('a new holder whose pg-boss stays unable to start steps down after stepDownAfterMs, its term recorded as released, and holds again once it can', async () => {
+  it('a new holder whose pg-boss stays unable to start steps down after stepDownAfterMs to a node that waits; the last one, with no one waiting, holds on and cleans once it can', async () => {
     const own = await createTestDatabase()
     const name = new URL(own.url).pathname.slice(1)
     const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
@@ -339,30 +390,28 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       stepDownAfterMs: 2000,
       policies: [{ ...policy, every: '1 second' }],
     })
-    const nodes = [startNode(own.url, config, 'shut-1'), startNode(own.url, config, 'shut-2')]
+    const nodes = [1, 2, 3].map((n) => startNode(own.url, config, `shut-${n}`))
     try {
-      const before = await waitFor('a holder and a standby', async () => {
+      const before = await waitFor('a holder and two standbys', async () => {
         const row = await statusOf(reader, 'shut')
-        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === 2 ? row : undefined
       })
       const holder = nodes.find((node) => node.id === before.nodeId)
-      const standby = nodes.find((node) => node.id !== before.nodeId)
-      if (!holder || !standby) throw new Error(`no node ${before.nodeId}`)
+      if (!holder) throw new Error(`no node ${before.nodeId}`)
       await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
       holder.signal('SIGKILL')
       await holder.exited
-      const taken = await waitFor('the standby to take over', async () => {
+      // The first standby to take over cannot start pg-boss; the other one waits.
+      const first = await waitFor('a standby to take over', async () => {
         const row = await statusOf(reader, 'shut')
-        return row?.nodeId === standby.id && (row.epoch ?? 0) > (before.epoch ?? 0)
-          ? row
-          : undefined
+        return row?.nodeId && (row.epoch ?? 0) > (before.epoch ?? 0) ? row : undefined
       })
       const ended = await waitFor(
         'its term to end',
         async () => {
           const { rows } = await reader.query<{ end_reason: string; detail: string }>(
             'SELECT end_reason, detail FROM pgsingleton.terms WHERE name = $1 AND epoch = $2 AND ended_at IS NOT NULL',
-            ['shut', taken.epoch],
+            ['shut', first.epoch],
           )
           return rows[0]
         },
@@ -370,17 +419,34 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       )
       expect(ended.end_reason).toBe('released')
       expect(ended.detail).toMatch(/pg-boss has not started for \d+ s \(stepDownAfterMs 2000\)/)
-      expect(standby.output()).not.toContain('pg-singleton migrate')
+      // The other standby holds now; the one that stepped down cannot queue again (its
+      // new connection is refused), so no one waits: the holder holds on.
+      const last = await waitFor('the other standby to take over', async () => {
+        const row = await statusOf(reader, 'shut')
+        return row?.nodeId && row.nodeId !== first.nodeId && (row.epoch ?? 0) > (first.epoch ?? 0)
+          ? row
+          : undefined
+      })
+      const lastNode = nodes.find((node) => node.id === last.nodeId)
+      if (!lastNode) throw new Error(`no node ${last.nodeId}`)
+      await waitFor(
+        'the last holder to hold on',
+        async () => lastNode.output().includes('STEP_DOWN_SKIPPED') || undefined,
+        15_000,
+      )
+      expect(lastNode.output()).not.toContain('fenced: no longer the holder')
+      for (const node of nodes) expect(node.output()).not.toContain('pg-singleton migrate')
       await insertRows(reader, 100, '2 hours')
       await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
       await waitFor(
-        'a later term to clean',
+        'the last holder to clean, in the same term',
         async () => (await countRows(reader, 'true')) === 0,
         30_000,
       )
-      expect((await statusOf(reader, 'shut'))?.epoch).toBeGreaterThan(taken.epoch ?? 0)
+      expect((await statusOf(reader, 'shut'))?.epoch).toBe(last.epoch)
       await stopAll(nodes)
-      expect(standby.child.exitCode, standby.output()).toBe(0)
+      for (const node of nodes.filter((n) => n !== holder))
+        expect(node.child.exitCode, node.output()).toBe(0)
     } finally {
       await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
       await stopAll(nodes)

@@ -66,13 +66,55 @@ export function sqlState(error: unknown): string | undefined {
 export function isConnectionLoss(error: unknown): boolean {
   const code = sqlState(error)
   if (code === undefined) return true
-  return code.startsWith('08') || CONNECTION_LOSS.has(code)
+  // A FATAL (or PANIC) ends the session, whatever its code (57P04: the database dropped).
+  const { severity } = error as { severity: string }
+  return severity === 'FATAL' || severity === 'PANIC' || code.startsWith('08') || code === '57P05'
 }
 
-const CONNECTION_LOSS = new Set([
+/**
+ * A connection that failed, or was refused, for a reason that passes by itself: the
+ * server unreachable, restarting, recovering or out of connections, the database closed
+ * to new ones, the path reset or timed out. Not a password, a permission or a schema:
+ * those stay until someone changes them. Looks through a wrapping error's cause.
+ */
+export function isPassingConnectionFailure(error: unknown): boolean {
+  for (let e = error, depth = 0; e && depth < 5; depth++) {
+    const code = sqlState(e)
+    const message = typeof e === 'object' && 'message' in e ? String(e.message) : ''
+    if (code !== undefined) {
+      return (
+        code.startsWith('08') ||
+        PASSING_SQLSTATES.has(code) ||
+        (code === '55000' && /not currently accepting connections/.test(message))
+      )
+    }
+    const errno = typeof e === 'object' && 'code' in e ? (e as { code: unknown }).code : undefined
+    if (typeof errno === 'string' && PASSING_ERRNOS.has(errno)) return true
+    if (PASSING_MESSAGES.test(message)) return true
+    e = typeof e === 'object' && 'cause' in e ? (e as { cause: unknown }).cause : undefined
+  }
+  return false
+}
+
+const PASSING_SQLSTATES = new Set([
   '57P01', // admin_shutdown: pg_terminate_backend, a fast shutdown
   '57P02', // crash_shutdown: another backend crashed, the server restarts
   '57P03', // cannot_connect_now: starting up, in recovery
   '57P05', // idle_session_timeout
+  '53000', // insufficient_resources
+  '53200', // out_of_memory
   '53300', // too_many_connections
 ])
+const PASSING_ERRNOS = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'EPIPE',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'EAI_AGAIN',
+])
+// node-postgres's own words for a connection lost or never made in time.
+const PASSING_MESSAGES =
+  /Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|Client has encountered a connection error/i

@@ -487,6 +487,26 @@ export class LockSession {
     )
   }
 
+  /** Whether another session waits in the lock queue for this singleton. */
+  async othersWaiting(): Promise<boolean> {
+    if (this.#closed) return true
+    const { rows } = await this.#withDeadline(
+      this.#client.query<{ waiting: boolean }>(
+        `SELECT EXISTS (
+           SELECT 1 FROM pg_locks lk
+            WHERE lk.locktype = 'advisory' AND NOT lk.granted AND lk.objsubid = 1
+              AND lk.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND lk.classid::bigint = ((k.key >> 32) & 4294967295)
+              AND lk.objid::bigint = (k.key & 4294967295)) AS waiting
+           FROM (SELECT pgsingleton.lock_key($1) AS key) k`,
+        [this.#settings.name],
+      ),
+      this.#settings.deadAfterMs,
+      'a look at the lock queue',
+    )
+    return rows[0]?.waiting ?? true
+  }
+
   /** A query that keeps the session from idling out (after a hand-over, while work ends). */
   async ping(): Promise<void> {
     if (this.#closed) return

@@ -101,6 +101,13 @@ export class Starter {
     this.#stepDown?.abort(reason)
   }
 
+  /** Whether another node waits to take over from this holder (true when not holding). */
+  othersWaiting(): Promise<boolean> {
+    const held = this.#held
+    if (!held || !this.#holding) return Promise.resolve(true)
+    return held.othersWaiting()
+  }
+
   /**
    * The first step of stop(), in this tick, for a caller with work of its own before the
    * rest of it: a holder's hold ends and the statement that unlocks is sent, without
