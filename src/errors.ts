@@ -34,7 +34,13 @@ export class SingletonError extends Error {
  * thing is an Error: an object says what it holds rather than `[object Object]`.
  */
 export function errorMessage(error: unknown): string {
-  if (error instanceof Error) return error.message
+  if (error instanceof Error) {
+    if (error.message) return error.message
+    // Node's connect over several addresses fails with an AggregateError and no message.
+    const inner = error instanceof AggregateError ? error.errors.map(errorMessage) : []
+    const code = (error as { code?: unknown }).code
+    return [typeof code === 'string' ? code : error.name, ...inner].filter(Boolean).join(': ')
+  }
   if (typeof error === 'object' && error !== null) {
     const message = (error as { message?: unknown }).message
     if (typeof message === 'string') return message

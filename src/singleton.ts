@@ -292,24 +292,33 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     const stopBoss = (): Promise<unknown> => {
       const up = bossUp
       bossUp = undefined
-      if (!up) return bossTurn
-      bossTurn = up.then(
-        (boss) => {
-          if (options.boss) return undefined
-          // Our worker has stopped by now, so nothing of ours runs in it. Its pool closes
-          // once its queries end; on a dead path one may wait for its minute-long deadline,
-          // and a stop or the next holdership does not wait for that: the pool closes in
-          // the background.
-          const stopped = boss.stop({ graceful: true, close: true, timeout: 10_000 })
-          const bound = new AbortController()
-          return Promise.race([
-            stopped.catch(() => {}).finally(() => bound.abort()),
-            sleep(queryDeadlineMs, bound.signal),
-          ])
-        },
-        () => undefined,
-      )
-      return bossTurn
+      if (up)
+        bossTurn = up.then(
+          (boss) => {
+            if (options.boss) return undefined
+            // Our worker has stopped by now, so nothing of ours runs in it. Its pool closes
+            // once its queries end; on a dead path one may wait for its minute-long deadline,
+            // and a stop or the next holdership does not wait for that: the pool closes in
+            // the background.
+            const stopped = boss.stop({ graceful: true, close: true, timeout: 10_000 })
+            const bound = new AbortController()
+            return Promise.race([
+              stopped.catch(() => {}).finally(() => bound.abort()),
+              sleep(queryDeadlineMs, bound.signal),
+            ])
+          },
+          () => undefined,
+        )
+      // A start still in flight (a try left behind by its deadline, behind a lock, say)
+      // is stopped once it is up, in the background: the caller waits two query deadlines
+      // at most (its start, its stop). The next start waits for it all (bossTurn), so two
+      // never run at once.
+      const turn = bossTurn
+      const bound = new AbortController()
+      return Promise.race([
+        turn.finally(() => bound.abort()),
+        sleep(queryDeadlineMs * 2, bound.signal),
+      ])
     }
     this.#stopBoss = stopBoss
     if (!bossInstalled) {
@@ -408,15 +417,16 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       let delay = options.reconnectDelayMs
       for (;;) {
         // Each try ends by the deadline (the last gets a second at least), or with the fence.
-        const bound = new AbortController()
-        const ends = AbortSignal.any([fence, bound.signal])
+        const ends = new AbortController()
+        const end = () => ends.abort()
+        fence.addEventListener('abort', end)
         const limit = Math.max(1000, deadline - performance.now())
         try {
           const boss = await Promise.race([
             startBoss(),
-            sleep(limit, ends).then(() => {
+            sleep(limit, ends.signal).then(() => {
               // Ended by the fence, or by the try's own end (its outcome is the race's).
-              if (ends.aborted) return undefined
+              if (ends.signal.aborted) return undefined
               throw new Error(`it did not start within ${options.stepDownAfterMs} ms`)
             }),
           ])
@@ -445,7 +455,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           if (fence.aborted) return undefined
           delay = Math.min(delay * 2, 5000)
         } finally {
-          bound.abort()
+          fence.removeEventListener('abort', end)
+          ends.abort()
         }
       }
     }
@@ -492,6 +503,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
      * singleton without a holder for the cool-off: it holds on, says so, and tries again.
      */
     const lead = async (lease: Lease, fence: AbortSignal): Promise<void> => {
+      let warned = false
       while (!fence.aborted) {
         const began = performance.now()
         let reason: string | undefined
@@ -505,15 +517,21 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           reason = await schedule(boss, lease, fence)
         }
         if (!reason || fence.aborted) return
-        const waiting = await this.#starter?.othersWaiting().catch(() => true)
-        if (waiting || fence.aborted) {
-          this.#starter?.stepDown(reason)
+        // A lock session that does not answer holds on too: if it is gone, the hold ends as
+        // lost by itself, and the node queues again at once.
+        const waiting = await this.#starter?.othersWaiting(lease.epoch).catch(() => false)
+        if (fence.aborted) return
+        if (waiting) {
+          this.#starter?.stepDown(reason, lease.epoch)
           return
         }
-        this.#warn({
-          code: 'STEP_DOWN_SKIPPED',
-          message: `the holder would step down (${reason}), but no other node waits to take over: it holds on, and tries again`,
-        })
+        if (!warned) {
+          warned = true
+          this.#warn({
+            code: 'STEP_DOWN_SKIPPED',
+            message: `the holder would step down (${reason}), but no other node waits to take over: it holds on, and tries again`,
+          })
+        }
         // A failure that comes back at once (a schema) is tried again only this long after.
         await sleep(options.stepDownAfterMs - (performance.now() - began), fence)
       }

@@ -455,6 +455,52 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
     }
   })
 
+  it('a stop while the holder’s pg-boss start waits behind a lock returns within two query deadlines; that pg-boss is stopped once it is up', async () => {
+    const node = createSingleton({
+      name: 'gated',
+      nodeId: 'gated',
+      connectionString: db.url,
+      policies: [policy],
+      // Query deadlines of 1 s; pg-boss's own queries wait up to a minute.
+      batchStatementTimeoutMs: 500,
+      deadConnectionAfterMs: 500,
+    })
+    node.on('error', () => {})
+    const gate = await openClient(db.url)
+    try {
+      await gate.query('BEGIN')
+      await gate.query('LOCK TABLE pgboss.version IN ACCESS EXCLUSIVE MODE')
+      const held = once(node, 'lock:acquired')
+      await node.start()
+      await held
+      await waitFor('its pg-boss to wait at the version table', async () => {
+        const { rows } = await db.pool.query(
+          `SELECT 1 FROM pg_stat_activity WHERE application_name = 'gated pg-boss' AND wait_event_type = 'Lock'`,
+        )
+        return rows.length > 0 ? true : undefined
+      })
+      const asked = performance.now()
+      await node.stop()
+      const tookMs = performance.now() - asked
+      // Two deadlines are 2 s; without the bound it waited for pg-boss's minute.
+      expect(tookMs).toBeLessThan(15_000)
+      await gate.query('ROLLBACK')
+      await waitFor(
+        'the pg-boss left behind to be stopped once it came up',
+        async () => {
+          const { rows } = await db.pool.query(
+            `SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'gated pg-boss%'`,
+          )
+          return rows.length === 0 ? true : undefined
+        },
+        30_000,
+      )
+    } finally {
+      await gate.end().catch(() => {})
+      await node.stop()
+    }
+  })
+
   it('a stop while the new holder waits to bump its epoch is honoured at once', async () => {
     const node = createSingleton({
       name: 'bump-wait',

@@ -66,10 +66,24 @@ export function sqlState(error: unknown): string | undefined {
 export function isConnectionLoss(error: unknown): boolean {
   const code = sqlState(error)
   if (code === undefined) return true
-  // A FATAL (or PANIC) ends the session, whatever its code (57P04: the database dropped).
+  // By code: the severity's text is translated (lc_messages), so 'FATAL' is only a hint.
   const { severity } = error as { severity: string }
-  return severity === 'FATAL' || severity === 'PANIC' || code.startsWith('08') || code === '57P05'
+  return (
+    code.startsWith('08') ||
+    SESSION_ENDING.has(code) ||
+    severity === 'FATAL' ||
+    severity === 'PANIC'
+  )
 }
+
+const SESSION_ENDING = new Set([
+  '57P01', // admin_shutdown: pg_terminate_backend, a fast shutdown
+  '57P02', // crash_shutdown: another backend crashed, the server restarts
+  '57P03', // cannot_connect_now
+  '57P04', // database_dropped
+  '57P05', // idle_session_timeout
+  '25P03', // idle_in_transaction_session_timeout
+])
 
 /**
  * A connection that failed, or was refused, for a reason that passes by itself: the
@@ -85,7 +99,11 @@ export function isPassingConnectionFailure(error: unknown): boolean {
       return (
         code.startsWith('08') ||
         PASSING_SQLSTATES.has(code) ||
-        (code === '55000' && /not currently accepting connections/.test(message))
+        // The database closed to new connections (ALLOW_CONNECTIONS false): by the
+        // server routine that refuses it, since the message may be translated.
+        (code === '55000' &&
+          ((e as { routine?: unknown }).routine === 'CheckMyDatabase' ||
+            /not currently accepting connections/.test(message)))
       )
     }
     const errno = typeof e === 'object' && 'code' in e ? (e as { code: unknown }).code : undefined
@@ -101,6 +119,11 @@ const PASSING_SQLSTATES = new Set([
   '57P02', // crash_shutdown: another backend crashed, the server restarts
   '57P03', // cannot_connect_now: starting up, in recovery
   '57P05', // idle_session_timeout
+  '57014', // query_canceled: a statement_timeout
+  '55P03', // lock_not_available: a lock_timeout (a migration holding pg-boss's tables)
+  '40001', // serialization_failure
+  '40P01', // deadlock_detected
+  '25006', // read_only_sql_transaction: a primary demoted, its successor not yet reached
   '53000', // insufficient_resources
   '53200', // out_of_memory
   '53300', // too_many_connections
@@ -117,4 +140,4 @@ const PASSING_ERRNOS = new Set([
 ])
 // node-postgres's own words for a connection lost or never made in time.
 const PASSING_MESSAGES =
-  /Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|Client has encountered a connection error/i
+  /Connection terminated|connection timeout|timeout exceeded when trying to connect|timeout expired|Query read timeout|Client has encountered a connection error/i

@@ -472,7 +472,8 @@ export class LockSession {
    * holder bumps itself, as after a crash.
    */
   async handOver(epoch: number, detail: string): Promise<void> {
-    if (this.#closed) return
+    // Not an answer: a session closed meanwhile (a deadline gave it up) was lost.
+    if (this.#closed) throw new Error('the lock session was closed')
     // The function decides whether the commit waits for its WAL flush: not when it only
     // ended the term (the next holder's bump, synchronous, flushes it), yes when it handed
     // an epoch over.
@@ -487,17 +488,28 @@ export class LockSession {
     )
   }
 
-  /** Whether another session waits in the lock queue for this singleton. */
+  /**
+   * Whether a node that could take over waits in the lock queue: as pgsingleton.hand_over
+   * picks its successor, a live, registered node of this singleton (its membership lock
+   * held by the waiting session) that speaks the schema's protocol; not an operator's
+   * session, nor a node of an older protocol, whose epoch bump would be refused.
+   */
   async othersWaiting(): Promise<boolean> {
-    if (this.#closed) return true
+    if (this.#closed) throw new Error('the lock session was closed')
     const { rows } = await this.#withDeadline(
       this.#client.query<{ waiting: boolean }>(
         `SELECT EXISTS (
-           SELECT 1 FROM pg_locks lk
-            WHERE lk.locktype = 'advisory' AND NOT lk.granted AND lk.objsubid = 1
-              AND lk.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND lk.classid::bigint = ((k.key >> 32) & 4294967295)
-              AND lk.objid::bigint = (k.key & 4294967295)) AS waiting
+           SELECT 1 FROM pg_locks g
+             JOIN pgsingleton.nodes n ON n.singleton = $1 AND n.backend_pid = g.pid
+             JOIN pg_locks m ON m.locktype = 'advisory' AND m.granted AND m.objsubid = 1
+                            AND m.database = g.database AND m.pid = g.pid
+                            AND m.classid::bigint = ((n.member_key >> 32) & 4294967295)
+                            AND m.objid::bigint = (n.member_key & 4294967295)
+            WHERE g.locktype = 'advisory' AND NOT g.granted AND g.objsubid = 1
+              AND g.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND g.classid::bigint = ((k.key >> 32) & 4294967295)
+              AND g.objid::bigint = (k.key & 4294967295)
+              AND n.protocol >= (SELECT mt.protocol FROM pgsingleton.meta mt)) AS waiting
            FROM (SELECT pgsingleton.lock_key($1) AS key) k`,
         [this.#settings.name],
       ),

@@ -97,14 +97,19 @@ export class Starter {
    * The holder gives the lock up (it cannot do its job: say its ticks keep failing) so that a
    * healthier node can hold; it queues again after the cool-off. No-op when not holding.
    */
-  stepDown(reason: string): void {
+  stepDown(reason: string, epoch?: number): void {
+    if (epoch !== undefined && this.#holding?.epoch !== epoch) return
     this.#stepDown?.abort(reason)
   }
 
-  /** Whether another node waits to take over from this holder (true when not holding). */
-  othersWaiting(): Promise<boolean> {
+  /**
+   * Whether another node waits to take over from the holdership of `epoch`; rejects when
+   * that holdership is over, or the lock session did not answer.
+   */
+  othersWaiting(epoch: number): Promise<boolean> {
     const held = this.#held
-    if (!held || !this.#holding) return Promise.resolve(true)
+    if (!held || this.#holding?.epoch !== epoch)
+      return Promise.reject(new Error(`epoch ${epoch} is not held`))
     return held.othersWaiting()
   }
 
