@@ -412,6 +412,19 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
     // holdership). A failure that does not pass by itself (a schema pg-boss cannot run
     // on, a password, a permission) steps it down at once, as before.
     const startBossWhileHolding = async (fence: AbortSignal): Promise<PgBoss | undefined> => {
+      // The last holdership's pg-boss may still be stopping (a quick re-acquire): that is
+      // not this one's failure, and does not count against its deadline. Waited for as
+      // long as stopBoss lets a caller wait.
+      const settled = new AbortController()
+      const settle = () => settled.abort()
+      fence.addEventListener('abort', settle)
+      await Promise.race([
+        bossTurn.then(settle, settle),
+        sleep(queryDeadlineMs * 2, settled.signal),
+      ])
+      fence.removeEventListener('abort', settle)
+      settle()
+      if (fence.aborted) return undefined
       const began = performance.now()
       const deadline = began + options.stepDownAfterMs
       let delay = options.reconnectDelayMs
