@@ -40,6 +40,52 @@ async function proxied(): Promise<{ proxy: PartitionableProxy; url: string }> {
   return { proxy: relay, url }
 }
 
+/**
+ * `count` CLI nodes of singleton `singleton` on a database of their own, cleaning app.events
+ * every second, which the test can close to new connections and open again (from another
+ * database: a session cannot close its own); `reader` is opened first and kept, so the test
+ * reads through it while the database is closed.
+ */
+async function nodesOnTheirOwnDatabase(singleton: string, count: number, options: object = {}) {
+  const own = await createTestDatabase()
+  const name = new URL(own.url).pathname.slice(1)
+  const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
+  reader.on('error', () => {})
+  await createEventsTable(own.pool)
+  const config = await writeConfig({
+    name: singleton,
+    ...options,
+    policies: [{ ...policy, every: '1 second' }],
+  })
+  const nodes = Array.from({ length: count }, (_, i) =>
+    startNode(own.url, config, `${singleton}-${i + 1}`),
+  )
+  const door = (open: boolean) => db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS ${open}`)
+  return {
+    reader,
+    nodes,
+    close: () => door(false),
+    open: () => door(true),
+    /** The status once a node holds and all the others wait. */
+    settled: () =>
+      waitFor(`a holder and ${count - 1} waiting`, async () => {
+        const row = await statusOf(reader, singleton)
+        return row?.nodeId && row.epoch !== null && row.waitingNodes === count - 1 ? row : undefined
+      }),
+    node: (id: string | null) => {
+      const node = nodes.find((n) => n.id === id)
+      if (!node) throw new Error(`no node ${id}`)
+      return node
+    },
+    dispose: async () => {
+      await door(true).catch(() => {})
+      await stopAll(nodes)
+      await reader.end()
+      await own.drop()
+    },
+  }
+}
+
 describe('dead connections are noticed, and the cluster is never stuck', () => {
   it('default timings: a standby whose path dies without a word notices within 15 s, its backend leaves the queue, and it takes over within 20 s of the holder dying', async () => {
     const config = await writeConfig({ name: 'silent', policies: [policy] })
@@ -253,24 +299,11 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
 
   it('a database that takes no new connection (as at max_connections) leaves the holder holding: its 10 s session check is skipped, with a warning', async () => {
     // A database of its own, closed to new connections for a while.
-    const own = await createTestDatabase()
-    const name = new URL(own.url).pathname.slice(1)
-    // Opened before the close, and kept: the test reads through it while the door is shut.
-    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
-    reader.on('error', () => {})
-    await createEventsTable(own.pool)
-    const config = await writeConfig({
-      name: 'closed',
-      policies: [{ ...policy, every: '1 second' }],
-    })
-    const nodes = [startNode(own.url, config, 'closed-1'), startNode(own.url, config, 'closed-2')]
+    const cluster = await nodesOnTheirOwnDatabase('closed', 2)
+    const { reader, nodes } = cluster
     try {
-      const before = await waitFor('a holder and a standby', async () => {
-        const row = await statusOf(reader, 'closed')
-        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
-      })
-      const holder = nodes.find((node) => node.id === before.nodeId)
-      if (!holder) throw new Error(`no node ${before.nodeId}`)
+      const before = await cluster.settled()
+      const holder = cluster.node(before.nodeId)
       // Settled first: this test is about a holder at work (a run done means its pg-boss
       // started); a new holder whose pg-boss cannot start is the next test's.
       await waitFor('a run done by the holder', async () => {
@@ -279,8 +312,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
         )
         return rows.length > 0 ? true : undefined
       })
-      // From another database: a session cannot close its own.
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      await cluster.close()
       // The first check comes 10 s into the holdership.
       await waitFor(
         'the holder to skip its session check, or to let go',
@@ -297,7 +329,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
         backendPid: before.backendPid,
         waitingNodes: 1,
       })
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+      await cluster.open()
 
       // The same term cleans on once the door opens.
       await insertRows(reader, 100, '2 hours')
@@ -310,35 +342,20 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       await stopAll(nodes)
       for (const node of nodes) expect(node.child.exitCode, node.output()).toBe(0)
     } finally {
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
-      await stopAll(nodes)
-      await reader.end()
-      await own.drop()
+      await cluster.dispose()
     }
   })
 
   it('a new holder whose pg-boss cannot open its connections (the database closed to them) holds on, and starts it when they open: no step-down, no 30 s without a holder', async () => {
-    const own = await createTestDatabase()
-    const name = new URL(own.url).pathname.slice(1)
-    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
-    reader.on('error', () => {})
-    await createEventsTable(own.pool)
-    const config = await writeConfig({
-      name: 'door',
-      policies: [{ ...policy, every: '1 second' }],
-    })
-    const nodes = [startNode(own.url, config, 'door-1'), startNode(own.url, config, 'door-2')]
+    const cluster = await nodesOnTheirOwnDatabase('door', 2)
+    const { reader, nodes } = cluster
     try {
-      const before = await waitFor('a holder and a standby', async () => {
-        const row = await statusOf(reader, 'door')
-        return row?.nodeId && row.epoch !== null && row.waitingNodes === 1 ? row : undefined
-      })
-      const holder = nodes.find((node) => node.id === before.nodeId)
-      const standby = nodes.find((node) => node.id !== before.nodeId)
-      if (!holder || !standby) throw new Error(`no node ${before.nodeId}`)
+      const before = await cluster.settled()
+      const holder = cluster.node(before.nodeId)
+      const standby = cluster.node(before.waitingNodeIds[0] ?? null)
       // The standby takes over on its lock session, which needs no new connection; its
       // pg-boss, which starts with the holdership, does.
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      await cluster.close()
       holder.signal('SIGKILL')
       await holder.exited
       const taken = await waitFor('the standby to take over', async () => {
@@ -360,7 +377,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
         backendPid: taken.backendPid,
       })
       await insertRows(reader, 100, '2 hours')
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+      await cluster.open()
       // Well inside the 30 s a stepped-down node would sit out before it queued again.
       await waitFor(
         'the same term to start pg-boss and clean',
@@ -372,33 +389,17 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       await stopAll(nodes)
       expect(standby.child.exitCode, standby.output()).toBe(0)
     } finally {
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
-      await stopAll(nodes)
-      await reader.end()
-      await own.drop()
+      await cluster.dispose()
     }
   })
 
   it('a new holder whose pg-boss stays unable to start steps down after stepDownAfterMs to a node that waits; the last one, with no one waiting, holds on and cleans once it can', async () => {
-    const own = await createTestDatabase()
-    const name = new URL(own.url).pathname.slice(1)
-    const reader = new pg.Pool({ connectionString: own.url, max: 1, idleTimeoutMillis: 0 })
-    reader.on('error', () => {})
-    await createEventsTable(own.pool)
-    const config = await writeConfig({
-      name: 'shut',
-      stepDownAfterMs: 2000,
-      policies: [{ ...policy, every: '1 second' }],
-    })
-    const nodes = [1, 2, 3].map((n) => startNode(own.url, config, `shut-${n}`))
+    const cluster = await nodesOnTheirOwnDatabase('shut', 3, { stepDownAfterMs: 2000 })
+    const { reader, nodes } = cluster
     try {
-      const before = await waitFor('a holder and two standbys', async () => {
-        const row = await statusOf(reader, 'shut')
-        return row?.nodeId && row.epoch !== null && row.waitingNodes === 2 ? row : undefined
-      })
-      const holder = nodes.find((node) => node.id === before.nodeId)
-      if (!holder) throw new Error(`no node ${before.nodeId}`)
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+      const before = await cluster.settled()
+      const holder = cluster.node(before.nodeId)
+      await cluster.close()
       holder.signal('SIGKILL')
       await holder.exited
       // The first standby to take over cannot start pg-boss; the other one waits.
@@ -427,8 +428,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
           ? row
           : undefined
       })
-      const lastNode = nodes.find((node) => node.id === last.nodeId)
-      if (!lastNode) throw new Error(`no node ${last.nodeId}`)
+      const lastNode = cluster.node(last.nodeId)
       await waitFor(
         'the last holder to hold on',
         async () => lastNode.output().includes('STEP_DOWN_SKIPPED') || undefined,
@@ -437,7 +437,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       expect(lastNode.output()).not.toContain('fenced: no longer the holder')
       for (const node of nodes) expect(node.output()).not.toContain('pg-singleton migrate')
       await insertRows(reader, 100, '2 hours')
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+      await cluster.open()
       await waitFor(
         'the last holder to clean, in the same term',
         async () => (await countRows(reader, 'true')) === 0,
@@ -448,10 +448,7 @@ describe('dead connections are noticed, and the cluster is never stuck', () => {
       for (const node of nodes.filter((n) => n !== holder))
         expect(node.child.exitCode, node.output()).toBe(0)
     } finally {
-      await db.pool.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`).catch(() => {})
-      await stopAll(nodes)
-      await reader.end()
-      await own.drop()
+      await cluster.dispose()
     }
   })
 
