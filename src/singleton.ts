@@ -25,7 +25,7 @@ import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from './status/read-status.js'
-import { sleep } from './wait.js'
+import { settleWithin, sleep } from './wait.js'
 
 /** The server checks a waiting lock session's socket this often (client_connection_check_interval). */
 const CONNECTION_CHECK_MS = 1000
@@ -300,12 +300,10 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             // once its queries end; on a dead path one may wait for its minute-long deadline,
             // and a stop or the next holdership does not wait for that: the pool closes in
             // the background.
-            const stopped = boss.stop({ graceful: true, close: true, timeout: 10_000 })
-            const bound = new AbortController()
-            return Promise.race([
-              stopped.catch(() => {}).finally(() => bound.abort()),
-              sleep(queryDeadlineMs, bound.signal),
-            ])
+            return settleWithin(
+              boss.stop({ graceful: true, close: true, timeout: 10_000 }),
+              queryDeadlineMs,
+            )
           },
           () => undefined,
         )
@@ -313,12 +311,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       // is stopped once it is up, in the background: the caller waits two query deadlines
       // at most (its start, its stop). The next start waits for it all (bossTurn), so two
       // never run at once.
-      const turn = bossTurn
-      const bound = new AbortController()
-      return Promise.race([
-        turn.finally(() => bound.abort()),
-        sleep(queryDeadlineMs * 2, bound.signal),
-      ])
+      return settleWithin(bossTurn, queryDeadlineMs * 2)
     }
     this.#stopBoss = stopBoss
     if (!bossInstalled) {
@@ -415,15 +408,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       // The last holdership's pg-boss may still be stopping (a quick re-acquire): that is
       // not this one's failure, and does not count against its deadline. Waited for as
       // long as stopBoss lets a caller wait.
-      const settled = new AbortController()
-      const settle = () => settled.abort()
-      fence.addEventListener('abort', settle)
-      await Promise.race([
-        bossTurn.then(settle, settle),
-        sleep(queryDeadlineMs * 2, settled.signal),
-      ])
-      fence.removeEventListener('abort', settle)
-      settle()
+      await settleWithin(bossTurn, queryDeadlineMs * 2, fence)
       if (fence.aborted) return undefined
       const began = performance.now()
       const deadline = began + options.stepDownAfterMs

@@ -12,6 +12,27 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   })
 }
 
+/**
+ * Waits for `work` to settle, `ms` at most, and no longer than `signal` stays unaborted;
+ * never rejects, and leaves no timer behind once it returns.
+ */
+export async function settleWithin(
+  work: Promise<unknown>,
+  ms: number,
+  signal?: AbortSignal,
+): Promise<void> {
+  const done = new AbortController()
+  const end = () => done.abort()
+  if (signal?.aborted) end()
+  signal?.addEventListener('abort', end)
+  try {
+    await Promise.race([work.then(end, end), sleep(ms, done.signal)])
+  } finally {
+    signal?.removeEventListener('abort', end)
+    end()
+  }
+}
+
 /** Polls `probe` until it gives a value, or throws after `timeoutMs`. */
 export async function waitFor<T>(
   what: string,
