@@ -9,6 +9,7 @@ import * as safeDeletes from './0002_safe_deletes.js'
 import * as tasks from './0003_tasks.js'
 import * as fasterBatches from './0004_faster_batches.js'
 import * as handOver from './0005_hand_over.js'
+import * as equalValues from './0006_equal_values.js'
 
 /** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -40,6 +41,13 @@ const STEPS: readonly Step[] = [
     name: 'pgsingleton_0005_hand_over',
     up: handOver.UP,
     down: handOver.DOWN,
+    compatible: true,
+  },
+  {
+    version: 6,
+    name: 'pgsingleton_0006_equal_values',
+    up: equalValues.UP,
+    down: equalValues.DOWN,
     compatible: true,
   },
 ]

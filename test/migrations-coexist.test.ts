@@ -118,6 +118,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
+      'pgsingleton_0006_equal_values:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -126,7 +127,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 5\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 6\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -147,6 +148,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
+      'pgsingleton_0006_equal_values:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -171,6 +173,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
+        'pgsingleton_0006_equal_values',
       ],
       schemaVersion: SCHEMA_VERSION,
     })
@@ -183,6 +186,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
+      'pgsingleton_0006_equal_values',
     ])
 
     const app = await fresh()
@@ -196,6 +200,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks:Success',
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
+      'pgsingleton_0006_equal_values:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -231,6 +236,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
+      'pgsingleton_0006_equal_values',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -242,6 +248,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
+      'pgsingleton_0006_equal_values',
       'pgsingleton_pgboss_schema',
     ])
   })

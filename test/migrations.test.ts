@@ -51,6 +51,7 @@ describe('migrations', () => {
       'pgsingleton_0003_tasks',
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
+      'pgsingleton_0006_equal_values',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -118,7 +119,7 @@ describe('migrations', () => {
     }
   })
 
-  it('steps 4 and 5 keep schema 3: the same functions for older nodes, and a way back', async () => {
+  it('steps 4, 5 and 6 keep schema 3: the same functions for older nodes, and a way back', async () => {
     // The functions a node of schema 3 calls, whose contract the steps keep.
     const signature = async (fn: string) =>
       (
@@ -146,7 +147,7 @@ describe('migrations', () => {
         )
       ).rows[0]
     const latest = await signatures()
-    expect(await read()).toMatchObject({ schema_version: 3, revision: 5, protocol: 3 })
+    expect(await read()).toMatchObject({ schema_version: 3, revision: 6, protocol: 3 })
     expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     const kysely = new Kysely<unknown>({
       dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: db.url, max: 1 }) }),
@@ -159,11 +160,21 @@ describe('migrations', () => {
         migrationTableName: 'pgsingleton_migration',
         migrationLockTableName: 'pgsingleton_migration_lock',
       })
+      expect((await migrator.migrateTo('pgsingleton_0005_hand_over')).error).toBeUndefined()
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 5 })
+      expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
+      const at5 = await signatures()
+      expect(at5.bump).toEqual(latest.bump)
+      expect(at5.batch?.body).not.toEqual(latest.batch?.body)
+      expect({ args: at5.batch?.args, result: at5.batch?.result }).toEqual({
+        args: latest.batch?.args,
+        result: latest.batch?.result,
+      })
       expect((await migrator.migrateTo('pgsingleton_0004_faster_batches')).error).toBeUndefined()
       expect(await read()).toMatchObject({ schema_version: 3, revision: 4 })
       expect(await step5()).toEqual({ hand_over: false, protocol: false, trigger: false })
       const at4 = await signatures()
-      expect(at4.batch).toEqual(latest.batch)
+      expect(at4.batch).toEqual(at5.batch)
       expect(at4.bump?.body).not.toEqual(latest.bump?.body)
       expect((await migrator.migrateTo('pgsingleton_0003_tasks')).error).toBeUndefined()
       const before = await signatures()
@@ -182,9 +193,10 @@ describe('migrations', () => {
       expect((await migrateToLatest(db.pool)).applied).toEqual([
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
+        'pgsingleton_0006_equal_values',
       ])
       expect(await signatures()).toEqual(latest)
-      expect(await read()).toMatchObject({ schema_version: 3, revision: 5 })
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 6 })
       expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     } finally {
       await kysely.destroy()
@@ -193,27 +205,29 @@ describe('migrations', () => {
 
   it('steps down taken by a route that knows nothing of revisions are undone by the next migration', async () => {
     // An older pg-singleton's steps 3 and 2 down (run, say, by an app's own migrator whose
-    // table never saw steps 4 and 5): schema version 1, the revision step 5 left, and step
-    // 2's functions gone, steps 4 and 5's with them.
+    // table never saw steps 4 to 6): schema version 1, the revision step 6 left, and step
+    // 2's functions gone, steps 4 to 6's with them.
     await db.pool.query(`BEGIN; ${tasks.DOWN} ${safeDeletes.DOWN} COMMIT;`)
     expect(
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
-    ).toMatchObject({ schema_version: 1, revision: 5 })
-    // The SQL files, as any route applies them: steps 2 to 5 again.
+    ).toMatchObject({ schema_version: 1, revision: 6 })
+    // The SQL files, as any route applies them: steps 2 to 6 again.
     for (const [name, text] of Object.entries(migrationFiles()))
       if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
     await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
     const { rows } = await db.pool.query(
       `SELECT to_jsonb(m) AS meta, to_regclass('pgsingleton.terms') IS NOT NULL AS terms,
               (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%WITH s AS MATERIALIZED%' AS step4,
-              to_regproc('pgsingleton.hand_over') IS NOT NULL AS step5
+              to_regproc('pgsingleton.hand_over') IS NOT NULL AS step5,
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%More rows than the limit share one value%' AS step6
          FROM pgsingleton.meta m`,
     )
     expect(rows[0]).toMatchObject({
-      meta: { schema_version: 3, revision: 5, protocol: 3 },
+      meta: { schema_version: 3, revision: 6, protocol: 3 },
       terms: true,
       step4: true,
       step5: true,
+      step6: true,
     })
   })
 

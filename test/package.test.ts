@@ -62,6 +62,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
+        'pgsingleton_0006_equal_values',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
@@ -70,6 +71,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0003_tasks',
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
+        'pgsingleton_0006_equal_values',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,

@@ -312,6 +312,40 @@ describe('the index walk', () => {
       )
     },
   )
+  it('reads about its own rows where far more rows than a batch share one value: a date column, a bulk insert’s now()', async () => {
+    // One outdated row in twenty, all of one day: a small share, so the run walks the index.
+    await db.pool.query(`CREATE TABLE app.daily (id serial PRIMARY KEY, on_day date NOT NULL, payload text);
+      CREATE INDEX ON app.daily (on_day);
+      INSERT INTO app.daily (on_day, payload)
+        SELECT CASE WHEN g % 20 = 0 THEN current_date - 30 ELSE current_date END, md5(g::text)
+          FROM generate_series(1, 100000) g;
+      ANALYZE app.daily;`)
+    const { report, name } = await cleanOnce({
+      name: 'daily',
+      table: 'app.daily',
+      column: 'on_day',
+      timeZone: 'UTC',
+      olderThan: '7 days',
+      every: '1 hour',
+      batchSize: 200,
+    })
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 5000, rowsSkipped: 0 })
+    expect(Math.max(...(await batchesOf(name)).map((b) => b.rows_deleted))).toBeLessThanOrEqual(200)
+    // The rows the server read for it, by its own statistics, which the node's backends
+    // report at the latest when they end (with its stop).
+    const read = await waitFor('the statistics to count every delete', async () => {
+      const { rows } = await db.pool.query(
+        `SELECT n_tup_del::int AS deleted, coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0) AS read
+           FROM pg_stat_user_tables WHERE relid = 'app.daily'::regclass`,
+      )
+      return rows[0].deleted >= 5000 ? Number(rows[0].read) : undefined
+    })
+    // About twice a row: once by the batch that finds its bound, once by the one that
+    // deletes it. Taken in ctid order, each batch read every row left of the value: about
+    // 5,000² / 200 / 2 = 62,500 rows.
+    expect(read).toBeLessThan(4 * 5000)
+    expect(await count('app.daily')).toBe(95_000)
+  })
 })
 
 describe('rows that cannot go never stall the policy', () => {
