@@ -2,17 +2,18 @@
  * Schema revision 6: a batch among many rows of one value reads about its own rows.
  *
  * - `pgsingleton.cleanup_batch` (same signature, same outcomes, same rule for what goes):
- *   - on a plain table, where more outdated rows than the limit share the value the walk is
- *     at (rows written by one bulk insert share `now()`; a `date` column's rows share their
- *     day), a batch deletes any `limit` of them, taken in index order, and the cursor stays
- *     at that value. Revision 4 took them in ctid order, which no index gives: each batch
- *     read and sorted every row left of that value, so a group of n rows cost n²/limit rows
- *     read, and batches slowed as the group grew (the pacer then made them smaller, which
- *     made it worse). Rows the delete does not take (changed by another transaction
- *     meanwhile) are not passed: still outdated, a later batch takes them. A batch whose
- *     delete takes none of them falls back to the walk in ctid order, which passes them.
- *     The cursor counts the rows taken at the value (`taken`), so it still moves with each
- *     batch, as a node's check that a batch moved on requires.
+ *   - on a plain table, where more outdated rows than the limit share the value the walk
+ *     reaches next (rows written by one bulk insert share `now()`; a `date` column's rows
+ *     share their day), a batch deletes up to the limit of the rows from the cursor to that
+ *     value, in index order, and the cursor stays where it is. Revision 4 took them in ctid
+ *     order, which no index gives: each batch read and sorted every row left of that value,
+ *     so a group of n rows cost n²/limit rows read, and batches slowed as the group drained
+ *     (the pacer then made them smaller, which made it worse). The batch passes no row; a
+ *     row it picked that another transaction changed meanwhile counts as skipped all the
+ *     same (moved to an earlier value, it may lie behind the cursor), as revision 4 counted
+ *     it. A batch whose delete takes none falls back to the walk in ctid order, which passes
+ *     them. The cursor counts the rows taken where it stands (`taken`), so it still moves
+ *     with each batch, as a node's check that a batch moved on requires.
  *   - a cursor at a value's start (`(v, '(0,0)')`, where range deletes leave it) is read as
  *     `column >= v`, which it equals (no row has tid (0,0)), so the bound query can read
  *     the index alone, where the row comparison needed every row's heap tuple.
@@ -51,31 +52,37 @@ const BY_CTID_4 = `      IF selected = 0 THEN
         -- By ctid: the selection and its delete in one statement.`
 
 const ONE_VALUE_6 = `      IF selected = 0 AND ahead > lim AND one_value THEN
-        -- More rows than the limit share one value: any limit of them go, in index order,
-        -- and the cursor stays at the value. (In ctid order, each batch would read and sort
-        -- every row left of the value.) A row the delete does not take was changed by another
-        -- transaction meanwhile and is not passed: still outdated, a later batch takes it.
-        -- Should the delete take none, the walk by ctid below passes them.
+        -- More rows than the limit share one value: the batch deletes up to the limit of the
+        -- rows from the cursor to that value, in index order, and leaves the cursor where it
+        -- is (in ctid order, each batch would read and sort every row left of the value).
+        -- It passes no row: a row it picks that another transaction changed meanwhile is
+        -- counted as skipped all the same (changed to an earlier value, it may now lie behind
+        -- the cursor), and one still ahead is taken by a later batch. Should the delete take
+        -- none, the walk by ctid below passes them.
         EXECUTE format(
           'WITH picked AS MATERIALIZED (
              SELECT rel.ctid AS row_tid FROM ONLY %2$s AS rel
-              WHERE %3$s AND rel.%1$I = ($4 #>> ''{}'')::%4$s LIMIT $3),
+              WHERE %3$s %5$s AND rel.%1$I <= ($4 #>> ''{}'')::%4$s ORDER BY rel.%1$I LIMIT $3),
            gone AS (
              DELETE FROM ONLY %2$s WHERE ctid = ANY (ARRAY(SELECT row_tid FROM picked)) AND %3$s RETURNING 1)
-           SELECT (SELECT count(*) FROM gone)::int',
-          col, leaf_sql, pred, cast_to)
-          INTO deleted
+           SELECT (SELECT count(*) FROM picked)::int, (SELECT count(*) FROM gone)::int',
+          col, leaf_sql, pred, cast_to, after_cursor)
+          INTO selected, deleted
           USING cutoff, pos, lim, bound;
         IF deleted > 0 THEN
-          selected := deleted;
-          -- The cursor moves all the same: it counts the rows taken at this value, which a
+          -- The cursor moves all the same: it counts the rows taken where it stands, which a
           -- node's check that each batch moves on sees (nodes of revision 5 included).
-          taken := deleted + CASE WHEN p_cursor->'at' = jsonb_build_array(bound, '(0,0)')
-                                  THEN coalesce((p_cursor->>'taken')::bigint, 0) ELSE 0 END;
-          pos := jsonb_build_array(bound, '(0,0)');
+          taken := deleted + coalesce((p_cursor->>'taken')::bigint, 0);
+        ELSE
+          selected := 0;
         END IF;
       END IF;
 ${BY_CTID_4}`
+
+const POS_4 = `  pos jsonb := p_cursor->'at';`
+
+// A cursor left at the start by a batch among one value's rows says 'at': null.
+const POS_6 = `  pos jsonb := nullif(p_cursor->'at', 'null'::jsonb);`
 
 const DECLARE_4 = `  done_fast boolean := false;
 BEGIN`
@@ -90,6 +97,7 @@ const NEXT_CURSOR_6 = `    next_cursor := jsonb_build_object('at', pos, 'xids', 
       || CASE WHEN taken IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('taken', taken) END;`
 
 const FUNCTION_6 = [
+  [POS_4, POS_6],
   [DECLARE_4, DECLARE_6],
   [CURSOR_4, CURSOR_6],
   [BY_CTID_4, ONE_VALUE_6],

@@ -5,6 +5,7 @@ import type { PgBoss } from 'pg-boss'
 // import of pg-singleton itself; start() names the version instead.
 import * as pgBoss from 'pg-boss'
 import { CleanupWorker } from './cleanup/cleanup-worker.js'
+import { LearnedSizes } from './cleanup/pacing.js'
 import type { RunDefinition } from './config/definition.js'
 import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
@@ -343,6 +344,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         batchTargetMs: options.batchTargetMs,
         maxReplicaLagMs: options.maxReplicaLagMs,
         handlers: new Map(options.tasks.map((task) => [task.name, task.handler])),
+        sizes: new LearnedSizes(),
         onBatch: (batch) => {
           metrics.batch(batch.policy, batch.rows, batch.elapsedMs)
           this.#safeEmit('cleanup:batch', batch)

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { Pacer } from '../src/cleanup/pacing.js'
+import { LearnedSizes, Pacer } from '../src/cleanup/pacing.js'
 
 describe('batches sized to a time budget', () => {
   it('starts at 1000 rows (or batchSize, when smaller) and never exceeds batchSize', () => {
@@ -155,5 +155,33 @@ describe('batches sized to a time budget', () => {
     expect(scattered.limit).toBeGreaterThan(900)
     scattered.careful()
     expect(scattered.limit).toBeLessThanOrEqual(130)
+  })
+})
+
+describe('the size a run left', () => {
+  it('is where the next run of the leaf starts, within batchSize, and careful batches still start small', () => {
+    const first = new Pacer(5000, 30, 50, 0)
+    for (let i = 0; i < 3; i++) first.after({ selected: first.limit, elapsedMs: 5 })
+    expect(first.size.limit).toBe(5000)
+    const next = new Pacer(5000, 30, 50, 0, 'index', undefined, first.size)
+    expect(next.limit).toBe(5000)
+    next.careful()
+    expect(next.limit).toBe(1000)
+    // A smaller batchSize since: the ceiling holds.
+    expect(new Pacer(2000, 30, 50, 0, 'index', undefined, first.size).limit).toBe(2000)
+    expect(new Pacer(5000, 30, 50, 0, 'tidrange', undefined, { limit: 3000, span: 70 }).span).toBe(
+      70,
+    )
+  })
+
+  it('is kept for a bounded number of leaves, the least recently used forgotten first', () => {
+    const sizes = new LearnedSizes(2)
+    sizes.remember('a', { limit: 1, span: 1 })
+    sizes.remember('b', { limit: 2, span: 1 })
+    sizes.remember('a', { limit: 3, span: 1 })
+    sizes.remember('c', { limit: 4, span: 1 })
+    expect(sizes.recall('b')).toBeUndefined()
+    expect(sizes.recall('a')).toEqual({ limit: 3, span: 1 })
+    expect(sizes.recall('c')).toEqual({ limit: 4, span: 1 })
   })
 })

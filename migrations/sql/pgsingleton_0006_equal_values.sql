@@ -51,7 +51,7 @@ DECLARE
   lo integer;
   hi integer;
   mid integer;
-  pos jsonb := p_cursor->'at';
+  pos jsonb := nullif(p_cursor->'at', 'null'::jsonb);
   last_value jsonb;
   after_cursor text;
   ahead integer;
@@ -165,28 +165,29 @@ BEGIN
         END;
       END IF;
       IF selected = 0 AND ahead > lim AND one_value THEN
-        -- More rows than the limit share one value: any limit of them go, in index order,
-        -- and the cursor stays at the value. (In ctid order, each batch would read and sort
-        -- every row left of the value.) A row the delete does not take was changed by another
-        -- transaction meanwhile and is not passed: still outdated, a later batch takes it.
-        -- Should the delete take none, the walk by ctid below passes them.
+        -- More rows than the limit share one value: the batch deletes up to the limit of the
+        -- rows from the cursor to that value, in index order, and leaves the cursor where it
+        -- is (in ctid order, each batch would read and sort every row left of the value).
+        -- It passes no row: a row it picks that another transaction changed meanwhile is
+        -- counted as skipped all the same (changed to an earlier value, it may now lie behind
+        -- the cursor), and one still ahead is taken by a later batch. Should the delete take
+        -- none, the walk by ctid below passes them.
         EXECUTE format(
           'WITH picked AS MATERIALIZED (
              SELECT rel.ctid AS row_tid FROM ONLY %2$s AS rel
-              WHERE %3$s AND rel.%1$I = ($4 #>> ''{}'')::%4$s LIMIT $3),
+              WHERE %3$s %5$s AND rel.%1$I <= ($4 #>> ''{}'')::%4$s ORDER BY rel.%1$I LIMIT $3),
            gone AS (
              DELETE FROM ONLY %2$s WHERE ctid = ANY (ARRAY(SELECT row_tid FROM picked)) AND %3$s RETURNING 1)
-           SELECT (SELECT count(*) FROM gone)::int',
-          col, leaf_sql, pred, cast_to)
-          INTO deleted
+           SELECT (SELECT count(*) FROM picked)::int, (SELECT count(*) FROM gone)::int',
+          col, leaf_sql, pred, cast_to, after_cursor)
+          INTO selected, deleted
           USING cutoff, pos, lim, bound;
         IF deleted > 0 THEN
-          selected := deleted;
-          -- The cursor moves all the same: it counts the rows taken at this value, which a
+          -- The cursor moves all the same: it counts the rows taken where it stands, which a
           -- node's check that each batch moves on sees (nodes of revision 5 included).
-          taken := deleted + CASE WHEN p_cursor->'at' = jsonb_build_array(bound, '(0,0)')
-                                  THEN coalesce((p_cursor->>'taken')::bigint, 0) ELSE 0 END;
-          pos := jsonb_build_array(bound, '(0,0)');
+          taken := deleted + coalesce((p_cursor->>'taken')::bigint, 0);
+        ELSE
+          selected := 0;
         END IF;
       END IF;
       IF selected = 0 THEN

@@ -8,7 +8,7 @@ import * as runs from '../runs/runs.js'
 import type { RunStatus } from '../runs/statuses.js'
 import { runTask, type TaskDeps } from '../tasks/run-task.js'
 import { sleep } from '../wait.js'
-import { Pacer } from './pacing.js'
+import { type LearnedSizes, Pacer } from './pacing.js'
 
 export interface RunReport {
   runId: string
@@ -53,6 +53,8 @@ export interface CleanupDeps {
   readonly maxReplicaLagMs: number
   /** This node's task handlers, by name. */
   readonly handlers: TaskDeps['handlers']
+  /** The batch sizes this node's runs left, so that the next run of a leaf starts there. */
+  readonly sizes?: LearnedSizes
   onBatch(batch: BatchReport): void
 }
 
@@ -212,6 +214,14 @@ async function clean(
       strategy === 'index'
         ? await runs.leafLayout(deps.pool, leaf.leaf, run.definition.column).catch(() => undefined)
         : undefined
+    // The same leaf, walked the same way under the same bounds: the size it was left at.
+    const sizeKey = JSON.stringify([
+      run.policy,
+      leaf.leaf,
+      strategy,
+      run.definition.batchSize,
+      deps.batchTargetMs,
+    ])
     const pacer = new Pacer(
       run.definition.batchSize,
       deps.batchTargetMs,
@@ -219,6 +229,7 @@ async function clean(
       deps.batchPauseMs,
       strategy,
       layout,
+      deps.sizes?.recall(sizeKey),
     )
     let cursor: unknown = null
     let careful = false
@@ -281,7 +292,11 @@ async function clean(
         recorded(leaf.relation, batch.deleted, batch.skipped, batch.cutoff, batch.elapsedMs)
         report.reason ??= batch.firstError ?? undefined
       }
-      if (batch.leafDone) break
+      if (batch.leafDone) {
+        // Not a size that careful batches or a cancelled one left: those are this run's.
+        if (!careful && !limited) deps.sizes?.remember(sizeKey, pacer.size)
+        break
+      }
       // Every batch moves its cursor past what it selected; one that did not would loop.
       if (batch.selected > 0 && JSON.stringify(batch.cursor) === JSON.stringify(cursor)) {
         return failed(`policy "${run.policy}", ${leaf.relation}: the batch did not move on`, true)
