@@ -95,6 +95,9 @@ class Trial {
   epochBefore = 0
   #feeding = true
   #feeder: Promise<void> | undefined
+  /** Table b's rows, as the watcher last found them: when each was last there, and by when it was gone. */
+  readonly #watched = new Map<number, { createdAt: Date; seenAt: Date; goneBy?: Date }>()
+  #watcher: Promise<void> | undefined
 
   constructor(
     readonly fault: Fault,
@@ -112,18 +115,24 @@ class Trial {
       await this.pool.query(`CREATE SCHEMA IF NOT EXISTS chaos;
         CREATE TABLE chaos."${this.name}_${t}" (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
         CREATE INDEX ON chaos."${this.name}_${t}" (created_at);
-        CREATE TABLE IF NOT EXISTS chaos.deleted (tbl text, id bigint, created_at timestamptz, deleted_at timestamptz);
+        -- deleted_at: by when it was gone; seen_at: when it was last known to be there.
+        CREATE TABLE IF NOT EXISTS chaos.deleted (tbl text, id bigint, created_at timestamptz, deleted_at timestamptz, seen_at timestamptz);
         CREATE INDEX IF NOT EXISTS deleted_tbl_id ON chaos.deleted (tbl, id);
         -- After each of the feeder's inserts has committed: every id up to upto is visible
         -- to a transaction that begins after committed_by (ids rise in commit order: one feeder).
         CREATE TABLE IF NOT EXISTS chaos.fed (tbl text, upto bigint, committed_by timestamptz);
         CREATE OR REPLACE FUNCTION chaos.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-          INSERT INTO chaos.deleted VALUES (TG_TABLE_NAME, OLD.id, OLD.created_at, now());
+          INSERT INTO chaos.deleted VALUES (TG_TABLE_NAME, OLD.id, OLD.created_at, now(), now());
           RETURN OLD;
-        END $$;
-        CREATE TRIGGER log_delete AFTER DELETE ON chaos."${this.name}_${t}" FOR EACH ROW EXECUTE FUNCTION chaos.log_delete();`)
+        END $$;`)
     }
+    // Table a logs its deletes by trigger, which makes its batches select, delete and account
+    // row by row. Table b is plain, as most apps' tables are, so its batches take the one-
+    // statement paths; the watcher finds its deletes from outside.
+    await this.pool.query(
+      `CREATE TRIGGER log_delete AFTER DELETE ON chaos."${this.name}_a" FOR EACH ROW EXECUTE FUNCTION chaos.log_delete()`,
+    )
     // What the task writes through fenced(), with the database clock at the write.
     await this.pool.query(`CREATE TABLE IF NOT EXISTS chaos.task_writes (
         singleton text, scheduled_for timestamptz, epoch bigint, node text, written_at timestamptz)`)
@@ -139,6 +148,7 @@ class Trial {
        }\n`,
     )
     this.#feeder = this.#feed()
+    this.#watcher = this.#watch()
     const target = new URL(this.url)
     const policies = ['a', 'b'].map((t) => ({
       name: `events-${t}`,
@@ -222,20 +232,70 @@ class Trial {
                                    WHEN g <= 16 THEN interval '30 minutes'
                                    ELSE interval '59 minutes 59 seconds' END, 'x'
                  FROM generate_series(1, 20) AS g
-               RETURNING id)
-             SELECT max(id) AS upto FROM fed`,
+               RETURNING id, created_at)
+             SELECT max(id) AS upto, json_agg(json_build_array(id, created_at)) AS fed,
+                    clock_timestamp() AS at FROM fed`,
           )
-          .then(({ rows }) =>
+          .then(({ rows }) => {
+            // Before its commit: a time at which the rows were there, or not yet deleted.
+            if (t === 'b')
+              for (const [id, createdAt] of rows[0].fed as [number, string][])
+                this.#watched.set(Number(id), {
+                  createdAt: new Date(createdAt),
+                  seenAt: rows[0].at,
+                })
             // A statement of its own, after the insert's commit returned.
-            this.pool.query('INSERT INTO chaos.fed VALUES ($1, $2, clock_timestamp())', [
+            return this.pool.query('INSERT INTO chaos.fed VALUES ($1, $2, clock_timestamp())', [
               `${this.name}_${t}`,
               rows[0].upto,
-            ]),
-          )
+            ])
+          })
           .catch(() => {})
       }
       await new Promise((resolve) => setTimeout(resolve, 100))
     }
+  }
+
+  /** Table b has no trigger: which of its rows are there, five times a second. */
+  async #watch(): Promise<void> {
+    while (this.#feeding) {
+      await this.#look().catch(() => {})
+      await new Promise((resolve) => setTimeout(resolve, 200))
+    }
+  }
+
+  async #look(): Promise<void> {
+    // One statement: its now() is no later than the snapshot it reads.
+    const { rows } = await this.pool.query(
+      `SELECT now() AS at, coalesce(array_agg(id), '{}') AS ids FROM chaos."${this.name}_b"`,
+    )
+    const at: Date = rows[0].at
+    const there = new Set((rows[0].ids as string[]).map(Number))
+    for (const [id, row] of this.#watched) {
+      if (row.seenAt >= at) continue
+      // Back after a server crash took the delete back: it was not deleted after all.
+      if (there.has(id)) Object.assign(row, { seenAt: at, goneBy: undefined })
+      else row.goneBy ??= at
+    }
+  }
+
+  /** What the watcher saw go, into chaos.deleted, as the trigger logs table a's. */
+  async #recordWatched(): Promise<void> {
+    await this.#look()
+    const gone = [...this.#watched].filter(([, row]) => row.goneBy)
+    await this.pool.query(
+      `INSERT INTO chaos.deleted SELECT $1, g.id, g.created_at, g.gone_by, g.seen_at
+         FROM unnest($2::bigint[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[])
+           AS g(id, created_at, gone_by, seen_at)`,
+      [
+        `${this.name}_b`,
+        gone.map(([id]) => id),
+        gone.map(([, row]) => row.createdAt),
+        gone.map(([, row]) => row.goneBy),
+        gone.map(([, row]) => row.seenAt),
+      ],
+    )
+    this.#watched.clear()
   }
 
   node(id: string | null | undefined): { node: NodeProcess; proxy: PartitionableProxy } {
@@ -374,16 +434,16 @@ class Trial {
              (SELECT e.id, NULL::timestamptz AS deleted_at FROM chaos."${tbl}" e
                WHERE e.id <= d.upto AND e.created_at < d.cut LIMIT 1)
              UNION ALL
-             (SELECT l.id, l.deleted_at FROM chaos.deleted l
+             (SELECT l.id, l.seen_at FROM chaos.deleted l
                WHERE l.tbl = $3 AND l.id <= d.upto AND l.created_at < d.cut
-                 AND l.deleted_at > d.finished_at LIMIT 1)
+                 AND l.seen_at > d.finished_at LIMIT 1)
              LIMIT 1) x
           ORDER BY d.id LIMIT 5`,
         [this.name, `events-${t}`, tbl],
       )
       for (const row of rows)
         problems.push(
-          `run ${row.run} of events-${t} is done (at ${row.finished_at.toISOString()}, cut-off ${row.cut.toISOString()}) but left row ${row.id}, ${row.deleted_at ? `deleted only at ${row.deleted_at.toISOString()}` : 'still there'}`,
+          `run ${row.run} of events-${t} is done (at ${row.finished_at.toISOString()}, cut-off ${row.cut.toISOString()}) but left row ${row.id}, ${row.deleted_at ? `still there at ${row.deleted_at.toISOString()}` : 'still there'}`,
         )
       const { rows: checked } = await this.pool.query(
         `SELECT count(*)::int AS n FROM pgsingleton.cleanup_runs
@@ -493,6 +553,8 @@ class Trial {
     for (const node of this.nodes) node.signal('SIGCONT')
     this.#feeding = false
     await this.#feeder
+    await this.#watcher
+    if (this.#watched.size > 0) await this.#recordWatched()
   }
 
   async close(): Promise<void> {
@@ -828,8 +890,11 @@ a relay of its own, so that its path can die) cleaning two tables a feeder keeps
 with outdated, young and almost-outdated rows, and running a task (every second) that
 writes a row through \`fenced()\`, and writes this file. The oracles are the database's
 records only: batches of different epochs never overlap and commit in epoch order
-(\`cleanup_batches\`); no row younger than the cut-off is deleted (a trigger logs every
-delete with its transaction's time); no occurrence is completed twice, and none is left
+(\`cleanup_batches\`); no row younger than the cut-off is deleted (on the first table a
+trigger logs every delete with its transaction's time, so its batches take the row-by-row
+path; the second is plain, as most apps' tables are, so its batches take the one-statement
+paths, and a watcher reads its ids five times a second: when each row was last there, and
+by when it was gone); no occurrence is completed twice, and none is left
 unfinished; a run recorded done with no row skipped left no row behind that was older
 than its cut-off and committed before it began (the feeder logs, after each commit, the
 ids it made visible); the task wrote each occurrence once, exactly the occurrences whose runs are
