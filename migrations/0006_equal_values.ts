@@ -12,7 +12,7 @@
  *     row it picked that another transaction changed meanwhile counts as skipped all the
  *     same (moved to an earlier value, it may lie behind the cursor), as revision 4 counted
  *     it. A batch whose delete takes none falls back to the walk in ctid order, which passes
- *     them. The cursor counts the rows taken where it stands (`taken`), so it still moves
+ *     them, and counts the rows it picked as skipped with what that walk does. The cursor counts the rows taken where it stands (`taken`), so it still moves
  *     with each batch, as a node's check that a batch moved on requires.
  *   - a cursor at a value's start (`(v, '(0,0)')`, where range deletes leave it) is read as
  *     `column >= v`, which it equals (no row has tid (0,0)), so the bound query can read
@@ -74,6 +74,9 @@ const ONE_VALUE_6 = `      IF selected = 0 AND ahead > lim AND one_value THEN
           -- node's check that each batch moves on sees (nodes of revision 5 included).
           taken := deleted + coalesce((p_cursor->>'taken')::bigint, 0);
         ELSE
+          -- Every row it picked was changed meanwhile: they count as skipped with what the
+          -- walk by ctid below does, even if it finds nothing.
+          carried := selected;
           selected := 0;
         END IF;
       END IF;
@@ -89,12 +92,33 @@ BEGIN`
 
 const DECLARE_6 = `  done_fast boolean := false;
   taken bigint;
+  carried integer := 0;
 BEGIN`
 
 const NEXT_CURSOR_4 = `    next_cursor := jsonb_build_object('at', pos, 'xids', '[]'::jsonb);`
 
-const NEXT_CURSOR_6 = `    next_cursor := jsonb_build_object('at', pos, 'xids', '[]'::jsonb)
+// (No 'at' where the cursor is still at the start: revision 5's function reads none as the
+// start, where it would read 'at': null as the end.)
+const NEXT_CURSOR_6 = `    next_cursor := jsonb_build_object('xids', '[]'::jsonb)
+      || CASE WHEN pos IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('at', pos) END
       || CASE WHEN taken IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('taken', taken) END;`
+
+const BY_CTID_END_4 = `        leaf_done := selected < lim;
+        IF selected = 0 THEN
+          RETURN;
+        END IF;
+      END IF;
+      done_fast := true;
+      skipped := selected - deleted;`
+
+const BY_CTID_END_6 = `        leaf_done := selected < lim;
+        IF selected = 0 AND carried = 0 THEN
+          RETURN;
+        END IF;
+      END IF;
+      done_fast := true;
+      selected := selected + carried;
+      skipped := selected - deleted;`
 
 const FUNCTION_6 = [
   [POS_4, POS_6],
@@ -102,6 +126,7 @@ const FUNCTION_6 = [
   [CURSOR_4, CURSOR_6],
   [BY_CTID_4, ONE_VALUE_6],
   [NEXT_CURSOR_4, NEXT_CURSOR_6],
+  [BY_CTID_END_4, BY_CTID_END_6],
 ].reduce((text, [from, to]) => edit(text, from as string, to as string), FUNCTION_4)
 
 export const UP = `

@@ -159,29 +159,31 @@ describe('batches sized to a time budget', () => {
 })
 
 describe('the size a run left', () => {
-  it('is where the next run of the leaf starts, within batchSize, and careful batches still start small', () => {
+  it('is where the next run of the leaf starts, within batchSize; careful batches still start small, and a span follows the limit', () => {
     const first = new Pacer(5000, 30, 50, 0)
     for (let i = 0; i < 3; i++) first.after({ selected: first.limit, elapsedMs: 5 })
-    expect(first.size.limit).toBe(5000)
-    const next = new Pacer(5000, 30, 50, 0, 'index', undefined, first.size)
+    expect(first.limit).toBe(5000)
+    const next = new Pacer(5000, 30, 50, 0, 'index', undefined, first.limit)
     expect(next.limit).toBe(5000)
     next.careful()
     expect(next.limit).toBe(1000)
     // A smaller batchSize since: the ceiling holds.
-    expect(new Pacer(2000, 30, 50, 0, 'index', undefined, first.size).limit).toBe(2000)
-    expect(new Pacer(5000, 30, 50, 0, 'tidrange', undefined, { limit: 3000, span: 70 }).span).toBe(
-      70,
-    )
+    expect(new Pacer(2000, 30, 50, 0, 'index', undefined, 5000).limit).toBe(2000)
+    // In page order, the pages that hold the limit's rows, whatever span the last run had.
+    const pages = new Pacer(5000, 30, 50, 0, 'tidrange', undefined, 3000)
+    expect([pages.limit, pages.span]).toEqual([3000, 60])
   })
 
   it('is kept for a bounded number of leaves, the least recently used forgotten first', () => {
     const sizes = new LearnedSizes(2)
-    sizes.remember('a', { limit: 1, span: 1 })
-    sizes.remember('b', { limit: 2, span: 1 })
-    sizes.remember('a', { limit: 3, span: 1 })
-    sizes.remember('c', { limit: 4, span: 1 })
+    sizes.remember('a', 1)
+    sizes.remember('b', 2)
+    sizes.remember('a', 3)
+    sizes.remember('c', 4)
     expect(sizes.recall('b')).toBeUndefined()
-    expect(sizes.recall('a')).toEqual({ limit: 3, span: 1 })
-    expect(sizes.recall('c')).toEqual({ limit: 4, span: 1 })
+    expect(sizes.recall('a')).toBe(3)
+    expect(sizes.recall('c')).toBe(4)
+    sizes.forget('a')
+    expect(sizes.recall('a')).toBeUndefined()
   })
 })

@@ -70,6 +70,7 @@ DECLARE
   plain boolean;
   done_fast boolean := false;
   taken bigint;
+  carried integer := 0;
 BEGIN
   outcome := 'deleted'; selected := 0; deleted := 0; skipped := 0; leaf_done := false;
   next_cursor := p_cursor;
@@ -187,6 +188,9 @@ BEGIN
           -- node's check that each batch moves on sees (nodes of revision 5 included).
           taken := deleted + coalesce((p_cursor->>'taken')::bigint, 0);
         ELSE
+          -- Every row it picked was changed meanwhile: they count as skipped with what the
+          -- walk by ctid below does, even if it finds nothing.
+          carried := selected;
           selected := 0;
         END IF;
       END IF;
@@ -206,11 +210,12 @@ BEGIN
           INTO selected, deleted, pos
           USING cutoff, pos, lim;
         leaf_done := selected < lim;
-        IF selected = 0 THEN
+        IF selected = 0 AND carried = 0 THEN
           RETURN;
         END IF;
       END IF;
       done_fast := true;
+      selected := selected + carried;
       skipped := selected - deleted;
       IF skipped > 0 THEN
         first_error := format('%s row(s) of %s were changed by another transaction meanwhile; they are left for a later run', skipped, leaf_sql);
@@ -295,7 +300,8 @@ BEGIN
 
   IF done_fast THEN
     -- One statement did the batch: nothing it left can be its own doing.
-    next_cursor := jsonb_build_object('at', pos, 'xids', '[]'::jsonb)
+    next_cursor := jsonb_build_object('xids', '[]'::jsonb)
+      || CASE WHEN pos IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('at', pos) END
       || CASE WHEN taken IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('taken', taken) END;
     IF selected = 0 THEN
       elapsed_ms := extract(epoch FROM clock_timestamp() - now()) * 1000;

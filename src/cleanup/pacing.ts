@@ -29,8 +29,8 @@ export class Pacer {
     private readonly strategy: 'index' | 'tidrange' = 'index',
     /** The leaf's size and the column's physical order, from its statistics (index walks). */
     layout: Layout = { pages: 0, correlation: null },
-    /** Where the last run of this leaf, on this node, left the size: the first batch starts there. */
-    learned?: BatchSize,
+    /** The row limit the last run of this leaf, on this node, left: the first batch starts there. */
+    learned?: number,
   ) {
     const limit = Math.min(ceiling, FIRST_LIMIT)
     const first = strategy === 'index' ? firstIndexLimit(limit, tuplesPerPage, layout) : limit
@@ -41,15 +41,13 @@ export class Pacer {
       tuplesPerPage > 0
         ? clamp(Math.ceil(first / tuplesPerPage), 1, MAX_SPAN_PAGES)
         : DEFAULT_SPAN_PAGES
-    if (learned) {
-      this.#limit = clamp(Math.round(learned.limit), Math.min(MIN_LIMIT, ceiling), ceiling)
-      this.#span = clamp(Math.round(learned.span), 1, MAX_SPAN_PAGES)
+    if (learned !== undefined) {
+      this.#limit = clamp(Math.round(learned), Math.min(MIN_LIMIT, ceiling), ceiling)
+      // Not the span it was left at: over pages with nothing outdated the span grows far
+      // beyond the rows it may take, and the next run starts where the rows are dense.
+      if (tuplesPerPage > 0)
+        this.#span = clamp(Math.ceil(this.#limit / tuplesPerPage), 1, MAX_SPAN_PAGES)
     }
-  }
-
-  /** The size the next batch would have, for the next run of the same leaf. */
-  get size(): BatchSize {
-    return { limit: this.#limit, span: this.#span }
   }
 
   get limit(): number {
@@ -125,30 +123,29 @@ export class Pacer {
   }
 }
 
-/** A batch's size: its row limit, and in page order its span of pages. */
-export interface BatchSize {
-  readonly limit: number
-  readonly span: number
-}
-
 /**
- * The sizes the runs of this node left, by policy, leaf and walk: a policy that runs often
- * would otherwise grow from the first size again every run (1,000 rows, then 2,000, 4,000,
- * ...), paying each small batch's fixed cost. Kept in memory: a new holder learns again.
- * Bounded: it forgets the oldest entries past `max`.
+ * The row limits the runs this node worked left, by policy, leaf and walk: a policy that
+ * runs often would otherwise grow from the first size again every run (1,000 rows, then
+ * 2,000, 4,000, ...), paying each small batch's fixed cost. Kept in memory, by each node
+ * that works the queue: a node started since learns again. Bounded: past `max` entries it
+ * forgets the least recently used.
  */
 export class LearnedSizes {
-  readonly #sizes = new Map<string, BatchSize>()
+  readonly #sizes = new Map<string, number>()
 
   constructor(private readonly max = 10_000) {}
 
-  recall(key: string): BatchSize | undefined {
+  recall(key: string): number | undefined {
     return this.#sizes.get(key)
   }
 
-  remember(key: string, size: BatchSize): void {
+  forget(key: string): void {
     this.#sizes.delete(key)
-    this.#sizes.set(key, size)
+  }
+
+  remember(key: string, limit: number): void {
+    this.#sizes.delete(key)
+    this.#sizes.set(key, limit)
     if (this.#sizes.size > this.max) {
       const oldest = this.#sizes.keys().next().value
       if (oldest !== undefined) this.#sizes.delete(oldest)

@@ -218,6 +218,7 @@ async function clean(
     const sizeKey = JSON.stringify([
       run.policy,
       leaf.leaf,
+      run.definition.column,
       strategy,
       run.definition.batchSize,
       deps.batchTargetMs,
@@ -265,6 +266,8 @@ async function clean(
           sqlState(error) === SQLSTATE.QUERY_CANCELED &&
           performance.now() - sentAt >= deps.limits.statementTimeoutMs * 0.9
         if (timedOut && (pacer.shrink() || !limited)) {
+          // The next run starts from the first size again, not where this one was cancelled.
+          deps.sizes?.forget(sizeKey)
           limited = true
           careful = true
           await sleep(deps.limits.statementTimeoutMs, signal)
@@ -293,8 +296,8 @@ async function clean(
         report.reason ??= batch.firstError ?? undefined
       }
       if (batch.leafDone) {
-        // Not a size that careful batches or a cancelled one left: those are this run's.
-        if (!careful && !limited) deps.sizes?.remember(sizeKey, pacer.size)
+        // Not a size careful batches left: they start small, and say nothing of plain ones.
+        if (!careful && !limited) deps.sizes?.remember(sizeKey, pacer.limit)
         break
       }
       // Every batch moves its cursor past what it selected; one that did not would loop.
