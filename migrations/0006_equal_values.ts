@@ -12,7 +12,8 @@
  *     row it picked that another transaction changed meanwhile counts as skipped all the
  *     same (moved to an earlier value, it may lie behind the cursor), as revision 4 counted
  *     it. A batch whose delete takes none falls back to the walk in ctid order, which passes
- *     them, and counts the rows it picked as skipped with what that walk does. The cursor counts the rows taken where it stands (`taken`), so it still moves
+ *     them, and counts the rows it picked as skipped with what that walk does. So does a
+ *     batch whose range delete (revision 4's) takes none of the rows it counted. The cursor counts the rows taken where it stands (`taken`), so it still moves
  *     with each batch, as a node's check that a batch moved on requires.
  *   - a cursor at a value's start (`(v, '(0,0)')`, where range deletes leave it) is read as
  *     `column >= v`, which it equals (no row has tid (0,0)), so the bound query can read
@@ -103,6 +104,21 @@ const NEXT_CURSOR_6 = `    next_cursor := jsonb_build_object('xids', '[]'::jsonb
       || CASE WHEN pos IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('at', pos) END
       || CASE WHEN taken IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('taken', taken) END;`
 
+const RANGE_END_4 = `              pos := jsonb_build_array(bound, '(0,0)');
+            END IF;
+          END IF;
+        EXCEPTION WHEN SQLSTATE 'PS001' THEN`
+
+const RANGE_END_6 = `              pos := jsonb_build_array(bound, '(0,0)');
+            END IF;
+          ELSE
+            -- None of the rows it counted went: other transactions changed them meanwhile,
+            -- perhaps to an earlier value, behind the cursor. They count as skipped with
+            -- what the walk by ctid below does (revision 4 lost them from the count).
+            carried := CASE WHEN ahead <= lim THEN ahead ELSE ahead - at_bound END;
+          END IF;
+        EXCEPTION WHEN SQLSTATE 'PS001' THEN`
+
 const BY_CTID_END_4 = `        leaf_done := selected < lim;
         IF selected = 0 THEN
           RETURN;
@@ -126,6 +142,7 @@ const FUNCTION_6 = [
   [CURSOR_4, CURSOR_6],
   [BY_CTID_4, ONE_VALUE_6],
   [NEXT_CURSOR_4, NEXT_CURSOR_6],
+  [RANGE_END_4, RANGE_END_6],
   [BY_CTID_END_4, BY_CTID_END_6],
 ].reduce((text, [from, to]) => edit(text, from as string, to as string), FUNCTION_4)
 

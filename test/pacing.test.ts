@@ -159,7 +159,7 @@ describe('batches sized to a time budget', () => {
 })
 
 describe('the size a run left', () => {
-  it('is where the next run of the leaf starts, within batchSize; careful batches still start small, and a span follows the limit', () => {
+  it('is where the next run of the leaf starts, within batchSize; careful batches still start small, and a page-order walk starts at its first size', () => {
     const first = new Pacer(5000, 30, 50, 0)
     for (let i = 0; i < 3; i++) first.after({ selected: first.limit, elapsedMs: 5 })
     expect(first.limit).toBe(5000)
@@ -169,9 +169,9 @@ describe('the size a run left', () => {
     expect(next.limit).toBe(1000)
     // A smaller batchSize since: the ceiling holds.
     expect(new Pacer(2000, 30, 50, 0, 'index', undefined, 5000).limit).toBe(2000)
-    // In page order, the pages that hold the limit's rows, whatever span the last run had.
+    // In page order the first size stands.
     const pages = new Pacer(5000, 30, 50, 0, 'tidrange', undefined, 3000)
-    expect([pages.limit, pages.span]).toEqual([3000, 60])
+    expect([pages.limit, pages.span]).toEqual([1000, 20])
   })
 
   it('is kept for a bounded number of leaves, the least recently used forgotten first', () => {

@@ -388,51 +388,57 @@ describe('the index walk', () => {
     }
   })
 
-  it('among many rows of one value, rows the app moves all to an earlier day while the batch waits for them are counted as skipped, or deleted', async () => {
-    await db.pool.query(`CREATE TABLE app.moved_day (id int PRIMARY KEY, on_day date NOT NULL);
+  it.each([
+    ['more rows than a batch takes', 300],
+    ['fewer rows than a batch takes', 60],
+  ])(
+    'rows the app moves all to an earlier day while the batch waits for them (%s share that day) are counted as skipped, or deleted',
+    async (_, onDay) => {
+      await db.pool.query(`DROP TABLE IF EXISTS app.moved_day; CREATE TABLE app.moved_day (id int PRIMARY KEY, on_day date NOT NULL);
       CREATE INDEX ON app.moved_day (on_day);
       INSERT INTO app.moved_day SELECT g, current_date - 40 FROM generate_series(1, 50) g;
-      INSERT INTO app.moved_day SELECT g, current_date - 30 FROM generate_series(51, 350) g;
-      INSERT INTO app.moved_day SELECT g, current_date - 20 FROM generate_series(351, 650) g;
-      INSERT INTO app.moved_day SELECT g, current_date FROM generate_series(651, 30000) g;
+      INSERT INTO app.moved_day SELECT g, current_date - 30 FROM generate_series(51, 50 + ${onDay}) g;
+      INSERT INTO app.moved_day SELECT g, current_date - 20 FROM generate_series(51 + ${onDay}, 350 + ${onDay}) g;
+      INSERT INTO app.moved_day SELECT g, current_date FROM generate_series(351 + ${onDay}, 30000) g;
       ANALYZE app.moved_day;`)
-    const app = await openClient(db.url)
-    try {
-      // The second batch picks rows of day -30 and waits for them; the app moves that day.
-      await app.query('BEGIN')
-      await app.query(
-        'UPDATE app.moved_day SET on_day = on_day - 5 WHERE on_day = current_date - 30',
-      )
-      const cleaning = cleanOnce(
-        {
-          name: 'moved-day',
-          table: 'app.moved_day',
-          column: 'on_day',
-          timeZone: 'UTC',
-          olderThan: '7 days',
-          every: '1 hour',
-          batchSize: 100,
-        },
-        { batchLockTimeoutMs: 30_000 },
-      )
-      await waitFor('a batch waiting for the moved rows', async () => {
-        const { rows } = await db.pool.query(
-          `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cleanup_batch%'`,
+      const app = await openClient(db.url)
+      try {
+        // The second batch picks rows of day -30 and waits for them; the app moves that day.
+        await app.query('BEGIN')
+        await app.query(
+          'UPDATE app.moved_day SET on_day = on_day - 5 WHERE on_day = current_date - 30',
         )
-        return rows[0].n > 0
-      })
-      await app.query('COMMIT')
-      const { report } = await cleaning
-      const left = await count(`app.moved_day WHERE on_day < current_date - 7`)
-      expect(report.status).toBe('done')
-      // The rows moved behind the cursor stay (as any walk would leave them), and a run that
-      // left rows it picked says so: it never reports nothing skipped with rows left.
-      expect({ left, skipped: report.rowsSkipped > 0 }).toEqual({ left, skipped: left > 0 })
-      expect(report.rowsDeleted + left).toBe(650)
-    } finally {
-      await app.end()
-    }
-  })
+        const cleaning = cleanOnce(
+          {
+            name: `moved-day-${onDay}`,
+            table: 'app.moved_day',
+            column: 'on_day',
+            timeZone: 'UTC',
+            olderThan: '7 days',
+            every: '1 hour',
+            batchSize: 100,
+          },
+          { batchLockTimeoutMs: 30_000 },
+        )
+        await waitFor('a batch waiting for the moved rows', async () => {
+          const { rows } = await db.pool.query(
+            `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cleanup_batch%'`,
+          )
+          return rows[0].n > 0
+        })
+        await app.query('COMMIT')
+        const { report } = await cleaning
+        const left = await count(`app.moved_day WHERE on_day < current_date - 7`)
+        expect(report.status).toBe('done')
+        // The rows moved behind the cursor stay (as any walk would leave them), and a run that
+        // left rows it picked says so: it never reports nothing skipped with rows left.
+        expect({ left, skipped: report.rowsSkipped > 0 }).toEqual({ left, skipped: left > 0 })
+        expect(report.rowsDeleted + left).toBe(350 + onDay)
+      } finally {
+        await app.end()
+      }
+    },
+  )
 
   it('the next run of a table starts at the batch size the last one grew to, not from the first size again', async () => {
     await db.pool.query(`CREATE TABLE app.steady (id serial PRIMARY KEY, at timestamptz NOT NULL);

@@ -160,6 +160,11 @@ BEGIN
               -- Every row below the bound is passed: the next batch starts at it.
               pos := jsonb_build_array(bound, '(0,0)');
             END IF;
+          ELSE
+            -- None of the rows it counted went: other transactions changed them meanwhile,
+            -- perhaps to an earlier value, behind the cursor. They count as skipped with
+            -- what the walk by ctid below does (revision 4 lost them from the count).
+            carried := CASE WHEN ahead <= lim THEN ahead ELSE ahead - at_bound END;
           END IF;
         EXCEPTION WHEN SQLSTATE 'PS001' THEN
           deleted := 0;

@@ -29,7 +29,7 @@ export class Pacer {
     private readonly strategy: 'index' | 'tidrange' = 'index',
     /** The leaf's size and the column's physical order, from its statistics (index walks). */
     layout: Layout = { pages: 0, correlation: null },
-    /** The row limit the last run of this leaf, on this node, left: the first batch starts there. */
+    /** The row limit the last run of this leaf, on this node, left: an index walk's first batch starts there. */
     learned?: number,
   ) {
     const limit = Math.min(ceiling, FIRST_LIMIT)
@@ -41,13 +41,11 @@ export class Pacer {
       tuplesPerPage > 0
         ? clamp(Math.ceil(first / tuplesPerPage), 1, MAX_SPAN_PAGES)
         : DEFAULT_SPAN_PAGES
-    if (learned !== undefined) {
+    // Along the index only: in page order the limit sets the span by the leaf's average
+    // rows a page, and a span that meets denser pages is rolled back and shrunk, at a cost
+    // that grows with the size it starts at.
+    if (learned !== undefined && strategy === 'index')
       this.#limit = clamp(Math.round(learned), Math.min(MIN_LIMIT, ceiling), ceiling)
-      // Not the span it was left at: over pages with nothing outdated the span grows far
-      // beyond the rows it may take, and the next run starts where the rows are dense.
-      if (tuplesPerPage > 0)
-        this.#span = clamp(Math.ceil(this.#limit / tuplesPerPage), 1, MAX_SPAN_PAGES)
-    }
   }
 
   get limit(): number {
