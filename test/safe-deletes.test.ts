@@ -39,6 +39,46 @@ async function count(sql: string): Promise<number> {
   return rows[0].n
 }
 
+/**
+ * Cleans `table` (outdated: `on_day` over 7 days old, batches of 100) while an app
+ * transaction that ran `update` holds the rows it changed: once a batch waits for them,
+ * the app commits. Returns the run's report and the outdated rows left.
+ */
+async function cleanWhileAppMoves(
+  name: string,
+  table: string,
+  update: string,
+): Promise<{ report: RunReport; left: number }> {
+  const app = await openClient(db.url)
+  try {
+    await app.query('BEGIN')
+    await app.query(update)
+    const cleaning = cleanOnce(
+      {
+        name,
+        table,
+        column: 'on_day',
+        timeZone: 'UTC',
+        olderThan: '7 days',
+        every: '1 hour',
+        batchSize: 100,
+      },
+      { batchLockTimeoutMs: 30_000 },
+    )
+    await waitFor('a batch waiting for the rows the app changed', async () => {
+      const { rows } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cleanup_batch%'`,
+      )
+      return rows[0].n > 0
+    })
+    await app.query('COMMIT')
+    const { report } = await cleaning
+    return { report, left: await count(`${table} WHERE on_day < current_date - 7`) }
+  } finally {
+    await app.end()
+  }
+}
+
 describe('partitioned and inheritance tables: no batch deletes more than batchSize', () => {
   it('a range-partitioned table is cleaned partition by partition, each batch within batchSize', async () => {
     await db.pool.query(`CREATE TABLE app.metrics (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz NOT NULL, v int)
@@ -353,39 +393,16 @@ describe('the index walk', () => {
       INSERT INTO app.moved SELECT g, current_date - 30 FROM generate_series(1, 300) g;
       INSERT INTO app.moved SELECT g, current_date FROM generate_series(301, 20000) g;
       ANALYZE app.moved;`)
-    const app = await openClient(db.url)
-    try {
-      // The first batch picks row 1 (lowest in the index among equals) and waits for its lock.
-      await app.query('BEGIN')
-      await app.query('UPDATE app.moved SET on_day = on_day - 1 WHERE id = 1')
-      const cleaning = cleanOnce(
-        {
-          name: 'moved',
-          table: 'app.moved',
-          column: 'on_day',
-          timeZone: 'UTC',
-          olderThan: '7 days',
-          every: '1 hour',
-          batchSize: 100,
-        },
-        { batchLockTimeoutMs: 30_000 },
-      )
-      await waitFor('a batch waiting for the moved row', async () => {
-        const { rows } = await db.pool.query(
-          `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cleanup_batch%'`,
-        )
-        return rows[0].n > 0
-      })
-      await app.query('COMMIT')
-      const { report } = await cleaning
-      const left = await count(`app.moved WHERE on_day < current_date - 7`)
-      // A run that reports nothing skipped left nothing outdated; and this one takes it.
-      if (report.rowsSkipped === 0) expect(left).toBe(0)
-      expect(left).toBe(0)
-      expect(report).toMatchObject({ status: 'done', rowsDeleted: 300 })
-    } finally {
-      await app.end()
-    }
+    // The first batch picks row 1 (lowest in the index among equals) and waits for its lock.
+    const { report, left } = await cleanWhileAppMoves(
+      'moved',
+      'app.moved',
+      'UPDATE app.moved SET on_day = on_day - 1 WHERE id = 1',
+    )
+    // A run that reports nothing skipped left nothing outdated; and this one takes it.
+    if (report.rowsSkipped === 0) expect(left).toBe(0)
+    expect(left).toBe(0)
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 300 })
   })
 
   it.each([
@@ -401,42 +418,17 @@ describe('the index walk', () => {
       INSERT INTO app.moved_day SELECT g, current_date - 20 FROM generate_series(51 + ${onDay}, 350 + ${onDay}) g;
       INSERT INTO app.moved_day SELECT g, current_date FROM generate_series(351 + ${onDay}, 30000) g;
       ANALYZE app.moved_day;`)
-      const app = await openClient(db.url)
-      try {
-        // The second batch picks rows of day -30 and waits for them; the app moves that day.
-        await app.query('BEGIN')
-        await app.query(
-          'UPDATE app.moved_day SET on_day = on_day - 5 WHERE on_day = current_date - 30',
-        )
-        const cleaning = cleanOnce(
-          {
-            name: `moved-day-${onDay}`,
-            table: 'app.moved_day',
-            column: 'on_day',
-            timeZone: 'UTC',
-            olderThan: '7 days',
-            every: '1 hour',
-            batchSize: 100,
-          },
-          { batchLockTimeoutMs: 30_000 },
-        )
-        await waitFor('a batch waiting for the moved rows', async () => {
-          const { rows } = await db.pool.query(
-            `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cleanup_batch%'`,
-          )
-          return rows[0].n > 0
-        })
-        await app.query('COMMIT')
-        const { report } = await cleaning
-        const left = await count(`app.moved_day WHERE on_day < current_date - 7`)
-        expect(report.status).toBe('done')
-        // The rows moved behind the cursor stay (as any walk would leave them), and a run that
-        // left rows it picked says so: it never reports nothing skipped with rows left.
-        expect({ left, skipped: report.rowsSkipped > 0 }).toEqual({ left, skipped: left > 0 })
-        expect(report.rowsDeleted + left).toBe(350 + onDay)
-      } finally {
-        await app.end()
-      }
+      // The second batch picks rows of day -30 and waits for them; the app moves that day.
+      const { report, left } = await cleanWhileAppMoves(
+        `moved-day-${onDay}`,
+        'app.moved_day',
+        'UPDATE app.moved_day SET on_day = on_day - 5 WHERE on_day = current_date - 30',
+      )
+      expect(report.status).toBe('done')
+      // The rows moved behind the cursor stay (as any walk would leave them), and a run that
+      // left rows it picked says so: it never reports nothing skipped with rows left.
+      expect({ left, skipped: report.rowsSkipped > 0 }).toEqual({ left, skipped: left > 0 })
+      expect(report.rowsDeleted + left).toBe(350 + onDay)
     },
   )
 
