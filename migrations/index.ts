@@ -10,6 +10,7 @@ import * as tasks from './0003_tasks.js'
 import * as fasterBatches from './0004_faster_batches.js'
 import * as handOver from './0005_hand_over.js'
 import * as equalValues from './0006_equal_values.js'
+import * as plainBounds from './0007_plain_bounds.js'
 
 /** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -48,6 +49,13 @@ const STEPS: readonly Step[] = [
     name: 'pgsingleton_0006_equal_values',
     up: equalValues.UP,
     down: equalValues.DOWN,
+    compatible: true,
+  },
+  {
+    version: 7,
+    name: 'pgsingleton_0007_plain_bounds',
+    up: plainBounds.UP,
+    down: plainBounds.DOWN,
     compatible: true,
   },
 ]

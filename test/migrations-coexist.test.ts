@@ -119,6 +119,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
+      'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -127,7 +128,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 6\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 7\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -149,6 +150,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
+      'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -174,6 +176,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
+        'pgsingleton_0007_plain_bounds',
       ],
       schemaVersion: SCHEMA_VERSION,
     })
@@ -187,6 +190,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
+      'pgsingleton_0007_plain_bounds',
     ])
 
     const app = await fresh()
@@ -201,6 +205,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches:Success',
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
+      'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -237,6 +242,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
+      'pgsingleton_0007_plain_bounds',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -249,6 +255,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
+      'pgsingleton_0007_plain_bounds',
       'pgsingleton_pgboss_schema',
     ])
   })

@@ -52,6 +52,7 @@ describe('migrations', () => {
       'pgsingleton_0004_faster_batches',
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
+      'pgsingleton_0007_plain_bounds',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -147,7 +148,7 @@ describe('migrations', () => {
         )
       ).rows[0]
     const latest = await signatures()
-    expect(await read()).toMatchObject({ schema_version: 3, revision: 6, protocol: 3 })
+    expect(await read()).toMatchObject({ schema_version: 3, revision: 7, protocol: 3 })
     expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     const kysely = new Kysely<unknown>({
       dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: db.url, max: 1 }) }),
@@ -160,12 +161,21 @@ describe('migrations', () => {
         migrationTableName: 'pgsingleton_migration',
         migrationLockTableName: 'pgsingleton_migration_lock',
       })
+      expect((await migrator.migrateTo('pgsingleton_0006_equal_values')).error).toBeUndefined()
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 6 })
+      const at6 = await signatures()
+      expect(at6.bump).toEqual(latest.bump)
+      expect(at6.batch?.body).not.toEqual(latest.batch?.body)
+      expect({ args: at6.batch?.args, result: at6.batch?.result }).toEqual({
+        args: latest.batch?.args,
+        result: latest.batch?.result,
+      })
       expect((await migrator.migrateTo('pgsingleton_0005_hand_over')).error).toBeUndefined()
       expect(await read()).toMatchObject({ schema_version: 3, revision: 5 })
       expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
       const at5 = await signatures()
       expect(at5.bump).toEqual(latest.bump)
-      expect(at5.batch?.body).not.toEqual(latest.batch?.body)
+      expect(at5.batch?.body).not.toEqual(at6.batch?.body)
       expect({ args: at5.batch?.args, result: at5.batch?.result }).toEqual({
         args: latest.batch?.args,
         result: latest.batch?.result,
@@ -194,9 +204,10 @@ describe('migrations', () => {
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
+        'pgsingleton_0007_plain_bounds',
       ])
       expect(await signatures()).toEqual(latest)
-      expect(await read()).toMatchObject({ schema_version: 3, revision: 6 })
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 7 })
       expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     } finally {
       await kysely.destroy()
@@ -205,29 +216,31 @@ describe('migrations', () => {
 
   it('steps down taken by a route that knows nothing of revisions are undone by the next migration', async () => {
     // An older pg-singleton's steps 3 and 2 down (run, say, by an app's own migrator whose
-    // table never saw steps 4 to 6): schema version 1, the revision step 6 left, and step
-    // 2's functions gone, steps 4 to 6's with them.
+    // table never saw steps 4 to 7): schema version 1, the revision step 7 left, and step
+    // 2's functions gone, steps 4 to 7's with them.
     await db.pool.query(`BEGIN; ${tasks.DOWN} ${safeDeletes.DOWN} COMMIT;`)
     expect(
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
-    ).toMatchObject({ schema_version: 1, revision: 6 })
-    // The SQL files, as any route applies them: steps 2 to 6 again.
+    ).toMatchObject({ schema_version: 1, revision: 7 })
+    // The SQL files, as any route applies them: steps 2 to 7 again.
     for (const [name, text] of Object.entries(migrationFiles()))
       if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
     await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
     const { rows } = await db.pool.query(
       `SELECT to_jsonb(m) AS meta, to_regclass('pgsingleton.terms') IS NOT NULL AS terms,
-              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%WITH s AS MATERIALIZED%' AS step4,
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%A plain table is deleted from by page range%' AS step4,
               to_regproc('pgsingleton.hand_over') IS NOT NULL AS step5,
-              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%More rows than the limit share one value%' AS step6
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%More rows than the limit share one value%' AS step6,
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%OFFSET $3 LIMIT 1%' AS step7
          FROM pgsingleton.meta m`,
     )
     expect(rows[0]).toMatchObject({
-      meta: { schema_version: 3, revision: 6, protocol: 3 },
+      meta: { schema_version: 3, revision: 7, protocol: 3 },
       terms: true,
       step4: true,
       step5: true,
       step6: true,
+      step7: true,
     })
   })
 

@@ -63,6 +63,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
+        'pgsingleton_0007_plain_bounds',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
@@ -72,6 +73,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0004_faster_batches',
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
+        'pgsingleton_0007_plain_bounds',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,
