@@ -1,5 +1,9 @@
 import { once } from 'node:events'
 import { describe, expect, it } from 'vitest'
+import { chooseWalk } from '../src/cleanup/run-cleanup.js'
+import type { PolicyDefinition } from '../src/config/definition.js'
+import { resolvePolicies } from '../src/config/policy.js'
+import { validatePolicies } from '../src/config/validate-policies.js'
 import { createSingleton, type RetentionPolicy, type RunReport } from '../src/index.js'
 import { readPolicyStatus } from '../src/status/read-policy-status.js'
 import { sleep } from '../src/wait.js'
@@ -483,6 +487,56 @@ describe('the index walk', () => {
     ]
     expect(after).toBeGreaterThanOrEqual(2 * before)
     expect(after).toBeLessThanOrEqual(5000)
+  })
+})
+
+describe('the walk a run chooses', () => {
+  it('a small share of rows outdated but scattered over nearly every page is walked in page order, and cleaned whole; the same share in time order walks the index', async () => {
+    // 5 % of 60,000 rows outdated: in random order they lie on nearly every page, and the
+    // index walk would visit each page in no order, again and again; in time order they
+    // fill the first pages.
+    for (const [table, order] of [
+      ['app.scattered', 'ORDER BY random()'],
+      ['app.in_order', 'ORDER BY g'],
+    ]) {
+      await db.pool.query(`CREATE TABLE ${table} (id int PRIMARY KEY, at timestamptz NOT NULL, payload text);
+        INSERT INTO ${table} SELECT g, now() - CASE WHEN g <= 3000 THEN interval '3 days' ELSE interval '1 minute' END - g * interval '1 ms', repeat('x', 80)
+          FROM generate_series(1, 60000) g ${order};
+        CREATE INDEX ON ${table} (at);
+        ANALYZE ${table};`)
+    }
+    const policy = (table: string): RetentionPolicy => ({
+      name: 'p',
+      table,
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+      batchSize: 400,
+    })
+    const walk = async (table: string) => {
+      const { definitions } = await validatePolicies(db.pool, resolvePolicies([policy(table)]))
+      const { rows } = await db.pool.query(
+        `SELECT leaf, strategy, tuples_per_page FROM pgsingleton.cleanup_leaves($1::regclass, 'at')`,
+        [table],
+      )
+      return (
+        await chooseWalk(
+          db.pool,
+          { ...rows[0], leaf: Number(rows[0].leaf) },
+          definitions[0] as PolicyDefinition,
+        )
+      ).strategy
+    }
+    expect(await walk('app.scattered')).toBe('tidrange')
+    expect(await walk('app.in_order')).toBe('index')
+    for (const table of ['app.scattered', 'app.in_order']) {
+      const { report, name } = await cleanOnce(policy(table))
+      expect(report).toMatchObject({ status: 'done', rowsDeleted: 3000, rowsSkipped: 0 })
+      expect(await count(`${table} WHERE at < now() - interval '1 day'`)).toBe(0)
+      expect(await count(table)).toBe(57_000)
+      const batches = await batchesOf(name)
+      expect(Math.max(...batches.map((b) => b.rows_deleted))).toBeLessThanOrEqual(400)
+    }
   })
 })
 

@@ -180,10 +180,7 @@ export interface Layout {
 export function firstIndexLimit(limit: number, tuplesPerPage: number, layout: Layout): number {
   const { pages } = layout
   if (!(pages > 0)) return limit
-  const c2 = (layout.correlation ?? 0) ** 2
-  const touched = (rows: number) =>
-    c2 * (tuplesPerPage > 0 ? rows / tuplesPerPage : 0) +
-    (1 - c2) * pages * (1 - Math.exp(-rows / pages))
+  const touched = (rows: number) => pagesTouched(rows, tuplesPerPage, layout)
   if (touched(limit) <= FIRST_PAGES) return limit
   let low = Math.min(MIN_LIMIT, limit)
   let high = limit
@@ -194,6 +191,23 @@ export function firstIndexLimit(limit: number, tuplesPerPage: number, layout: La
   }
   return low
 }
+
+/**
+ * The heap pages `rows` rows of a leaf are expected on, taken along the column's index:
+ * the planner's own model, between a column in physical order (rows / rows per page) and
+ * one in none (rows scattered at random over the leaf's pages), weighted by the
+ * correlation squared (unknown: none).
+ */
+export function pagesTouched(rows: number, tuplesPerPage: number, layout: Layout): number {
+  const { pages } = layout
+  if (!(pages > 0)) return 0
+  const c2 = (layout.correlation ?? 0) ** 2
+  return (
+    c2 * (tuplesPerPage > 0 ? rows / tuplesPerPage : 0) +
+    (1 - c2) * pages * (1 - Math.exp(-rows / pages))
+  )
+}
+
 const MIN_LIMIT = 10
 /** Pages a page-order batch spans when the table has no statistics yet. */
 const DEFAULT_SPAN_PAGES = 32

@@ -8,7 +8,7 @@ import * as runs from '../runs/runs.js'
 import type { RunStatus } from '../runs/statuses.js'
 import { runTask, type TaskDeps } from '../tasks/run-task.js'
 import { sleep } from '../wait.js'
-import { type LearnedSizes, Pacer } from './pacing.js'
+import { type Layout, type LearnedSizes, Pacer, pagesTouched } from './pacing.js'
 
 export interface RunReport {
   runId: string
@@ -73,6 +73,43 @@ interface Leaf {
  * would, instead of jumping between pages along the index.
  */
 const PAGE_ORDER_SHARE = 0.1
+/**
+ * Or when the outdated rows are expected on at least this share of its pages (a smaller
+ * share of rows scattered over the table): the walk along the index would visit nearly
+ * every page anyway, in no order, and each of them again in later batches. Measured on
+ * PostgreSQL 15 with 1,000,000 rows in random order and a node kept between runs: at 5 %
+ * outdated (expected on 95 % of the pages) the page walk took 401 to 797 ms where the
+ * index walk took 612 to 887; at 1 % (46 % of the pages) the index walk took 221 to 457 ms
+ * and the page walk 328 to 543.
+ */
+const PAGE_ORDER_PAGES = 0.75
+
+/**
+ * How a run walks a leaf: in page order where it has no index on the column, or where the
+ * planner expects a large share of its rows outdated, or those rows on most of its pages;
+ * else along the index, with what its statistics say of its layout (for the first batch's
+ * size). Only a choice of path: without statistics, the index.
+ */
+export async function chooseWalk(
+  pool: pg.Pool | pg.PoolClient,
+  leaf: Pick<Leaf, 'leaf' | 'strategy' | 'tuples_per_page'>,
+  definition: PolicyDefinition,
+): Promise<{ strategy: 'index' | 'tidrange'; layout?: Layout }> {
+  if (leaf.strategy !== 'index') return { strategy: leaf.strategy }
+  // Side by side where `pool` is a pool; one after the other on a client.
+  const [share, layout] = await Promise.all([
+    runs.outdatedShare(pool, leaf.leaf, definition).catch(() => null),
+    runs.leafLayout(pool, leaf.leaf, definition.column).catch(() => undefined),
+  ])
+  if (share === null) return { strategy: 'index', layout }
+  if (share >= PAGE_ORDER_SHARE) return { strategy: 'tidrange' }
+  const tuplesPerPage = leaf.tuples_per_page ?? 0
+  if (layout && layout.pages > 0 && layout.correlation !== null && tuplesPerPage > 0) {
+    const touched = pagesTouched(share * layout.pages * tuplesPerPage, tuplesPerPage, layout)
+    if (touched >= PAGE_ORDER_PAGES * layout.pages) return { strategy: 'tidrange' }
+  }
+  return { strategy: 'index', layout }
+}
 
 /**
  * Works one job: claims its run, then deletes by the definition the run carries (never by
@@ -204,16 +241,7 @@ async function clean(
       if (removal.outcome !== 'kept' && removal.outcome !== 'deleted')
         return stopped(removal.outcome)
     }
-    let strategy = leaf.strategy
-    if (strategy === 'index') {
-      // Only a choice of path: without an estimate, the index.
-      const share = await runs.outdatedShare(deps.pool, leaf.leaf, run.definition).catch(() => null)
-      if (share !== null && share >= PAGE_ORDER_SHARE) strategy = 'tidrange'
-    }
-    const layout =
-      strategy === 'index'
-        ? await runs.leafLayout(deps.pool, leaf.leaf, run.definition.column).catch(() => undefined)
-        : undefined
+    const { strategy, layout } = await chooseWalk(deps.pool, leaf, run.definition)
     // The same leaf, walked the same way under the same bounds: the size it was left at.
     const sizeKey = JSON.stringify([
       run.policy,

@@ -1,4 +1,5 @@
 import type pg from 'pg'
+import { chooseWalk } from '../cleanup/run-cleanup.js'
 import type { PolicyDefinition } from '../config/definition.js'
 import type { ResolvedPolicy } from '../config/policy.js'
 import { cronPreview, type Schedule } from '../config/schedule.js'
@@ -40,26 +41,45 @@ export async function planPolicies(
     try {
       const out: PolicyPlan[] = []
       for (const [i, definition] of definitions.entries()) {
-        const { rows } = await client.query<{
+        const { rows: leaves } = await client.query<{
+          leaf: string
           relation: string
-          strategy: string
-          outdated: string
-          oldest: string | null
-          access: string | null
+          strategy: 'index' | 'tidrange'
+          tuples_per_page: number | null
         }>(
-          `SELECT l.relation, l.strategy, p.outdated, p.oldest, p.access
-             FROM pgsingleton.cleanup_leaves(to_regclass(format('%I.%I', $1::text, $2::text)), $3) l,
-                  pgsingleton.plan_leaf(l.leaf, $4::jsonb, l.strategy) p
+          `SELECT l.leaf, l.relation, l.strategy, l.tuples_per_page
+             FROM pgsingleton.cleanup_leaves(to_regclass(format('%I.%I', $1::text, $2::text)), $3) l
             WHERE l.relkind = 'r'`,
-          [definition.schema, definition.table, definition.column, JSON.stringify(definition)],
+          [definition.schema, definition.table, definition.column],
         )
-        const tables = rows.map((row) => ({
-          relation: row.relation,
-          outdated: Number(row.outdated),
-          oldest: row.oldest,
-          strategy: row.strategy,
-          access: row.access ?? '-',
-        }))
+        const tables: PlannedTable[] = []
+        for (const leaf of leaves) {
+          // The walk a run would choose now, from the same statistics (read in this
+          // transaction: the pool may have no other connection to give; in a savepoint,
+          // so that a statistic it cannot read leaves the transaction usable).
+          await client.query('SAVEPOINT walk')
+          const { strategy } = await chooseWalk(
+            client,
+            { ...leaf, leaf: Number(leaf.leaf) },
+            definition,
+          )
+          await client.query('ROLLBACK TO SAVEPOINT walk')
+          const { rows } = await client.query<{
+            outdated: string
+            oldest: string | null
+            access: string | null
+          }>(
+            'SELECT p.outdated, p.oldest, p.access FROM pgsingleton.plan_leaf($1, $2::jsonb, $3) p',
+            [leaf.leaf, JSON.stringify(definition), strategy],
+          )
+          tables.push({
+            relation: leaf.relation,
+            outdated: Number(rows[0]?.outdated ?? 0),
+            oldest: rows[0]?.oldest ?? null,
+            strategy,
+            access: rows[0]?.access ?? '-',
+          })
+        }
         out.push({
           policy: definition.name,
           definition,

@@ -505,7 +505,7 @@ export async function removePartition(
 
 /** The planner's share of a leaf's rows that are outdated now, or null without statistics. */
 export async function outdatedShare(
-  pool: pg.Pool,
+  pool: pg.Pool | pg.PoolClient,
   leaf: number,
   definition: PolicyDefinition,
 ): Promise<number | null> {
@@ -521,7 +521,11 @@ export async function outdatedShare(
  * the first batch of an index walk is expected to be. Only a choice of size: unknown
  * values come back as 0 pages and a null correlation.
  */
-export async function leafLayout(pool: pg.Pool, leaf: number, column: string): Promise<Layout> {
+export async function leafLayout(
+  pool: pg.Pool | pg.PoolClient,
+  leaf: number,
+  column: string,
+): Promise<Layout> {
   const { rows } = await pool.query<{ pages: number | null; correlation: number | null }>(
     `SELECT c.relpages::float8 AS pages,
             (SELECT s.correlation::float8 FROM pg_stats s
