@@ -325,7 +325,8 @@ async function clean(
       }
       if (batch.leafDone) {
         // Not a size careful batches left: they start small, and say nothing of plain ones.
-        if (!careful && !limited) deps.sizes?.remember(sizeKey, pacer.limit)
+        // Nor a page-order walk's, which the pacer does not start from (see Pacer).
+        if (!careful && !limited && strategy === 'index') deps.sizes?.remember(sizeKey, pacer.limit)
         break
       }
       // Every batch moves its cursor past what it selected; one that did not would loop.
