@@ -36,6 +36,12 @@ export interface CleanupComparison {
   withLoad: boolean
   /** Rounds on fresh tables, the bulk DELETE and ours in turn (absent in older results: 1). */
   rounds?: number
+  /**
+   * One node kept running through the rounds, each of its runs asked for by `runNow` on
+   * tables refilled in place (absent: a fresh node for each round). Its first run, with
+   * nothing learned, is left out of the figures.
+   */
+  keptNode?: boolean
   bulk: CleanupMeasure
   ours: CleanupMeasure & {
     startToDoneSeconds: number
@@ -72,6 +78,24 @@ async function makeTables(pool: pg.Pool, rows: number, shuffled: boolean): Promi
   await pool.query('CREATE INDEX ON public.bench_bulk (created_at)')
   await pool.query('ANALYZE public.bench_ours; ANALYZE public.bench_bulk')
   // One checkpoint, so that neither pays for the other's writes.
+  await pool.query('CHECKPOINT')
+}
+
+/**
+ * The same tables filled again in place (same oids, so a node that keeps running knows
+ * them): emptied, then `rows` rows as `makeTables` writes them, the copy in the same
+ * physical order.
+ */
+async function refillTables(pool: pg.Pool, rows: number, shuffled: boolean): Promise<void> {
+  await pool.query('TRUNCATE public.bench_ours, public.bench_bulk')
+  await pool.query(
+    `INSERT INTO public.bench_ours
+     SELECT i, now() - ($1::int - i) * interval '1 second' * (${SPAN_SECONDS}.0 / $1::int), repeat('x', 80)
+       FROM generate_series(1, $1::int) AS i ${shuffled ? 'ORDER BY random()' : ''}`,
+    [rows],
+  )
+  await pool.query('INSERT INTO public.bench_bulk SELECT * FROM public.bench_ours')
+  await pool.query('ANALYZE public.bench_ours; ANALYZE public.bench_bulk')
   await pool.query('CHECKPOINT')
 }
 
@@ -166,6 +190,50 @@ export async function ourCleanup(
   }
 }
 
+/**
+ * A run of a node that keeps running: asked for now (as its schedule would start it),
+ * timed by its own record.
+ */
+async function keptCleanup(
+  node: ReturnType<typeof createSingleton>,
+  pool: pg.Pool,
+): Promise<CleanupMeasure & { startToDoneSeconds: number; batches: number }> {
+  const walFrom = await wal(pool)
+  const started = performance.now()
+  const done = new Promise<{ runId: string; rowsDeleted: number; batches: number }>((resolve) =>
+    node.once('cleanup:done', resolve),
+  )
+  await node.runNow('p')
+  const report = await done
+  const startToDone = (performance.now() - started) / 1000
+  const walBytes = await walSince(pool, walFrom)
+  const { rows } = await pool.query<{
+    run_s: number
+    from_ms: number
+    to_ms: number
+    longest: number | null
+  }>(
+    `SELECT extract(epoch FROM r.finished_at - r.started_at)::float8 AS run_s,
+            (extract(epoch FROM r.started_at) * 1000)::float8 AS from_ms,
+            (extract(epoch FROM r.finished_at) * 1000)::float8 AS to_ms,
+            (SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) FROM pgsingleton.cleanup_batches b
+              WHERE b.run_id = r.id)::float8 AS longest
+       FROM pgsingleton.cleanup_runs r WHERE r.id = $1`,
+    [report.runId],
+  )
+  const seconds = Number(rows[0]?.run_s)
+  return {
+    seconds,
+    rows: report.rowsDeleted,
+    rowsPerSecond: report.rowsDeleted / seconds,
+    longestBatchMs: rows[0]?.longest ?? null,
+    walBytes,
+    window: [Number(rows[0]?.from_ms), Number(rows[0]?.to_ms)],
+    startToDoneSeconds: startToDone,
+    batches: report.batches,
+  }
+}
+
 /** The median of some numbers. */
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b)
@@ -192,8 +260,18 @@ export async function cleanupVersusBulk(
   withLoad: boolean,
   share = 0.7,
   rounds = withLoad ? 10 : 3,
+  keptNode = false,
 ): Promise<CleanupComparison> {
   const pool = new pg.Pool({ connectionString: url, max: 3 })
+  const policy: RetentionPolicy = {
+    name: 'p',
+    table: 'public.bench_ours',
+    column: 'created_at',
+    olderThan: olderThan(share),
+    every: '1 hour',
+  }
+  // With a node kept running: one more round, its first run, which is left out.
+  let kept: ReturnType<typeof createSingleton> | undefined
   const youngFrom = Math.ceil(rows * share) + 1
   const latencies = {
     idle: [] as number[],
@@ -234,42 +312,54 @@ export async function cleanupVersusBulk(
   const bulks: CleanupMeasure[] = []
   const ourRuns: CleanupComparison['ours'][] = []
   try {
-    for (let round = 1; round <= rounds; round++) {
-      await makeTables(pool, rows, shuffled)
-      bulks.push(
-        await measure('public.bench_bulk', latencies.bulk, async () => {
-          const walFrom = await wal(pool)
-          const from = Date.now()
-          const started = performance.now()
-          const { rowCount } = await pool.query(
-            `DELETE FROM public.bench_bulk WHERE created_at < now() - interval '${olderThan(share)}'`,
-          )
-          const seconds = (performance.now() - started) / 1000
-          const window: [number, number] = [from, Date.now()]
-          return {
-            window,
-            seconds,
-            rows: rowCount ?? 0,
-            rowsPerSecond: (rowCount ?? 0) / seconds,
-            longestBatchMs: seconds * 1000,
-            walBytes: await walSince(pool, walFrom),
-          }
-        }),
-      )
+    for (let round = keptNode ? 0 : 1; round <= rounds; round++) {
+      if (kept) await refillTables(pool, rows, shuffled)
+      else await makeTables(pool, rows, shuffled)
+      // Round 0 of a kept node is its first run only: no bulk DELETE to set beside it.
+      const warmUp = keptNode && !kept
+      const bulkRound = warmUp
+        ? undefined
+        : await measure('public.bench_bulk', latencies.bulk, async () => {
+            const walFrom = await wal(pool)
+            const from = Date.now()
+            const started = performance.now()
+            const { rowCount } = await pool.query(
+              `DELETE FROM public.bench_bulk WHERE created_at < now() - interval '${olderThan(share)}'`,
+            )
+            const seconds = (performance.now() - started) / 1000
+            const window: [number, number] = [from, Date.now()]
+            return {
+              window,
+              seconds,
+              rows: rowCount ?? 0,
+              rowsPerSecond: (rowCount ?? 0) / seconds,
+              longestBatchMs: seconds * 1000,
+              walBytes: await walSince(pool, walFrom),
+            }
+          })
       await pool.query('CHECKPOINT')
-      const name = `bench-cleanup-${shuffled ? 'shuffled' : 'ordered'}-${rows}-${Math.round(share * 100)}-${withLoad ? 'load' : 'quiet'}-${round}`
+      const name = `bench-cleanup-${shuffled ? 'shuffled' : 'ordered'}-${rows}-${Math.round(share * 100)}-${withLoad ? 'load' : 'quiet'}-${keptNode ? 'kept' : round}`
+      if (warmUp) {
+        // Round 0: the node starts, and its first run cleans this round's tables.
+        kept = createSingleton({
+          name,
+          connectionString: url,
+          policies: [policy],
+          ...(process.env.BENCH_NODE_OPTIONS ? JSON.parse(process.env.BENCH_NODE_OPTIONS) : {}),
+        })
+        kept.on('error', () => {})
+        kept.on('warning', () => {})
+        const first = new Promise((resolve) => kept?.once('cleanup:done', resolve))
+        await kept.start()
+        await first
+        continue
+      }
+      bulks.push(bulkRound as CleanupMeasure)
       ourRuns.push(
         (await measure(
           'public.bench_ours',
           latencies.ours,
-          () =>
-            ourCleanup(url, pool, name, {
-              name: 'p',
-              table: 'public.bench_ours',
-              column: 'created_at',
-              olderThan: olderThan(share),
-              every: '1 hour',
-            }),
+          () => (kept ? keptCleanup(kept, pool) : ourCleanup(url, pool, name, policy)),
           latencies.oursStartToStop,
         )) as CleanupComparison['ours'],
       )
@@ -300,11 +390,13 @@ export async function cleanupVersusBulk(
       outdatedShare: share,
       withLoad,
       rounds,
+      keptNode: keptNode || undefined,
       bulk,
       ours,
       appIdle: withLoad ? distribution(latencies.idle) : undefined,
     }
   } finally {
+    await kept?.stop().catch(() => {})
     await pool.query('DROP TABLE IF EXISTS public.bench_ours, public.bench_bulk').catch(() => {})
     await pool.end()
   }

@@ -96,11 +96,11 @@ export async function chooseWalk(
   definition: PolicyDefinition,
 ): Promise<{ strategy: 'index' | 'tidrange'; layout?: Layout }> {
   if (leaf.strategy !== 'index') return { strategy: leaf.strategy }
-  // Side by side where `pool` is a pool; one after the other on a client.
-  const [share, layout] = await Promise.all([
-    runs.outdatedShare(pool, leaf.leaf, definition).catch(() => null),
-    runs.leafLayout(pool, leaf.leaf, definition.column).catch(() => undefined),
-  ])
+  // One statement: two side by side on a pool could open a second connection, whose
+  // first batch would pay for its cold caches.
+  const { share, layout } = await runs
+    .leafStatistics(pool, leaf.leaf, definition)
+    .catch(() => ({ share: null, layout: undefined }))
   if (share === null) return { strategy: 'index', layout }
   if (share >= PAGE_ORDER_SHARE) return { strategy: 'tidrange' }
   const tuplesPerPage = leaf.tuples_per_page ?? 0

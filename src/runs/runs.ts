@@ -503,38 +503,34 @@ export async function removePartition(
   }
 }
 
-/** The planner's share of a leaf's rows that are outdated now, or null without statistics. */
-export async function outdatedShare(
+/**
+ * What a leaf's statistics say, in one round trip: the planner's share of its rows that are
+ * outdated now (null without statistics), its heap pages and its column's physical order
+ * (how scattered the rows of an index walk are expected to be; unknown values come back as
+ * 0 pages and a null correlation). Only a choice of path and of a first size.
+ */
+export async function leafStatistics(
   pool: pg.Pool | pg.PoolClient,
   leaf: number,
   definition: PolicyDefinition,
-): Promise<number | null> {
-  const { rows } = await pool.query<{ share: number | null }>(
-    'SELECT pgsingleton.outdated_share($1, $2::jsonb) AS share',
-    [leaf, JSON.stringify(definition)],
-  )
-  return rows[0]?.share ?? null
-}
-
-/**
- * A leaf's heap pages and its column's physical order, from its statistics: how scattered
- * the first batch of an index walk is expected to be. Only a choice of size: unknown
- * values come back as 0 pages and a null correlation.
- */
-export async function leafLayout(
-  pool: pg.Pool | pg.PoolClient,
-  leaf: number,
-  column: string,
-): Promise<Layout> {
-  const { rows } = await pool.query<{ pages: number | null; correlation: number | null }>(
-    `SELECT c.relpages::float8 AS pages,
+): Promise<{ share: number | null; layout: Layout }> {
+  const { rows } = await pool.query<{
+    share: number | null
+    pages: number | null
+    correlation: number | null
+  }>(
+    `SELECT pgsingleton.outdated_share(c.oid, $3::jsonb) AS share,
+            c.relpages::float8 AS pages,
             (SELECT s.correlation::float8 FROM pg_stats s
               WHERE s.schemaname = n.nspname AND s.tablename = c.relname
                 AND s.attname = $2 AND NOT s.inherited) AS correlation
        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1`,
-    [leaf, column],
+    [leaf, definition.column, JSON.stringify(definition)],
   )
-  return { pages: Math.max(0, rows[0]?.pages ?? 0), correlation: rows[0]?.correlation ?? null }
+  return {
+    share: rows[0]?.share ?? null,
+    layout: { pages: Math.max(0, rows[0]?.pages ?? 0), correlation: rows[0]?.correlation ?? null },
+  }
 }
 
 /**
