@@ -43,7 +43,7 @@ const DECLARE_6 = `  at_bound integer;`
 
 const DECLARE_7 = `  passed integer;`
 
-const BOUND_6 = `      EXECUTE format(
+export const BOUND_6 = `      EXECUTE format(
         'WITH s AS MATERIALIZED (
            SELECT rel.%1$I AS v FROM ONLY %2$s AS rel WHERE %3$s %4$s ORDER BY rel.%1$I LIMIT $3 + 1)
          SELECT count(*)::int, to_jsonb(max(s.v)), min(s.v) = max(s.v),
@@ -56,7 +56,7 @@ const BOUND_6 = `      EXECUTE format(
 // Two scans of the index in one snapshot: b.v, the value of the (limit + 1)th row (NULL
 // when no more than the limit remain), is the largest of the rows s reads, so the rows
 // below it are the ones a delete bounded by it passes.
-const BOUND_7 = `      EXECUTE format(
+export const BOUND_7 = `      EXECUTE format(
         'SELECT count(*)::int, to_jsonb(max(s.v)), min(s.v) = max(s.v),
                 (CASE WHEN count(*) <= $3 THEN count(*) ELSE count(*) FILTER (WHERE s.v < b.v) END)::int
            FROM (SELECT rel.%1$I AS v FROM ONLY %2$s AS rel WHERE %3$s %4$s ORDER BY rel.%1$I LIMIT $3 + 1) s,
