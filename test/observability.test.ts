@@ -224,11 +224,20 @@ describe('observability', () => {
         undefined,
         { timeout: 20_000 },
       )
-      // The killed holder's term, closed by its successor as lost.
+      // The killed holder's term, closed by its successor as lost. Waited for: the holder
+      // line reads the lock itself, which the successor holds a moment before its bump
+      // (which closes that term) commits, and a page drawn in that moment shows the old
+      // term still held until the next push (the bump's NOTIFY, or the tick).
+      const closed = new RegExp(`${first.epoch}${holder.id}.*lost \\(closed by the next holder\\)`)
+      await page
+        .waitForFunction(
+          `new RegExp(${JSON.stringify(closed.source)}).test(document.querySelector('section[data-name="${name}"] table.terms')?.textContent ?? '')`,
+          undefined,
+          { timeout: 15_000 },
+        )
+        .catch(() => {})
       const terms = await section.locator('table.terms').textContent()
-      expect(terms).toMatch(
-        new RegExp(`${first.epoch}${holder.id}.*lost \\(closed by the next holder\\)`),
-      )
+      expect(terms).toMatch(closed)
       if (process.env.DASHBOARD_SCREENSHOT) {
         await page.screenshot({ path: process.env.DASHBOARD_SCREENSHOT, fullPage: true })
       }
