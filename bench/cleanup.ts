@@ -162,7 +162,21 @@ export async function ourCleanup(
   const report = await done
   const startToDone = (performance.now() - started) / 1000
   await node.stop()
-  const walBytes = await walSince(pool, walFrom)
+  return measured(pool, 'singleton', name, report, await walSince(pool, walFrom), startToDone)
+}
+
+/**
+ * What the runs that `column` = `key` picks out (one node's runs, or one run) took, by
+ * their own records: from the first start to the last finish, and the longest batch.
+ */
+async function measured(
+  pool: pg.Pool,
+  column: 'singleton' | 'id',
+  key: string,
+  report: { rowsDeleted: number; batches: number },
+  walBytes: number,
+  startToDoneSeconds: number,
+): Promise<CleanupMeasure & { startToDoneSeconds: number; batches: number }> {
   const { rows } = await pool.query<{
     run_s: number
     from_ms: number
@@ -173,9 +187,9 @@ export async function ourCleanup(
             (extract(epoch FROM min(r.started_at)) * 1000)::float8 AS from_ms,
             (extract(epoch FROM max(r.finished_at)) * 1000)::float8 AS to_ms,
             (SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) FROM pgsingleton.cleanup_batches b
-               JOIN pgsingleton.cleanup_runs rr ON rr.id = b.run_id WHERE rr.singleton = $1)::float8 AS longest
-       FROM pgsingleton.cleanup_runs r WHERE r.singleton = $1`,
-    [name],
+               JOIN pgsingleton.cleanup_runs rr ON rr.id = b.run_id WHERE rr.${column} = $1)::float8 AS longest
+       FROM pgsingleton.cleanup_runs r WHERE r.${column} = $1`,
+    [key],
   )
   const seconds = Number(rows[0]?.run_s)
   return {
@@ -185,7 +199,7 @@ export async function ourCleanup(
     longestBatchMs: rows[0]?.longest ?? null,
     walBytes,
     window: [Number(rows[0]?.from_ms), Number(rows[0]?.to_ms)],
-    startToDoneSeconds: startToDone,
+    startToDoneSeconds,
     batches: report.batches,
   }
 }
@@ -206,32 +220,7 @@ async function keptCleanup(
   await node.runNow('p')
   const report = await done
   const startToDone = (performance.now() - started) / 1000
-  const walBytes = await walSince(pool, walFrom)
-  const { rows } = await pool.query<{
-    run_s: number
-    from_ms: number
-    to_ms: number
-    longest: number | null
-  }>(
-    `SELECT extract(epoch FROM r.finished_at - r.started_at)::float8 AS run_s,
-            (extract(epoch FROM r.started_at) * 1000)::float8 AS from_ms,
-            (extract(epoch FROM r.finished_at) * 1000)::float8 AS to_ms,
-            (SELECT max(extract(epoch FROM b.ended_at - b.began_at) * 1000) FROM pgsingleton.cleanup_batches b
-              WHERE b.run_id = r.id)::float8 AS longest
-       FROM pgsingleton.cleanup_runs r WHERE r.id = $1`,
-    [report.runId],
-  )
-  const seconds = Number(rows[0]?.run_s)
-  return {
-    seconds,
-    rows: report.rowsDeleted,
-    rowsPerSecond: report.rowsDeleted / seconds,
-    longestBatchMs: rows[0]?.longest ?? null,
-    walBytes,
-    window: [Number(rows[0]?.from_ms), Number(rows[0]?.to_ms)],
-    startToDoneSeconds: startToDone,
-    batches: report.batches,
-  }
+  return measured(pool, 'id', report.runId, report, await walSince(pool, walFrom), startToDone)
 }
 
 /** The median of some numbers. */
