@@ -25,13 +25,15 @@ import {
 } from './cleanup.js'
 import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
 import { type FailoverResult, failover, splitKind } from './failover.js'
-import { type Distribution, machine, ms, scratchDatabase } from './support.js'
+import { type Distribution, distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
 /** The share of rows outdated in the steady-state section: under the 10 % at which a run walks pages. */
 const STEADY_SHARE = 0.05
 const ALL_SECTIONS = ['failover', 'cleanup', 'steady', 'partitions', 'cost', 'scale', 'growth']
 const SECTIONS = new Set(process.env.BENCH_SECTIONS?.split(',') ?? ALL_SECTIONS)
+/** How many of each round trip `roundTrips` times. */
+const ROUND_TRIPS = 200
 
 /** The commit being measured, with "+changes" when the working tree differs from it. */
 function currentCommit(): string {
@@ -60,10 +62,50 @@ function currentCommit(): string {
   }
 }
 
+interface RoundTrips {
+  read: Distribution
+  commit: Distribution
+}
+
+/**
+ * The server's round trips, timed from this process over one connection: `SELECT 1`, and
+ * a one-row INSERT in its own transaction (its commit waits for the WAL flush, with the
+ * server's synchronous_commit). A property of the machine and server, read before each
+ * section, so that reports from different machines can be set side by side.
+ */
+async function roundTrips(url: string): Promise<RoundTrips> {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    await client.query('CREATE TABLE public.bench_round_trips (at timestamptz)')
+    const time = async (sql: string) => {
+      const spent: number[] = []
+      for (let i = 0; i < ROUND_TRIPS; i++) {
+        const started = performance.now()
+        await client.query(sql)
+        spent.push(performance.now() - started)
+      }
+      return distribution(spent)
+    }
+    const read = await time('SELECT 1')
+    const commit = await time('INSERT INTO public.bench_round_trips VALUES (now())')
+    await client.query('DROP TABLE public.bench_round_trips')
+    return { read, commit }
+  } finally {
+    await client.end()
+  }
+}
+
 interface Section {
   measuredAt: string
   /** The commit the section was measured on (with "+changes" when the tree had changes). */
   commit: string
+  /**
+   * The server's round trips just before the section (absent in older results): a read, and
+   * a one-row insert with its commit, which waits for the WAL flush. Our cleanup pays a
+   * commit per batch and the bulk DELETE one, so machines whose commits differ differ there.
+   */
+  roundTrips?: RoundTrips
 }
 
 interface Results {
@@ -107,11 +149,12 @@ async function main(): Promise<void> {
   ): Promise<T | undefined> => {
     if (!SECTIONS.has(key)) return undefined
     say(`${key}...`)
+    const db = await fresh()
     ;(results.sections as Record<string, Section>)[key] = {
       measuredAt: new Date().toISOString(),
       commit,
+      roundTrips: await roundTrips(db.url),
     }
-    const db = await fresh()
     try {
       return await work(db.url)
     } finally {
@@ -411,10 +454,15 @@ function machineText(version: string, r: Results): string {
   }
   const sections = Object.entries(r.sections ?? {})
     .map(
-      ([key, at]) => `${key} ${at.measuredAt.slice(0, 16).replace('T', ' ')} UTC on ${at.commit}`,
+      ([key, at]) =>
+        `${key} ${at.measuredAt.slice(0, 16).replace('T', ' ')} UTC on ${at.commit}${
+          at.roundTrips
+            ? ` (a read ${ms(at.roundTrips.read.p50, 2)}, a commit ${ms(at.roundTrips.commit.p50, 2)} / ${ms(at.roundTrips.commit.p99, 2)})`
+            : ''
+        }`,
     )
     .join('; ')
-  return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).${sections ? `\n\nSections (when, and on which commit): ${sections}.` : ''}`
+  return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).${sections ? `\n\nSections (when, on which commit, and the server's round trips just before: a read's p50, a one-row insert's commit p50 / p99, ${ROUND_TRIPS} each): ${sections}.` : ''}`
 }
 
 main().catch((error) => {
