@@ -26,7 +26,7 @@ import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
 import { readStatus, type SingletonStatus } from './status/read-status.js'
-import { settleWithin, sleep } from './wait.js'
+import { Alarm, settleWithin, sleep } from './wait.js'
 
 /** The server checks a waiting lock session's socket this often (client_connection_check_interval). */
 const CONNECTION_CHECK_MS = 1000
@@ -45,6 +45,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   #heldEpoch: number | undefined
   #starter: Starter | undefined
   #scheduler: Promise<void> | undefined
+  /** Rung by `runNow`: while this node holds, its scheduler looks at once. */
+  readonly #runAsked = new Alarm()
   #starting: Promise<void> | undefined
   #stopping: Promise<void> | undefined
   /** Aborts when stop() is called: background retries end. */
@@ -125,8 +127,11 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   }
 
   /** Asks the holder for a run of the policy now, outside its schedule. */
-  runNow(policy: string): Promise<void> {
-    return requestRun(this.#requirePool(), this.options.name, policy, this.nodeId)
+  async runNow(policy: string): Promise<void> {
+    await requestRun(this.#requirePool(), this.options.name, policy, this.nodeId)
+    // Asked on the holder, its scheduler looks now, not at its next tick (at most 5 s
+    // away); asked on a standby, the holder's next tick takes the request.
+    this.#runAsked.ring()
   }
 
   /** What each of this node's policies would delete now; deletes nothing. */
@@ -491,6 +496,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             })
           },
           onError: (error) => this.#emitError(error),
+          alarm: this.#runAsked,
         },
         lease,
         fence,

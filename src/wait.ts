@@ -48,3 +48,37 @@ export async function waitFor<T>(
     await sleep(everyMs)
   }
 }
+
+/**
+ * A sleep that can be cut short. `ring()` ends the sleep under way; rung while no one
+ * sleeps, it ends the next one at once, so a ring between a look and the sleep after it
+ * is not lost.
+ */
+export class Alarm {
+  #rung = false
+  #wake: (() => void) | undefined
+
+  ring(): void {
+    if (this.#wake) this.#wake()
+    else this.#rung = true
+  }
+
+  /** Resolves after `ms`, when rung, or when `signal` aborts (never rejects). */
+  async sleep(ms: number, signal?: AbortSignal): Promise<void> {
+    if (signal?.aborted) return
+    if (this.#rung) {
+      this.#rung = false
+      return
+    }
+    const cut = new AbortController()
+    const end = () => cut.abort()
+    signal?.addEventListener('abort', end)
+    this.#wake = end
+    try {
+      await sleep(ms, cut.signal)
+    } finally {
+      this.#wake = undefined
+      signal?.removeEventListener('abort', end)
+    }
+  }
+}

@@ -108,6 +108,45 @@ describe('the library inside an app', () => {
     await node.stop()
   })
 
+  it('runNow on the holder starts the run at once, not at the next tick of its scheduler', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await insertRows(db.pool, 100, '2 hours')
+    const node = createSingleton({
+      name: 'lib-run-now',
+      connectionString: db.url,
+      policies: [policy],
+    })
+    const first = once(node, 'cleanup:done')
+    await node.start()
+    await first
+    try {
+      // With nothing due for an hour the holder's scheduler looks every 5 s, so a request
+      // left for its next look waits 2-5 s in each of these rounds.
+      for (const afterMs of [300, 1400, 2500]) {
+        await insertRows(db.pool, 100, '2 hours')
+        await new Promise((resolve) => setTimeout(resolve, afterMs))
+        const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+        const { rows: clock } = await db.pool.query<{ at: string }>(
+          'SELECT clock_timestamp()::text AS at',
+        )
+        await node.runNow('old-events')
+        const [report] = await done
+        expect(report.rowsDeleted).toBe(100)
+        // By the database's own records: the run was issued within a second of the request.
+        const { rows } = await db.pool.query<{ ms: number }>(
+          `SELECT (extract(epoch FROM created_at - $1::timestamptz) * 1000)::float8 AS ms
+             FROM pgsingleton.cleanup_runs WHERE id = $2`,
+          [clock[0]?.at, report.runId],
+        )
+        expect(rows[0]?.ms).toBeGreaterThan(0)
+        expect(rows[0]?.ms).toBeLessThan(1000)
+      }
+      expect(await countRows(db.pool, `created_at < now() - interval '1 hour'`)).toBe(0)
+    } finally {
+      await node.stop()
+    }
+  })
+
   it('hands over at once on stop(): the standby holds a higher epoch, and both lifecycles are idempotent', async () => {
     const a = createSingleton({
       name: 'lib-handover',
