@@ -77,7 +77,7 @@ export class Alarm {
     try {
       await sleep(ms, cut.signal)
     } finally {
-      this.#wake = undefined
+      if (this.#wake === end) this.#wake = undefined
       signal?.removeEventListener('abort', end)
     }
   }
