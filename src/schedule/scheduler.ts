@@ -7,7 +7,7 @@ import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobState, sendJob } from '../queue/cleanup-queue.js'
 import { type TransactionLimits, withFence } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
-import { type Alarm, sleep } from '../wait.js'
+import type { Alarm } from '../wait.js'
 
 export type ScheduledRun = runs.IssuedRun
 
@@ -21,8 +21,8 @@ export interface SchedulerDeps {
   /** The policies held back because the live nodes disagree on them, each time that set changes. */
   onDisagreement(policies: readonly string[]): void
   onError(error: unknown): void
-  /** Rung when a run was asked for on this node (`runNow`): the holder looks at once. */
-  readonly alarm?: Alarm
+  /** What the holder sleeps on between ticks; rung by `runNow` on this node, it looks at once. */
+  readonly alarm: Alarm
 }
 
 /** The longest the holder sleeps between two looks at the schedule. */
@@ -79,7 +79,7 @@ export async function runScheduler(
       }
       waitMs = 1000
     }
-    await (deps.alarm ? deps.alarm.sleep(waitMs, fence) : sleep(waitMs, fence))
+    await deps.alarm.sleep(waitMs, fence)
   }
   return undefined
 }
