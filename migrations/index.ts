@@ -11,6 +11,7 @@ import * as fasterBatches from './0004_faster_batches.js'
 import * as handOver from './0005_hand_over.js'
 import * as equalValues from './0006_equal_values.js'
 import * as plainBounds from './0007_plain_bounds.js'
+import * as runRequests from './0008_run_requests.js'
 
 /** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -56,6 +57,13 @@ const STEPS: readonly Step[] = [
     name: 'pgsingleton_0007_plain_bounds',
     up: plainBounds.UP,
     down: plainBounds.DOWN,
+    compatible: true,
+  },
+  {
+    version: 8,
+    name: 'pgsingleton_0008_run_requests',
+    up: runRequests.UP,
+    down: runRequests.DOWN,
     compatible: true,
   },
 ]

@@ -45,7 +45,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   #heldEpoch: number | undefined
   #starter: Starter | undefined
   #scheduler: Promise<void> | undefined
-  /** Rung by `runNow`: while this node holds, its scheduler looks at once. */
+  /** Rung by `runNow` and by requests the lock session hears: while this node holds, its scheduler looks at once. */
   readonly #runAsked = new Alarm()
   #starting: Promise<void> | undefined
   #stopping: Promise<void> | undefined
@@ -129,8 +129,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   /** Asks the holder for a run of the policy now, outside its schedule. */
   async runNow(policy: string): Promise<void> {
     await requestRun(this.#requirePool(), this.options.name, policy, this.nodeId)
-    // Asked on the holder, its scheduler looks now, not at its next tick (at most 5 s
-    // away); asked on a standby, the holder's next tick takes the request.
+    // Asked on the holder, its scheduler looks now, without waiting for the announcement
+    // (which a holder also hears from any other node or client: onRequested).
     this.#runAsked.ring()
   }
 
@@ -572,6 +572,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           holding = true
           this.#scheduler = lead(lease, fence)
         },
+        onRequested: () => this.#runAsked.ring(),
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
           this.#safeEmit('lock:lost', { lease, reason })

@@ -15,6 +15,7 @@ import {
   statusOf,
 } from './support/app-table.js'
 import { useTestDatabase, waitFor } from './support/database.js'
+import { runCli } from './support/nodes.js'
 
 const policy = {
   name: 'old-events',
@@ -144,6 +145,90 @@ describe('the library inside an app', () => {
       expect(await countRows(db.pool, `created_at < now() - interval '1 hour'`)).toBe(0)
     } finally {
       await node.stop()
+    }
+  })
+
+  it('a run asked for by a standby, the CLI or plain SQL starts at once on the holder, not at its next tick', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    await insertRows(db.pool, 100, '2 hours')
+    const name = 'lib-run-now-anywhere'
+    const heard: { asked: string }[] = []
+    const listener = new pg.Client({ connectionString: db.url })
+    await listener.connect()
+    listener.on('notification', (message) => {
+      const event = JSON.parse(message.payload ?? '{}')
+      if (event.singleton === name && event.asked) heard.push({ asked: event.asked })
+    })
+    await listener.query('LISTEN pgsingleton')
+    const a = createSingleton({ name, connectionString: db.url, policies: [policy], nodeId: 'a' })
+    const b = createSingleton({ name, connectionString: db.url, policies: [policy], nodeId: 'b' })
+    try {
+      const first = once(a, 'cleanup:done')
+      await a.start()
+      await first
+      await b.start()
+      await waitFor('b queued', async () =>
+        (await statusOf(db.pool, name))?.waitingNodeIds.includes('b'),
+      )
+      // With nothing due for an hour the holder looks every 5 s, from the look that issued
+      // the last run: a request left for its next look waits 2-5 s in each of these rounds
+      // (the CLI's own start-up, about a second, comes before its request).
+      const asks: [string, number, () => Promise<unknown>][] = [
+        ['the standby', 300, () => b.runNow('old-events')],
+        [
+          'the CLI',
+          0,
+          async () => {
+            const cli = runCli(['run-now', 'old-events', '--name', name], { DATABASE_URL: db.url })
+            expect((await cli.exited).code, cli.output()).toBe(0)
+          },
+        ],
+        [
+          'plain SQL',
+          2500,
+          () =>
+            db.pool.query(
+              `UPDATE pgsingleton.policy_controls SET run_now_at = now(), changed_at = now()
+                WHERE singleton = $1 AND policy = 'old-events'`,
+              [name],
+            ),
+        ],
+      ]
+      for (const [by, afterMs, ask] of asks) {
+        await insertRows(db.pool, 100, '2 hours')
+        await new Promise((resolve) => setTimeout(resolve, afterMs))
+        const done = once(a, 'cleanup:done') as Promise<[RunReport]>
+        await ask()
+        const [report] = await done
+        expect(report.rowsDeleted, by).toBe(100)
+        // By the database's own records: issued within a second of the request's commit.
+        const { rows } = await db.pool.query<{ ms: number }>(
+          `SELECT (extract(epoch FROM r.created_at - c.changed_at) * 1000)::float8 AS ms
+             FROM pgsingleton.cleanup_runs r
+             JOIN pgsingleton.policy_controls c ON c.singleton = r.singleton AND c.policy = r.policy
+            WHERE r.id = $1`,
+          [report.runId],
+        )
+        expect(rows[0]?.ms, by).toBeGreaterThan(0)
+        expect(rows[0]?.ms, by).toBeLessThan(1000)
+      }
+      await b.pause('old-events')
+      await b.resume('old-events')
+      await waitFor('the resume heard', async () => heard.length >= 4 || undefined)
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      // One announcement per request; the holder's clearing of a request it took, and the
+      // pause, announce nothing.
+      expect(heard).toEqual([
+        { asked: 'run' },
+        { asked: 'run' },
+        { asked: 'run' },
+        { asked: 'resume' },
+      ])
+      expect((await statusOf(db.pool, name))?.nodeId).toBe('a')
+    } finally {
+      await b.stop()
+      await a.stop()
+      await listener.end()
     }
   })
 
@@ -632,6 +717,7 @@ describe('the library inside an app', () => {
           onAcquired(starter, lease)
           acquired(lease)
         },
+        onRequested: () => {},
         onLost: (_lease, reason) => losses.push(reason),
         onError: () => {},
         onWarning: () => {},

@@ -120,6 +120,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
+      'pgsingleton_0008_run_requests:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -128,7 +129,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 7\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 8\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -151,6 +152,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
+      'pgsingleton_0008_run_requests:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -177,6 +179,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
+        'pgsingleton_0008_run_requests',
       ],
       schemaVersion: SCHEMA_VERSION,
     })
@@ -191,6 +194,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
+      'pgsingleton_0008_run_requests',
     ])
 
     const app = await fresh()
@@ -206,6 +210,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over:Success',
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
+      'pgsingleton_0008_run_requests:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -243,6 +248,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
+      'pgsingleton_0008_run_requests',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -256,6 +262,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0005_hand_over',
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
+      'pgsingleton_0008_run_requests',
       'pgsingleton_pgboss_schema',
     ])
   })

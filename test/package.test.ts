@@ -64,6 +64,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
+        'pgsingleton_0008_run_requests',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
@@ -74,6 +75,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0005_hand_over',
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
+        'pgsingleton_0008_run_requests',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,

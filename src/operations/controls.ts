@@ -44,8 +44,8 @@ export async function resumePolicy(
 
 /**
  * Asks the holder for a run of the policy now, outside its schedule (whose grid stays as
- * it is). The holder issues it on its next tick (within 5 s), or after the policy's open
- * run ends. Refused while the policy is paused.
+ * it is). The commit announces it (migrations/0008), and the holder issues it at once, or
+ * at its first tick after the policy's open run ends. Refused while the policy is paused.
  */
 export async function requestRun(
   db: Db,

@@ -21,7 +21,7 @@ export interface SchedulerDeps {
   /** The policies held back because the live nodes disagree on them, each time that set changes. */
   onDisagreement(policies: readonly string[]): void
   onError(error: unknown): void
-  /** What the holder sleeps on between ticks; rung by `runNow` on this node, it looks at once. */
+  /** What the holder sleeps on between ticks; rung by a request (any node, any client), it looks at once. */
   readonly alarm: Alarm
 }
 
