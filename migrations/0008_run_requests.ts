@@ -5,10 +5,10 @@
  *   commit, a run asked for now (`run_now_at` set to a new value) and a policy resumed
  *   (`paused` from true to false): `{"singleton", "policy", "asked": "run" | "resume"}` as
  *   JSON. Whatever writes the request (`pg-singleton run-now`, `runNow` on any node, an
- *   operator's own SQL, a node of an older revision) is announced alike. The holder's
- *   lock session listens while it holds, and its scheduler looks at once instead of at its
- *   next tick (up to 5 s away). The holder's own clearing of a request it took announces
- *   nothing.
+ *   operator's own SQL, a node of an older revision) is announced alike. The holder
+ *   listens while it holds (on a connection of its own), and its scheduler looks at once
+ *   instead of at its next tick (up to 5 s away). The holder's own clearing of a request
+ *   it took announces nothing.
  * - Nodes of revision 5 to 7 run on it unchanged (`schema_version` stays 3): they do not
  *   listen, and take requests at their next tick as before. This version's nodes need
  *   revision 8.

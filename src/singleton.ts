@@ -21,7 +21,7 @@ import { SingletonMetrics } from './metrics.js'
 import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
 import { type PolicyPlan, planPolicies } from './operations/plan.js'
 import { ensureQueue } from './queue/cleanup-queue.js'
-import { useOwnListener } from './queue/listener.js'
+import { listen, useOwnListener } from './queue/listener.js'
 import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
@@ -503,12 +503,62 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         options.stepDownAfterMs,
       )
     /**
+     * While this node holds: a LISTEN on channel pgsingleton, so that a run asked for or a
+     * policy resumed, from any node or client (announced by migrations/0008's trigger),
+     * wakes the scheduler at once instead of at its next tick (up to 5 s away). On a
+     * connection of its own, made as the lock session's is (which keeps its session): not
+     * on the lock session, whose first LISTEN would read the server's whole notification
+     * backlog inside one statement, with the heartbeats and a stop's hand-over queued
+     * behind it. A standby never listens. Also rung once listening, for a request that
+     * committed between the first tick and the LISTEN. Ends with the holdership.
+     */
+    const hearRequests = async (ended: AbortSignal): Promise<void> => {
+      const handle = await listen(
+        { ...connection, application_name: `${options.nodeId} requests` },
+        {
+          heartbeatMs: 10_000,
+          deadlineMs: queryDeadlineMs,
+          onError: (error) => this.#emitError(error),
+        },
+        'pgsingleton',
+        (payload) => {
+          if (isRequestFor(payload, options.name)) this.#runAsked.ring()
+        },
+        () => this.#runAsked.ring(),
+      ).catch((error) => {
+        this.#emitError(
+          new Error(
+            `the LISTEN for run requests could not start (${errorMessage(error)}): the holder takes them at its next tick, within 5 s`,
+            { cause: error },
+          ),
+        )
+        return undefined
+      })
+      if (!handle) return
+      if (!ended.aborted) await new Promise((resolve) => ended.addEventListener('abort', resolve))
+      await handle.close()
+    }
+    /**
      * The holder's part: pg-boss started, then the schedule, until the holdership ends or
      * the holder cannot do its job. Then it steps down, so that a healthier node holds;
      * but only when another node waits to take over. Alone, it would only leave the
      * singleton without a holder for the cool-off: it holds on, says so, and tries again.
+     * It hears requests meanwhile.
      */
     const lead = async (lease: Lease, fence: AbortSignal): Promise<void> => {
+      const ended = new AbortController()
+      const end = () => ended.abort()
+      fence.addEventListener('abort', end)
+      const hearing = hearRequests(ended.signal)
+      try {
+        await leadWhileHeld(lease, fence)
+      } finally {
+        fence.removeEventListener('abort', end)
+        end()
+        await hearing
+      }
+    }
+    const leadWhileHeld = async (lease: Lease, fence: AbortSignal): Promise<void> => {
       let warned = false
       while (!fence.aborted) {
         const began = performance.now()
@@ -572,7 +622,6 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           holding = true
           this.#scheduler = lead(lease, fence)
         },
-        onRequested: () => this.#runAsked.ring(),
         onLost: (lease, reason) => {
           options.logger.warn({ epoch: lease.epoch, reason }, 'fenced: no longer the holder')
           this.#safeEmit('lock:lost', { lease, reason })
@@ -742,4 +791,14 @@ function termEnd(reason: string): 'released' | 'lost' | 'fenced' | 'superseded' 
 
 export function createSingleton(options: SingletonOptions): Singleton {
   return new Singleton(options)
+}
+
+/** Whether a notification on channel pgsingleton is an operator's request to this singleton's holder. */
+function isRequestFor(payload: string, singleton: string): boolean {
+  try {
+    const event = JSON.parse(payload) as { singleton?: unknown; asked?: unknown }
+    return event.singleton === singleton && typeof event.asked === 'string'
+  } catch {
+    return false
+  }
 }

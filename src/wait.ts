@@ -63,22 +63,31 @@ export class Alarm {
     else this.#rung = true
   }
 
-  /** Resolves after `ms`, when rung, or when `signal` aborts (never rejects). */
-  async sleep(ms: number, signal?: AbortSignal): Promise<void> {
-    if (signal?.aborted) return
+  /**
+   * Resolves after `ms`, when rung, or when `signal` aborts (never rejects): true when a
+   * ring ended it.
+   */
+  async sleep(ms: number, signal?: AbortSignal): Promise<boolean> {
+    if (signal?.aborted) return false
     if (this.#rung) {
       this.#rung = false
-      return
+      return true
     }
+    let rung = false
     const cut = new AbortController()
     const end = () => cut.abort()
+    const wake = () => {
+      rung = true
+      end()
+    }
     signal?.addEventListener('abort', end)
-    this.#wake = end
+    this.#wake = wake
     try {
       await sleep(ms, cut.signal)
     } finally {
-      if (this.#wake === end) this.#wake = undefined
+      if (this.#wake === wake) this.#wake = undefined
       signal?.removeEventListener('abort', end)
     }
+    return rung
   }
 }

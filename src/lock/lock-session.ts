@@ -462,32 +462,6 @@ export class LockSession {
   }
 
   /**
-   * For a holder's session: calls `onRequest` when an operator asks this singleton's holder
-   * for something (a run now, a resume: announced on channel pgsingleton by a trigger on
-   * `pgsingleton.policy_controls`, migrations/0008), so that it looks at once rather than
-   * at its next tick. Only a holder listens. A standby's session spends its life in wait
-   * statements, each a transaction of up to a slice; a listening session in a transaction
-   * holds back the server's notification queue, which every app's NOTIFY shares. A holder's
-   * statements are short, and its session is never queued again (each holdership has a
-   * session of its own).
-   */
-  async listenForRequests(onRequest: () => void): Promise<void> {
-    if (this.#closed) return
-    const { name, deadAfterMs } = this.#settings
-    this.#client.on('notification', (message) => {
-      if (message.channel !== 'pgsingleton' || !message.payload) return
-      let event: unknown
-      try {
-        event = JSON.parse(message.payload)
-      } catch {
-        return
-      }
-      if (isRequest(event) && event.singleton === name) onRequest()
-    })
-    await this.#withDeadline(this.#client.query('LISTEN pgsingleton'), deadAfterMs, 'its LISTEN')
-  }
-
-  /**
    * Unlocks the singleton's lock alone: the next waiter holds at once, while this session
    * stays, and with it the node's membership (its work in flight ends as a live node's).
    * The term ends as released, and the next holder's epoch is bumped for it, in the same
@@ -601,14 +575,4 @@ export class LockSession {
     this.#closed = true
     destroySocket(this.#client)
   }
-}
-
-/** An operator's request as pgsingleton.announce_control gives it (other events carry no `asked`). */
-function isRequest(event: unknown): event is { singleton: string; asked: string } {
-  return (
-    typeof event === 'object' &&
-    event !== null &&
-    typeof (event as { singleton?: unknown }).singleton === 'string' &&
-    typeof (event as { asked?: unknown }).asked === 'string'
-  )
 }

@@ -17,8 +17,6 @@ export interface StarterHooks {
   onWaiting(): void
   /** The node holds the singleton; `fence` aborts when it must stop acting as holder. */
   onAcquired(lease: Lease, fence: AbortSignal): void
-  /** While it holds: an operator asked for a run now, or resumed a policy (any node, any client). */
-  onRequested(): void
   onLost(lease: Lease, reason: string): void
   onError(error: unknown): void
   /** What the lock session goes on without (once per distinct message). */
@@ -223,13 +221,7 @@ export class Starter {
         this.#stepDown = stepDown
         this.#hooks.onAcquired(lease, fence.signal)
         // Not when a stop (from inside onAcquired) is already handing over.
-        if (!stop.aborted) {
-          void session.readyHandOver().catch(() => {})
-          // Before the scheduler's first look (after pg-boss has started): a request that
-          // commits before the LISTEN is seen by that look, one after it is heard. Should it
-          // fail, the requests wait for the scheduler's next tick, as on older revisions.
-          void session.listenForRequests(() => this.#hooks.onRequested()).catch(() => {})
-        }
+        if (!stop.aborted) void session.readyHandOver().catch(() => {})
         let reason: string
         try {
           reason = await holdUntilLost(

@@ -42,7 +42,12 @@ export function useOwnListener(
     listen(connection, settings, channel, onNotification, onReconnect)
 }
 
-async function listen(
+/**
+ * A LISTEN on a connection of its own, which proves every `heartbeatMs` that it still
+ * listens and is replaced (with backoff) when it dies; `onReconnect` after each LISTEN
+ * that took, the first included (what was announced meanwhile went unheard).
+ */
+export async function listen(
   connection: pg.ClientConfig,
   settings: ListenerSettings,
   channel: string,

@@ -7,7 +7,7 @@ import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobState, sendJob } from '../queue/cleanup-queue.js'
 import { type TransactionLimits, withFence } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
-import type { Alarm } from '../wait.js'
+import { type Alarm, sleep } from '../wait.js'
 
 export type ScheduledRun = runs.IssuedRun
 
@@ -28,6 +28,8 @@ export interface SchedulerDeps {
 /** The longest the holder sleeps between two looks at the schedule. */
 const MAX_TICK_MS = 5000
 const MIN_TICK_MS = 20
+/** The shortest time from one tick's start to the next when a ring (a request) ends the sleep. */
+const MIN_RUNG_TICK_MS = 100
 /** How often the holder looks again at a due policy whose previous run is still open. */
 const HELD_BACK_RECHECK_MS = 500
 
@@ -56,6 +58,7 @@ export async function runScheduler(
   let disagreeing = ''
   let lastOk = performance.now()
   while (!fence.aborted) {
+    const began = performance.now()
     let waitMs = MAX_TICK_MS
     try {
       const result = await tick(deps, lease, own)
@@ -79,7 +82,12 @@ export async function runScheduler(
       }
       waitMs = 1000
     }
-    await deps.alarm.sleep(waitMs, fence)
+    if (await deps.alarm.sleep(waitMs, fence)) {
+      // Rung by a request: a tick now, but not more often than this. Anyone who can connect
+      // may announce on the channel, and each tick is a fenced transaction.
+      const gapMs = began + MIN_RUNG_TICK_MS - performance.now()
+      if (gapMs > 0) await sleep(gapMs, fence)
+    }
   }
   return undefined
 }
