@@ -47,6 +47,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   #scheduler: Promise<void> | undefined
   /** Rung by `runNow` and by requests the lock session hears: while this node holds, its scheduler looks at once. */
   readonly #runAsked = new Alarm()
+  /** Each holdership's LISTEN for requests, until it has ended (its fence aborted). */
+  readonly #hearing = new Set<Promise<void>>()
   #starting: Promise<void> | undefined
   #stopping: Promise<void> | undefined
   /** Aborts when stop() is called: background retries end. */
@@ -267,6 +269,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
                 application_name: `${options.nodeId} pg-boss listen`,
               },
               {
+                what: 'pg-boss',
                 heartbeatMs: 10_000,
                 deadlineMs: queryDeadlineMs,
                 onError: (error) => this.#emitError(error),
@@ -506,57 +509,73 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
      * While this node holds: a LISTEN on channel pgsingleton, so that a run asked for or a
      * policy resumed, from any node or client (announced by migrations/0008's trigger),
      * wakes the scheduler at once instead of at its next tick (up to 5 s away). On a
-     * connection of its own, made as the lock session's is (which keeps its session): not
-     * on the lock session, whose first LISTEN would read the server's whole notification
-     * backlog inside one statement, with the heartbeats and a stop's hand-over queued
-     * behind it. A standby never listens. Also rung once listening, for a request that
-     * committed between the first tick and the LISTEN. Ends with the holdership.
+     * connection of its own: to the pool's server where that keeps sessions (as pg-boss's
+     * LISTEN), else to the lock session's. Not on the lock session itself, whose first
+     * LISTEN would read the server's whole notification backlog inside one statement, with
+     * the heartbeats and a stop's hand-over queued behind it. Also rung each time it
+     * listens, for a request announced while it did not. A first connect that fails is
+     * tried again with backoff (reported once). `ended` (the holdership's end) ends it at
+     * once, a connect under way too; a standby never listens.
      */
+    const requestsConnection: pg.ClientConfig = {
+      ...(options.connectionString && !pooled
+        ? { connectionString: options.connectionString }
+        : connection),
+      application_name: `${options.nodeId} requests`,
+    }
     const hearRequests = async (ended: AbortSignal): Promise<void> => {
-      const handle = await listen(
-        { ...connection, application_name: `${options.nodeId} requests` },
-        {
-          heartbeatMs: 10_000,
-          deadlineMs: queryDeadlineMs,
-          onError: (error) => this.#emitError(error),
-        },
-        'pgsingleton',
-        (payload) => {
-          if (isRequestFor(payload, options.name)) this.#runAsked.ring()
-        },
-        () => this.#runAsked.ring(),
-      ).catch((error) => {
-        this.#emitError(
-          new Error(
-            `the LISTEN for run requests could not start (${errorMessage(error)}): the holder takes them at its next tick, within 5 s`,
-            { cause: error },
-          ),
-        )
-        return undefined
-      })
-      if (!handle) return
-      if (!ended.aborted) await new Promise((resolve) => ended.addEventListener('abort', resolve))
-      await handle.close()
+      let reported = false
+      for (let attempt = 0; !ended.aborted; attempt++) {
+        const handle = await listen(
+          requestsConnection,
+          {
+            what: 'run requests',
+            heartbeatMs: 10_000,
+            deadlineMs: queryDeadlineMs,
+            onError: (error) => {
+              if (!ended.aborted) this.#emitError(error)
+            },
+          },
+          'pgsingleton',
+          (payload) => {
+            if (isRequestFor(payload, options.name)) this.#runAsked.ring()
+          },
+          () => this.#runAsked.ring(),
+          ended,
+        ).catch((error) => {
+          if (ended.aborted || reported) return undefined
+          reported = true
+          this.#emitError(
+            new Error(
+              `the LISTEN for run requests could not start (${errorMessage(error)}): until it can, the holder takes them at its next tick, within 5 s`,
+              { cause: error },
+            ),
+          )
+          return undefined
+        })
+        if (handle) {
+          if (!ended.aborted)
+            await new Promise((resolve) => ended.addEventListener('abort', resolve))
+          await handle.close()
+          return
+        }
+        await sleep(Math.min(5000, 250 * 2 ** Math.min(attempt, 5)), ended)
+      }
     }
     /**
      * The holder's part: pg-boss started, then the schedule, until the holdership ends or
      * the holder cannot do its job. Then it steps down, so that a healthier node holds;
      * but only when another node waits to take over. Alone, it would only leave the
      * singleton without a holder for the cool-off: it holds on, says so, and tries again.
-     * It hears requests meanwhile.
+     * It hears requests meanwhile, until the fence aborts; a stop waits for that to end.
      */
     const lead = async (lease: Lease, fence: AbortSignal): Promise<void> => {
-      const ended = new AbortController()
-      const end = () => ended.abort()
-      fence.addEventListener('abort', end)
-      const hearing = hearRequests(ended.signal)
-      try {
-        await leadWhileHeld(lease, fence)
-      } finally {
-        fence.removeEventListener('abort', end)
-        end()
-        await hearing
+      const hearing = this.#stopping ? undefined : hearRequests(fence)
+      if (hearing) {
+        this.#hearing.add(hearing)
+        void hearing.finally(() => this.#hearing.delete(hearing))
       }
+      await leadWhileHeld(lease, fence)
     }
     const leadWhileHeld = async (lease: Lease, fence: AbortSignal): Promise<void> => {
       let warned = false
@@ -694,6 +713,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
       this.#safeEmit('lock:released', lease)
     }
+    await Promise.all(this.#hearing)
     await this.#stopBoss?.()
     if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
   }

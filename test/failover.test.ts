@@ -289,7 +289,7 @@ describe('failover between real node processes', () => {
     expect(after?.epoch).toBe(before?.epoch)
     expect(after?.nodeId).toBe(before?.nodeId)
     const holder = byId(nodes, before?.nodeId ?? null)
-    expect(holder.output()).toMatch(/LISTEN connection lost: terminating connection/)
+    expect(holder.output()).toMatch(/LISTEN connection lost \(pg-boss\): terminating connection/)
     await waitUntilSettled(db.pool, name)
     await stopAll(nodes)
     for (const node of nodes) expect((await node.exited).code, node.output()).toBe(0)

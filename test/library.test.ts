@@ -218,7 +218,8 @@ describe('the library inside an app', () => {
         (
           await db.pool.query<{ name: string }>(
             `SELECT application_name AS name FROM pg_stat_activity
-              WHERE application_name IN ('a requests', 'b requests') ORDER BY 1`,
+              WHERE datname = current_database() AND application_name IN ('a requests', 'b requests')
+              ORDER BY 1`,
           )
         ).rows.map((row) => row.name)
       expect(await listening()).toEqual(['a requests'])
@@ -235,9 +236,11 @@ describe('the library inside an app', () => {
         { asked: 'resume' },
       ])
       expect((await statusOf(db.pool, name))?.nodeId).toBe('a')
-      // After a hand-over the new holder listens, and the old one no longer does.
+      // After a hand-over the new holder listens, and the old one no longer does: its stop
+      // resolves once its LISTEN connection has closed.
       const bHolds = once(b, 'lock:acquired')
       await a.stop()
+      expect(await listening()).not.toContain('a requests')
       await bHolds
       await waitFor('b listening', async () =>
         (await listening()).join() === 'b requests' ? true : undefined,

@@ -43,7 +43,7 @@ export interface LockSessionSettings {
  * Together with client_connection_check_interval, a waiting backend of a vanished client
  * is gone within about 12 s.
  */
-const SERVER_KEEPALIVE = {
+export const SERVER_KEEPALIVE = {
   tcp_keepalives_idle: '5',
   tcp_keepalives_interval: '2',
   tcp_keepalives_count: '3',

@@ -1,7 +1,8 @@
 import pg from 'pg'
 import type { PgBoss } from 'pg-boss'
 import { quoteIdent } from '../config/identifier.js'
-import { endClient } from '../db/client.js'
+import { destroySocket, endClient } from '../db/client.js'
+import { SERVER_KEEPALIVE } from '../lock/lock-session.js'
 
 interface ListenHandle {
   close(): Promise<void>
@@ -14,6 +15,8 @@ type Listen = (
 ) => Promise<ListenHandle>
 
 export interface ListenerSettings {
+  /** What listens, for its errors: "pg-boss", "run requests". */
+  what: string
   /** How often the connection proves it still listens (a query with a deadline). */
   heartbeatMs: number
   /** A query or connect that has not answered in this time means the path is dead. */
@@ -45,7 +48,14 @@ export function useOwnListener(
 /**
  * A LISTEN on a connection of its own, which proves every `heartbeatMs` that it still
  * listens and is replaced (with backoff) when it dies; `onReconnect` after each LISTEN
- * that took, the first included (what was announced meanwhile went unheard).
+ * that took, the first included (what was announced meanwhile went unheard). Rejects when
+ * the first connect or LISTEN fails. `signal` ends it at once, a connect under way too
+ * (its socket destroyed): the returned promise then settles without waiting for it.
+ *
+ * The server's end gets the lock session's TCP keepalive and user timeout (where the
+ * server takes them): a frozen client stops reading, and its backend, blocked writing
+ * notifications to it, is not ended by idle_session_timeout; while blocked it holds back
+ * the server's notification queue, which every database's NOTIFY shares.
  */
 export async function listen(
   connection: pg.ClientConfig,
@@ -53,7 +63,9 @@ export async function listen(
   channel: string,
   onNotification: (payload: string) => void,
   onReconnect: () => void,
+  signal?: AbortSignal,
 ): Promise<ListenHandle> {
+  if (signal?.aborted) throw new Error(`the ${settings.what} LISTEN was stopped before it began`)
   let closed = false
   let current: pg.Client | undefined
   let heartbeat: NodeJS.Timeout | undefined
@@ -71,7 +83,9 @@ export async function listen(
     client.end().catch(() => {})
     if (closed || listening !== client) return
     listening = undefined
-    settings.onError(new Error(`LISTEN connection lost: ${error.message}`, { cause: error }))
+    settings.onError(
+      new Error(`LISTEN connection lost (${settings.what}): ${error.message}`, { cause: error }),
+    )
     scheduleReconnect()
   }
   const scheduleReconnect = () => {
@@ -112,6 +126,8 @@ export async function listen(
     current = client
     try {
       await client.connect()
+      for (const [setting, value] of Object.entries(SERVER_KEEPALIVE))
+        await client.query('SELECT set_config($1, $2, false)', [setting, value]).catch(() => {})
       await client.query(`LISTEN ${quoteIdent(channel)}`)
     } catch (error) {
       if (current === client) current = undefined
@@ -133,17 +149,31 @@ export async function listen(
     onReconnect() // pg-boss fetches what it may have missed while not listening
   }
 
-  await connect()
-  return {
-    close: async () => {
-      closed = true
-      clearTimeout(reconnect)
-      clearTimeout(heartbeat)
-      const client = current
-      current = undefined
-      listening = undefined
-      // Bounded: on a dead path pg-boss's stop would otherwise wait with it.
-      if (client) await endClient(client)
-    },
+  const close = async () => {
+    closed = true
+    signal?.removeEventListener('abort', abort)
+    clearTimeout(reconnect)
+    clearTimeout(heartbeat)
+    const client = current
+    const ready = client !== undefined && client === listening
+    current = undefined
+    listening = undefined
+    if (!client) return
+    // Bounded: on a dead path pg-boss's stop would otherwise wait with it.
+    if (ready) await endClient(client)
+    // One still connecting or not yet listening: its socket destroyed, its connect or query
+    // fails at once. (pg's end() during a connect leaves the connect unsettled for ever.)
+    else destroySocket(client)
   }
+  function abort() {
+    void close()
+  }
+  signal?.addEventListener('abort', abort)
+  try {
+    await connect()
+  } catch (error) {
+    signal?.removeEventListener('abort', abort)
+    throw error
+  }
+  return { close }
 }
