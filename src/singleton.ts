@@ -7,7 +7,12 @@ import * as pgBoss from 'pg-boss'
 import { CleanupWorker } from './cleanup/cleanup-worker.js'
 import { LearnedSizes } from './cleanup/pacing.js'
 import type { RunDefinition } from './config/definition.js'
-import { type ResolvedOptions, resolveOptions, type SingletonOptions } from './config/options.js'
+import {
+  type ResolvedOptions,
+  resolveOptions,
+  type SingletonOptions,
+  withoutApplicationName,
+} from './config/options.js'
 import { validatePolicies } from './config/validate-policies.js'
 import { assertSchemaCurrent, migrateToLatest } from './db/migrate.js'
 import { isPassingConnectionFailure, SQLSTATE, sqlState } from './db/sqlstate.js'
@@ -202,7 +207,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       ? { connectionString: options.lockConnectionString }
       : options.connectionString
         ? { connectionString: options.connectionString }
-        : { ...(pool as unknown as { options: pg.ClientConfig }).options }
+        : borrowedConnection(pool)
     const sessionSettings = {
       name: options.name,
       nodeId: options.nodeId,
@@ -821,4 +826,10 @@ function isRequestFor(payload: string, singleton: string): boolean {
   } catch {
     return false
   }
+}
+
+/** A borrowed pool's connection settings, for our own connections to the same server. */
+function borrowedConnection(pool: pg.Pool): pg.ClientConfig {
+  const config = { ...(pool as unknown as { options: pg.ClientConfig }).options }
+  return { ...config, connectionString: withoutApplicationName(config.connectionString) }
 }

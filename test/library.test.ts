@@ -272,6 +272,33 @@ describe('the library inside an app', () => {
     }
   })
 
+  it('an application_name in the URL does not hide the node id in pgsingleton.status', async () => {
+    const url = new URL(db.url)
+    url.searchParams.set('application_name', 'the app')
+    const node = createSingleton({
+      name: 'lib-app-name',
+      connectionString: url.toString(),
+      lockConnectionString: url.toString(),
+      policies: [policy],
+      nodeId: 'named-node',
+    })
+    const holds = once(node, 'lock:acquired')
+    await node.start()
+    try {
+      await holds
+      expect((await statusOf(db.pool, 'lib-app-name'))?.nodeId).toBe('named-node')
+      expect(await node.whereis()).toBe('named-node')
+      const { rows } = await db.pool.query<{ name: string }>(
+        `SELECT DISTINCT application_name AS name FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name IN ('the app', 'named-node', 'named-node pool')
+          ORDER BY 1`,
+      )
+      expect(rows.map((row) => row.name)).toEqual(['named-node', 'named-node pool'])
+    } finally {
+      await node.stop()
+    }
+  })
+
   it('hands over at once on stop(): the standby holds a higher epoch, and both lifecycles are idempotent', async () => {
     const a = createSingleton({
       name: 'lib-handover',

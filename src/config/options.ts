@@ -146,6 +146,31 @@ export const DEFAULTS = Object.freeze({
 })
 
 /** `host:pid`, the host cut so that the whole fits application_name's 63 bytes. */
+/**
+ * The URL without an `application_name` parameter. pg lets the URL's override the one a
+ * client is given, and each of a node's connections is named after the node: the lock
+ * session's name is the node id that `pgsingleton.status` shows, so with the app's name in
+ * the URL every node showed as the app. Only that parameter goes; the rest is left as it is
+ * written (no re-encoding).
+ */
+export function withoutApplicationName<T extends string | undefined>(url: T): T {
+  if (url === undefined) return url
+  const at = url.indexOf('?')
+  if (at < 0) return url
+  const kept = url
+    .slice(at + 1)
+    .split('&')
+    .filter((pair) => {
+      const key = pair.split('=', 1)[0] ?? ''
+      try {
+        return decodeURIComponent(key.replaceAll('+', ' ')) !== 'application_name'
+      } catch {
+        return true
+      }
+    })
+  return (kept.length > 0 ? `${url.slice(0, at)}?${kept.join('&')}` : url.slice(0, at)) as T
+}
+
 export function defaultNodeId(): string {
   const pid = `:${process.pid}`
   const host = hostname().replace(/[^\x20-\x7e]/g, '?')
@@ -220,9 +245,9 @@ export function resolveOptions(options: SingletonOptions): ResolvedOptions {
     name: options.name,
     policies,
     tasks,
-    connectionString: options.connectionString,
+    connectionString: withoutApplicationName(options.connectionString),
     pool: options.pool,
-    lockConnectionString: options.lockConnectionString,
+    lockConnectionString: withoutApplicationName(options.lockConnectionString),
     boss: options.boss,
     nodeId,
     heartbeatMs: ms('heartbeatMs', 50, 60_000),
