@@ -578,7 +578,8 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       const hearing = this.#stopping ? undefined : hearRequests(fence)
       if (hearing) {
         this.#hearing.add(hearing)
-        void hearing.finally(() => this.#hearing.delete(hearing))
+        const done = () => this.#hearing.delete(hearing)
+        hearing.then(done, done)
       }
       await leadWhileHeld(lease, fence)
     }
@@ -718,7 +719,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       this.options.logger.info({ epoch: lease.epoch }, 'released the singleton')
       this.#safeEmit('lock:released', lease)
     }
-    await Promise.all(this.#hearing)
+    await Promise.all([...this.#hearing].map((hearing) => hearing.catch(() => {})))
     await this.#stopBoss?.()
     if (this.#pool && !this.options.pool) await this.#pool.end().catch(() => {})
   }

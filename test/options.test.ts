@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { parseTableName, quoteIdent } from '../src/config/identifier.js'
-import { resolveOptions } from '../src/config/options.js'
+import { resolveOptions, withoutApplicationName } from '../src/config/options.js'
 import { lockKey } from '../src/lock/lock-key.js'
 
 const policy = {
@@ -92,5 +92,31 @@ describe('lock keys', () => {
   it('are 64-bit, stable, and differ between names', () => {
     expect(lockKey('db-cleaner')).toBe(732401445611706878n) // the documented SQL gives the same
     expect(lockKey('a')).not.toBe(lockKey('b'))
+  })
+})
+
+describe('an application_name in a connection URL', () => {
+  it('is taken out, and nothing else of the URL changes', () => {
+    expect(withoutApplicationName('postgres://u:p%40ss@h:5432/db?application_name=app')).toBe(
+      'postgres://u:p%40ss@h:5432/db',
+    )
+    expect(
+      withoutApplicationName('postgres://h/db?sslmode=require&application%5Fname=app&port=6432'),
+    ).toBe('postgres://h/db?sslmode=require&port=6432')
+    expect(
+      withoutApplicationName('postgresql:///db?host=/var/run/postgresql&application_name'),
+    ).toBe('postgresql:///db?host=/var/run/postgresql')
+    // What follows a # is no parameter to pg, and must not become one.
+    expect(withoutApplicationName('postgres://h/db?application_name=app#3&sslmode=disable')).toBe(
+      'postgres://h/db#3&sslmode=disable',
+    )
+    expect(withoutApplicationName('postgres://h/db?sslmode=verify-full')).toBe(
+      'postgres://h/db?sslmode=verify-full',
+    )
+    expect(withoutApplicationName(undefined)).toBeUndefined()
+    expect(
+      resolveOptions({ ...base, connectionString: 'postgres://h/x?application_name=app' })
+        .connectionString,
+    ).toBe('postgres://h/x')
   })
 })

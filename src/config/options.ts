@@ -145,19 +145,21 @@ export const DEFAULTS = Object.freeze({
   workerPollingIntervalSeconds: 0.5,
 })
 
-/** `host:pid`, the host cut so that the whole fits application_name's 63 bytes. */
 /**
  * The URL without an `application_name` parameter. pg lets the URL's override the one a
  * client is given, and each of a node's connections is named after the node: the lock
  * session's name is the node id that `pgsingleton.status` shows, so with the app's name in
  * the URL every node showed as the app. Only that parameter goes; the rest is left as it is
- * written (no re-encoding).
+ * written (no re-encoding), a fragment too (which pg does not read as parameters).
  */
 export function withoutApplicationName<T extends string | undefined>(url: T): T {
   if (url === undefined) return url
-  const at = url.indexOf('?')
+  const hash = url.indexOf('#')
+  const fragment = hash < 0 ? '' : url.slice(hash)
+  const rest = hash < 0 ? url : url.slice(0, hash)
+  const at = rest.indexOf('?')
   if (at < 0) return url
-  const kept = url
+  const kept = rest
     .slice(at + 1)
     .split('&')
     .filter((pair) => {
@@ -168,9 +170,11 @@ export function withoutApplicationName<T extends string | undefined>(url: T): T 
         return true
       }
     })
-  return (kept.length > 0 ? `${url.slice(0, at)}?${kept.join('&')}` : url.slice(0, at)) as T
+  const query = kept.length > 0 ? `?${kept.join('&')}` : ''
+  return `${rest.slice(0, at)}${query}${fragment}` as T
 }
 
+/** `host:pid`, the host cut so that the whole fits application_name's 63 bytes. */
 export function defaultNodeId(): string {
   const pid = `:${process.pid}`
   const host = hostname().replace(/[^\x20-\x7e]/g, '?')

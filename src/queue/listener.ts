@@ -2,6 +2,7 @@ import pg from 'pg'
 import type { PgBoss } from 'pg-boss'
 import { quoteIdent } from '../config/identifier.js'
 import { destroySocket, endClient } from '../db/client.js'
+import { sqlState } from '../db/sqlstate.js'
 import { SERVER_KEEPALIVE } from '../lock/lock-session.js'
 
 interface ListenHandle {
@@ -80,7 +81,11 @@ export async function listen(
     if (current !== client) return // an earlier connection, already given up
     current = undefined
     clearTimeout(heartbeat)
-    client.end().catch(() => {})
+    // One still connecting is destroyed, not ended: pg's end() during a connect leaves the
+    // connect unsettled for ever (pg emits 'error' during a connect without failing it
+    // when, say, its password hashing throws).
+    if (listening === client) client.end().catch(() => {})
+    else destroySocket(client)
     if (closed || listening !== client) return
     listening = undefined
     settings.onError(
@@ -126,8 +131,19 @@ export async function listen(
     current = client
     try {
       await client.connect()
-      for (const [setting, value] of Object.entries(SERVER_KEEPALIVE))
-        await client.query('SELECT set_config($1, $2, false)', [setting, value]).catch(() => {})
+      // In one statement, so that a stalled connection costs one deadline here, not four. A
+      // server that refuses one of them (a platform without it) refuses them all, and the
+      // connection goes on without; a timeout or a lost connection fails the connect.
+      await client
+        .query(
+          `SELECT ${Object.keys(SERVER_KEEPALIVE)
+            .map((_, i) => `set_config($${2 * i + 1}, $${2 * i + 2}, false)`)
+            .join(', ')}`,
+          Object.entries(SERVER_KEEPALIVE).flat(),
+        )
+        .catch((error) => {
+          if (!sqlState(error)) throw error
+        })
       await client.query(`LISTEN ${quoteIdent(channel)}`)
     } catch (error) {
       if (current === client) current = undefined
@@ -149,7 +165,13 @@ export async function listen(
     onReconnect() // pg-boss fetches what it may have missed while not listening
   }
 
-  const close = async () => {
+  // Once: the abort's close and the caller's both wait for the same end.
+  let closing: Promise<void> | undefined
+  const close = () => {
+    closing ??= closeOnce()
+    return closing
+  }
+  const closeOnce = async () => {
     closed = true
     signal?.removeEventListener('abort', abort)
     clearTimeout(reconnect)
