@@ -50,7 +50,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   #heldEpoch: number | undefined
   #starter: Starter | undefined
   #scheduler: Promise<void> | undefined
-  /** Rung by `runNow` and by requests the lock session hears: while this node holds, its scheduler looks at once. */
+  /** Rung by requests (runNow, and those the holder hears) and by each run's end: while this node holds, its scheduler looks at once. */
   readonly #runAsked = new Alarm()
   /** Each holdership's LISTEN for requests, until it has ended (its fence aborted). */
   readonly #hearing = new Set<Promise<void>>()
@@ -366,6 +366,10 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
       options.workerPollingIntervalSeconds,
       {
         onRun: (report) => {
+          // On the holder (where runs are worked by default) its scheduler looks now: a
+          // request held back by this run, or an occurrence coalesced behind it, is issued
+          // at once rather than at the next tick.
+          this.#runAsked.ring()
           options.logger.info(
             { ...report },
             `${report.kind === 'task' ? 'task' : 'cleanup'} run ${report.status}`,

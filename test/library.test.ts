@@ -272,6 +272,48 @@ describe('the library inside an app', () => {
     }
   })
 
+  it('a run asked for while the last run is still open starts as soon as that run ends', async () => {
+    let release: () => void = () => {}
+    let runs = 0
+    const node = createSingleton({
+      name: 'lib-run-after-run',
+      connectionString: db.url,
+      tasks: [
+        {
+          name: 'slow',
+          every: '1 hour',
+          handler: async () => {
+            runs++
+            if (runs === 1) await new Promise<void>((resolve) => (release = resolve))
+          },
+        },
+      ],
+    })
+    const done: RunReport[] = []
+    node.on('task:done', (report: RunReport) => done.push(report))
+    await node.start()
+    try {
+      await waitFor('the first run under way', async () => (runs === 1 ? true : undefined))
+      // Held back by the open run: the holder's next look is 5 s away once it has seen it.
+      await node.runNow('slow')
+      await new Promise((resolve) => setTimeout(resolve, 500))
+      release()
+      await waitFor('two runs done', async () => (done.length >= 2 ? true : undefined))
+      const [first, second] = done
+      const { rows } = await db.pool.query<{ ms: number }>(
+        `SELECT (extract(epoch FROM s.created_at - f.finished_at) * 1000)::float8 AS ms
+           FROM pgsingleton.cleanup_runs f, pgsingleton.cleanup_runs s
+          WHERE f.id = $1 AND s.id = $2`,
+        [first?.runId, second?.runId],
+      )
+      expect(rows[0]?.ms).toBeGreaterThan(0)
+      expect(rows[0]?.ms).toBeLessThan(1000)
+    } finally {
+      release()
+      await node.stop()
+    }
+  })
+
   it('an application_name in the URL does not hide the node id in pgsingleton.status', async () => {
     const url = new URL(db.url)
     url.searchParams.set('application_name', 'the app')

@@ -67,7 +67,7 @@ export async function controlCommand(
     } else {
       await requestRun(pool, name, policy, operator())
       say(
-        `Asked for a run of policy "${policy}" of "${name}" now: the holder issues it at once, or at its next tick (within 5 s) once the policy's open run, if any, has ended.`,
+        `Asked for a run of policy "${policy}" of "${name}" now: the holder issues it at once, or once the policy's open run, if any, has ended.`,
       )
     }
   })

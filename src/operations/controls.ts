@@ -45,7 +45,7 @@ export async function resumePolicy(
 /**
  * Asks the holder for a run of the policy now, outside its schedule (whose grid stays as
  * it is). The commit announces it (migrations/0008), and the holder issues it at once, or
- * at its first tick after the policy's open run ends. Refused while the policy is paused.
+ * when the policy's open run ends. Refused while the policy is paused.
  */
 export async function requestRun(
   db: Db,
