@@ -26,7 +26,7 @@ import { SingletonMetrics } from './metrics.js'
 import { pausePolicy, requestRun, resumePolicy } from './operations/controls.js'
 import { type PolicyPlan, planPolicies } from './operations/plan.js'
 import { ensureQueue } from './queue/cleanup-queue.js'
-import { listen, useOwnListener } from './queue/listener.js'
+import { listen, listenBackoffMs, useOwnListener } from './queue/listener.js'
 import type { TransactionLimits } from './runs/fence.js'
 import { runScheduler } from './schedule/scheduler.js'
 import { type PolicyStatus, readPolicyStatus } from './status/read-policy-status.js'
@@ -137,7 +137,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
   async runNow(policy: string): Promise<void> {
     await requestRun(this.#requirePool(), this.options.name, policy, this.nodeId)
     // Asked on the holder, its scheduler looks now, without waiting for the announcement
-    // (which a holder also hears from any other node or client: onRequested).
+    // (which a holder also hears from any other node or client: hearRequests).
     this.#runAsked.ring()
   }
 
@@ -568,7 +568,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           await handle.close()
           return
         }
-        await sleep(Math.min(5000, 250 * 2 ** Math.min(attempt, 5)), ended)
+        await sleep(listenBackoffMs(attempt), ended)
       }
     }
     /**
@@ -585,9 +585,6 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
         const done = () => this.#hearing.delete(hearing)
         hearing.then(done, done)
       }
-      await leadWhileHeld(lease, fence)
-    }
-    const leadWhileHeld = async (lease: Lease, fence: AbortSignal): Promise<void> => {
       let warned = false
       while (!fence.aborted) {
         const began = performance.now()
@@ -835,6 +832,6 @@ function isRequestFor(payload: string, singleton: string): boolean {
 
 /** A borrowed pool's connection settings, for our own connections to the same server. */
 function borrowedConnection(pool: pg.Pool): pg.ClientConfig {
-  const config = { ...(pool as unknown as { options: pg.ClientConfig }).options }
-  return { ...config, connectionString: withoutApplicationName(config.connectionString) }
+  const { options } = pool as unknown as { options: pg.ClientConfig }
+  return { ...options, connectionString: withoutApplicationName(options.connectionString) }
 }

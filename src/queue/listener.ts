@@ -46,6 +46,11 @@ export function useOwnListener(
     listen(connection, settings, channel, onNotification, onReconnect)
 }
 
+/** How long to wait before the attempt after `attempt` failed ones: 250 ms, doubling to 5 s. */
+export function listenBackoffMs(attempt: number): number {
+  return Math.min(5000, 250 * 2 ** Math.min(attempt, 5))
+}
+
 /**
  * A LISTEN on a connection of its own, which proves every `heartbeatMs` that it still
  * listens and is replaced (with backoff) when it dies; `onReconnect` after each LISTEN
@@ -95,7 +100,7 @@ export async function listen(
   }
   const scheduleReconnect = () => {
     if (closed || reconnect) return
-    const backoff = Math.min(5000, 250 * 2 ** Math.min(attempt, 5))
+    const backoff = listenBackoffMs(attempt)
     attempt++
     reconnect = setTimeout(() => {
       reconnect = undefined
