@@ -164,6 +164,8 @@ async function stopWalWriterAsleep(): Promise<number> {
 
 /** Names the synchronous standbys (null: none), and waits until the server has it. */
 async function setStandbys(value: string | null): Promise<void> {
+  // Before any standby is named: this commit must not wait for one.
+  await pool.query('CREATE TABLE IF NOT EXISTS public.standby_probe (at timestamptz)')
   await pool.query(
     value === null
       ? 'ALTER SYSTEM RESET synchronous_standby_names'
@@ -174,6 +176,30 @@ async function setStandbys(value: string | null): Promise<void> {
     const { rows } = await pool.query(`SELECT current_setting('synchronous_standby_names') AS v`)
     return rows[0]?.v === (value ?? '') ? true : undefined
   })
+  if (value === null) return
+  // A commit waits for a standby only once the checkpointer, too, has read the setting (it
+  // sets the flag in shared memory that commits look at): until then one may return at
+  // once, whatever the committing session reads. So: until a probe's commit waits.
+  const probe = new pg.Client({ connectionString: url })
+  await probe.connect()
+  try {
+    await waitFor('commits waiting for the standby', async () => {
+      const commit = probe.query('INSERT INTO public.standby_probe VALUES (now())')
+      const waited = await Promise.race([
+        commit.then(() => false),
+        new Promise<boolean>((resolve) => setTimeout(() => resolve(true), 200)),
+      ])
+      if (!waited) return undefined
+      // Its wait cancelled: the commit is local, with a warning, and the probe goes on.
+      await pool.query('SELECT pg_cancel_backend($1)', [
+        (probe as unknown as { processID: number }).processID,
+      ])
+      await commit.catch(() => {})
+      return true
+    })
+  } finally {
+    await probe.end()
+  }
 }
 
 describe('a server crash, with synchronous_commit off for the database', () => {
