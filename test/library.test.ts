@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process'
 import { once } from 'node:events'
+import net from 'node:net'
 import pg from 'pg'
 import { PgBoss } from 'pg-boss'
 import { describe, expect, it } from 'vitest'
@@ -268,6 +269,98 @@ describe('the library inside an app', () => {
       await b.stop()
       await a.stop()
       await listener.end()
+    }
+  })
+
+  it('a holder whose LISTEN for run requests cannot start says so once, tries again until it listens, and then takes requests at once', async () => {
+    await db.pool.query('TRUNCATE app.events')
+    const name = 'lib-requests-retry'
+    // A relay to the server that turns away the connections named "requests" while
+    // `refusing`, and passes every other one (the lock session, the pool, pg-boss's).
+    const target = new URL(db.url)
+    let refusing = true
+    let refused = 0
+    const sockets = new Set<net.Socket>()
+    const relay = net.createServer((client) => {
+      sockets.add(client)
+      client.on('error', () => {})
+      client.once('data', (startup) => {
+        if (refusing && startup.includes('a requests')) {
+          refused++
+          client.destroy()
+          return
+        }
+        const upstream = net.connect(Number(target.port || 5432), target.hostname)
+        sockets.add(upstream)
+        upstream.on('error', () => client.destroy())
+        upstream.write(startup)
+        client.pipe(upstream)
+        upstream.pipe(client)
+        client.on('close', () => upstream.destroy())
+        upstream.on('close', () => client.destroy())
+      })
+    })
+    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', resolve))
+    const relayed = new URL(db.url)
+    relayed.hostname = '127.0.0.1'
+    relayed.port = String((relay.address() as net.AddressInfo).port)
+    const a = createSingleton({
+      name,
+      connectionString: relayed.toString(),
+      policies: [policy],
+      nodeId: 'a',
+    })
+    const errors: string[] = []
+    a.on('error', (error: Error) => errors.push(error.message))
+    const notStarted = () =>
+      errors.filter((message) => message.includes('the LISTEN for run requests could not start'))
+    try {
+      // Not events.once: it would reject on the 'error' this test expects.
+      const first = new Promise((resolve) => a.once('cleanup:done', resolve))
+      await a.start()
+      await first
+      // Turned away at least twice: the first attempt, and a retry after its backoff.
+      await waitFor('a retry turned away', async () => (refused >= 2 ? true : undefined))
+      expect(notStarted()).toHaveLength(1)
+      expect(notStarted()[0]).toMatch(/until it can, the holder takes them at its next tick/)
+      refusing = false
+      await waitFor('a listening', async () =>
+        (
+          await db.pool.query(
+            `SELECT 1 FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'a requests'`,
+          )
+        ).rowCount
+          ? true
+          : undefined,
+      )
+      // Its first ticks are past: its next look is seconds away.
+      await new Promise((resolve) => setTimeout(resolve, 1000))
+      await insertRows(db.pool, 100, '2 hours')
+      const done = new Promise<RunReport>((resolve) => a.once('cleanup:done', resolve))
+      const asked = (
+        await db.pool.query<{ at: Date }>(
+          `INSERT INTO pgsingleton.policy_controls (singleton, policy, run_now_at)
+           VALUES ($1, 'old-events', now())
+           ON CONFLICT (singleton, policy) DO UPDATE SET run_now_at = now(), changed_at = now()
+           RETURNING clock_timestamp() AS at`,
+          [name],
+        )
+      ).rows[0]?.at
+      const report = await done
+      expect(report.rowsDeleted).toBe(100)
+      const { rows } = await db.pool.query<{ ms: number }>(
+        `SELECT (extract(epoch FROM created_at - $2::timestamptz) * 1000)::float8 AS ms
+           FROM pgsingleton.cleanup_runs WHERE id = $1`,
+        [report.runId, asked],
+      )
+      expect(rows[0]?.ms).toBeLessThan(1000)
+      // Reported once, however many attempts it took.
+      expect(notStarted()).toHaveLength(1)
+    } finally {
+      await a.stop()
+      for (const socket of sockets) socket.destroy()
+      await new Promise((resolve) => relay.close(resolve))
     }
   })
 

@@ -44,6 +44,93 @@ describe('a LISTEN connection of our own', () => {
     }
   })
 
+  it('an error the client emits during its connect, which pg does not turn into a failed connect, fails the first connect at once', async () => {
+    // A peer that asks for an MD5 password: the client's hashing throws (here on a password
+    // that is no string; in a FIPS build, on md5 itself), and pg emits it as an 'error' of
+    // the client without settling the connect, which only its 30 s deadline would end.
+    const sockets = new Set<net.Socket>()
+    const md5 = net.createServer((socket) => {
+      sockets.add(socket)
+      socket.on('error', () => {})
+      socket.once('data', () => {
+        const ask = Buffer.alloc(13)
+        ask.write('R', 0)
+        ask.writeInt32BE(12, 1)
+        ask.writeInt32BE(5, 5) // AuthenticationMD5Password, then a 4-byte salt
+        socket.write(ask)
+      })
+    })
+    await new Promise<void>((resolve) => md5.listen(0, '127.0.0.1', resolve))
+    const { port } = md5.address() as net.AddressInfo
+    const errors: Error[] = []
+    try {
+      const began = performance.now()
+      await expect(
+        listen(
+          {
+            host: '127.0.0.1',
+            port,
+            user: 'nobody',
+            database: 'nothing',
+            password: Symbol('no string') as unknown as string,
+          },
+          { ...settings, onError: (error) => errors.push(error) },
+          'anything',
+          () => {},
+          () => {},
+        ),
+      ).rejects.toThrow()
+      expect(performance.now() - began).toBeLessThan(5000)
+      // A first connect's failure is the caller's to report, not the listener's.
+      expect(errors).toEqual([])
+    } finally {
+      for (const socket of sockets) socket.destroy()
+      await new Promise((resolve) => md5.close(resolve))
+    }
+  })
+
+  it('reports a lost connection by what listens, connects again, and hears again', async () => {
+    const ended = new AbortController()
+    const heard: string[] = []
+    const errors: Error[] = []
+    let listens = 0
+    const name = 'listener reconnecting'
+    const handle = await listen(
+      { connectionString: db.url, application_name: name },
+      { ...settings, onError: (error) => errors.push(error) },
+      'some channel',
+      (payload) => heard.push(payload),
+      () => listens++,
+      ended.signal,
+    )
+    try {
+      const backend = async () =>
+        (
+          await db.pool.query<{ pid: number }>(
+            `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1`,
+            [name],
+          )
+        ).rows[0]?.pid
+      const first = await backend()
+      await db.pool.query('SELECT pg_terminate_backend($1)', [first])
+      await waitFor('the loss reported', async () => (errors.length > 0 ? true : undefined))
+      expect(errors[0]?.message).toMatch(/^LISTEN connection lost \(test\): /)
+      // Connected again after its backoff (250 ms), and told so: what was announced
+      // meanwhile went unheard.
+      await waitFor('listening again', async () => (listens === 2 ? true : undefined))
+      const second = await backend()
+      expect(second).toBeDefined()
+      expect(second).not.toBe(first)
+      await db.pool.query(`SELECT pg_notify('some channel', 'again')`)
+      await waitFor('the notification', async () => (heard.length > 0 ? true : undefined))
+      expect(heard).toEqual(['again'])
+      expect(errors).toHaveLength(1)
+    } finally {
+      ended.abort()
+      await handle.close()
+    }
+  })
+
   it('hears its channel, and its backend is gone once its signal aborts', async () => {
     const ended = new AbortController()
     const heard: string[] = []
