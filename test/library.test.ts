@@ -358,9 +358,12 @@ describe('the library inside an app', () => {
       // Reported once, however many attempts it took.
       expect(notStarted()).toHaveLength(1)
     } finally {
-      await a.stop()
-      for (const socket of sockets) socket.destroy()
-      await new Promise((resolve) => relay.close(resolve))
+      try {
+        await a.stop()
+      } finally {
+        for (const socket of sockets) socket.destroy()
+        await new Promise((resolve) => relay.close(resolve))
+      }
     }
   })
 
