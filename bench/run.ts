@@ -1,7 +1,9 @@
 /**
  * `npm run bench`: the numbers behind the README, measured on this machine with real
  * processes and a real PostgreSQL, each beside its reference in the same run. Writes
- * bench/results/<date>-postgresql-<major>.json and bench/REPORT-postgresql-<major>.md.
+ * bench/results/<date>-postgresql-<major>.json and bench/REPORT-postgresql-<major>.md after
+ * each section; a section not measured in this run (left out, or failed: the run goes on
+ * and exits 1) keeps its figures from the latest results, with their commit and time.
  *
  *   DATABASE_URL=...   bench against that server (scratch databases are made on it);
  *                      without it, against the embedded PostgreSQL under ./.pg-singleton.
@@ -143,6 +145,45 @@ async function main(): Promise<void> {
   }
   const commit = currentCommit()
   results.sections = {}
+  const date = new Date().toISOString().slice(0, 10)
+  const dir = fileURLToPath(new URL('../../bench/results/', import.meta.url))
+  await mkdir(dir, { recursive: true })
+  // The latest results of this server, read once, before this run writes any: a section
+  // this run does not measure (left out of BENCH_SECTIONS, not reached yet, or failed) keeps
+  // its figures from there, with when and on which commit they were measured.
+  const latest = (await readdir(dir))
+    .filter((file) => file.endsWith(`-postgresql-${major}.json`))
+    .sort()
+    .at(-1)
+  const base = latest
+    ? (JSON.parse(await readFile(join(dir, latest), 'utf8')) as Results)
+    : undefined
+  const baseAt = base
+    ? ((base.machine as { measuredAt?: string }).measuredAt ?? latest?.slice(0, 10) ?? '')
+    : ''
+  /** Writes the results so far (and the report): after each section, so a run that dies keeps what it measured. */
+  const save = async (): Promise<string> => {
+    const merged: Results = { ...results, sections: { ...results.sections } }
+    for (const key of ALL_SECTIONS) {
+      const k = key as keyof Results
+      if (merged[k] !== undefined || base?.[k] === undefined) continue
+      ;(merged as unknown as Record<string, unknown>)[k] = base[k]
+      ;(merged.sections as Record<string, Section>)[key] = base.sections?.[key] ?? {
+        measuredAt: baseAt,
+        commit: 'not recorded',
+      }
+    }
+    await writeFile(
+      join(dir, `${date}-postgresql-${major}.json`),
+      `${JSON.stringify(merged, null, 2)}\n`,
+    )
+    const report = render(version, merged)
+    await writeFile(
+      fileURLToPath(new URL(`../../bench/REPORT-postgresql-${major}.md`, import.meta.url)),
+      report,
+    )
+    return report
+  }
   const section = async <T>(
     key: string,
     work: (url: string) => Promise<T>,
@@ -156,9 +197,18 @@ async function main(): Promise<void> {
       roundTrips: await roundTrips(db.url),
     }
     try {
-      return await work(db.url)
+      const value = await work(db.url)
+      ;(results as unknown as Record<string, unknown>)[key] = value
+      await save()
+      return value
+    } catch (error) {
+      // The other sections still run; this one keeps its earlier figures, if any.
+      say(`${key} failed: ${error instanceof Error ? (error.stack ?? error.message) : error}`)
+      delete (results.sections as Record<string, Section>)[key]
+      process.exitCode = 1
+      return undefined
     } finally {
-      await db.drop()
+      await db.drop().catch(() => {})
     }
   }
 
@@ -227,39 +277,7 @@ async function main(): Promise<void> {
     return out
   })
 
-  const date = new Date().toISOString().slice(0, 10)
-  const dir = fileURLToPath(new URL('../../bench/results/', import.meta.url))
-  await mkdir(dir, { recursive: true })
-  // A run of some sections keeps the others from the latest results of this server, each
-  // with when and on which commit it was measured.
-  if (process.env.BENCH_SECTIONS) {
-    const latest = (await readdir(dir))
-      .filter((file) => file.endsWith(`-postgresql-${major}.json`))
-      .sort()
-      .at(-1)
-    if (latest) {
-      const base = JSON.parse(await readFile(join(dir, latest), 'utf8')) as Results
-      const baseAt = (base.machine as { measuredAt?: string }).measuredAt ?? latest.slice(0, 10)
-      for (const key of ALL_SECTIONS) {
-        const k = key as keyof Results
-        if (SECTIONS.has(key) || base[k] === undefined) continue
-        ;(results as unknown as Record<string, unknown>)[k] = base[k]
-        results.sections[key] = base.sections?.[key] ?? {
-          measuredAt: baseAt,
-          commit: 'not recorded',
-        }
-      }
-    }
-  }
-  await writeFile(
-    join(dir, `${date}-postgresql-${major}.json`),
-    `${JSON.stringify(results, null, 2)}\n`,
-  )
-  const report = render(version, results)
-  await writeFile(
-    fileURLToPath(new URL(`../../bench/REPORT-postgresql-${major}.md`, import.meta.url)),
-    report,
-  )
+  const report = await save()
   process.stdout.write(report)
 }
 
