@@ -11,7 +11,7 @@
  *   BENCH_SECTIONS=a,b only some of: failover, cleanup, steady, partitions, cost, scale, growth.
  */
 import { execFileSync } from 'node:child_process'
-import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -173,12 +173,14 @@ async function main(): Promise<void> {
         commit: 'not recorded',
       }
     }
-    await writeFile(
-      join(dir, `${date}-postgresql-${major}.json`),
-      `${JSON.stringify(merged, null, 2)}\n`,
-    )
+    // Each written whole or not at all: a run killed mid-write leaves the earlier file.
+    const put = async (file: string, text: string) => {
+      await writeFile(`${file}.tmp`, text)
+      await rename(`${file}.tmp`, file)
+    }
     const report = render(version, merged)
-    await writeFile(
+    await put(join(dir, `${date}-postgresql-${major}.json`), `${JSON.stringify(merged, null, 2)}\n`)
+    await put(
       fileURLToPath(new URL(`../../bench/REPORT-postgresql-${major}.md`, import.meta.url)),
       report,
     )
@@ -190,17 +192,16 @@ async function main(): Promise<void> {
   ): Promise<T | undefined> => {
     if (!SECTIONS.has(key)) return undefined
     say(`${key}...`)
-    const db = await fresh()
-    ;(results.sections as Record<string, Section>)[key] = {
-      measuredAt: new Date().toISOString(),
-      commit,
-      roundTrips: await roundTrips(db.url),
-    }
+    let db: Awaited<ReturnType<typeof fresh>> | undefined
+    let value: T
     try {
-      const value = await work(db.url)
-      ;(results as unknown as Record<string, unknown>)[key] = value
-      await save()
-      return value
+      db = await fresh()
+      ;(results.sections as Record<string, Section>)[key] = {
+        measuredAt: new Date().toISOString(),
+        commit,
+        roundTrips: await roundTrips(db.url),
+      }
+      value = await work(db.url)
     } catch (error) {
       // The other sections still run; this one keeps its earlier figures, if any.
       say(`${key} failed: ${error instanceof Error ? (error.stack ?? error.message) : error}`)
@@ -208,8 +209,15 @@ async function main(): Promise<void> {
       process.exitCode = 1
       return undefined
     } finally {
-      await db.drop().catch(() => {})
+      await db?.drop().catch((error) => say(`${key}: its scratch database stays: ${error}`))
     }
+    ;(results as unknown as Record<string, unknown>)[key] = value
+    // Not the section's failure: its figures stay in this run's results, for the next save.
+    await save().catch((error) => {
+      say(`could not write the results after ${key}: ${error}`)
+      process.exitCode = 1
+    })
+    return value
   }
 
   results.failover = await section('failover', (url) => failover(url, TRIALS))
@@ -487,7 +495,14 @@ function machineText(version: string, r: Results): string {
   return `Measured ${m.measuredAt} on ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB RAM, Node ${m.node}, PostgreSQL ${version} over loopback (127.0.0.1).${sections ? `\n\nSections (when, on which commit, and the server's round trips just before: a read's p50, a one-row insert's commit p50 / p99, ${ROUND_TRIPS} each): ${sections}.` : ''}`
 }
 
-main().catch((error) => {
-  process.stderr.write(`${error instanceof Error ? error.stack : String(error)}\n`)
-  process.exit(1)
-})
+main().then(
+  () => {
+    // After a failed section, what it left behind (a node, a connection) must not keep the
+    // run from ending: out once the report has been written.
+    if (process.exitCode) process.stdout.write('', () => process.exit())
+  },
+  (error) => {
+    process.stderr.write(`${error instanceof Error ? error.stack : String(error)}\n`)
+    process.exit(1)
+  },
+)
