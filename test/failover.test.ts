@@ -142,9 +142,13 @@ describe('failover between real node processes', () => {
   it('a job a dead worker left active after its run finished does not hold the next run back', async () => {
     await db.pool.query('TRUNCATE app.events')
     const { name, nodes } = await cluster(1, { policies: [{ ...POLICY, every: '1 hour' }] })
-    const first = await waitFor('the first run done', async () => {
+    // Its job completed too: the worker records the run done before pg-boss completes the
+    // job, and a completion after the UPDATE below would overwrite the state it sets.
+    const first = await waitFor('the first run done, and its job completed', async () => {
       const { rows } = await db.pool.query(
-        `SELECT id, job_id FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND status = 'done'`,
+        `SELECT r.id, r.job_id FROM pgsingleton.cleanup_runs r
+           JOIN pgboss.job j ON j.id::text = r.job_id AND j.state = 'completed'
+          WHERE r.singleton = $1 AND r.status = 'done'`,
         [name],
       )
       return rows[0]
