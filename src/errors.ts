@@ -18,6 +18,7 @@ export type SingletonErrorCode =
   | 'TASK_FAILED' // a task's run failed (retried with backoff), or its handler threw after its fenced transaction committed
   | 'FENCED' // a task's fenced transaction may not commit: a newer holder exists, or the run was closed or paused
   | 'FENCED_ONCE' // a task's run called fenced() a second time; one fenced transaction per run
+  | 'TASK_TIMEOUT' // a task's run took longer than its timeout: recorded failed and retried with backoff
 
 export class SingletonError extends Error {
   override readonly name = 'SingletonError'

@@ -381,7 +381,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
             if (report.status === 'failed' || report.status === 'exhausted' || report.reason) {
               this.#emitError(
                 new SingletonError(
-                  'TASK_FAILED',
+                  report.timedOut ? 'TASK_TIMEOUT' : 'TASK_FAILED',
                   `task "${report.policy}", run ${report.runId} ${report.status === 'failed' ? 'failed and will be retried' : report.status === 'exhausted' ? 'failed on its last retry' : report.status}: ${report.reason}`,
                 ),
               )

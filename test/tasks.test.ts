@@ -1,9 +1,11 @@
+import { createHash } from 'node:crypto'
 import { once } from 'node:events'
 import { writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { fingerprint, type TaskDefinition } from '../src/config/definition.js'
+import { resolveTasks } from '../src/config/task.js'
 import {
   createSingleton,
   type RunReport,
@@ -437,6 +439,120 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     expect((await again.exited).code, again.output()).toBe(0)
     await waitFor('the asked-for run', async () => reports.length >= 2, 15_000)
     expect((await writesOf('hourly')).length).toBe(2)
+  })
+
+  it('a run past its timeout is told to stop, recorded failed at once (TASK_TIMEOUT) while its handler still runs, and retried; its late fenced() runs nothing', async () => {
+    let calls = 0
+    let firstReturned = false
+    let signalReason: unknown
+    let lateFenced: unknown
+    const {
+      node: n,
+      name,
+      errors,
+    } = node([
+      {
+        name: 'slow',
+        every: '1 hour',
+        timeout: '2 seconds',
+        handler: async (ctx) => {
+          calls += 1
+          if (calls > 1) return writeOccurrence(ctx)
+          // The first run outlives its limit, hears the signal, and carries on regardless.
+          await new Promise((resolve) => ctx.signal.addEventListener('abort', resolve))
+          signalReason = ctx.signal.reason
+          await new Promise((resolve) => setTimeout(resolve, 2000))
+          lateFenced = await writeOccurrence(ctx).then(
+            () => 'ran',
+            (error: unknown) => error,
+          )
+          firstReturned = true
+        },
+      },
+    ])
+    const reports: RunReport[] = []
+    n.on('task:done', (report) => reports.push(report))
+    await n.start()
+    // Recorded failed at the limit, not when the handler gives up.
+    const failed = await waitFor(
+      'the run recorded failed at its timeout',
+      async () => {
+        const { rows } = await db.pool.query<{
+          status: string
+          failures: number
+          error: string
+          ran_ms: number
+        }>(
+          `SELECT status, failures, error, (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS ran_ms
+             FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+          [name],
+        )
+        return rows[0]?.status === 'failed' ? rows[0] : undefined
+      },
+      15_000,
+    )
+    expect(firstReturned).toBe(false)
+    expect(failed.failures).toBe(1)
+    expect(failed.error).toMatch(/took longer than its timeout \(2 s\)/)
+    expect(failed.ran_ms).toBeGreaterThanOrEqual(1900)
+    expect((signalReason as { code?: string }).code).toBe('TASK_TIMEOUT')
+    // The retry runs once the stuck handler has returned, and does the occurrence.
+    await waitFor('the retry done', async () => reports.some((r) => r.status === 'done'), 20_000)
+    expect((lateFenced as { code?: string }).code).toBe('TASK_TIMEOUT')
+    expect(reports.map((r) => [r.status, r.timedOut ?? false])).toEqual([
+      ['failed', true],
+      ['done', false],
+    ])
+    expect(errors.map((e) => (e as { code?: string }).code)).toContain('TASK_TIMEOUT')
+    const { rows } = await db.pool.query(
+      'SELECT status, failures FROM pgsingleton.cleanup_runs WHERE singleton = $1',
+      [name],
+    )
+    expect(rows).toEqual([{ status: 'done', failures: 1 }])
+    expect((await writesOf('slow')).length).toBe(1)
+    // Its pg-boss job lives a minute past the run's limit, so the run's own timeout comes first.
+    const { rows: jobs } = await db.pool.query<{ expire_seconds: number }>(
+      `SELECT DISTINCT expire_seconds FROM pgboss.job WHERE name = $1`,
+      [`pgsingleton/cleanup/${name}`],
+    )
+    expect(jobs).toEqual([{ expire_seconds: 62 }])
+  })
+
+  it('a timeout is seconds, minutes or hours up to 23 hours; the default leaves the definition as a node without the option registers it', () => {
+    const refused = (timeout: unknown) => () =>
+      createSingleton({
+        name: 'x',
+        connectionString: db.url,
+        tasks: [{ name: 't', every: '1 hour', timeout, handler: () => {} } as SingletonTask],
+      })
+    expect(refused('1 day')).toThrow(
+      /task "t", field timeout: "1 day" is refused: give it in seconds, minutes or hours/,
+    )
+    expect(refused('24 hours')).toThrow(/from 1 second to 23 hours/)
+    expect(refused('0.5 seconds')).toThrow(/from 1 second to 23 hours/)
+    expect(refused('10m')).toThrow(/task "t", field timeout: "10m" is refused/)
+    expect(refused(90)).toThrow(/task "t", field timeout: 90 is refused/)
+    expect(refused('90 minutes')).not.toThrow()
+    // A limit of an hour, however written, is the default: no limit in the definition.
+    const [hour] = resolveTasks([
+      { name: 't', every: '1 hour', timeout: '60 minutes', handler: () => {} },
+    ])
+    expect(hour?.timeoutSeconds).toBeNull()
+    // What a node without the option registers for a task: its fingerprint is unchanged.
+    const base = {
+      kind: 'task',
+      name: 't',
+      every: '1 hour',
+      cron: null,
+      cronTimeZone: null,
+    } as const
+    const before = createHash('sha256')
+      .update(JSON.stringify(['task', 't', '1 hour', null, null]))
+      .digest('hex')
+      .slice(0, 16)
+    expect(fingerprint(base)).toBe(before)
+    // Another limit is part of the definition: nodes must agree on it.
+    expect(fingerprint({ ...base, timeoutSeconds: 5400 })).not.toBe(before)
   })
 
   it("is refused at construction when neither policies nor tasks are given, or a task shares a policy's name, or lacks a handler", () => {

@@ -26,6 +26,8 @@ export interface RunReport {
   reason?: string
   /** The node was stopping: the run waits to be retried, and this is no error. */
   interrupted?: boolean
+  /** A task's run that took longer than its timeout: recorded failed, and retried. */
+  timedOut?: boolean
   /** How long the run took on this node, from its claim to its end. */
   durationMs?: number
 }

@@ -19,7 +19,7 @@ const FILE_KEYS = new Set<string>([
   'workQueue',
   ...Object.keys(DEFAULTS),
 ])
-const TASK_FILE_KEYS = new Set(['name', 'module', 'every', 'cron', 'timeZone'])
+const TASK_FILE_KEYS = new Set(['name', 'module', 'every', 'cron', 'timeZone', 'timeout'])
 
 /**
  * Reads and shape-checks a config file. Values are validated in full by
@@ -69,7 +69,7 @@ export async function loadConfigFile(path: string): Promise<ConfigFile> {
     if (!Array.isArray(config.tasks)) {
       throw new SingletonError(
         'INVALID_OPTION',
-        `config file ${path}: "tasks" must be an array of { name, module, every or cron, timeZone? }.`,
+        `config file ${path}: "tasks" must be an array of { name, module, every or cron, timeZone?, timeout? }.`,
       )
     }
     tasks = config.tasks.map((raw: unknown, index) => {

@@ -45,6 +45,8 @@ export interface TaskDefinition {
   readonly every: string | null
   readonly cron: string | null
   readonly cronTimeZone: string | null
+  /** How long a run may take, when the task sets a limit other than the default (1 hour). */
+  readonly timeoutSeconds?: number
 }
 
 /** What a run carries: a cleanup policy's definition, or a task's. */
@@ -53,6 +55,14 @@ export type RunDefinition = PolicyDefinition | TaskDefinition
 export function isTask(definition: RunDefinition): definition is TaskDefinition {
   return (definition as TaskDefinition).kind === 'task'
 }
+
+/** How long a task's run may take (a run issued by a node without the option: the default). */
+export function taskTimeoutSeconds(definition: TaskDefinition): number {
+  return definition.timeoutSeconds ?? DEFAULT_TASK_TIMEOUT_SECONDS
+}
+
+/** A task's run may take this long unless its `timeout` says otherwise. */
+export const DEFAULT_TASK_TIMEOUT_SECONDS = 3600
 
 /**
  * A short, stable digest of a definition: equal definitions have equal fingerprints on
@@ -66,6 +76,9 @@ export function fingerprint(definition: RunDefinition): string {
       definition.every,
       definition.cron,
       definition.cronTimeZone,
+      // Only when set: a task with the default limit keeps the fingerprint that nodes
+      // without this option register, so a rolling upgrade does not hold it back.
+      ...(definition.timeoutSeconds === undefined ? [] : [definition.timeoutSeconds]),
     ])
     return createHash('sha256').update(canonical).digest('hex').slice(0, 16)
   }

@@ -1,5 +1,7 @@
 import type pg from 'pg'
 import { SingletonError } from '../errors.js'
+import { DEFAULT_TASK_TIMEOUT_SECONDS } from './definition.js'
+import { type IntervalUnit, parseInterval } from './interval.js'
 import { NAME_PATTERN } from './policy.js'
 import { Problems } from './problems.js'
 import { resolveSchedule, type Schedule } from './schedule.js'
@@ -20,7 +22,10 @@ export interface TaskContext {
   readonly epoch: number
   /** The node running it. */
   readonly nodeId: string
-  /** Aborts when the run must stop: the node stops, or its run was fenced or paused. */
+  /**
+   * Aborts when the run must stop: the node stops, the run was fenced, or it ran past its
+   * `timeout` (the reason is then a `TASK_TIMEOUT` error).
+   */
   readonly signal: AbortSignal
   /**
    * Runs `fn(client)` in one transaction that first checks the run's epoch exactly as a
@@ -46,6 +51,12 @@ export interface SingletonTask {
   cron?: string
   /** The IANA zone a `cron` pattern is read in. Default UTC. */
   timeZone?: string
+  /**
+   * How long a run may take, in seconds, minutes or hours (`'2 hours'`; default 1 hour, at
+   * most 23 hours). Then `ctx.signal` aborts, the run is recorded failed (`TASK_TIMEOUT`)
+   * and retried with backoff like any failure, and its `fenced()` may no longer run.
+   */
+  timeout?: string
   /** Its work. A run whose handler throws (and whose fenced transaction did not commit) is retried with backoff. */
   handler: (context: TaskContext) => Promise<unknown> | unknown
 }
@@ -58,15 +69,58 @@ export interface ConfigFileTask {
   every?: string
   cron?: string
   timeZone?: string
+  timeout?: string
 }
 
 export interface ResolvedTask {
   readonly name: string
   readonly schedule: Schedule
+  /** The run's time limit in seconds; null when the task does not set one (the default). */
+  readonly timeoutSeconds: number | null
   readonly handler: SingletonTask['handler']
 }
 
-const TASK_KEYS = new Set(['name', 'every', 'cron', 'timeZone', 'handler'])
+const TASK_KEYS = new Set(['name', 'every', 'cron', 'timeZone', 'timeout', 'handler'])
+
+/**
+ * And at most this long: its pg-boss job expires a minute after it (pg-boss allows 24 hours
+ * at most), so the run's own limit always comes first.
+ */
+export const MAX_TASK_TIMEOUT_SECONDS = 23 * 3600
+
+const TIMEOUT_UNITS: Partial<Record<IntervalUnit, number>> = { second: 1, minute: 60, hour: 3600 }
+
+/**
+ * A task's `timeout` in seconds: the strict interval form, in seconds, minutes and hours,
+ * from 1 second to 23 hours. Null when not given, or when it is the default (so a task's
+ * definition, and its fingerprint, stay what a node without this option registers).
+ */
+function resolveTimeout(value: unknown, where: string, problems: Problems): number | null {
+  if (value === undefined) return null
+  const parsed = parseInterval(value)
+  if (!parsed.ok) {
+    problems.add(`${where}, field timeout: ${JSON.stringify(value)} is refused: ${parsed.reason}.`)
+    return null
+  }
+  let seconds = 0
+  for (const term of parsed.terms) {
+    const unit = TIMEOUT_UNITS[term.unit]
+    if (unit === undefined) {
+      problems.add(
+        `${where}, field timeout: "${parsed.canonical}" is refused: give it in seconds, minutes or hours (at most 23 hours), e.g. "2 hours".`,
+      )
+      return null
+    }
+    seconds += Number(term.amount) * unit
+  }
+  if (seconds < 1 || seconds > MAX_TASK_TIMEOUT_SECONDS) {
+    problems.add(
+      `${where}, field timeout: "${parsed.canonical}" is refused: a run's timeout is from 1 second to 23 hours.`,
+    )
+    return null
+  }
+  return seconds === DEFAULT_TASK_TIMEOUT_SECONDS ? null : seconds
+}
 
 /** Checks tasks without a database, reporting every problem at once. */
 export function resolveTasks(tasks: unknown): readonly ResolvedTask[] {
@@ -102,12 +156,18 @@ export function resolveTasks(tasks: unknown): readonly ResolvedTask[] {
     if (seen.has(name)) problems.add(`${where}: the name is used twice; names must be unique.`)
     seen.add(name)
     const schedule = resolveSchedule(record, 'timeZone', undefined, where, problems)
+    const timeoutSeconds = resolveTimeout(record.timeout, where, problems)
     if (typeof record.handler !== 'function') {
       problems.add(`${where}, field handler: expected a function, got ${typeof record.handler}.`)
     }
     if (problems.count > before || !schedule) return
     resolved.push(
-      Object.freeze({ name, schedule, handler: record.handler as SingletonTask['handler'] }),
+      Object.freeze({
+        name,
+        schedule,
+        timeoutSeconds,
+        handler: record.handler as SingletonTask['handler'],
+      }),
     )
   })
   problems.throwIfAny('INVALID_OPTION')

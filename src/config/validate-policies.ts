@@ -156,8 +156,17 @@ export async function validatePolicies(
       'timeZone',
     )
     if (!schedule) continue
-    tasks.push(Object.freeze({ kind: 'task' as const, name: task.name, ...schedule }))
-    understood.push(`task "${task.name}": ${describeSchedule(schedule)}`)
+    tasks.push(
+      Object.freeze({
+        kind: 'task' as const,
+        name: task.name,
+        ...schedule,
+        ...(task.timeoutSeconds === null ? {} : { timeoutSeconds: task.timeoutSeconds }),
+      }),
+    )
+    understood.push(
+      `task "${task.name}": ${describeSchedule(schedule)}${task.timeoutSeconds === null ? '' : `, a run may take ${task.timeoutSeconds} s`}`,
+    )
   }
   problems.throwIfAny('INVALID_POLICY')
   return { definitions, tasks, warnings, understood }

@@ -1,5 +1,6 @@
 import type pg from 'pg'
 import type { PgBoss } from 'pg-boss'
+import { isTask, type RunDefinition, taskTimeoutSeconds } from '../config/definition.js'
 
 /**
  * Everything that touches pg-boss: the queue's name and options, sending and cancelling
@@ -56,11 +57,27 @@ const through = (tx: Tx) => ({
   executeSql: (text: string, values?: unknown[]) => tx.query(text, values),
 })
 
+/**
+ * How long pg-boss lets the job of a run of `definition` stay active: a task's run a
+ * minute longer than its own limit, so that the worker's timeout, which records the run
+ * failed, comes first; a cleanup run the queue's hour.
+ */
+export function jobExpirySeconds(definition: RunDefinition | undefined): number | undefined {
+  if (!definition || !isTask(definition)) return undefined
+  return Math.ceil(taskTimeoutSeconds(definition)) + 60
+}
+
 /** Inserts the job through `tx`: the job exists if and only if the run does. */
-export async function sendJob(boss: PgBoss, tx: Tx, job: CleanupJob): Promise<string> {
+export async function sendJob(
+  boss: PgBoss,
+  tx: Tx,
+  job: CleanupJob,
+  expireInSeconds?: number,
+): Promise<string> {
   const id = await boss.send(queueName(job.singleton), job, {
     singletonKey: job.policy,
     db: through(tx),
+    ...(expireInSeconds === undefined ? {} : { expireInSeconds }),
   })
   if (!id) throw new Error(`pg-boss refused the job for policy "${job.policy}"`)
   return id

@@ -249,6 +249,8 @@ export interface RunWithJob {
   status: 'scheduled' | 'running'
   jobId: string
   fingerprint: string
+  /** What the run was issued with (a task's time limit is in it). */
+  definition: RunDefinition
   issued: IssuedRun
 }
 
@@ -259,9 +261,14 @@ export interface RunWithJob {
  */
 export async function openWithJobs(tx: Queryable, lease: FenceToken): Promise<RunWithJob[]> {
   const { rows } = await tx.query<
-    IssuedRow & { status: 'scheduled' | 'running'; job_id: string; fingerprint: string }
+    IssuedRow & {
+      status: 'scheduled' | 'running'
+      job_id: string
+      fingerprint: string
+      definition: RunDefinition
+    }
   >(
-    `SELECT id, policy, status, job_id, fingerprint, scheduled_for, coalesced, reissued
+    `SELECT id, policy, status, job_id, fingerprint, definition, scheduled_for, coalesced, reissued
        FROM pgsingleton.cleanup_runs
       WHERE singleton = $1 AND epoch = $2 AND status IN ('scheduled', 'running') AND job_id IS NOT NULL`,
     [lease.singleton, lease.epoch],
@@ -272,6 +279,7 @@ export async function openWithJobs(tx: Queryable, lease: FenceToken): Promise<Ru
     status: row.status,
     jobId: row.job_id,
     fingerprint: row.fingerprint,
+    definition: row.definition,
     issued: toIssued(lease.epoch)(row),
   }))
 }

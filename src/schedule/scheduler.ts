@@ -4,7 +4,7 @@ import { fingerprint, isTask, type RunDefinition } from '../config/definition.js
 import { cronNext, cronSlots } from '../config/schedule.js'
 import { errorMessage } from '../errors.js'
 import type { Lease } from '../lock/lock-session.js'
-import { cancelJobs, jobState, sendJob } from '../queue/cleanup-queue.js'
+import { cancelJobs, jobExpirySeconds, jobState, sendJob } from '../queue/cleanup-queue.js'
 import { type TransactionLimits, withFence } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
 import { type Alarm, sleep } from '../wait.js'
@@ -123,13 +123,18 @@ async function tick(
     ]
     for (const run of issued) {
       const policy = own.find((p) => p.definition.name === run.policy)
-      const jobId = await sendJob(deps.boss, tx, {
-        runId: run.runId,
-        singleton: lease.name,
-        policy: run.policy,
-        epoch: lease.epoch,
-        fingerprint: policy?.fingerprint ?? '',
-      })
+      const jobId = await sendJob(
+        deps.boss,
+        tx,
+        {
+          runId: run.runId,
+          singleton: lease.name,
+          policy: run.policy,
+          epoch: lease.epoch,
+          fingerprint: policy?.fingerprint ?? '',
+        },
+        jobExpirySeconds(policy?.definition),
+      )
       await runs.attachJob(tx, run.runId, jobId)
     }
     return {
@@ -164,13 +169,18 @@ async function resendLostJobs(
       await runs.closeLost(tx, run, reason)
       continue
     }
-    const jobId = await sendJob(boss, tx, {
-      runId: run.runId,
-      singleton: lease.singleton,
-      policy: run.policy,
-      epoch: lease.epoch,
-      fingerprint: run.fingerprint,
-    })
+    const jobId = await sendJob(
+      boss,
+      tx,
+      {
+        runId: run.runId,
+        singleton: lease.singleton,
+        policy: run.policy,
+        epoch: lease.epoch,
+        fingerprint: run.fingerprint,
+      },
+      jobExpirySeconds(run.definition),
+    )
     // The run moved on since it was read: undo the whole tick rather than keep a stray job.
     if (!(await runs.replaceJob(tx, run, jobId)))
       throw new Error(`run ${run.runId} changed while its job was replaced`)

@@ -1,6 +1,6 @@
 import type pg from 'pg'
 import type { RunReport } from '../cleanup/run-cleanup.js'
-import type { TaskDefinition } from '../config/definition.js'
+import { type TaskDefinition, taskTimeoutSeconds } from '../config/definition.js'
 import type { TaskContext } from '../config/task.js'
 import { destroySocket } from '../db/client.js'
 import { withClient } from '../db/transaction.js'
@@ -59,12 +59,17 @@ export async function runTask(
   // A fenced transaction is for the occurrence's writes: it gets a batch's statement
   // timeout as its whole life.
   const deadlineMs = deps.limits.statementTimeoutMs
-  let state = 'unused' as 'unused' | 'open' | 'committed' | 'refused'
+  let state = 'unused' as 'unused' | 'open' | 'committed' | 'refused' | 'timed out'
   let refusal: string | undefined
   /** Why the fenced transaction did not commit, when the database did not refuse it. */
   let rolledBack: unknown
   let inFlight: Promise<unknown> | undefined
   const fenced: TaskContext['fenced'] = (fn) => {
+    if (state === 'timed out' && timedOut) {
+      return Promise.reject(
+        new SingletonError('TASK_TIMEOUT', `${timedOut.message}; its fenced() may no longer run.`),
+      )
+    }
     if (state !== 'unused') {
       return Promise.reject(
         new SingletonError(
@@ -140,12 +145,32 @@ export async function runTask(
     return transaction
   }
 
+  // The run's time limit. At it the handler is told to stop, and a run whose fenced
+  // transaction has not begun is recorded failed at once (so it is retried, with backoff,
+  // whatever the handler does next, and a fenced() it calls later runs nothing). One in
+  // its fenced transaction ends by that transaction's own deadline.
+  const timeoutSeconds = taskTimeoutSeconds(run.definition)
+  const limit = new AbortController()
+  let timedOut: SingletonError | undefined
+  let failedAtTimeout: ReturnType<typeof runs.fail> | undefined
+  const timer = setTimeout(() => {
+    timedOut = new SingletonError(
+      'TASK_TIMEOUT',
+      `task "${run.policy}": the run took longer than its timeout (${seconds(timeoutSeconds)}) and was told to stop (ctx.signal)`,
+    )
+    limit.abort(timedOut)
+    if (state !== 'unused') return
+    state = 'timed out'
+    failedAtTimeout = runs.fail(deps.pool, run, timedOut.message, true)
+    failedAtTimeout.catch(() => {}) // awaited below, once the handler has returned
+  }, timeoutSeconds * 1000)
+
   const context: TaskContext = {
     name: run.policy,
     scheduledFor: run.scheduledFor,
     epoch: run.epoch,
     nodeId: deps.nodeId,
-    signal,
+    signal: AbortSignal.any([signal, limit.signal]),
     fenced,
   }
   let failure: unknown
@@ -153,9 +178,22 @@ export async function runTask(
     await handler(context)
   } catch (error) {
     failure = error
+  } finally {
+    clearTimeout(timer)
   }
   // A fenced() the handler did not await ends before the run is judged.
   await inFlight
+
+  if (state === 'timed out' && timedOut && failedAtTimeout) {
+    // Recorded at the limit. Not recorded: the run was closed meanwhile (a holder fenced it).
+    const recorded = await failedAtTimeout
+    return {
+      ...report,
+      status: recorded?.status ?? 'fenced',
+      reason: timedOut.message,
+      timedOut: true,
+    }
+  }
 
   if (state === 'committed') {
     return failure === undefined
@@ -175,10 +213,14 @@ export async function runTask(
   // handler went on: the occurrence's writes are not there, so the run is not done.
   if (failure === undefined && state === 'refused') failure = rolledBack
   if (failure !== undefined) {
-    const interrupted = signal.aborted
-    const reason = interrupted
-      ? `interrupted: ${String(signal.reason ?? 'stopping')} (${errorMessage(failure)})`
-      : `task "${run.policy}" failed: ${errorMessage(failure)}`
+    // A run past its limit whose fenced transaction did not commit failed; one stopped for
+    // the node's own reasons (it is stopping, the run was fenced) did not.
+    const interrupted = signal.aborted && !timedOut
+    const reason = timedOut
+      ? `${timedOut.message} (${errorMessage(failure)})`
+      : interrupted
+        ? `interrupted: ${String(signal.reason ?? 'stopping')} (${errorMessage(failure)})`
+        : `task "${run.policy}" failed: ${errorMessage(failure)}`
     const recorded = await runs.fail(deps.pool, run, reason, !interrupted)
     if (!recorded) {
       // No longer this attempt's running run. It may be done: a function that committed
@@ -189,9 +231,27 @@ export async function runTask(
       )
       if (rows[0]?.status === 'done') return { ...report, status: 'done', reason }
     }
-    return { ...report, status: recorded?.status ?? 'fenced', reason, interrupted }
+    return {
+      ...report,
+      status: recorded?.status ?? 'fenced',
+      reason,
+      interrupted,
+      ...(timedOut ? { timedOut: true } : {}),
+    }
   }
   const completed = await runs.complete(deps.pool, deps.limits, run)
   if (completed.status !== 'done') return { ...report, status: 'fenced', reason: completed.reason }
   return { ...report, status: 'done' }
+}
+
+/** A limit in seconds as a person would say it: `90 s`, `2 hours`, `1 hour 30 minutes`. */
+function seconds(total: number): string {
+  if (total < 60 || total % 60 !== 0) return `${total} s`
+  const hours = Math.floor(total / 3600)
+  const minutes = (total % 3600) / 60
+  const parts = [
+    ...(hours > 0 ? [`${hours} hour${hours === 1 ? '' : 's'}`] : []),
+    ...(minutes > 0 ? [`${minutes} minute${minutes === 1 ? '' : 's'}`] : []),
+  ]
+  return parts.join(' ')
 }
