@@ -8,6 +8,8 @@
  *   DATABASE_URL=...   bench against that server (scratch databases are made on it);
  *                      without it, against the embedded PostgreSQL under ./.pg-singleton.
  *   BENCH_TRIALS=N     trials of each latency (default 30).
+ *   BENCH_P99_TRIALS=N at least this many of the failover kinds with a p99 threshold, and of
+ *                      the physical-limit reference beside them (default 100).
  *   BENCH_SECTIONS=a,b only some of: failover, cleanup, steady, partitions, cost, scale, growth.
  */
 import { execFileSync } from 'node:child_process'
@@ -26,10 +28,11 @@ import {
   partitionDrop,
 } from './cleanup.js'
 import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
-import { type FailoverResult, failover, splitKind } from './failover.js'
+import { type FailoverResult, failover, P99_TRIALS, splitKind } from './failover.js'
 import { type Distribution, distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
+const FAILOVER_P99_TRIALS = Number(process.env.BENCH_P99_TRIALS ?? P99_TRIALS)
 /** The share of rows outdated in the steady-state section: under the 10 % at which a run walks pages. */
 const STEADY_SHARE = 0.05
 const ALL_SECTIONS = ['failover', 'cleanup', 'steady', 'partitions', 'cost', 'scale', 'growth']
@@ -220,7 +223,7 @@ async function main(): Promise<void> {
     return value
   }
 
-  results.failover = await section('failover', (url) => failover(url, TRIALS))
+  results.failover = await section('failover', (url) => failover(url, TRIALS, FAILOVER_P99_TRIALS))
   results.cleanup = await section('cleanup', async (url) => {
     const out: CleanupComparison[] = []
     for (const shuffled of [false, true]) {
@@ -298,6 +301,20 @@ const s = (v: number) => `${v.toFixed(2)} s`
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`
 const yes = (ok: boolean) => (ok ? 'met' : '**not met**')
 
+/** How many trials the failover section ran, and why some kinds ran more. */
+function trialCounts(f: FailoverResult): string {
+  const counts = [...Object.values(f.kinds), ...Object.values(f.references)].map((d) => d.n)
+  const fewest = Math.min(...counts)
+  const most = Math.max(...counts)
+  if (fewest === most) return `${most} trials of each.`
+  const rank = most - Math.ceil(0.99 * most) + 1
+  const slowest =
+    rank === 1
+      ? 'the slowest too'
+      : `the ${rank === 2 ? 'second' : rank === 3 ? 'third' : `${rank}th`} slowest`
+  return `${fewest} trials of each kind, and ${most} of a settled holder's kill -9 and SIGTERM (the two with a p99 threshold) and of the bare waiter beside them: the p99 of ${fewest} trials is the slowest one, the p99 of ${most} ${slowest}.`
+}
+
 function render(version: string, r: Results): string {
   const lines = [
     '# pg-singleton benchmark report',
@@ -308,22 +325,22 @@ function render(version: string, r: Results): string {
   const thresholds: string[] = []
   if (r.failover) {
     lines.push(
-      `## Failover (${r.failover.kinds['kill -9']?.n} trials each)`,
+      '## Failover',
       '',
-      `Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
+      `${trialCounts(r.failover)} Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
       '',
-      `| event | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |${r.failover.returned ? " p50 / p99 the new holder's wait statement returned |" : ''}`,
-      `|---|---|---|---|---|---|${r.failover.returned ? '---|' : ''}`,
+      `| event | trials | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |${r.failover.returned ? " p50 / p99 the new holder's wait statement returned |" : ''}`,
+      `|---|---|---|---|---|---|---|${r.failover.returned ? '---|' : ''}`,
       ...Object.entries(r.failover.kinds).map(([k, d]) => {
         const h = r.failover?.heard[k]
         const back = r.failover?.returned?.[k]
         const { event, early } = splitKind(k)
         const label = `${event} of the holder${early ? ', right after its takeover' : ''}`
-        return `| ${label} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |${r.failover?.returned ? ` ${back ? `${ms(back.p50)} / ${ms(back.p99)}` : '-'} |` : ''}`
+        return `| ${label} | ${d.n} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |${r.failover?.returned ? ` ${back ? `${ms(back.p50)} / ${ms(back.p99)}` : '-'} |` : ''}`
       }),
       ...Object.entries(r.failover.references).map(
         ([k, d]) =>
-          `| reference: ${k}, holder killed | ${dist(d)} | - |${r.failover?.returned ? ' - |' : ''}`,
+          `| reference: ${k}, holder killed | ${d.n} | ${dist(d)} | - |${r.failover?.returned ? ' - |' : ''}`,
       ),
       '',
       'A paused holder keeps its lock until the server ends its silent session (`idleSessionTimeoutMs`, 3 s, counted from its last heartbeat).',
@@ -359,10 +376,12 @@ function render(version: string, r: Results): string {
     const crash = r.failover.kinds['kill -9']
     const graceful = r.failover.kinds.SIGTERM
     if (crash)
-      thresholds.push(`| crash failover p99 ≤ 20 ms | ${ms(crash.p99)} | ${yes(crash.p99 <= 20)} |`)
+      thresholds.push(
+        `| crash failover p99 ≤ 20 ms | ${ms(crash.p99)} (of ${crash.n}) | ${yes(crash.p99 <= 20)} |`,
+      )
     if (graceful)
       thresholds.push(
-        `| graceful failover p99 ≤ 10 ms | ${ms(graceful.p99)} | ${yes(graceful.p99 <= 10)} |`,
+        `| graceful failover p99 ≤ 10 ms | ${ms(graceful.p99)} (of ${graceful.n}) | ${yes(graceful.p99 <= 10)} |`,
       )
   }
   const cleanupTable = (rows: CleanupComparison[]) => [
