@@ -129,11 +129,19 @@ describe('cron schedules in a time zone, across daylight-saving changes', () => 
     })
   })
 
-  it('gives the next slot and about how far apart slots are', () => {
+  it('gives the next slot and the longest gap between slots, which overdue counts in', () => {
     expect(cronNext('0 3 * * 1', 'UTC', utc('2026-06-01T12:00:00'))).toEqual({
       next: utc('2026-06-08T03:00:00'),
       periodSeconds: 7 * 86_400,
     })
+    // Weekdays: the weekend's gap, from a Tuesday too, where the next two slots are a day apart.
+    expect(cronNext('0 3 * * 1-5', 'UTC', utc('2026-06-02T12:00:00'))).toEqual({
+      next: utc('2026-06-03T03:00:00'),
+      periodSeconds: 3 * 86_400,
+    })
+    // Twice a day at uneven hours, and the first of each month.
+    expect(cronNext('0 3,9 * * *', 'UTC', utc('2026-06-02T12:00:00')).periodSeconds).toBe(18 * 3600)
+    expect(cronNext('0 0 1 * *', 'UTC', utc('2026-06-02T12:00:00')).periodSeconds).toBe(31 * 86_400)
   })
 
   it('refuses, naming the field, a pattern of the wrong shape, a value out of range, both every and cron, or neither', () => {

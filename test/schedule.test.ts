@@ -76,6 +76,145 @@ describe('the schedule lives in the database', () => {
     expect(await safetyViolations(db.pool, name)).toEqual([])
   })
 
+  it('a cron pattern changed while a slot is due runs that slot once, then follows the new pattern', async () => {
+    const name = 'changed-cron'
+    const policy = (cron: string) => ({
+      name,
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          cron,
+        },
+      ],
+    })
+    const first = startNode(db.url, await writeConfig(policy('0 3 * * *')), 'first')
+    await waitFor('the schedule written', async () => {
+      const { rows } = await db.pool.query(
+        'SELECT 1 FROM pgsingleton.schedules WHERE singleton = $1',
+        [name],
+      )
+      return rows.length > 0
+    })
+    first.signal('SIGTERM')
+    expect((await first.exited).code).toBe(0)
+    // While nobody holds, a slot comes due (as after an outage) and a deploy changes the pattern.
+    const { rows: due } = await db.pool.query<{ at: Date }>(
+      `UPDATE pgsingleton.schedules SET next_run_at = date_trunc('second', now()) - interval '1 minute'
+        WHERE singleton = $1 RETURNING next_run_at AS at`,
+      [name],
+    )
+    const slot = due[0]?.at as Date
+    const second = startNode(db.url, await writeConfig(policy('0 0 1 1 *')), 'second')
+    try {
+      await waitFor('the due slot run', async () => (await doneRuns(name)).length >= 1, 30_000)
+      const runs = await doneRuns(name)
+      expect(runs.map((r) => r.scheduledFor.toISOString())).toEqual([slot.toISOString()])
+      const { rows } = await db.pool.query<{ cron: string; next_run_at: Date }>(
+        'SELECT cron, next_run_at FROM pgsingleton.schedules WHERE singleton = $1',
+        [name],
+      )
+      const nextYear = new Date(Date.UTC(new Date().getUTCFullYear() + 1, 0, 1))
+      expect(rows).toEqual([{ cron: '0 0 1 1 *', next_run_at: nextYear }])
+    } finally {
+      second.signal('SIGTERM')
+      await second.exited
+    }
+  })
+
+  it("a weekday cron schedule's period, which overdue counts in, is the weekend's gap, also where an earlier version wrote one day", async () => {
+    const name = 'weekdays'
+    const config = await writeConfig({
+      name,
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          cron: '0 3 * * 1-5',
+        },
+      ],
+    })
+    const period = async () =>
+      (
+        await db.pool.query<{ days: number }>(
+          `SELECT (extract(epoch FROM period) / 86400)::float8 AS days
+             FROM pgsingleton.schedules WHERE singleton = $1`,
+          [name],
+        )
+      ).rows[0]?.days
+    const node = startNode(db.url, config, 'only')
+    try {
+      await waitFor('the schedule written', async () => (await period()) !== undefined)
+      expect(await period()).toBe(3)
+      // What a node of an earlier version wrote: the gap after the next slot.
+      await db.pool.query(
+        `UPDATE pgsingleton.schedules SET period = interval '1 day' WHERE singleton = $1`,
+        [name],
+      )
+      await waitFor(
+        'the period mended by the next tick',
+        async () => (await period()) === 3,
+        30_000,
+      )
+    } finally {
+      node.signal('SIGTERM')
+      await node.exited
+    }
+  })
+
+  it('an interval in months counts its missed slots on the calendar: the next slot still ahead is not skipped', async () => {
+    const name = 'monthly'
+    const config = await writeConfig({
+      name,
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '11 months',
+        },
+      ],
+    })
+    const first = startNode(db.url, config, 'first')
+    await waitFor('the first run', async () => (await doneRuns(name)).length >= 1)
+    first.signal('SIGTERM')
+    expect((await first.exited).code).toBe(0)
+    // A slot 331 days ago: more than the 330 days '11 months' counts as, less than the 334 to
+    // 337 days eleven months take on the calendar, so the next slot is a few days ahead.
+    const { rows: due } = await db.pool.query<{ at: Date; after: Date }>(
+      `UPDATE pgsingleton.schedules SET next_run_at = date_trunc('second', now()) - interval '331 days'
+        WHERE singleton = $1
+        RETURNING next_run_at AS at,
+                  ((next_run_at AT TIME ZONE 'UTC') + interval '11 months') AT TIME ZONE 'UTC' AS after`,
+      [name],
+    )
+    const { at, after } = due[0] as { at: Date; after: Date }
+    expect(after.getTime()).toBeGreaterThan(Date.now())
+    const second = startNode(db.url, config, 'second')
+    try {
+      const caughtUp = await waitFor(
+        'the due slot run',
+        async () => (await doneRuns(name)).find((r) => r.epoch === 2),
+        30_000,
+      )
+      expect(caughtUp.scheduledFor.toISOString()).toBe(at.toISOString())
+      expect(caughtUp.coalesced).toBe(0)
+      const { rows } = await db.pool.query<{ next_run_at: Date }>(
+        'SELECT next_run_at FROM pgsingleton.schedules WHERE singleton = $1',
+        [name],
+      )
+      expect(rows[0]?.next_run_at.toISOString()).toBe(after.toISOString())
+    } finally {
+      second.signal('SIGTERM')
+      await second.exited
+    }
+  })
+
   it('holds the next occurrence back while a slow run is still going, so the queue never piles up', async () => {
     const name = 'slow-runs'
     await db.pool.query('CREATE TABLE app.slow (created_at timestamptz NOT NULL)')

@@ -3,6 +3,7 @@ import { once } from 'node:events'
 import { writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import pg from 'pg'
 import { afterEach, describe, expect, it } from 'vitest'
 import { fingerprint, type TaskDefinition } from '../src/config/definition.js'
 import { resolveTasks } from '../src/config/task.js'
@@ -553,6 +554,119 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     expect(fingerprint(base)).toBe(before)
     // Another limit is part of the definition: nodes must agree on it.
     expect(fingerprint({ ...base, timeoutSeconds: 5400 })).not.toBe(before)
+  })
+
+  it('while a task is paused nothing of it starts: the holder does not tick for it, its retry waits, and a run already queued ends without its handler', async () => {
+    const setPaused = (singleton: string, task: string, paused: boolean) =>
+      db.pool.query(
+        `INSERT INTO pgsingleton.policy_controls (singleton, policy, paused) VALUES ($1, $2, $3)
+           ON CONFLICT (singleton, policy) DO UPDATE SET paused = excluded.paused, changed_at = now()`,
+        [singleton, task, paused],
+      )
+    let release: () => void = () => {}
+    const released = new Promise<void>((resolve) => {
+      release = resolve
+    })
+    let blockerRunning = false
+    let victimCalls = 0
+    let flakyCalls = 0
+    let name = ''
+    // The node's pool, to count how often it takes a connection.
+    const pool = new pg.Pool({ connectionString: db.url, max: 4 })
+    let acquired = 0
+    pool.on('acquire', () => {
+      acquired += 1
+    })
+    const { node: n, name: singleton } = node(
+      [
+        {
+          name: 'blocker',
+          every: '1 hour',
+          handler: async () => {
+            blockerRunning = true
+            await released
+          },
+        },
+        {
+          name: 'victim',
+          every: '1 second',
+          handler: () => {
+            victimCalls += 1
+          },
+        },
+        {
+          name: 'flaky',
+          every: '1 hour',
+          handler: async () => {
+            flakyCalls += 1
+            if (flakyCalls === 1) {
+              // Paused while its run fails: the retry, due a second later, must wait.
+              await setPaused(name, 'flaky', true)
+              throw new Error('failed once')
+            }
+          },
+        },
+      ],
+      { pool },
+    )
+    name = singleton
+    try {
+      const runsOf = async (task: string) =>
+        (
+          await db.pool.query<{ status: string; error: string | null }>(
+            'SELECT status, error FROM pgsingleton.cleanup_runs WHERE singleton = $1 AND policy = $2 ORDER BY id',
+            [name, task],
+          )
+        ).rows
+      await n.start()
+      await waitFor('the blocker holding the worker', async () => blockerRunning, 15_000)
+      // A run of victim issued while the worker is busy: its job waits in the queue.
+      await waitFor(
+        'a queued run of victim',
+        async () => (await runsOf('victim')).some((r) => r.status === 'scheduled'),
+        15_000,
+      )
+      await setPaused(name, 'victim', true)
+      const callsAtPause = victimCalls
+      release()
+      await waitFor(
+        'the queued run of victim ended by the pause',
+        async () => (await runsOf('victim')).some((r) => r.status === 'fenced'),
+        15_000,
+      )
+      expect((await runsOf('victim')).find((r) => r.status === 'fenced')?.error).toMatch(
+        /was paused; the occurrence runs again after resume/,
+      )
+      await waitFor(
+        'flaky failed',
+        async () => (await runsOf('flaky'))[0]?.status === 'failed',
+        15_000,
+      )
+      // Now victim is due and flaky's retry is due (a second after its failure), both paused.
+      // Neither runs, and neither makes the holder tick faster: each tick takes a connection
+      // from the node's pool, and a holder ticking every 20 ms takes 50 a second.
+      await new Promise((resolve) => setTimeout(resolve, 1000))
+      const before = acquired
+      await new Promise((resolve) => setTimeout(resolve, 4000))
+      const perSecond = (acquired - before) / 4
+      expect(victimCalls).toBe(callsAtPause)
+      expect(flakyCalls).toBe(1)
+      expect((await runsOf('flaky')).map((r) => r.status)).toEqual(['failed'])
+      // At rest: a tick at most every 5 s, the worker's polls and the heartbeat's checks.
+      expect(perSecond).toBeLessThan(10)
+      await setPaused(name, 'victim', false)
+      await setPaused(name, 'flaky', false)
+      await waitFor('victim running again', async () => victimCalls > callsAtPause, 15_000)
+      await waitFor(
+        'the retry of flaky done',
+        async () => (await runsOf('flaky'))[0]?.status === 'done',
+        15_000,
+      )
+      expect(flakyCalls).toBe(2)
+    } finally {
+      await n.stop()
+      await pool.end()
+    }
   })
 
   it("is refused at construction when neither policies nor tasks are given, or a task shares a policy's name, or lacks a handler", () => {

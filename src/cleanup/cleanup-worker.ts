@@ -44,11 +44,11 @@ export class CleanupWorker {
       boss,
       this.#singleton,
       this.#pollingIntervalSeconds,
-      async (job, jobSignal) => {
+      async (job, jobSignal, expireInSeconds) => {
         const signal = AbortSignal.any([jobSignal, stopping.signal])
         try {
           const started = performance.now()
-          const report = await runCleanup(this.#deps, job, signal)
+          const report = await runCleanup(this.#deps, job, signal, expireInSeconds)
           this.#hooks.onRun({ ...report, durationMs: performance.now() - started })
         } catch (error) {
           // The run could not even be claimed or recorded (this node is not live, or the

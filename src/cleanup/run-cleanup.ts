@@ -126,6 +126,8 @@ export async function runCleanup(
   deps: CleanupDeps,
   job: CleanupJob,
   signal: AbortSignal,
+  /** How long pg-boss lets the job stay active, when known: a task's run ends before. */
+  jobExpiresInSeconds?: number,
 ): Promise<RunReport> {
   const run = await runs.claim(deps.pool, job.runId, deps.nodeId)
   if (run === 'not live') {
@@ -149,7 +151,8 @@ export async function runCleanup(
       reason: 'the run is not waiting for a worker',
     }
   }
-  if (isTask(run.definition)) return runTask(deps, run as runs.Claim<TaskDefinition>, signal)
+  if (isTask(run.definition))
+    return runTask(deps, run as runs.Claim<TaskDefinition>, signal, jobExpiresInSeconds)
   return clean(deps, run as runs.Claim<PolicyDefinition>, signal)
 }
 

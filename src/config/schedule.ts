@@ -178,17 +178,47 @@ export function cronSlots(
   }
 }
 
-/** The first slot after `after`, and about how far apart its slots are (for "overdue"). */
+/** The first slot after `after`, and the longest gap between its slots (for "overdue"). */
 export function cronNext(
   pattern: string,
   timeZone: string,
   after: Date,
 ): { next: Date; periodSeconds: number } {
-  const slots = new Slots(pattern, timeZone)
-  const first = slots.nextOrThrow(after)
-  const second = slots.nextOrThrow(first)
-  return { next: first, periodSeconds: (second.getTime() - first.getTime()) / 1000 }
+  const next = new Slots(pattern, timeZone).nextOrThrow(after)
+  return { next, periodSeconds: cronPeriodSeconds(pattern, timeZone, next) }
 }
+
+/**
+ * The longest gap between a schedule's slots, which "overdue" counts in (two of them
+ * without a success): over a year of slots from `from`, or PERIOD_SLOTS of them, so that
+ * `0 3 * * 1-5` has three days (the weekend), not the one day between its next two slots.
+ * A pattern of more than PERIOD_SLOTS slots a year gets the longest gap among its first
+ * PERIOD_SLOTS (`* 9-17 * * 1-5` still sees a weekend; a six-field pattern of every second
+ * in office hours does not). Worked out once per pattern and zone in a process; the
+ * holder does it before its first tick, outside the tick's transaction.
+ */
+export function cronPeriodSeconds(pattern: string, timeZone: string, from = new Date()): number {
+  const key = `${timeZone}\n${pattern}`
+  let period = longestGaps.get(key)
+  if (period === undefined) {
+    const slots = new Slots(pattern, timeZone)
+    let previous = slots.nextOrThrow(from)
+    const horizon = previous.getTime() + 366 * 86_400_000
+    period = 0
+    for (let i = 0; i < PERIOD_SLOTS; i++) {
+      const slot = slots.nextOrThrow(previous)
+      period = Math.max(period, slot.getTime() - previous.getTime())
+      previous = slot
+      if (slot.getTime() > horizon) break
+    }
+    if (longestGaps.size >= 1000) longestGaps.clear()
+    longestGaps.set(key, period)
+  }
+  return period / 1000
+}
+
+const PERIOD_SLOTS = 10_000
+const longestGaps = new Map<string, number>()
 
 /** The next `count` slots after `after`, for `plan`. */
 export function cronPreview(pattern: string, timeZone: string, after: Date, count: number): Date[] {

@@ -112,13 +112,14 @@ export function workJobs(
   boss: PgBoss,
   singleton: string,
   pollingIntervalSeconds: number,
-  handle: (job: CleanupJob, signal: AbortSignal) => Promise<void>,
+  /** `expireInSeconds`: how long pg-boss lets the job stay active (a task's run ends before). */
+  handle: (job: CleanupJob, signal: AbortSignal, expireInSeconds: number) => Promise<void>,
 ): Promise<string> {
   return boss.work<CleanupJob>(
     queueName(singleton),
     { batchSize: 1, pollingIntervalSeconds, notifyPollingIntervalSeconds: 5 },
     async (jobs) => {
-      for (const job of jobs) await handle(job.data, job.signal)
+      for (const job of jobs) await handle(job.data, job.signal, job.expireInSeconds)
     },
   )
 }

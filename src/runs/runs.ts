@@ -132,12 +132,17 @@ export async function takeOver(tx: Queryable, lease: FenceToken): Promise<string
   return [...superseded.rows, ...orphaned.rows].flatMap((row) => (row.job_id ? [row.job_id] : []))
 }
 
-/** Holder, in a fenced tick: failed runs whose backoff is over are scheduled again. */
+/**
+ * Holder, in a fenced tick: failed runs whose backoff is over are scheduled again, unless
+ * their policy is paused (then they wait for its resume, as a due slot does).
+ */
 export async function retryDue(tx: Queryable, lease: FenceToken): Promise<IssuedRun[]> {
   const { rows } = await tx.query<IssuedRow>(
-    `UPDATE pgsingleton.cleanup_runs SET status = 'scheduled', retry_at = NULL
-      WHERE singleton = $1 AND epoch = $2 AND status = 'failed' AND retry_at <= now()
-      RETURNING id, policy, scheduled_for, coalesced, reissued`,
+    `UPDATE pgsingleton.cleanup_runs r SET status = 'scheduled', retry_at = NULL
+      WHERE r.singleton = $1 AND r.epoch = $2 AND r.status = 'failed' AND r.retry_at <= now()
+        AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                         WHERE c.singleton = r.singleton AND c.policy = r.policy AND c.paused)
+      RETURNING r.id, r.policy, r.scheduled_for, r.coalesced, r.reissued`,
     [lease.singleton, lease.epoch],
   )
   return rows.map(toIssued(lease.epoch))
@@ -182,10 +187,16 @@ export async function issue(
      ), due AS (
        -- every: the slots that passed follow from the interval; cron: the holder counted them
        -- (a schedule with no count yet waits for the next tick).
+       -- An interval with months or years has no fixed length (its epoch counts a month as
+       -- 30 days): its missed slots are counted on the calendar, as the advance below adds
+       -- them, around that estimate.
        SELECT s.singleton, s.policy, s.next_run_at,
-              CASE WHEN s.cron IS NULL
+              CASE WHEN s.cron IS NOT NULL THEN c.missed
+                   WHEN extract(year FROM s.every) = 0 AND extract(month FROM s.every) = 0
                    THEN floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint
-                   ELSE c.missed END AS missed,
+                   ELSE (SELECT count(*) FROM generate_series(1,
+                           ceil(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every) * 1.1)::bigint + 2) k
+                          WHERE s.next_run_at + s.every * k <= now()) END AS missed,
               c.next AS cron_next
          FROM pgsingleton.schedules s JOIN free f ON f.policy = s.policy
          LEFT JOIN cron c ON c.policy = s.policy

@@ -1,7 +1,7 @@
 import type pg from 'pg'
 import type { PgBoss } from 'pg-boss'
 import { fingerprint, isTask, type RunDefinition } from '../config/definition.js'
-import { cronNext, cronSlots } from '../config/schedule.js'
+import { cronNext, cronPeriodSeconds, cronSlots } from '../config/schedule.js'
 import { errorMessage } from '../errors.js'
 import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobExpirySeconds, jobState, sendJob } from '../queue/cleanup-queue.js'
@@ -55,6 +55,11 @@ export async function runScheduler(
     definition,
     fingerprint: fingerprint(definition),
   }))
+  // Each cron schedule's period (a scan of up to a year of its slots), worked out once
+  // here rather than inside the first tick's fenced transaction.
+  for (const { definition } of own)
+    if (definition.cron !== null && definition.cronTimeZone !== null)
+      cronPeriodSeconds(definition.cron, definition.cronTimeZone)
   let disagreeing = ''
   let lastOk = performance.now()
   while (!fence.aborted) {
@@ -193,7 +198,10 @@ async function resendLostJobs(
  * Writes each agreed schedule, as it changes. A new `every` schedule is due at once; a
  * changed `every` takes effect from now without pushing an occurrence that is already due
  * further out. A cron schedule (new, or with a new pattern or zone) is next due at its
- * first slot after now, by the database's clock.
+ * first slot after now, by the database's clock. A changed schedule keeps a slot that is
+ * due and not yet issued (nobody held, or the policy was held back by its open run, a
+ * pause or a disagreement while the deploy went round): that occurrence runs once, and
+ * the slots after it follow the new schedule (the issue counts those missed since).
  */
 async function upsertSchedules(
   tx: pg.PoolClient,
@@ -229,12 +237,24 @@ async function upsertSchedules(
      ON CONFLICT (singleton, policy) DO UPDATE
        SET kind = excluded.kind, every = excluded.every, cron = excluded.cron,
            time_zone = excluded.time_zone, period = excluded.period,
-           next_run_at = CASE WHEN excluded.cron IS NOT NULL THEN excluded.next_run_at
+           next_run_at = CASE WHEN s.next_run_at <= now() THEN s.next_run_at
+                              WHEN excluded.cron IS NOT NULL THEN excluded.next_run_at
                               ELSE least(s.next_run_at, now() + excluded.every) END,
            updated_epoch = excluded.updated_epoch
        WHERE s.every IS DISTINCT FROM excluded.every OR s.cron IS DISTINCT FROM excluded.cron
           OR s.time_zone IS DISTINCT FROM excluded.time_zone OR s.kind IS DISTINCT FROM excluded.kind`,
     [lease.singleton, lease.epoch, JSON.stringify(rows)],
+  )
+  // A cron schedule's period (for overdue) as this version works it out: the longest gap
+  // between slots, where earlier versions wrote the gap after the next slot.
+  if (!rows.some((row) => row.cron !== null)) return
+  await tx.query(
+    `UPDATE pgsingleton.schedules s SET period = make_interval(secs => p.period_s)
+       FROM jsonb_to_recordset($2::jsonb) AS p(policy text, cron text, time_zone text, period_s float8)
+      WHERE s.singleton = $1 AND s.policy = p.policy AND p.cron IS NOT NULL
+        AND s.cron = p.cron AND s.time_zone = p.time_zone
+        AND s.period IS DISTINCT FROM make_interval(secs => p.period_s)`,
+    [lease.singleton, JSON.stringify(rows)],
   )
 }
 
@@ -266,7 +286,10 @@ async function dueCronSlots(
 
 /**
  * Until the next due slot or retry; a policy held back by its open run is looked at again
- * every HELD_BACK_RECHECK_MS instead of at once.
+ * every HELD_BACK_RECHECK_MS instead of at once. A paused policy is not waited for: its due
+ * slot and its retry stay due while it is paused, and counting them made the holder tick
+ * every MIN_TICK_MS for as long as the pause lasted. Its resume rings the holder (step 8's
+ * trigger), and the next tick, at most MAX_TICK_MS away, would see it anyway.
  */
 async function nextWake(
   tx: pg.PoolClient,
@@ -280,10 +303,15 @@ async function nextWake(
                                         AND r.status IN ('scheduled', 'running', 'failed'))
                         THEN greatest(extract(epoch FROM s.next_run_at - now()) * 1000, $4)
                         ELSE extract(epoch FROM s.next_run_at - now()) * 1000 END)
-          FROM pgsingleton.schedules s WHERE s.singleton = $1 AND s.policy = ANY($2::text[])),
+          FROM pgsingleton.schedules s
+         WHERE s.singleton = $1 AND s.policy = ANY($2::text[])
+           AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                            WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)),
        (SELECT min(extract(epoch FROM r.retry_at - now()) * 1000)
           FROM pgsingleton.cleanup_runs r
-         WHERE r.singleton = $1 AND r.epoch = $3 AND r.status = 'failed'))::float8 AS wait_ms`,
+         WHERE r.singleton = $1 AND r.epoch = $3 AND r.status = 'failed'
+           AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                            WHERE c.singleton = r.singleton AND c.policy = r.policy AND c.paused)))::float8 AS wait_ms`,
     [lease.singleton, agreed.map((p) => p.definition.name), lease.epoch, HELD_BACK_RECHECK_MS],
   )
   const wait = rows[0]?.wait_ms ?? MAX_TICK_MS

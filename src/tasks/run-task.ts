@@ -38,6 +38,13 @@ export async function runTask(
   deps: TaskDeps,
   run: runs.Claim<TaskDefinition>,
   signal: AbortSignal,
+  /**
+   * How long pg-boss lets the run's job stay active. A job sent by this version expires a
+   * minute after the run's limit; one sent by a holder of an earlier version, after the
+   * queue's hour, and then the run ends a little before it, so that its failure is recorded
+   * here rather than the run being closed as lost and issued again at once.
+   */
+  jobExpiresInSeconds?: number,
 ): Promise<RunReport> {
   const report: RunReport = {
     runId: run.runId,
@@ -54,6 +61,22 @@ export async function runTask(
     const reason = `task "${run.policy}": node ${deps.nodeId} has no handler for it`
     const recorded = await runs.fail(deps.pool, run, reason, true)
     return { ...report, status: recorded?.status ?? 'fenced', reason }
+  }
+
+  // A run claimed while its task is paused (issued just before the pause, its job already
+  // queued) does not start its handler: it ends fenced, and its occurrence is issued again
+  // after the resume, as a cleanup run stops at its first batch. A pause after this look
+  // is still met by fenced(), which refuses to commit.
+  const { rows: paused } = await deps.pool.query(
+    `SELECT 1 FROM pgsingleton.policy_controls
+      WHERE singleton = $1 AND policy = $2 AND paused`,
+    [run.singleton, run.policy],
+  )
+  if (paused.length > 0) {
+    const reason = `task "${run.policy}": ${FENCE_REASONS.paused}; the occurrence runs again after resume`
+    await runs.fence(deps.pool, run, reason)
+    // An operator's pause, not an error.
+    return { ...report, status: 'fenced', reason, interrupted: true }
   }
 
   // A fenced transaction is for the occurrence's writes: it gets a batch's statement
@@ -149,7 +172,12 @@ export async function runTask(
   // transaction has not begun is recorded failed at once (so it is retried, with backoff,
   // whatever the handler does next, and a fenced() it calls later runs nothing). One in
   // its fenced transaction ends by that transaction's own deadline.
-  const timeoutSeconds = taskTimeoutSeconds(run.definition)
+  const timeoutSeconds = Math.min(
+    taskTimeoutSeconds(run.definition),
+    jobExpiresInSeconds !== undefined && jobExpiresInSeconds > 10
+      ? jobExpiresInSeconds - 5
+      : Number.POSITIVE_INFINITY,
+  )
   const limit = new AbortController()
   let timedOut: SingletonError | undefined
   let failedAtTimeout: ReturnType<typeof runs.fail> | undefined
