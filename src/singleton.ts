@@ -362,6 +362,13 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           metrics.batch(batch.policy, batch.rows, batch.elapsedMs)
           this.#safeEmit('cleanup:batch', batch)
         },
+        onTimedOut: (error, run) =>
+          this.#emitError(
+            new SingletonError(
+              'TASK_TIMEOUT',
+              `task "${run.policy}", run ${run.runId} ${run.status === 'failed' ? 'failed and will be retried' : run.status === 'exhausted' ? 'failed on its last retry' : run.status}: ${error.message}`,
+            ),
+          ),
       },
       options.workerPollingIntervalSeconds,
       {
@@ -376,7 +383,7 @@ export class Singleton extends EventEmitter<SingletonEvents> implements AsyncDis
           )
           metrics.run(report)
           this.#safeEmit(report.kind === 'task' ? 'task:done' : 'cleanup:done', report)
-          if (report.interrupted) return // a requested stop is not an error
+          if (report.interrupted || report.reported) return // a requested stop is not an error
           if (report.kind === 'task') {
             if (report.status === 'failed' || report.status === 'exhausted' || report.reason) {
               this.#emitError(

@@ -215,6 +215,81 @@ describe('the schedule lives in the database', () => {
     }
   })
 
+  it("a schedule left by a policy no node holds any more, with a pattern this version cannot read, does not stop the others' runs", async () => {
+    const name = 'left-behind'
+    const config = await writeConfig({
+      name,
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every: '1 second',
+        },
+      ],
+    })
+    const node = startNode(db.url, config, 'only')
+    try {
+      await waitFor('a first run', async () => (await doneRuns(name)).length >= 1)
+      // As a removed policy leaves its row (a newer version's pattern, or a hand edit).
+      await db.pool.query(
+        `INSERT INTO pgsingleton.schedules (singleton, policy, cron, time_zone, next_run_at, updated_epoch)
+         VALUES ($1, 'removed', 'not a pattern', 'UTC', now() - interval '1 hour', 1)`,
+        [name],
+      )
+      const before = (await doneRuns(name)).length
+      await waitFor(
+        'three more runs',
+        async () => (await doneRuns(name)).length >= before + 3,
+        30_000,
+      )
+      expect(node.output()).not.toMatch(/schedule tick failed/)
+    } finally {
+      node.signal('SIGTERM')
+      await node.exited
+    }
+  })
+
+  it('an every changed from 1 month to 30 days is written, though PostgreSQL compares the two as equal', async () => {
+    const name = 'month-to-days'
+    const policy = (every: string) => ({
+      name,
+      policies: [
+        {
+          name: 'old-events',
+          table: 'app.events',
+          column: 'created_at',
+          olderThan: '1 hour',
+          every,
+        },
+      ],
+    })
+    const every = async () =>
+      (
+        await db.pool.query<{ every: string }>(
+          'SELECT every::text AS every FROM pgsingleton.schedules WHERE singleton = $1',
+          [name],
+        )
+      ).rows[0]?.every
+    for (const [value, expected] of [
+      ['1 month', '1 mon'],
+      ['30 days', '30 days'],
+    ] as const) {
+      const node = startNode(db.url, await writeConfig(policy(value)), value.replace(' ', '-'))
+      try {
+        await waitFor(
+          `the schedule written as ${value}`,
+          async () => (await every()) === expected,
+          30_000,
+        )
+      } finally {
+        node.signal('SIGTERM')
+        await node.exited
+      }
+    }
+  })
+
   it('holds the next occurrence back while a slow run is still going, so the queue never piles up', async () => {
     const name = 'slow-runs'
     await db.pool.query('CREATE TABLE app.slow (created_at timestamptz NOT NULL)')

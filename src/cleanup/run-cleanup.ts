@@ -28,6 +28,8 @@ export interface RunReport {
   interrupted?: boolean
   /** A task's run that took longer than its timeout: recorded failed, and retried. */
   timedOut?: boolean
+  /** Its error was reported already, when it happened (a timeout). */
+  reported?: boolean
   /** How long the run took on this node, from its claim to its end. */
   durationMs?: number
 }
@@ -55,6 +57,8 @@ export interface CleanupDeps {
   readonly maxReplicaLagMs: number
   /** This node's task handlers, by name. */
   readonly handlers: TaskDeps['handlers']
+  /** A task's run passed its limit: reported when it is recorded. */
+  onTimedOut?: TaskDeps['onTimedOut']
   /** The batch sizes this node's runs left, so that the next run of a leaf starts there. */
   readonly sizes?: LearnedSizes
   onBatch(batch: BatchReport): void

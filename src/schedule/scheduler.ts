@@ -124,7 +124,7 @@ async function tick(
     await upsertSchedules(tx, token, agreed, now)
     const issued = [
       ...(await runs.retryDue(tx, token)),
-      ...(await runs.issue(tx, token, agreed, await dueCronSlots(tx, token, now))),
+      ...(await runs.issue(tx, token, agreed, await dueCronSlots(tx, token, agreed, now))),
     ]
     for (const run of issued) {
       const policy = own.find((p) => p.definition.name === run.policy)
@@ -241,7 +241,8 @@ async function upsertSchedules(
                               WHEN excluded.cron IS NOT NULL THEN excluded.next_run_at
                               ELSE least(s.next_run_at, now() + excluded.every) END,
            updated_epoch = excluded.updated_epoch
-       WHERE s.every IS DISTINCT FROM excluded.every OR s.cron IS DISTINCT FROM excluded.cron
+       -- As text: intervals compare a month as 30 days, so '1 month' and '30 days' are equal.
+       WHERE s.every::text IS DISTINCT FROM excluded.every::text OR s.cron IS DISTINCT FROM excluded.cron
           OR s.time_zone IS DISTINCT FROM excluded.time_zone OR s.kind IS DISTINCT FROM excluded.kind`,
     [lease.singleton, lease.epoch, JSON.stringify(rows)],
   )
@@ -266,6 +267,7 @@ async function upsertSchedules(
 async function dueCronSlots(
   tx: pg.PoolClient,
   lease: runs.FenceTokenWithNode,
+  agreed: readonly runs.AgreedPolicy[],
   now: Date,
 ): Promise<{ policy: string; missed: number; next: Date }[]> {
   const { rows } = await tx.query<{
@@ -274,9 +276,16 @@ async function dueCronSlots(
     cron: string
     time_zone: string
   }>(
-    `SELECT policy, next_run_at, cron, time_zone FROM pgsingleton.schedules
-      WHERE singleton = $1 AND cron IS NOT NULL AND next_run_at <= now()`,
-    [lease.singleton],
+    // Only what this tick may issue: a schedule left by a policy no node holds any more, or
+    // one paused or held back, would otherwise be counted at every tick (up to
+    // MAX_COUNTED_SLOTS slots each), and a pattern this version cannot read would fail
+    // every tick, and every policy with it.
+    `SELECT s.policy, s.next_run_at, s.cron, s.time_zone FROM pgsingleton.schedules s
+      WHERE s.singleton = $1 AND s.cron IS NOT NULL AND s.next_run_at <= now()
+        AND s.policy = ANY($2::text[])
+        AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                         WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)`,
+    [lease.singleton, agreed.map((p) => p.definition.name)],
   )
   return rows.map((row) => ({
     policy: row.policy,

@@ -14,6 +14,11 @@ export interface TaskDeps {
   readonly limits: TransactionLimits
   /** This node's handlers, by task name. */
   readonly handlers: ReadonlyMap<string, (context: TaskContext) => unknown>
+  /**
+   * A run passed its limit and was recorded failed (or closed meanwhile): told at once,
+   * not when its handler returns, which may be much later.
+   */
+  onTimedOut?(error: SingletonError, run: { runId: string; policy: string; status: string }): void
 }
 
 /** Why a fenced transaction may not go on, as `pgsingleton.task_fence` says it. */
@@ -189,8 +194,17 @@ export async function runTask(
     limit.abort(timedOut)
     if (state !== 'unused') return
     state = 'timed out'
+    const error = timedOut
     failedAtTimeout = runs.fail(deps.pool, run, timedOut.message, true)
-    failedAtTimeout.catch(() => {}) // awaited below, once the handler has returned
+    failedAtTimeout.then(
+      (recorded) =>
+        deps.onTimedOut?.(error, {
+          runId: run.runId,
+          policy: run.policy,
+          status: recorded?.status ?? 'fenced',
+        }),
+      () => {}, // awaited below, once the handler has returned
+    )
   }, timeoutSeconds * 1000)
 
   const context: TaskContext = {
@@ -220,6 +234,8 @@ export async function runTask(
       status: recorded?.status ?? 'fenced',
       reason: timedOut.message,
       timedOut: true,
+      // Reported as an error when it was recorded (onTimedOut), not again now.
+      reported: true,
     }
   }
 
