@@ -7,6 +7,7 @@ import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobExpirySeconds, jobState, sendJob } from '../queue/cleanup-queue.js'
 import { type TransactionLimits, withFence } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
+import { OPEN_SQL } from '../runs/statuses.js'
 import { type Alarm, sleep } from '../wait.js'
 
 export type ScheduledRun = runs.IssuedRun
@@ -277,14 +278,17 @@ async function dueCronSlots(
     time_zone: string
   }>(
     // Only what this tick may issue: a schedule left by a policy no node holds any more, or
-    // one paused or held back, would otherwise be counted at every tick (up to
+    // one paused or held back by its open run, would otherwise be counted at every tick (up to
     // MAX_COUNTED_SLOTS slots each), and a pattern this version cannot read would fail
     // every tick, and every policy with it.
     `SELECT s.policy, s.next_run_at, s.cron, s.time_zone FROM pgsingleton.schedules s
       WHERE s.singleton = $1 AND s.cron IS NOT NULL AND s.next_run_at <= now()
         AND s.policy = ANY($2::text[])
         AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                         WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)`,
+                         WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)
+        AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
+                         WHERE r.singleton = s.singleton AND r.policy = s.policy
+                           AND r.status IN (${OPEN_SQL}))`,
     [lease.singleton, agreed.map((p) => p.definition.name)],
   )
   return rows.map((row) => ({

@@ -196,15 +196,17 @@ export async function runTask(
     state = 'timed out'
     const error = timedOut
     failedAtTimeout = runs.fail(deps.pool, run, timedOut.message, true)
-    failedAtTimeout.then(
-      (recorded) =>
+    failedAtTimeout
+      .then((recorded) =>
         deps.onTimedOut?.(error, {
           runId: run.runId,
           policy: run.policy,
           status: recorded?.status ?? 'fenced',
         }),
-      () => {}, // awaited below, once the handler has returned
-    )
+      )
+      // A failed write is awaited below, once the handler has returned; a report that
+      // throws (a user's logger) must not end the process.
+      .catch(() => {})
   }, timeoutSeconds * 1000)
 
   const context: TaskContext = {
