@@ -27,21 +27,26 @@ async function doneRuns(name: string): Promise<Run[]> {
   }))
 }
 
+/** A config file for a singleton whose one policy cleans app.events on `schedule`. */
+function eventsConfig(name: string, schedule: { every: string } | { cron: string }) {
+  return writeConfig({
+    name,
+    policies: [
+      {
+        name: 'old-events',
+        table: 'app.events',
+        column: 'created_at',
+        olderThan: '1 hour',
+        ...schedule,
+      },
+    ],
+  })
+}
+
 describe('the schedule lives in the database', () => {
   it('after an outage, runs the first missed occurrence once, coalesces the rest, and resumes on its grid', async () => {
     const name = 'misfire'
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '1 second',
-        },
-      ],
-    })
+    const config = await eventsConfig(name, { every: '1 second' })
     const first = startNode(db.url, config, 'first')
     await waitFor('three runs', async () => (await doneRuns(name)).length >= 3)
     first.signal('SIGTERM')
@@ -78,19 +83,7 @@ describe('the schedule lives in the database', () => {
 
   it('a cron pattern changed while a slot is due runs that slot once, then follows the new pattern', async () => {
     const name = 'changed-cron'
-    const policy = (cron: string) => ({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          cron,
-        },
-      ],
-    })
-    const first = startNode(db.url, await writeConfig(policy('0 3 * * *')), 'first')
+    const first = startNode(db.url, await eventsConfig(name, { cron: '0 3 * * *' }), 'first')
     await waitFor('the schedule written', async () => {
       const { rows } = await db.pool.query(
         'SELECT 1 FROM pgsingleton.schedules WHERE singleton = $1',
@@ -107,7 +100,7 @@ describe('the schedule lives in the database', () => {
       [name],
     )
     const slot = due[0]?.at as Date
-    const second = startNode(db.url, await writeConfig(policy('0 0 1 1 *')), 'second')
+    const second = startNode(db.url, await eventsConfig(name, { cron: '0 0 1 1 *' }), 'second')
     try {
       await waitFor('the due slot run', async () => (await doneRuns(name)).length >= 1, 30_000)
       const runs = await doneRuns(name)
@@ -126,18 +119,7 @@ describe('the schedule lives in the database', () => {
 
   it("a weekday cron schedule's period, which overdue counts in, is the weekend's gap, also where an earlier version wrote one day", async () => {
     const name = 'weekdays'
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          cron: '0 3 * * 1-5',
-        },
-      ],
-    })
+    const config = await eventsConfig(name, { cron: '0 3 * * 1-5' })
     const period = async () =>
       (
         await db.pool.query<{ days: number }>(
@@ -168,18 +150,7 @@ describe('the schedule lives in the database', () => {
 
   it('an interval in months counts its missed slots on the calendar: the next slot still ahead is not skipped', async () => {
     const name = 'monthly'
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '11 months',
-        },
-      ],
-    })
+    const config = await eventsConfig(name, { every: '11 months' })
     const first = startNode(db.url, config, 'first')
     await waitFor('the first run', async () => (await doneRuns(name)).length >= 1)
     first.signal('SIGTERM')
@@ -217,18 +188,7 @@ describe('the schedule lives in the database', () => {
 
   it("a schedule left by a policy no node holds any more, with a pattern this version cannot read, does not stop the others' runs", async () => {
     const name = 'left-behind'
-    const config = await writeConfig({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every: '1 second',
-        },
-      ],
-    })
+    const config = await eventsConfig(name, { every: '1 second' })
     const node = startNode(db.url, config, 'only')
     try {
       await waitFor('a first run', async () => (await doneRuns(name)).length >= 1)
@@ -253,18 +213,6 @@ describe('the schedule lives in the database', () => {
 
   it('an every changed from 1 month to 30 days is written, though PostgreSQL compares the two as equal', async () => {
     const name = 'month-to-days'
-    const policy = (every: string) => ({
-      name,
-      policies: [
-        {
-          name: 'old-events',
-          table: 'app.events',
-          column: 'created_at',
-          olderThan: '1 hour',
-          every,
-        },
-      ],
-    })
     const every = async () =>
       (
         await db.pool.query<{ every: string }>(
@@ -276,7 +224,11 @@ describe('the schedule lives in the database', () => {
       ['1 month', '1 mon'],
       ['30 days', '30 days'],
     ] as const) {
-      const node = startNode(db.url, await writeConfig(policy(value)), value.replace(' ', '-'))
+      const node = startNode(
+        db.url,
+        await eventsConfig(name, { every: value }),
+        value.replace(' ', '-'),
+      )
       try {
         await waitFor(
           `the schedule written as ${value}`,
