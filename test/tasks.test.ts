@@ -3,6 +3,7 @@ import { once } from 'node:events'
 import { writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { setTimeout as delay } from 'node:timers/promises'
 import pg from 'pg'
 import { afterEach, describe, expect, it } from 'vitest'
 import { fingerprint, type TaskDefinition } from '../src/config/definition.js'
@@ -70,7 +71,15 @@ async function writesOf(task: string) {
 
 describe("tasks: the user's own code, once per occurrence across the cluster, fenced", () => {
   it('runs a task on its schedule with its context; what it writes through fenced() is written once per done run', async () => {
-    const seen: { scheduledFor: Date; epoch: number; nodeId: string; aborted: boolean }[] = []
+    const seen: {
+      scheduledFor: Date
+      epoch: number
+      nodeId: string
+      aborted: boolean
+      runId: string
+      attempt: number
+      coalesced: number
+    }[] = []
     const { node: n, name } = node([
       {
         name: 'tick',
@@ -81,7 +90,12 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
             epoch: ctx.epoch,
             nodeId: ctx.nodeId,
             aborted: ctx.signal.aborted,
+            runId: ctx.runId,
+            attempt: ctx.attempt,
+            coalesced: ctx.coalesced,
           })
+          // The first run outlasts two slots: the next run stands for the ones it missed.
+          if (seen.length === 1) await delay(2_500)
           await writeOccurrence(ctx)
         },
       },
@@ -110,6 +124,29 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     expect(written.map((w) => w.scheduled_for.toISOString())).toEqual(
       done.map((d) => d.scheduled_for.toISOString()),
     )
+    // The context names the run as the database recorded it.
+    const { rows: recorded } = await db.pool.query<{
+      id: string
+      attempt: number
+      coalesced: number
+      scheduled_for: Date
+    }>(
+      `SELECT id::text, attempt, coalesced, scheduled_for FROM pgsingleton.cleanup_runs
+        WHERE singleton = $1 AND status = 'done' ORDER BY scheduled_for`,
+      [name],
+    )
+    const byId = new Map(recorded.map((row) => [row.id, row]))
+    for (const ctx of seen.filter((s) => byId.has(s.runId))) {
+      const row = byId.get(ctx.runId)
+      expect(ctx).toMatchObject({
+        attempt: row?.attempt,
+        coalesced: row?.coalesced,
+        scheduledFor: row?.scheduled_for,
+      })
+    }
+    expect(seen.filter((s) => byId.has(s.runId)).length).toBe(recorded.length)
+    expect(seen[1]?.coalesced).toBeGreaterThanOrEqual(1)
+    expect(seen.every((s) => s.attempt === 1)).toBe(true)
   })
 
   it('a second fenced() in one run throws FENCED_ONCE without running its function; a handler that never calls fenced() completes its run', async () => {
@@ -148,6 +185,7 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
 
   it('a handler that throws fails its run, which is retried with backoff and then succeeds; the error is recorded and reported', async () => {
     let calls = 0
+    const attempts: { runId: string; attempt: number }[] = []
     const {
       node: n,
       name,
@@ -158,6 +196,7 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
         every: '1 hour',
         handler: async (ctx) => {
           calls += 1
+          attempts.push({ runId: ctx.runId, attempt: ctx.attempt })
           if (calls === 1) throw new Error('the mail server said no')
           await writeOccurrence(ctx)
         },
@@ -178,6 +217,11 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
       [name],
     )
     expect(rows).toEqual([{ status: 'done', failures: 1, error: null }])
+    // The retry is the same run, its second attempt.
+    expect(attempts).toEqual([
+      { runId: attempts[0]?.runId, attempt: 1 },
+      { runId: attempts[0]?.runId, attempt: 2 },
+    ])
     const [status] = await readPolicyStatus(db.pool, name)
     expect(status?.lastError ?? null).toBeNull()
     expect((await writesOf('flaky')).length).toBe(1)

@@ -18,6 +18,15 @@ export interface TaskContext {
    * held, or left unfinished by a run that was fenced): it runs once for all of them.
    */
   readonly scheduledFor: Date
+  /**
+   * How many other slots and unfinished occurrences this run stands for (0 when it is
+   * for its slot alone), as `pgsingleton.cleanup_runs.coalesced` records it.
+   */
+  readonly coalesced: number
+  /** The run's id in `pgsingleton.cleanup_runs`. */
+  readonly runId: string
+  /** Which attempt at the run this is: 1, then one more each time it is taken up again (a retry after a failure or an interruption). */
+  readonly attempt: number
   /** The holdership the run was issued under: the fencing token. */
   readonly epoch: number
   /** The node running it. */

@@ -3,7 +3,7 @@ import type { Layout } from '../cleanup/pacing.js'
 import type { PolicyDefinition, RunDefinition } from '../config/definition.js'
 import { SQLSTATE, sqlState } from '../db/sqlstate.js'
 import { type FenceToken, localSettings, type TransactionLimits, withFence } from './fence.js'
-import { OPEN_SQL, type RunStatus } from './statuses.js'
+import { OPEN_SQL, pausedSql, type RunStatus } from './statuses.js'
 
 /**
  * The run state machine of `pgsingleton.cleanup_runs`, and its only writer. Each export is
@@ -51,6 +51,8 @@ export interface Claim<D extends RunDefinition = RunDefinition> extends FenceTok
   readonly rowsDeleted: number
   readonly rowsSkipped: number
   readonly batches: number
+  /** Other occurrences this run stands for (as IssuedRun.coalesced). */
+  readonly coalesced: number
 }
 
 /** What the holder issues a policy with: the definition every live node agreed on. */
@@ -140,8 +142,7 @@ export async function retryDue(tx: Queryable, lease: FenceToken): Promise<Issued
   const { rows } = await tx.query<IssuedRow>(
     `UPDATE pgsingleton.cleanup_runs r SET status = 'scheduled', retry_at = NULL
       WHERE r.singleton = $1 AND r.epoch = $2 AND r.status = 'failed' AND r.retry_at <= now()
-        AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                         WHERE c.singleton = r.singleton AND c.policy = r.policy AND c.paused)
+        AND NOT ${pausedSql('r.singleton', 'r.policy')}
       RETURNING r.id, r.policy, r.scheduled_for, r.coalesced, r.reissued`,
     [lease.singleton, lease.epoch],
   )
@@ -172,8 +173,7 @@ export async function issue(
        SELECT a.* FROM agreed a
         WHERE NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
                            WHERE r.singleton = $1 AND r.policy = a.policy AND r.status IN (${OPEN_SQL}))
-          AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                           WHERE c.singleton = $1 AND c.policy = a.policy AND c.paused)
+          AND NOT ${pausedSql('$1', 'a.policy')}
      ), requested AS (
        -- RETURNING of an UPDATE gives the new values: the request is read here, and cleared below.
        SELECT c.policy, c.run_now_at AS asked FROM pgsingleton.policy_controls c JOIN free f ON f.policy = c.policy
@@ -343,6 +343,7 @@ export async function claim(
     rows_deleted: string
     rows_skipped: string
     batches: number
+    coalesced: number
   }>(
     `UPDATE pgsingleton.cleanup_runs
         SET status = 'running', attempt = attempt + 1, node_id = $2,
@@ -350,7 +351,8 @@ export async function claim(
       WHERE id = $1 AND status = 'scheduled'
         AND EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
                      WHERE l.singleton = cleanup_runs.singleton AND l.node_id = $2)
-      RETURNING singleton, policy, epoch, attempt, scheduled_for, definition, rows_deleted, rows_skipped, batches`,
+      RETURNING singleton, policy, epoch, attempt, scheduled_for, definition, rows_deleted, rows_skipped, batches,
+                coalesced`,
     [runId, nodeId],
   )
   const row = rows[0]
@@ -373,6 +375,7 @@ export async function claim(
     rowsDeleted: Number(row.rows_deleted),
     rowsSkipped: Number(row.rows_skipped),
     batches: row.batches,
+    coalesced: Number(row.coalesced),
   }
 }
 

@@ -26,3 +26,13 @@ export const OPEN_STATUSES = ['scheduled', 'running', 'failed'] as const satisfi
 
 /** SQL list of the open statuses, for statements of the runs module. */
 export const OPEN_SQL = OPEN_STATUSES.map((status) => `'${status}'`).join(', ')
+
+/**
+ * SQL test that a policy is paused by an operator (`pgsingleton.policy_controls`), for the
+ * holder's statements that leave paused policies out: `singleton` and `policy` are SQL
+ * expressions of the statement it goes into (a column or a parameter), never user input.
+ */
+export function pausedSql(singleton: string, policy: string): string {
+  return `EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
+                   WHERE c.singleton = ${singleton} AND c.policy = ${policy} AND c.paused)`
+}

@@ -7,7 +7,7 @@ import type { Lease } from '../lock/lock-session.js'
 import { cancelJobs, jobExpirySeconds, jobState, sendJob } from '../queue/cleanup-queue.js'
 import { type TransactionLimits, withFence } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
-import { OPEN_SQL } from '../runs/statuses.js'
+import { OPEN_SQL, pausedSql } from '../runs/statuses.js'
 import { type Alarm, sleep } from '../wait.js'
 
 export type ScheduledRun = runs.IssuedRun
@@ -284,8 +284,7 @@ async function dueCronSlots(
     `SELECT s.policy, s.next_run_at, s.cron, s.time_zone FROM pgsingleton.schedules s
       WHERE s.singleton = $1 AND s.cron IS NOT NULL AND s.next_run_at <= now()
         AND s.policy = ANY($2::text[])
-        AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                         WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)
+        AND NOT ${pausedSql('s.singleton', 's.policy')}
         AND NOT EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
                          WHERE r.singleton = s.singleton AND r.policy = s.policy
                            AND r.status IN (${OPEN_SQL}))`,
@@ -313,18 +312,16 @@ async function nextWake(
     `SELECT least(
        (SELECT min(CASE WHEN EXISTS (SELECT 1 FROM pgsingleton.cleanup_runs r
                                       WHERE r.singleton = s.singleton AND r.policy = s.policy
-                                        AND r.status IN ('scheduled', 'running', 'failed'))
+                                        AND r.status IN (${OPEN_SQL}))
                         THEN greatest(extract(epoch FROM s.next_run_at - now()) * 1000, $4)
                         ELSE extract(epoch FROM s.next_run_at - now()) * 1000 END)
           FROM pgsingleton.schedules s
          WHERE s.singleton = $1 AND s.policy = ANY($2::text[])
-           AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                            WHERE c.singleton = s.singleton AND c.policy = s.policy AND c.paused)),
+           AND NOT ${pausedSql('s.singleton', 's.policy')}),
        (SELECT min(extract(epoch FROM r.retry_at - now()) * 1000)
           FROM pgsingleton.cleanup_runs r
          WHERE r.singleton = $1 AND r.epoch = $3 AND r.status = 'failed'
-           AND NOT EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                            WHERE c.singleton = r.singleton AND c.policy = r.policy AND c.paused)))::float8 AS wait_ms`,
+           AND NOT ${pausedSql('r.singleton', 'r.policy')}))::float8 AS wait_ms`,
     [lease.singleton, agreed.map((p) => p.definition.name), lease.epoch, HELD_BACK_RECHECK_MS],
   )
   const wait = rows[0]?.wait_ms ?? MAX_TICK_MS

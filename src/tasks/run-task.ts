@@ -212,6 +212,9 @@ export async function runTask(
   const context: TaskContext = {
     name: run.policy,
     scheduledFor: run.scheduledFor,
+    coalesced: run.coalesced,
+    runId: run.runId,
+    attempt: run.attempt,
     epoch: run.epoch,
     nodeId: deps.nodeId,
     signal: AbortSignal.any([signal, limit.signal]),
