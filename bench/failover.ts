@@ -15,23 +15,11 @@ import {
 const EVENTS = ['kill -9', 'SIGTERM', 'pg_terminate_backend', 'SIGSTOP (paused)'] as const
 /** Marks an event that struck the holder right after its takeover, while it started up. */
 const EARLY = ', right after its takeover'
-/**
- * Marks a trial seen by a tight poll of `pgsingleton.status` instead of a read when told.
- * The poll and its backend keep a core of a 2-core machine busy for the whole takeover,
- * which then shares one core with the dying process's teardown, so it measures a slower
- * takeover than nobody watching gets (both are in the report, from the same run).
- */
-export const POLLED = ', seen by a tight poll'
 
-/**
- * A kind of trial: its event, whether it struck the holder right after its takeover, and
- * whether a tight poll watched it.
- */
-export function splitKind(kind: string): { event: string; early: boolean; polled: boolean } {
-  const polled = kind.endsWith(POLLED)
-  const rest = polled ? kind.slice(0, -POLLED.length) : kind
-  const early = rest.endsWith(EARLY)
-  return { event: early ? rest.slice(0, -EARLY.length) : rest, early, polled }
+/** A kind of trial: its event, and whether it struck the holder right after its takeover. */
+export function splitKind(kind: string): { event: string; early: boolean } {
+  const early = kind.endsWith(EARLY)
+  return { event: early ? kind.slice(0, -EARLY.length) : kind, early }
 }
 
 export interface FailoverResult {
@@ -121,30 +109,12 @@ export async function failover(
   const listener = new pg.Client({ connectionString: url })
   await listener.connect()
   const heardAt = new Map<number, number>()
-  const told = new Set<() => void>()
   listener.on('notification', (message) => {
     const at = performance.now()
     const event = JSON.parse(message.payload ?? '{}') as { singleton?: string; epoch?: number }
     if (event.singleton === name && event.epoch !== undefined) heardAt.set(event.epoch, at)
-    for (const wake of told) wake()
   })
   await listener.query('LISTEN pgsingleton')
-  /** Resolves when an epoch above `epoch` is announced (at its commit), or after `timeoutMs`. */
-  const announced = (epoch: number, timeoutMs: number) =>
-    new Promise<void>((resolve) => {
-      const wake = () => {
-        if (![...heardAt.keys()].some((e) => e > epoch)) return
-        clearTimeout(timer)
-        told.delete(wake)
-        resolve()
-      }
-      const timer = setTimeout(() => {
-        told.delete(wake)
-        resolve()
-      }, timeoutMs)
-      told.add(wake)
-      wake()
-    })
   const read = async (oldPid = 0) =>
     (
       await watcher.query<{
@@ -182,14 +152,10 @@ export async function failover(
   const killedSizes: { rss: number; threads: number }[] = []
   // Each event strikes a settled holder, and the first three also one right after its
   // takeover (the previous trial's), while it starts up.
-  // And the two with a threshold, settled, watched by a tight poll as well.
   const kinds: Record<string, number[]> = Object.fromEntries(
-    [
-      ...EVENTS,
-      ...EVENTS.filter((e) => e !== 'SIGSTOP (paused)').map((e) => `${e}${EARLY}`),
-      `kill -9${POLLED}`,
-      `SIGTERM${POLLED}`,
-    ].map((kind) => [kind, []]),
+    [...EVENTS, ...EVENTS.filter((e) => e !== 'SIGSTOP (paused)').map((e) => `${e}${EARLY}`)].map(
+      (kind) => [kind, []],
+    ),
   )
   const wanted = (kind: string) =>
     kind === 'kill -9' || kind === 'SIGTERM' ? Math.max(trials, p99Trials) : trials
@@ -200,7 +166,7 @@ export async function failover(
     for (let trial = 0; trial < rounds; trial++) {
       for (const kind of Object.keys(kinds)) {
         if (trial >= wanted(kind)) continue
-        const { event, early, polled } = splitKind(kind)
+        const { event, early } = splitKind(kind)
         const phase = early ? 0 : settlePhaseMs()
         const before = await waitUntil(
           async () => {
@@ -225,21 +191,17 @@ export async function failover(
         else await pool.query('SELECT pg_terminate_backend($1)', [before.pid])
         let goneAt: number | undefined
         let seenAt: number | undefined
-        // Told: the observer reads the status once the new epoch is announced (at its
-        // commit), and again, every millisecond, until it shows it and the new holder's
-        // wait statement has returned. Polled: it reads in a tight loop from the event on.
-        if (!polled) await announced(Number(before.epoch), 30_000)
         await waitUntil(
           async () => {
             const row = await read(before.pid ?? 0)
             const now = performance.now()
-            if (polled && goneAt === undefined && row && !row.old_alive) goneAt = now
+            if (goneAt === undefined && row && !row.old_alive) goneAt = now
             if (!row?.node_id || Number(row.epoch) <= Number(before.epoch)) return undefined
             seenAt ??= now
             return row.returned ? row : undefined
           },
           60_000,
-          polled ? 0 : 1,
+          0,
         )
         const returnedAt = performance.now()
         if (seenAt === undefined) throw new Error('the new epoch was never seen')
@@ -252,7 +214,7 @@ export async function failover(
           heard[kind].push(heardNew[1] - sent)
         }
         heardAt.clear()
-        if (kind === `kill -9${POLLED}` && goneAt !== undefined) {
+        if (kind === 'kill -9' && goneAt !== undefined) {
           gone.push(goneAt - sent)
           goneToEpoch.push(seenAt - goneAt)
         }
@@ -310,18 +272,6 @@ async function references(
 }> {
   const watcher = new pg.Client({ connectionString: url })
   await watcher.connect()
-  // Each waiter announces its lock in the statement that took it (at that statement's
-  // commit, as bump_epoch does), so that the same observer as the failover's, told and
-  // then reading, can watch it.
-  const listener = new pg.Client({ connectionString: url })
-  await listener.connect()
-  let grantedAt: number | undefined
-  let wake = () => {}
-  listener.on('notification', () => {
-    grantedAt ??= performance.now()
-    wake()
-  })
-  await listener.query('LISTEN bench_reference')
   const key = lockKey('bench-reference').toString()
   const holderSource = `import pg from 'pg'
     const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
@@ -329,24 +279,23 @@ async function references(
   const blockingSource = `import pg from 'pg'
     const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
     const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid)
-    await c.query("SELECT pg_advisory_lock($1), pg_notify('bench_reference', 'granted')", [process.env.KEY]); setInterval(() => {}, 1e9)`
+    await c.query('SELECT pg_advisory_lock($1)', [process.env.KEY]); setInterval(() => {}, 1e9)`
   const pollingSource = `import pg from 'pg'
     const c = new pg.Client({ connectionString: process.env.URL }); await c.connect()
     const { rows } = await c.query('SELECT pg_backend_pid() AS pid'); console.log(rows[0].pid)
-    for (;;) { const r = await c.query("SELECT got, CASE WHEN got THEN pg_notify('bench_reference', 'granted') END FROM (SELECT pg_try_advisory_lock($1) AS got OFFSET 0) x", [process.env.KEY]); if (r.rows[0].got) break; await new Promise((s) => setTimeout(s, 1000)) }
+    for (;;) { const r = await c.query('SELECT pg_try_advisory_lock($1) AS got', [process.env.KEY]); if (r.rows[0].got) break; await new Promise((s) => setTimeout(s, 1000)) }
     setInterval(() => {}, 1e9)`
   const gone: number[] = []
   const holderSizes: { rss: number; threads: number }[] = []
-  const bare = 'a bare pg_advisory_lock waiter (the physical limit)'
-  const polling = 'a waiter polling pg_try_advisory_lock every second'
-  const out: Record<string, number[]> = { [bare]: [], [`${bare}${POLLED}`]: [], [polling]: [] }
+  const out: Record<string, number[]> = {
+    'a bare pg_advisory_lock waiter (the physical limit)': [],
+    'a waiter polling pg_try_advisory_lock every second': [],
+  }
   try {
     for (const [label, source, trials] of [
-      [bare, blockingSource, bareTrials],
-      [`${bare}${POLLED}`, blockingSource, pollingTrials],
-      [polling, pollingSource, pollingTrials],
+      ['a bare pg_advisory_lock waiter (the physical limit)', blockingSource, bareTrials],
+      ['a waiter polling pg_try_advisory_lock every second', pollingSource, pollingTrials],
     ] as const) {
-      const polled = label.endsWith(POLLED)
       for (let trial = 0; trial < trials; trial++) {
         const env = { URL: url, KEY: key }
         const holder = script(holderSource, env)
@@ -355,20 +304,10 @@ async function references(
         const pid = await firstLine(waiter)
         // The waiter is queued (or polling) before the holder dies, at a random phase of its polling.
         await new Promise((resolve) => setTimeout(resolve, 200 + Math.random() * 1000))
-        if (label === bare) holderSizes.push(await processSize(holder.pid))
-        grantedAt = undefined
+        if (label.startsWith('a bare')) holderSizes.push(await processSize(holder.pid))
         const sent = performance.now()
         holder.kill('SIGKILL')
         let goneAt: number | undefined
-        if (!polled)
-          await new Promise<void>((resolve) => {
-            const timer = setTimeout(resolve, 10_000)
-            wake = () => {
-              clearTimeout(timer)
-              resolve()
-            }
-            if (grantedAt !== undefined) wake()
-          })
         await waitUntil(
           async () => {
             const { rows } = await watcher.query({
@@ -377,21 +316,20 @@ async function references(
                       EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2) AS old_alive`,
               values: [Number(pid), Number(holderPid)],
             })
-            if (polled && goneAt === undefined && !rows[0].old_alive) goneAt = performance.now()
+            if (goneAt === undefined && !rows[0].old_alive) goneAt = performance.now()
             return rows[0].granted ? true : undefined
           },
           10_000,
-          polled ? 0 : 1,
+          0,
         )
         out[label]?.push(performance.now() - sent)
-        if (polled && goneAt !== undefined) gone.push(goneAt - sent)
+        if (label.startsWith('a bare') && goneAt !== undefined) gone.push(goneAt - sent)
         waiter.kill('SIGKILL')
         await new Promise((resolve) => waiter.once('exit', resolve))
       }
     }
   } finally {
     await watcher.end()
-    await listener.end()
   }
   return {
     latencies: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, distribution(v)])),

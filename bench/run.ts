@@ -28,7 +28,7 @@ import {
   partitionDrop,
 } from './cleanup.js'
 import { type IdleCost, idleCost, type ScaleResult, scaleFailover } from './cost.js'
-import { type FailoverResult, failover, P99_TRIALS, POLLED, splitKind } from './failover.js'
+import { type FailoverResult, failover, P99_TRIALS, splitKind } from './failover.js'
 import { type Distribution, distribution, machine, ms, scratchDatabase } from './support.js'
 
 const TRIALS = Number(process.env.BENCH_TRIALS ?? 30)
@@ -327,22 +327,21 @@ function render(version: string, r: Results): string {
     lines.push(
       '## Failover',
       '',
-      `${trialCounts(r.failover)} Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), read from outside by a prepared statement (planning the view anew for each look takes about 2 ms here). The observing session reads when it is told: it LISTENs on the channel the epoch bump and the hand-over announce the new epoch on at their commit, and then reads the status, again every millisecond until it shows the new epoch. A settled holder's kill -9 and SIGTERM are also watched by a tight poll (the same read in a loop from the event on, as earlier reports measured): on two cores the poll and its server backend keep one core busy through the takeover, which then shares the other with the dying process's teardown, so the takeover is slower under it; the rows marked "seen by a tight poll" give what it saw, and the two tables after this one are measured by it. The references are watched the same two ways: each waiter announces its lock in the statement that took it, and the observer then reads \`pg_locks\`. Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
+      `${trialCounts(r.failover)} Three CLI nodes with the default timings. From the moment the event is sent to the moment another session sees the new holder's bumped epoch in \`pgsingleton.status\` (its commit included), polled from outside in a tight loop by a prepared statement (planning the view anew for each look takes about 2 ms here). Each event strikes a settled holder, one that has held for a random 0.5 to 5.5 s (a whole cycle of its scheduler's ticks, which are at most 5 s apart), and the first three events also strike a holder right after its takeover${r.failover.heldAtStrike ? ` (it had held ${ms(r.failover.heldAtStrike.p50, 0)} at the median)` : ''}, while it starts pg-boss and runs its first fenced tick: the next epoch bump waits for a fenced write in flight.`,
       '',
       `| event | trials | p50 | p95 | p99 | max | p50 / p99 heard by a LISTENing session |${r.failover.returned ? " p50 / p99 the new holder's wait statement returned |" : ''}`,
       `|---|---|---|---|---|---|---|${r.failover.returned ? '---|' : ''}`,
       ...Object.entries(r.failover.kinds).map(([k, d]) => {
         const h = r.failover?.heard[k]
         const back = r.failover?.returned?.[k]
-        const { event, early, polled } = splitKind(k)
-        const label = `${event} of the holder${early ? ', right after its takeover' : ''}${polled ? POLLED : ''}`
+        const { event, early } = splitKind(k)
+        const label = `${event} of the holder${early ? ', right after its takeover' : ''}`
         return `| ${label} | ${d.n} | ${dist(d)} | ${h ? `${ms(h.p50)} / ${ms(h.p99)}` : '-'} |${r.failover?.returned ? ` ${back ? `${ms(back.p50)} / ${ms(back.p99)}` : '-'} |` : ''}`
       }),
-      ...Object.entries(r.failover.references).map(([k, d]) => {
-        const polled = k.endsWith(POLLED)
-        const waiter = polled ? k.slice(0, -POLLED.length) : k
-        return `| reference: ${waiter}, holder killed${polled ? POLLED : ''} | ${d.n} | ${dist(d)} | - |${r.failover?.returned ? ' - |' : ''}`
-      }),
+      ...Object.entries(r.failover.references).map(
+        ([k, d]) =>
+          `| reference: ${k}, holder killed | ${d.n} | ${dist(d)} | - |${r.failover?.returned ? ' - |' : ''}`,
+      ),
       '',
       'A paused holder keeps its lock until the server ends its silent session (`idleSessionTimeoutMs`, 3 s, counted from its last heartbeat).',
       ...(r.failover.returned
@@ -354,7 +353,7 @@ function render(version: string, r: Results): string {
       '',
       `Where a crash failover goes: the server frees the lock when the killed process's backend ends, which takes as long as the kernel needs to tear the process down (its memory is freed before its sockets are closed) and close its socket; a CLI node${size(r.failover.killedNode)} takes longer to tear down than the reference's minimal holder${size(r.failover.referenceHolder)}. The rest is pg-singleton's: the waiter is granted the lock, and the same statement commits the new epoch.`,
       '',
-      '| kill -9, from the signal, seen by a tight poll | p50 | p95 | p99 | max |',
+      '| kill -9, from the signal | p50 | p95 | p99 | max |',
       '|---|---|---|---|---|',
       `| the killed node's backend is gone | ${dist(r.failover.killBreakdown.backendGone)} |`,
       `| from then to the new epoch seen in pgsingleton.status | ${dist(r.failover.killBreakdown.goneToNewEpoch)} |`,
@@ -374,19 +373,15 @@ function render(version: string, r: Results): string {
           ]
         : []),
     )
-    const byPoll = (kind: string) => {
-      const polled = r.failover?.kinds[`${kind}${POLLED}`]
-      return polled ? `; by a tight poll ${ms(polled.p99)} of ${polled.n}` : ''
-    }
     const crash = r.failover.kinds['kill -9']
     const graceful = r.failover.kinds.SIGTERM
     if (crash)
       thresholds.push(
-        `| crash failover p99 ≤ 20 ms | ${ms(crash.p99)} (of ${crash.n}${byPoll('kill -9')}) | ${yes(crash.p99 <= 20)} |`,
+        `| crash failover p99 ≤ 20 ms | ${ms(crash.p99)} (of ${crash.n}) | ${yes(crash.p99 <= 20)} |`,
       )
     if (graceful)
       thresholds.push(
-        `| graceful failover p99 ≤ 10 ms | ${ms(graceful.p99)} (of ${graceful.n}${byPoll('SIGTERM')}) | ${yes(graceful.p99 <= 10)} |`,
+        `| graceful failover p99 ≤ 10 ms | ${ms(graceful.p99)} (of ${graceful.n}) | ${yes(graceful.p99 <= 10)} |`,
       )
   }
   const cleanupTable = (rows: CleanupComparison[]) => [
