@@ -223,6 +223,24 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(left[0].n).toBe(0)
   })
 
+  it('a run that takes over an unfinished run stands for all that run stood for', async () => {
+    const { h, definition } = await holder('sm-carried')
+    await h.hold()
+    // One occurrence, fenced, whose run stood for five more slots.
+    await db.pool.query(
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, status, definition, fingerprint, error, coalesced)
+       VALUES ('sm-carried', 'old', 0, now() - interval '1 minute', 'earlier', 'fenced', '{}', 'x', 'superseded', 5)`,
+    )
+    await db.pool.query(
+      `INSERT INTO pgsingleton.schedules (singleton, policy, every, next_run_at, updated_epoch)
+       VALUES ('sm-carried', 'old', '1 minute', now() + interval '1 hour', 0)`,
+    )
+    const issued = await withFence(db.pool, LIMITS, h.token(), (tx) =>
+      runs.issue(tx, h.token(), [{ definition, fingerprint: fingerprint(definition) }]),
+    )
+    expect(issued).toMatchObject({ fenced: false, result: [{ reissued: true, coalesced: 5 }] })
+  })
+
   it('a takeover issues one run per policy for all the occurrences earlier holders left unfinished', async () => {
     const { h, definition } = await holder('sm-pileup')
     await h.hold()

@@ -79,6 +79,7 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
       runId: string
       attempt: number
       coalesced: number
+      reissued: boolean
     }[] = []
     const { node: n, name } = node([
       {
@@ -93,6 +94,7 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
             runId: ctx.runId,
             attempt: ctx.attempt,
             coalesced: ctx.coalesced,
+            reissued: ctx.reissued,
           })
           // The first run outlasts two slots: the next run stands for the ones it missed.
           if (seen.length === 1) await delay(2_500)
@@ -129,9 +131,10 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
       id: string
       attempt: number
       coalesced: number
+      reissued: boolean
       scheduled_for: Date
     }>(
-      `SELECT id::text, attempt, coalesced, scheduled_for FROM pgsingleton.cleanup_runs
+      `SELECT id::text, attempt, coalesced, reissued, scheduled_for FROM pgsingleton.cleanup_runs
         WHERE singleton = $1 AND status = 'done' ORDER BY scheduled_for`,
       [name],
     )
@@ -141,6 +144,7 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
       expect(ctx).toMatchObject({
         attempt: row?.attempt,
         coalesced: row?.coalesced,
+        reissued: row?.reissued,
         scheduledFor: row?.scheduled_for,
       })
     }
@@ -218,9 +222,13 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
     )
     expect(rows).toEqual([{ status: 'done', failures: 1, error: null }])
     // The retry is the same run, its second attempt.
+    const { rows: ids } = await db.pool.query<{ id: string }>(
+      'SELECT id::text FROM pgsingleton.cleanup_runs WHERE singleton = $1',
+      [name],
+    )
     expect(attempts).toEqual([
-      { runId: attempts[0]?.runId, attempt: 1 },
-      { runId: attempts[0]?.runId, attempt: 2 },
+      { runId: ids[0]?.id, attempt: 1 },
+      { runId: ids[0]?.id, attempt: 2 },
     ])
     const [status] = await readPolicyStatus(db.pool, name)
     expect(status?.lastError ?? null).toBeNull()

@@ -14,18 +14,27 @@ export interface TaskContext {
   /** The task's name. */
   readonly name: string
   /**
-   * The slot this run is for. A run may stand for earlier slots too (missed while nobody
-   * held, or left unfinished by a run that was fenced): it runs once for all of them.
+   * The slot this run is for: the first slot that came due, or, for a run that takes over
+   * occurrences earlier runs left unfinished (`reissued`), the latest of those.
    */
   readonly scheduledFor: Date
   /**
-   * How many other slots and unfinished occurrences this run stands for (0 when it is
-   * for its slot alone), as `pgsingleton.cleanup_runs.coalesced` records it.
+   * How many other occurrences this run stands for, 0 when none: earlier ones that runs
+   * fenced before they finished, and later slots that passed while nobody held or while
+   * the previous run was still going (a cron schedule's are counted up to 10,000). It runs
+   * once for all of them; `pgsingleton.cleanup_runs.coalesced` records the same.
    */
   readonly coalesced: number
+  /** True when the run takes over an occurrence an earlier run left unfinished. */
+  readonly reissued: boolean
   /** The run's id in `pgsingleton.cleanup_runs`. */
   readonly runId: string
-  /** Which attempt at the run this is: 1, then one more each time it is taken up again (a retry after a failure or an interruption). */
+  /**
+   * Which try at this run (this row) it is: 1, then one more each time its job is taken
+   * up again under the same holder (a retry after a failure or a timeout, or after an
+   * interrupted attempt). An occurrence that is issued again after a takeover, a lost
+   * worker or a pause is a new run: a new `runId`, `attempt` 1 and `reissued`.
+   */
   readonly attempt: number
   /** The holdership the run was issued under: the fencing token. */
   readonly epoch: number

@@ -53,6 +53,8 @@ export interface Claim<D extends RunDefinition = RunDefinition> extends FenceTok
   readonly batches: number
   /** Other occurrences this run stands for (as IssuedRun.coalesced). */
   readonly coalesced: number
+  /** True when it takes over an occurrence an earlier run left unfinished. */
+  readonly reissued: boolean
 }
 
 /** What the holder issues a policy with: the definition every live node agreed on. */
@@ -213,7 +215,12 @@ export async function issue(
         WHERE s.singleton = due.singleton AND s.policy = due.policy
         RETURNING s.policy, due.next_run_at AS slot, due.missed
      ), unfinished AS (
-       SELECT f.policy, max(r.scheduled_for) AS latest, count(DISTINCT r.scheduled_for) AS n
+       -- How many occurrences the unfinished runs stand for: each is one, and the latest
+       -- also stands for what its own coalesced counted (the unfinished ones it took over,
+       -- and slots it missed), so at least the larger of the two.
+       SELECT f.policy, max(r.scheduled_for) AS latest,
+              greatest(count(DISTINCT r.scheduled_for),
+                       1 + (array_agg(r.coalesced ORDER BY r.scheduled_for DESC, r.id DESC))[1]) AS n
          FROM free f
          JOIN pgsingleton.cleanup_runs r
            ON r.singleton = $1 AND r.policy = f.policy AND r.status = 'fenced'
@@ -344,6 +351,7 @@ export async function claim(
     rows_skipped: string
     batches: number
     coalesced: number
+    reissued: boolean
   }>(
     `UPDATE pgsingleton.cleanup_runs
         SET status = 'running', attempt = attempt + 1, node_id = $2,
@@ -352,7 +360,7 @@ export async function claim(
         AND EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
                      WHERE l.singleton = cleanup_runs.singleton AND l.node_id = $2)
       RETURNING singleton, policy, epoch, attempt, scheduled_for, definition, rows_deleted, rows_skipped, batches,
-                coalesced`,
+                coalesced, reissued`,
     [runId, nodeId],
   )
   const row = rows[0]
@@ -376,6 +384,7 @@ export async function claim(
     rowsSkipped: Number(row.rows_skipped),
     batches: row.batches,
     coalesced: Number(row.coalesced),
+    reissued: row.reissued,
   }
 }
 

@@ -33,6 +33,7 @@ export const OPEN_SQL = OPEN_STATUSES.map((status) => `'${status}'`).join(', ')
  * expressions of the statement it goes into (a column or a parameter), never user input.
  */
 export function pausedSql(singleton: string, policy: string): string {
-  return `EXISTS (SELECT 1 FROM pgsingleton.policy_controls c
-                   WHERE c.singleton = ${singleton} AND c.policy = ${policy} AND c.paused)`
+  return `EXISTS (SELECT 1 FROM pgsingleton.policy_controls paused_control
+                   WHERE paused_control.singleton = ${singleton} AND paused_control.policy = ${policy}
+                     AND paused_control.paused)`
 }

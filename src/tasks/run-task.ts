@@ -213,6 +213,7 @@ export async function runTask(
     name: run.policy,
     scheduledFor: run.scheduledFor,
     coalesced: run.coalesced,
+    reissued: run.reissued,
     runId: run.runId,
     attempt: run.attempt,
     epoch: run.epoch,
