@@ -29,8 +29,9 @@ export const OPEN_SQL = OPEN_STATUSES.map((status) => `'${status}'`).join(', ')
 
 /**
  * SQL test that a policy is paused by an operator (`pgsingleton.policy_controls`), for the
- * holder's statements that leave paused policies out: `singleton` and `policy` are SQL
- * expressions of the statement it goes into (a column or a parameter), never user input.
+ * statements that leave paused policies out (the holder's tick, a task's look before its
+ * handler): `singleton` and `policy` are SQL expressions of the statement it goes into (a
+ * column or a parameter), never user input.
  */
 export function pausedSql(singleton: string, policy: string): string {
   return `EXISTS (SELECT 1 FROM pgsingleton.policy_controls paused_control

@@ -7,6 +7,7 @@ import { withClient } from '../db/transaction.js'
 import { errorMessage, SingletonError } from '../errors.js'
 import { localSettings, type TransactionLimits } from '../runs/fence.js'
 import * as runs from '../runs/runs.js'
+import { pausedSql } from '../runs/statuses.js'
 
 export interface TaskDeps {
   readonly pool: pg.Pool
@@ -72,12 +73,11 @@ export async function runTask(
   // queued) does not start its handler: it ends fenced, and its occurrence is issued again
   // after the resume, as a cleanup run stops at its first batch. A pause after this look
   // is still met by fenced(), which refuses to commit.
-  const { rows: paused } = await deps.pool.query(
-    `SELECT 1 FROM pgsingleton.policy_controls
-      WHERE singleton = $1 AND policy = $2 AND paused`,
+  const { rows: look } = await deps.pool.query<{ paused: boolean }>(
+    `SELECT ${pausedSql('$1', '$2')} AS paused`,
     [run.singleton, run.policy],
   )
-  if (paused.length > 0) {
+  if (look[0]?.paused) {
     const reason = `task "${run.policy}": ${FENCE_REASONS.paused}; the occurrence runs again after resume`
     await runs.fence(deps.pool, run, reason)
     // An operator's pause, not an error.
