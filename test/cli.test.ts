@@ -1,10 +1,15 @@
+import { execFile } from 'node:child_process'
 import { chmod, mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { promisify } from 'node:util'
+import pg from 'pg'
 import { describe, expect, it } from 'vitest'
 import { createEventsTable, insertRows } from './support/app-table.js'
 import { createTestDatabase, useTestDatabase, waitFor } from './support/database.js'
-import { failOnNodesLeftRunning, runCli, startNode, writeConfig } from './support/nodes.js'
+import { BIN, failOnNodesLeftRunning, runCli, startNode, writeConfig } from './support/nodes.js'
+
+const execFileAsync = promisify(execFile)
 
 const db = useTestDatabase({ migrate: false })
 failOnNodesLeftRunning()
@@ -113,6 +118,65 @@ describe('the pg-singleton command', () => {
       }
       expect(await readdir(dir)).toEqual([]) // no .pg-singleton, no data directory
     } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('runs the demo of the README in a new project: three nodes, the holder killed, every outdated row deleted and every young one kept', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'pg-singleton-demo-'))
+    await chmod(dir, 0o755) // as root, the server runs as the postgres user, who must reach the project
+    const env = {
+      DATABASE_URL: undefined,
+      PG_SINGLETON_EMBEDDED_PORT: String(32000 + Math.floor(Math.random() * 700)),
+    }
+    try {
+      const demo = await finish(['demo'], env, dir)
+      expect(demo.code, demo.output).toBe(0)
+      expect(demo.output).toMatch(
+        /demo\.events: 20000 rows, 10000 of them older than 5 minutes .*10000 written in the last 20 seconds/,
+      )
+      expect(demo.output).toMatch(
+        /Holder: demo-node-\d\. The other two wait inside pg_advisory_lock\./,
+      )
+      expect(demo.output).toMatch(/kill -9 demo-node-\d \(pid \d+\)/)
+      expect(demo.output).toMatch(/demo-node-\d took over with epoch 2 after \d+ ms/)
+      expect(demo.output).toMatch(
+        /Left in demo\.events: 10000 of the 10000 young rows, 0 of the 15000 outdated ones\./,
+      )
+      // What the database recorded, read after the demo, on the server it left running.
+      // The URL alone on stdout (what the server is doing goes to stderr), for scripts.
+      const { stdout: url } = await execFileAsync(process.execPath, [BIN, 'embedded', 'url'], {
+        cwd: dir,
+        env: { ...process.env, ...env },
+      })
+      expect(url).toMatch(/^postgres:\/\/\S+\n$/)
+      const client = new pg.Client({ connectionString: url.trim() })
+      await client.connect()
+      try {
+        const runs = await client.query(
+          `SELECT coalesce(sum(rows_deleted), 0)::int AS deleted, count(*) FILTER (WHERE status <> 'done')::int AS not_done
+             FROM pgsingleton.cleanup_runs WHERE singleton = 'demo-cleaner'`,
+        )
+        expect(runs.rows[0]).toEqual({ deleted: 15000, not_done: 0 })
+        const terms = await client.query(
+          `SELECT epoch::int, end_reason FROM pgsingleton.terms WHERE name = 'demo-cleaner' ORDER BY epoch LIMIT 2`,
+        )
+        // The killed holder's term was closed by its successor as lost; the successor's ended
+        // when the demo stopped the nodes.
+        expect(terms.rows).toEqual([
+          { epoch: 1, end_reason: 'lost' },
+          { epoch: 2, end_reason: 'released' },
+        ])
+        const left = await client.query(
+          `SELECT payload, count(*)::int AS n FROM demo.events GROUP BY payload ORDER BY payload`,
+        )
+        expect(left.rows).toEqual([{ payload: 'young', n: 10000 }])
+      } finally {
+        await client.end()
+      }
+    } finally {
+      const stop = await finish(['embedded', 'stop'], env, dir)
+      expect(stop.output).toMatch(/Stopped the embedded PostgreSQL/)
       await rm(dir, { recursive: true, force: true })
     }
   })

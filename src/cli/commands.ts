@@ -208,7 +208,9 @@ export async function embeddedCommand(action: string | undefined): Promise<void>
     return
   }
   if (action === 'start' || action === 'url') {
-    const { url } = await resolveConnection(say, { embedded: true })
+    // `url` prints the URL alone on stdout, for `psql "$(pg-singleton embedded url)"`.
+    const tell = action === 'url' ? (line: string) => process.stderr.write(`${line}\n`) : say
+    const { url } = await resolveConnection(tell, { embedded: true })
     process.stdout.write(`${url}\n`)
     return
   }

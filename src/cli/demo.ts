@@ -12,6 +12,12 @@ import { EMBEDDED_HOME } from './embedded.js'
 const say = (line: string) => process.stdout.write(`${line}\n`)
 const BIN = fileURLToPath(new URL('../../../bin/pg-singleton.js', import.meta.url))
 const SINGLETON = 'demo-cleaner'
+/** The demo's table: rows far older than the policy's olderThan, and young ones. */
+const OLDER_THAN = '5 minutes'
+const OUTDATED = 10_000
+const YOUNG = 10_000
+/** Written after the kill, for the new holder to delete. */
+const LATER = 5000
 /** Generous: the demo's steps take milliseconds to seconds. */
 const TIMEOUT_MS = 30_000
 
@@ -36,17 +42,21 @@ export async function demoCommand(): Promise<void> {
       CREATE TABLE demo.events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, created_at timestamptz NOT NULL, payload text);
       CREATE INDEX ON demo.events (created_at);
       INSERT INTO demo.events (created_at, payload)
-        SELECT now() - (i % 120) * interval '1 second', md5(i::text) FROM generate_series(1, 20000) AS i;`)
+        SELECT now() - interval '6 minutes' - (i % 600) * interval '1 second', 'outdated' FROM generate_series(1, ${OUTDATED}) AS i
+        UNION ALL
+        SELECT now() - (i % 20) * interval '1 second', 'young' FROM generate_series(1, ${YOUNG}) AS i;`)
     const outdated = async () =>
       Number(
         (
           await pool.query(
-            `SELECT count(*) AS n FROM demo.events WHERE created_at < now() - interval '1 minute'`,
+            `SELECT count(*) AS n FROM demo.events WHERE created_at < now() - interval '${OLDER_THAN}'`,
           )
         ).rows[0].n,
       )
+    // No row is near the cut-off: the outdated ones are 6 to 16 minutes old, the young ones
+    // under 20 seconds, so the counts below stay exact while the demo runs (for minutes).
     say(
-      `demo.events: 20000 rows, ${await outdated()} of them older than 1 minute (the policy's olderThan).`,
+      `demo.events: ${OUTDATED + YOUNG} rows, ${await outdated()} of them older than ${OLDER_THAN} (the policy's olderThan), ${YOUNG} written in the last 20 seconds.`,
     )
 
     await mkdir(EMBEDDED_HOME, { recursive: true })
@@ -61,7 +71,7 @@ export async function demoCommand(): Promise<void> {
               name: 'old-events',
               table: 'demo.events',
               column: 'created_at',
-              olderThan: '1 minute',
+              olderThan: OLDER_THAN,
               every: '2 seconds',
               batchSize: 2000,
             },
@@ -115,9 +125,9 @@ export async function demoCommand(): Promise<void> {
     )
 
     await pool.query(
-      `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '2 minutes', 'made outdated after the kill' FROM generate_series(1, 5000)`,
+      `INSERT INTO demo.events (created_at, payload) SELECT now() - interval '10 minutes', 'outdated' FROM generate_series(1, ${LATER})`,
     )
-    say('Inserted 5000 more outdated rows...')
+    say(`Inserted ${LATER} more outdated rows...`)
     await step('the new rows to be deleted', async () =>
       (await outdated()) === 0 ? true : undefined,
     )
@@ -132,6 +142,20 @@ export async function demoCommand(): Promise<void> {
     say('\nWhat pgsingleton.cleanup_runs recorded:')
     for (const row of runs.rows)
       say(`  epoch ${row.epoch}: ${row.runs} ${row.status} run(s), ${row.rows} rows deleted`)
+    const left = await pool.query<{ young: number; aged: number; outdated: number }>(
+      `SELECT count(*) FILTER (WHERE payload = 'young')::int AS young,
+              count(*) FILTER (WHERE payload = 'young' AND created_at < now() - interval '${OLDER_THAN}')::int AS aged,
+              count(*) FILTER (WHERE payload = 'outdated')::int AS outdated
+         FROM demo.events`,
+    )
+    const {
+      young,
+      aged,
+      outdated: outdatedLeft,
+    } = left.rows[0] ?? { young: 0, aged: 0, outdated: 0 }
+    say(
+      `Left in demo.events: ${young} of the ${YOUNG} young rows${aged > 0 ? ` (${aged} of them have aged past ${OLDER_THAN} meanwhile)` : ''}, ${outdatedLeft} of the ${OUTDATED + LATER} outdated ones.`,
+    )
   } finally {
     for (const node of nodes)
       if (node.exitCode === null && node.signalCode === null) node.kill('SIGTERM')
