@@ -1,6 +1,7 @@
 import { once } from 'node:events'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
+import { cronZoneWarning, zoneRulesDiffer } from '../src/config/validate-policies.js'
 import { createSingleton, type RetentionPolicy, type RunReport } from '../src/index.js'
 import {
   createTestDatabase,
@@ -380,5 +381,51 @@ describe('a database where the role itself has another TimeZone', () => {
     } finally {
       await db.drop()
     }
+  })
+})
+
+describe("cron zones: this node's rules against the database's", () => {
+  it('a cron zone whose rules this node reads otherwise than the database in the coming year gets a warning naming the zone, its users, the instant and both offsets', async () => {
+    // Two zones that disagree stand in for one zone read by two rule sets: Europe/Berlin by
+    // the database (UTC+1, UTC+2 in summer) against Africa/Lagos here (UTC+1 all year).
+    // They agree in winter, and part at Berlin's next change to summer time.
+    const { rows } = await west.pool.query<{ at: Date }>(
+      `SELECT min(t) AS at FROM generate_series(date_trunc('hour', now()), date_trunc('hour', now()) + interval '400 days', interval '1 hour') AS t
+        WHERE (t AT TIME ZONE 'Europe/Berlin') - (t AT TIME ZONE 'UTC') <> interval '1 hour'`,
+    )
+    const parting = rows[0]?.at as Date
+    const differs = await zoneRulesDiffer(west.pool, 'Europe/Berlin', 'Africa/Lagos')
+    expect(differs).toMatchObject({ at: parting, node: 60, database: 120 })
+    const warning = await cronZoneWarning(
+      west.pool,
+      'Europe/Berlin',
+      ['policy "nightly"', 'task "report"'],
+      'Africa/Lagos',
+    )
+    expect(warning?.code).toBe('ZONE_RULES_DIFFER')
+    expect(warning?.message).toContain(
+      `policy "nightly", task "report": this node's rules for cron zone "Europe/Berlin"`,
+    )
+    expect(warning?.message).toContain(
+      `disagree ${differs?.now ? 'now' : `from ${parting.toISOString()}`}: UTC+01:00 here, UTC+02:00 in PostgreSQL`,
+    )
+    // The same zone by the same rules on both sides: nothing to say.
+    expect(await zoneRulesDiffer(west.pool, 'Europe/Berlin', 'Europe/Berlin')).toBeNull()
+    expect(await cronZoneWarning(west.pool, 'UTC', ['policy "p"'])).toBeNull()
+  })
+
+  it('a node whose cron zones the database reads as it does starts without a ZONE_RULES_DIFFER warning', async () => {
+    const warnings: string[] = []
+    const node = createSingleton({
+      name: `tz-${++seq}`,
+      connectionString: west.url,
+      policies: [
+        { ...utcPolicy, every: undefined, cron: '0 3 * * *', cronTimeZone: 'Europe/Berlin' },
+      ],
+    })
+    node.on('warning', (warning) => warnings.push(warning.code))
+    await node.start()
+    await node.stop()
+    expect(warnings).not.toContain('ZONE_RULES_DIFFER')
   })
 })

@@ -117,6 +117,12 @@ function wallTime(date: Date, zone: string): string {
   return format.format(date)
 }
 
+/** The offset from UTC of `zone` at `date`, in minutes east, by this process's time zone data (ICU's). */
+export function zoneOffsetMinutes(date: Date, zone: string): number {
+  const wall = Date.parse(`${wallTime(date, zone).replace(' ', 'T')}Z`)
+  return Math.round((wall - Math.floor(date.getTime() / 1000) * 1000) / 60_000)
+}
+
 /** A pattern and its zone, whose slots never repeat a wall time when its hours are named. */
 class Slots {
   readonly #cron: Cron

@@ -4,13 +4,15 @@ import type { SingletonWarning } from '../events.js'
 import {
   COLUMN_TYPES,
   type ColumnType,
+  isTask,
   type PolicyDefinition,
+  type RunDefinition,
   type TaskDefinition,
 } from './definition.js'
 import { quoteIdent, quoteQualified } from './identifier.js'
 import type { ResolvedPolicy } from './policy.js'
 import { Problems } from './problems.js'
-import type { Schedule } from './schedule.js'
+import { type Schedule, zoneOffsetMinutes } from './schedule.js'
 import type { ResolvedTask } from './task.js'
 
 export interface ValidatedPolicies {
@@ -169,7 +171,32 @@ export async function validatePolicies(
     )
   }
   problems.throwIfAny('INVALID_POLICY')
+  warnings.push(...(await checkCronZones(pool, [...definitions, ...tasks])))
   return { definitions, tasks, warnings, understood }
+}
+
+/**
+ * The holder computes cron slots with this process's time zone rules (ICU's, which come
+ * with Node); the database has its own. A cron zone whose rules the two read otherwise in
+ * the coming year gets a warning (ZONE_RULES_DIFFER), once per zone: nodes that each agree
+ * with the database agree with one another, and a node that does not says so at start.
+ */
+async function checkCronZones(
+  pool: pg.Pool | pg.Client,
+  scheduled: readonly RunDefinition[],
+): Promise<SingletonWarning[]> {
+  const users = new Map<string, string[]>()
+  for (const item of scheduled) {
+    if (item.cronTimeZone === null) continue
+    const what = isTask(item) ? `task "${item.name}"` : `policy "${item.name}"`
+    users.set(item.cronTimeZone, [...(users.get(item.cronTimeZone) ?? []), what])
+  }
+  const warnings: SingletonWarning[] = []
+  for (const [zone, names] of users) {
+    const warning = await cronZoneWarning(pool, zone, names)
+    if (warning) warnings.push(warning)
+  }
+  return warnings
 }
 
 /**
@@ -333,6 +360,49 @@ export async function checkSchedule(
     return undefined
   }
   return { every: null, cron: schedule.cron, cronTimeZone: name }
+}
+
+/**
+ * The warning for cron zone `zone` (used by `names`) when this process reads it otherwise
+ * than the database in the coming year; `nodeZone` is the zone this process reads (the
+ * same, but for a test that needs two zones to disagree).
+ */
+export async function cronZoneWarning(
+  pool: pg.Pool | pg.Client,
+  zone: string,
+  names: readonly string[],
+  nodeZone = zone,
+): Promise<SingletonWarning | null> {
+  const differs = await zoneRulesDiffer(pool, zone, nodeZone)
+  if (!differs) return null
+  const utc = (minutes: number) =>
+    `UTC${minutes < 0 ? '-' : '+'}${String(Math.floor(Math.abs(minutes) / 60)).padStart(2, '0')}:${String(Math.abs(minutes) % 60).padStart(2, '0')}`
+  return {
+    code: 'ZONE_RULES_DIFFER',
+    message: `${names.join(', ')}: this node's rules for cron zone "${zone}" (Node ${process.version}, time zone data ${process.versions.tz ?? 'unknown'}) and the database's disagree ${differs.now ? 'now' : `from ${differs.at.toISOString()}`}: ${utc(differs.node)} here, ${utc(differs.database)} in PostgreSQL. The holder computes cron slots with its own rules, so nodes whose rules differ can put a slot at different instants (a run an hour off, or, across a takeover, a slot run twice or not at all). Update Node or the server's time zone data so that they agree.`,
+  }
+}
+
+/**
+ * The first hour of the coming 400 days at which the offset from UTC of `nodeZone` by this
+ * process's rules (ICU's) differs from that of `databaseZone` by the database's, or null.
+ */
+export async function zoneRulesDiffer(
+  pool: pg.Pool | pg.Client,
+  databaseZone: string,
+  nodeZone: string,
+): Promise<{ at: Date; now: boolean; node: number; database: number } | null> {
+  const { rows } = await pool.query<{ at: Date; offset: number }>(
+    `SELECT t AS at, (extract(epoch FROM (t AT TIME ZONE $1) - (t AT TIME ZONE 'UTC')) / 60)::int AS offset
+       FROM generate_series(date_trunc('hour', now()), date_trunc('hour', now()) + interval '400 days',
+                            interval '1 hour') AS t`,
+    [databaseZone],
+  )
+  for (const [index, row] of rows.entries()) {
+    const node = zoneOffsetMinutes(row.at, nodeZone)
+    if (node !== row.offset) return { at: row.at, now: index === 0, node, database: row.offset }
+  }
+  return null
 }
 
 /** How a schedule reads in a log line. */
