@@ -1,7 +1,11 @@
 import { once } from 'node:events'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
-import { cronZoneWarning, zoneRulesDiffer } from '../src/config/validate-policies.js'
+import {
+  columnZoneWarning,
+  cronZoneWarning,
+  zoneRulesDiffer,
+} from '../src/config/validate-policies.js'
 import { createSingleton, type RetentionPolicy, type RunReport } from '../src/index.js'
 import {
   createTestDatabase,
@@ -407,14 +411,30 @@ describe("cron zones: this node's rules against the database's", () => {
       `policy "nightly", task "report": this node's rules for cron zone "Europe/Berlin"`,
     )
     expect(warning?.message).toContain(
-      `disagree ${differs?.now ? 'now' : `from ${parting.toISOString()}`}: UTC+01:00 here, UTC+02:00 in PostgreSQL`,
+      `disagree ${differs?.now ? 'now' : `at ${parting.toISOString()}`}: UTC+01:00 here, UTC+02:00 in PostgreSQL`,
     )
     // The same zone by the same rules on both sides: nothing to say.
     expect(await zoneRulesDiffer(west.pool, 'Europe/Berlin', 'Europe/Berlin')).toBeNull()
     expect(await cronZoneWarning(west.pool, 'UTC', ['policy "p"'])).toBeNull()
   })
 
-  it('a node whose cron zones the database reads as it does starts without a ZONE_RULES_DIFFER warning', async () => {
+  it('the zone of a timestamp column whose rules this node reads otherwise than the database gets a warning saying how much older rows it writes by its rules would look', async () => {
+    // Over the past 400 days Berlin spent summers at UTC+2, Lagos never did.
+    const warning = await columnZoneWarning(
+      west.pool,
+      'policy "visits"',
+      'Europe/Berlin',
+      '1 hour',
+      'Africa/Lagos',
+    )
+    expect(warning?.code).toBe('ZONE_RULES_DIFFER')
+    expect(warning?.message).toMatch(
+      /^policy "visits", field timeZone: this node's rules for zone "Europe\/Berlin" .* disagree (now|at \S+): UTC\+01:00 here, UTC\+02:00 in PostgreSQL\. .*a row written then is judged 60 minutes older than it is \(olderThan is 1 hour\)/,
+    )
+    expect(await columnZoneWarning(west.pool, 'policy "p"', 'Europe/Berlin', '1 hour')).toBeNull()
+  })
+
+  it('a node whose cron and column zones the database reads as it does starts without a ZONE_RULES_DIFFER warning', async () => {
     const warnings: string[] = []
     const node = createSingleton({
       name: `tz-${++seq}`,

@@ -123,6 +123,11 @@ export async function validatePolicies(
       })
     }
 
+    if (timeZone) {
+      const warning = await columnZoneWarning(pool, where, timeZone, policy.olderThan)
+      if (warning) warnings.push(warning)
+    }
+
     // Without an index that starts with the column, each run reads the whole table, page
     // range by page range: fine for small tables, slow for big ones. Worth saying once.
     const unindexed = leaves.filter((leaf) => leaf.strategy !== 'index')
@@ -375,32 +380,96 @@ export async function cronZoneWarning(
 ): Promise<SingletonWarning | null> {
   const differs = await zoneRulesDiffer(pool, zone, nodeZone)
   if (!differs) return null
-  const utc = (minutes: number) =>
-    `UTC${minutes < 0 ? '-' : '+'}${String(Math.floor(Math.abs(minutes) / 60)).padStart(2, '0')}:${String(Math.abs(minutes) % 60).padStart(2, '0')}`
   return {
     code: 'ZONE_RULES_DIFFER',
-    message: `${names.join(', ')}: this node's rules for cron zone "${zone}" (Node ${process.version}, time zone data ${process.versions.tz ?? 'unknown'}) and the database's disagree ${differs.now ? 'now' : `from ${differs.at.toISOString()}`}: ${utc(differs.node)} here, ${utc(differs.database)} in PostgreSQL. The holder computes cron slots with its own rules, so nodes whose rules differ can put a slot at different instants (a run an hour off, or, across a takeover, a slot run twice or not at all). Update Node or the server's time zone data so that they agree.`,
+    message: `${names.join(', ')}: ${rulesPart(`cron zone "${zone}"`, differs)} The holder computes cron slots with its own rules, so nodes whose rules differ can put a slot at different instants (a run an hour off, or, across a takeover, a slot run twice or not at all). Update Node or the server's time zone data so that they agree.`,
   }
 }
 
 /**
- * The first hour of the coming 400 days at which the offset from UTC of `nodeZone` by this
- * process's rules (ICU's) differs from that of `databaseZone` by the database's, or null.
+ * The warning for the zone of a `timestamp` or `date` column when this process reads it
+ * otherwise than the database, over the past and the coming 400 days: the database judges
+ * which rows are outdated with its rules, and an app that writes local times with other
+ * rules (this Node's, say) writes rows that look older or younger than they are.
+ */
+export async function columnZoneWarning(
+  pool: pg.Pool | pg.Client,
+  where: string,
+  zone: string,
+  olderThan: string,
+  nodeZone = zone,
+): Promise<SingletonWarning | null> {
+  const differs = await zoneRulesDiffer(pool, zone, nodeZone, 400)
+  if (!differs) return null
+  return {
+    code: 'ZONE_RULES_DIFFER',
+    message: `${where}, field timeZone: ${rulesPart(`zone "${zone}"`, differs)} Which rows are outdated is judged with the database's rules; if the app writes the column's local times with other rules (this Node's, say), a row written then is judged ${Math.abs(differs.database - differs.node)} minutes ${differs.database > differs.node ? 'older' : 'younger'} than it is (olderThan is ${olderThan}). Update Node or the server's time zone data so that they agree.`,
+  }
+}
+
+function rulesPart(
+  what: string,
+  differs: { at: Date; now: boolean; node: number; database: number },
+): string {
+  const utc = (minutes: number) =>
+    `UTC${minutes < 0 ? '-' : '+'}${String(Math.floor(Math.abs(minutes) / 60)).padStart(2, '0')}:${String(Math.abs(minutes) % 60).padStart(2, '0')}`
+  return `this node's rules for ${what} (Node ${process.version}, time zone data ${process.versions.tz ?? 'unknown'}) and the database's disagree ${differs.now ? 'now' : `at ${differs.at.toISOString()}`}: ${utc(differs.node)} here, ${utc(differs.database)} in PostgreSQL.`
+}
+
+/**
+ * The first hour at which the offset from UTC of `nodeZone` by this process's rules (ICU's)
+ * differs from that of `databaseZone` by the database's, or null: over the coming 400
+ * days, and the `pastDays` before now. `now` when they differ in the current hour.
  */
 export async function zoneRulesDiffer(
   pool: pg.Pool | pg.Client,
   databaseZone: string,
   nodeZone: string,
+  pastDays = 0,
 ): Promise<{ at: Date; now: boolean; node: number; database: number } | null> {
-  const { rows } = await pool.query<{ at: Date; offset: number }>(
-    `SELECT t AS at, (extract(epoch FROM (t AT TIME ZONE $1) - (t AT TIME ZONE 'UTC')) / 60)::int AS offset
-       FROM generate_series(date_trunc('hour', now()), date_trunc('hour', now()) + interval '400 days',
-                            interval '1 hour') AS t`,
-    [databaseZone],
+  // The database's offsets at every hour, sent as the hours where they change (and the
+  // first and the current one): a step function, exact to the hour.
+  const { rows } = await pool.query<{ at: Date; offset: number; current: boolean; last: Date }>(
+    `WITH hours AS (
+       SELECT t, (extract(epoch FROM (t AT TIME ZONE $1) - (t AT TIME ZONE 'UTC')) / 60)::int AS o
+         FROM generate_series(date_trunc('hour', now()) - make_interval(days => $2),
+                              date_trunc('hour', now()) + interval '400 days', interval '1 hour') AS t)
+     SELECT t AS at, o AS offset, t = date_trunc('hour', now()) AS current,
+            date_trunc('hour', now()) + interval '400 days' AS last
+       FROM (SELECT t, o, lag(o) OVER (ORDER BY t) AS before FROM hours) AS h
+      WHERE before IS DISTINCT FROM o OR t = date_trunc('hour', now())
+      ORDER BY t`,
+    [databaseZone, pastDays],
   )
-  for (const [index, row] of rows.entries()) {
-    const node = zoneOffsetMinutes(row.at, nodeZone)
-    if (node !== row.offset) return { at: row.at, now: index === 0, node, database: row.offset }
+  const first = rows[0]
+  if (!first) return null
+  const HOUR = 3_600_000
+  const database = (at: number) => {
+    let offset = first.offset
+    for (const row of rows) if (row.at.getTime() <= at) offset = row.offset
+    return offset
+  }
+  const node = (at: number) => zoneOffsetMinutes(new Date(at), nodeZone)
+  // This process's step function, found day by day and, where a day ends at another offset
+  // than it began, hour by hour within it.
+  const start = first.at.getTime()
+  const end = first.last.getTime()
+  const points = new Set<number>(rows.map((row) => row.at.getTime()))
+  let day = start
+  let offset = node(day)
+  while (day < end) {
+    const next = Math.min(day + 24 * HOUR, end)
+    const after = node(next)
+    if (after !== offset) for (let hour = day + HOUR; hour <= next; hour += HOUR) points.add(hour)
+    offset = after
+    day = next
+  }
+  const current = rows.find((row) => row.current)?.at.getTime()
+  for (const at of [...points].sort((a, b) => a - b)) {
+    const here = node(at)
+    const there = database(at)
+    if (here !== there)
+      return { at: new Date(at), now: at === current, node: here, database: there }
   }
   return null
 }
