@@ -12,6 +12,7 @@ import * as handOver from './0005_hand_over.js'
 import * as equalValues from './0006_equal_values.js'
 import * as plainBounds from './0007_plain_bounds.js'
 import * as runRequests from './0008_run_requests.js'
+import * as lockedLeaves from './0009_locked_leaves.js'
 
 /** One schema step: the SQL that makes it, and the SQL that takes it back. */
 interface Step {
@@ -64,6 +65,13 @@ const STEPS: readonly Step[] = [
     name: 'pgsingleton_0008_run_requests',
     up: runRequests.UP,
     down: runRequests.DOWN,
+    compatible: true,
+  },
+  {
+    version: 9,
+    name: 'pgsingleton_0009_locked_leaves',
+    up: lockedLeaves.UP,
+    down: lockedLeaves.DOWN,
     compatible: true,
   },
 ]

@@ -121,6 +121,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_0008_run_requests:Success',
+      'pgsingleton_0009_locked_leaves:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(db)).toBe(SCHEMA_VERSION)
@@ -129,7 +130,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
 
     const cli = await cliMigrate(db.url)
     expect(cli.code, cli.output).toBe(0)
-    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 8\)/)
+    expect(cli.output).toMatch(/Schema pgsingleton is up to date \(version 3, revision 9\)/)
 
     expect(await appMigrate(db.url, { ...appMigrations, ...appSecond })).toEqual([
       '0002_orders:Success',
@@ -153,6 +154,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_0008_run_requests:Success',
+      'pgsingleton_0009_locked_leaves:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await catalog(db)).toEqual(before) // ours did nothing the second time
@@ -180,6 +182,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
         'pgsingleton_0008_run_requests',
+        'pgsingleton_0009_locked_leaves',
       ],
       schemaVersion: SCHEMA_VERSION,
     })
@@ -195,6 +198,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
       'pgsingleton_0008_run_requests',
+      'pgsingleton_0009_locked_leaves',
     ])
 
     const app = await fresh()
@@ -211,6 +215,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values:Success',
       'pgsingleton_0007_plain_bounds:Success',
       'pgsingleton_0008_run_requests:Success',
+      'pgsingleton_0009_locked_leaves:Success',
       'pgsingleton_pgboss_schema:Success',
     ])
     expect(await version(app)).toBe(SCHEMA_VERSION)
@@ -249,6 +254,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
       'pgsingleton_0008_run_requests',
+      'pgsingleton_0009_locked_leaves',
     ])
     const { rows: app } = await db.pool.query(
       'SELECT name FROM public.kysely_migration ORDER BY name',
@@ -263,6 +269,7 @@ describe('migrations that coexist with an app that migrates itself', () => {
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
       'pgsingleton_0008_run_requests',
+      'pgsingleton_0009_locked_leaves',
       'pgsingleton_pgboss_schema',
     ])
   })

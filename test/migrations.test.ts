@@ -54,6 +54,7 @@ describe('migrations', () => {
       'pgsingleton_0006_equal_values',
       'pgsingleton_0007_plain_bounds',
       'pgsingleton_0008_run_requests',
+      'pgsingleton_0009_locked_leaves',
     ])
     const boss = await db.pool.query(
       `SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = 'pgboss'`,
@@ -155,8 +156,16 @@ describe('migrations', () => {
                   to_regproc('pgsingleton.announce_control') IS NOT NULL AS announce`,
         )
       ).rows[0]
+    const step9 = async () =>
+      (
+        await db.pool.query(
+          `SELECT (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.resolve_leaf'::regproc) LIKE '%Locked before it is judged%' AS locked,
+                  (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.remove_partition'::regproc) LIKE '%not being detached%' AS rechecked`,
+        )
+      ).rows[0]
     const latest = await signatures()
-    expect(await read()).toMatchObject({ schema_version: 3, revision: 8, protocol: 3 })
+    expect(await read()).toMatchObject({ schema_version: 3, revision: 9, protocol: 3 })
+    expect(await step9()).toEqual({ locked: true, rechecked: true })
     expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
     expect(await step8()).toEqual({ trigger: true, announce: true })
     const kysely = new Kysely<unknown>({
@@ -170,6 +179,10 @@ describe('migrations', () => {
         migrationTableName: 'pgsingleton_migration',
         migrationLockTableName: 'pgsingleton_migration_lock',
       })
+      expect((await migrator.migrateTo('pgsingleton_0008_run_requests')).error).toBeUndefined()
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 8 })
+      expect(await step9()).toEqual({ locked: false, rechecked: false })
+      expect(await step8()).toEqual({ trigger: true, announce: true })
       expect((await migrator.migrateTo('pgsingleton_0007_plain_bounds')).error).toBeUndefined()
       expect(await read()).toMatchObject({ schema_version: 3, revision: 7 })
       expect(await step8()).toEqual({ trigger: false, announce: false })
@@ -219,11 +232,13 @@ describe('migrations', () => {
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
         'pgsingleton_0008_run_requests',
+        'pgsingleton_0009_locked_leaves',
       ])
       expect(await signatures()).toEqual(latest)
-      expect(await read()).toMatchObject({ schema_version: 3, revision: 8 })
+      expect(await read()).toMatchObject({ schema_version: 3, revision: 9 })
       expect(await step5()).toEqual({ hand_over: true, protocol: true, trigger: true })
       expect(await step8()).toEqual({ trigger: true, announce: true })
+      expect(await step9()).toEqual({ locked: true, rechecked: true })
     } finally {
       await kysely.destroy()
     }
@@ -231,13 +246,13 @@ describe('migrations', () => {
 
   it('steps down taken by a route that knows nothing of revisions are undone by the next migration', async () => {
     // An older pg-singleton's steps 3 and 2 down (run, say, by an app's own migrator whose
-    // table never saw steps 4 to 8): schema version 1, the revision step 8 left, and step
-    // 2's functions gone, steps 4 to 8's with them.
+    // table never saw steps 4 to 9): schema version 1, the revision step 9 left, and step
+    // 2's functions gone, steps 4 to 9's with them.
     await db.pool.query(`BEGIN; ${tasks.DOWN} ${safeDeletes.DOWN} COMMIT;`)
     expect(
       (await db.pool.query('SELECT to_jsonb(m) AS meta FROM pgsingleton.meta m')).rows[0]?.meta,
-    ).toMatchObject({ schema_version: 1, revision: 8 })
-    // The SQL files, as any route applies them: steps 2 to 8 again.
+    ).toMatchObject({ schema_version: 1, revision: 9 })
+    // The SQL files, as any route applies them: steps 2 to 9 again.
     for (const [name, text] of Object.entries(migrationFiles()))
       if (/^pgsingleton_000\d/.test(name)) await db.pool.query(text)
     await expect(assertSchemaCurrent(db.pool)).resolves.toBeUndefined()
@@ -247,17 +262,19 @@ describe('migrations', () => {
               to_regproc('pgsingleton.hand_over') IS NOT NULL AS step5,
               (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%More rows than the limit share one value%' AS step6,
               (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.cleanup_batch'::regproc) LIKE '%OFFSET $3 LIMIT 1%' AS step7,
-              EXISTS (SELECT FROM pg_trigger WHERE tgname = 'policy_controls_announce') AS step8
+              EXISTS (SELECT FROM pg_trigger WHERE tgname = 'policy_controls_announce') AS step8,
+              (SELECT prosrc FROM pg_proc WHERE oid = 'pgsingleton.resolve_leaf'::regproc) LIKE '%Locked before it is judged%' AS step9
          FROM pgsingleton.meta m`,
     )
     expect(rows[0]).toMatchObject({
-      meta: { schema_version: 3, revision: 8, protocol: 3 },
+      meta: { schema_version: 3, revision: 9, protocol: 3 },
       terms: true,
       step4: true,
       step5: true,
       step6: true,
       step7: true,
       step8: true,
+      step9: true,
     })
   })
 

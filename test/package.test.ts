@@ -65,6 +65,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
         'pgsingleton_0008_run_requests',
+        'pgsingleton_0009_locked_leaves',
         'pgsingleton_pgboss_schema',
       ],
       provided: [
@@ -76,6 +77,7 @@ describe('the built package, imported by its name through package.json "exports"
         'pgsingleton_0006_equal_values',
         'pgsingleton_0007_plain_bounds',
         'pgsingleton_0008_run_requests',
+        'pgsingleton_0009_locked_leaves',
         'pgsingleton_pgboss_schema',
       ],
       SCHEMA_VERSION: 3,

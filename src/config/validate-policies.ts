@@ -111,7 +111,27 @@ export async function validatePolicies(
         `${where}, field table: the current role may not SELECT and DELETE on ${denied.map((l) => `"${l.relation}"`).join(', ')}; grant both${leaves.length > 1 ? ' (on every partition or child too: pg-singleton deletes from each of them directly)' : ''}.`,
       )
     }
-    await checkSideEffects(pool, problems, where, policy, [table.oid, ...leaves.map((l) => l.leaf)])
+    // Every table of the tree, the partitioned ones between the table and its leaves too:
+    // a foreign key declared on a sub-partition that is itself partitioned is theirs.
+    const { rows: tree } = await pool.query<{ oid: number; name: string; shielded: boolean }>(
+      `WITH RECURSIVE tree(relid) AS (
+         SELECT $1::oid
+         UNION
+         SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid WHERE NOT i.inhdetachpending)
+       SELECT relid AS oid, relid::regclass::text AS name,
+              EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = relid) AND row_security_active(relid) AS shielded
+         FROM tree`,
+      [table.oid],
+    )
+    await checkSideEffects(pool, problems, where, policy, [
+      ...new Set([table.oid, ...tree.map((t) => t.oid), ...leaves.map((l) => l.leaf)]),
+    ])
+    const shielded = tree.filter((t) => t.shielded)
+    if (shielded.length > 0) {
+      problems.add(
+        `${where}, field table: row-level security on ${shielded.map((t) => `"${t.name}"`).join(', ')} applies to this role, and pg-singleton deletes from the partitions or children directly, where those policies would not apply. Clean with a role they do not apply to (the owner, or one with BYPASSRLS), or put the policies on the partitions themselves.`,
+      )
+    }
     if (policy.partitions !== 'delete') {
       await checkPartitioning(pool, problems, warnings, where, policy, table)
     }
