@@ -269,6 +269,30 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(await issue()).toMatchObject({ fenced: false, result: [] })
   })
 
+  it('a run issued for a due slot that also takes over unfinished occurrences says it is reissued, and stands for them', async () => {
+    const { h, definition } = await holder('sm-due-and-unfinished')
+    await h.hold()
+    await db.pool.query(
+      `INSERT INTO pgsingleton.cleanup_runs (singleton, policy, epoch, scheduled_for, scheduled_by, status, definition, fingerprint, error)
+       SELECT 'sm-due-and-unfinished', 'old', 0, now() - g * interval '1 minute', 'earlier', 'fenced', '{}', 'x', 'superseded'
+         FROM generate_series(1, 3) AS g`,
+    )
+    // Due now, with no slot missed before it.
+    await db.pool.query(
+      `INSERT INTO pgsingleton.schedules (singleton, policy, every, next_run_at, updated_epoch)
+       VALUES ('sm-due-and-unfinished', 'old', '1 hour', now() - interval '1 second', 0)`,
+    )
+    const issued = await withFence(db.pool, LIMITS, h.token(), (tx) =>
+      runs.issue(tx, h.token(), [{ definition, fingerprint: fingerprint(definition) }]),
+    )
+    expect(issued).toMatchObject({ fenced: false, result: [{ reissued: true, coalesced: 3 }] })
+    const { rows } = await db.pool.query(
+      `SELECT reissued, coalesced, scheduled_for = (SELECT last_scheduled_for FROM pgsingleton.schedules WHERE singleton = 'sm-due-and-unfinished') AS at_slot
+         FROM pgsingleton.cleanup_runs WHERE singleton = 'sm-due-and-unfinished' AND status = 'scheduled'`,
+    )
+    expect(rows).toEqual([{ reissued: true, coalesced: 3, at_slot: true }])
+  })
+
   it('a node that is not live may not claim: its definitions do not count towards the agreement', async () => {
     const { h, definition } = await holder('sm-unregistered')
     await h.hold()

@@ -70,6 +70,42 @@ async function writesOf(task: string) {
 }
 
 describe("tasks: the user's own code, once per occurrence across the cluster, fenced", () => {
+  it('a fenced transaction commits with its WAL flush where the app turned synchronous_commit off', async () => {
+    // As a role or database setting would: every connection of the app's pool starts with it off.
+    const pool = new pg.Pool({
+      connectionString: db.url,
+      options: '-c synchronous_commit=off',
+      max: 4,
+    })
+    try {
+      const seen: string[] = []
+      const { node: n } = node(
+        [
+          {
+            name: 'durable',
+            every: '1 hour',
+            handler: async (ctx) => {
+              await ctx.fenced(async (client) => {
+                seen.push(
+                  (await client.query('SHOW synchronous_commit')).rows[0].synchronous_commit,
+                )
+              })
+            },
+          },
+        ],
+        { pool },
+      )
+      const done = once(n, 'task:done') as Promise<[RunReport]>
+      await n.start()
+      expect((await done)[0]).toMatchObject({ status: 'done' })
+      expect((await pool.query('SHOW synchronous_commit')).rows[0].synchronous_commit).toBe('off')
+      expect(seen).toEqual(['on'])
+      await n.stop()
+    } finally {
+      await pool.end()
+    }
+  })
+
   it('runs a task on its schedule with its context; what it writes through fenced() is written once per done run', async () => {
     const seen: {
       scheduledFor: Date

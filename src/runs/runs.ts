@@ -235,7 +235,8 @@ export async function issue(
      SELECT $1, f.policy, $2, coalesce(a.slot, u.latest, q.asked), $4,
             coalesce(a.missed, 0) + coalesce(u.n, 0)
               - CASE WHEN a.slot IS NULL AND u.latest IS NOT NULL THEN 1 ELSE 0 END,
-            a.slot IS NULL AND u.latest IS NOT NULL, f.definition, f.fingerprint,
+            -- It takes over an unfinished occurrence, whether or not a slot is due too.
+            u.latest IS NOT NULL, f.definition, f.fingerprint,
             coalesce(f.definition->>'kind', 'cleanup')
        FROM free f
        LEFT JOIN advanced a ON a.policy = f.policy

@@ -123,8 +123,13 @@ export async function runTask(
       }, deadlineMs)
       try {
         await client.query(`BEGIN; ${localSettings(deps.limits, { utc: false })}`)
+        // Committed with its flush, even where the role or database has synchronous_commit
+        // off (any other value is left alone): a commit the handler is told of, and may act
+        // on outside the database, is not taken back by a server crash.
         const { rows } = await client.query<{ outcome: string | null; xid: string }>(
-          'SELECT pgsingleton.task_fence($1, $2) AS outcome, txid_current()::text AS xid',
+          `SELECT pgsingleton.task_fence($1, $2) AS outcome, txid_current()::text AS xid,
+                  CASE WHEN current_setting('synchronous_commit') = 'off'
+                       THEN set_config('synchronous_commit', 'on', true) END AS durable`,
           [run.runId, run.attempt],
         )
         const outcome = rows[0]?.outcome ?? null
