@@ -269,6 +269,58 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(await issue()).toMatchObject({ fenced: false, result: [] })
   })
 
+  it('a failed run waiting for its retry keeps its failures and its backoff across a takeover: the new holder retries the same row when retry_at comes', async () => {
+    const a = await holder('sm-retry-takeover', POLICY, 'a')
+    await a.h.hold()
+    const [run] = await issueNow(db.pool, a.h, a.definition)
+    const runId = run?.runId ?? ''
+    for (let failure = 1; failure <= 2; failure++) {
+      const claim = await claimed(db.pool, runId, 'a')
+      await runs.fail(db.pool, claim, `failure ${failure}`, true)
+      await db.pool.query(`UPDATE pgsingleton.cleanup_runs SET retry_at = now() WHERE id = $1`, [
+        runId,
+      ])
+      const retried = await withFence(db.pool, LIMITS, a.h.token(), (tx) =>
+        runs.retryDue(tx, a.h.token()),
+      )
+      expect(retried).toMatchObject({ fenced: false, result: [{ runId }] })
+    }
+    // The third failure, with a backoff ahead; then the holder goes.
+    const third = await claimed(db.pool, runId, 'a')
+    const failed = await runs.fail(db.pool, third, 'failure 3', true)
+    await a.h.close()
+    const b = await holder('sm-retry-takeover', POLICY, 'b')
+    await b.h.hold()
+    const tick = () =>
+      withFence(db.pool, LIMITS, b.h.token(), async (tx) => {
+        await runs.takeOver(tx, b.h.token())
+        return {
+          retried: await runs.retryDue(tx, b.h.token()),
+          issued: await runs.issue(tx, b.h.token(), [
+            { definition: b.definition, fingerprint: fingerprint(b.definition) },
+          ]),
+        }
+      })
+    // Before its retry_at: nothing is issued or retried, and the row is the new epoch's.
+    expect(await tick()).toMatchObject({ fenced: false, result: { retried: [], issued: [] } })
+    expect(await runRow(runId)).toMatchObject({
+      status: 'failed',
+      failures: 3,
+      attempt: 3,
+      epoch: String(b.h.lease?.epoch),
+      retry_at: failed?.retryAt,
+    })
+    await db.pool.query(`UPDATE pgsingleton.cleanup_runs SET retry_at = now() WHERE id = $1`, [
+      runId,
+    ])
+    expect(await tick()).toMatchObject({
+      fenced: false,
+      result: { retried: [{ runId }], issued: [] },
+    })
+    const fourth = await claimed(db.pool, runId, 'b')
+    expect(fourth.attempt).toBe(4)
+  })
+
   it('a run issued for a due slot that also takes over unfinished occurrences says it is reissued, and stands for them', async () => {
     const { h, definition } = await holder('sm-due-and-unfinished')
     await h.hold()

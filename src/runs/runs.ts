@@ -108,13 +108,21 @@ export async function blockingJobs(tx: Queryable, singleton: string): Promise<st
 }
 
 /**
- * Holder, in a fenced tick: closes the open runs that can no longer finish. Runs of an
- * older epoch are superseded (their fence has moved). A running run whose node is no
+ * Holder, in a fenced tick: closes the open runs that can no longer finish. Failed runs of
+ * an older epoch, which wait for their retry with no worker and no job, move to this epoch
+ * as they are (their failures, their retry_at): a takeover neither resets a failing run's
+ * count nor skips its backoff. Other runs of an older epoch are superseded (their fence
+ * has moved). A running run whose node is no
  * longer live (it holds no membership lock) lost its worker; closing it needs its row
  * lock, which a batch in flight holds, and a batch needs the run `running`, so a worker
  * that was only slow stops at its next batch. Returns the pg-boss jobs to cancel.
  */
 export async function takeOver(tx: Queryable, lease: FenceToken): Promise<string[]> {
+  await tx.query(
+    `UPDATE pgsingleton.cleanup_runs SET epoch = $2
+      WHERE singleton = $1 AND epoch < $2 AND status = 'failed'`,
+    [lease.singleton, lease.epoch],
+  )
   const superseded = await tx.query<{ job_id: string | null }>(
     `UPDATE pgsingleton.cleanup_runs
         SET status = 'fenced', finished_at = now(),
