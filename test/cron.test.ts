@@ -53,6 +53,63 @@ describe('cron schedules in a time zone, across daylight-saving changes', () => 
     expect(iso(newYork)).toEqual(['2026-03-08T07:00:00.000Z', '2026-03-09T06:00:00.000Z'])
   })
 
+  it('a skipped hour that holds several slots of the pattern runs once, at the gap end, and the rest of the day as usual', () => {
+    // croner alone gave no slot that day for these: a lost run.
+    for (const pattern of ['0,30 2 * * *', '15,45 2 * * *', '*/20 2 * * *']) {
+      expect(
+        iso(
+          slotsBetween(
+            pattern,
+            'Europe/Berlin',
+            utc('2026-03-29T00:00:00'),
+            utc('2026-03-29T23:59:00'),
+          ),
+        ),
+        pattern,
+      ).toEqual(['2026-03-29T01:00:00.000Z'])
+    }
+    expect(
+      iso(
+        slotsBetween(
+          '30 2,4 * * *',
+          'Europe/Berlin',
+          utc('2026-03-29T00:00:00'),
+          utc('2026-03-29T23:59:00'),
+        ),
+      ),
+    ).toEqual(['2026-03-29T01:00:00.000Z', '2026-03-29T02:30:00.000Z'])
+    expect(
+      iso(
+        slotsBetween(
+          '0,30 2 * * *',
+          'America/New_York',
+          utc('2026-03-07T12:00:00'),
+          utc('2026-03-09T12:00:00'),
+        ),
+      ),
+    ).toEqual(['2026-03-08T07:00:00.000Z', '2026-03-09T06:00:00.000Z', '2026-03-09T06:30:00.000Z'])
+    // Counted too, when a holder was away across the day.
+    expect(
+      cronSlots(
+        '0,30 2 * * *',
+        'Europe/Berlin',
+        utc('2026-03-28T01:30:00'),
+        utc('2026-03-30T00:10:00'),
+      ),
+    ).toEqual({ missed: 2, next: utc('2026-03-30T00:30:00') })
+    // A skipped hour the pattern names no time in adds no slot.
+    expect(
+      iso(
+        slotsBetween(
+          '0 5 * * *',
+          'Europe/Berlin',
+          utc('2026-03-28T12:00:00'),
+          utc('2026-03-30T12:00:00'),
+        ),
+      ),
+    ).toEqual(['2026-03-29T03:00:00.000Z', '2026-03-30T03:00:00.000Z'])
+  })
+
   it('a wall time the clocks pass twice runs once, at its first instant', () => {
     // Europe/Berlin passes 02:00-03:00 twice on 2026-10-25; America/New_York 01:00-02:00 on 2026-11-01.
     const berlin = slotsBetween(

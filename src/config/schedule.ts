@@ -97,6 +97,7 @@ function cleanCronError(error: unknown): string {
 }
 
 const wallFormats = new Map<string, Intl.DateTimeFormat>()
+const DAY_MS = 86_400_000
 
 /** `date` as a wall time in `zone`, "YYYY-MM-DD HH:MM:SS", comparable as a string. */
 function wallTime(date: Date, zone: string): string {
@@ -126,19 +127,33 @@ export function zoneOffsetMinutes(date: Date, zone: string): number {
 /** A pattern and its zone, whose slots never repeat a wall time when its hours are named. */
 class Slots {
   readonly #cron: Cron
+  readonly #wallCron: Cron
   readonly #fixedHours: boolean
+  /** A stretch of time over which the zone's offset was found not to change. */
+  #steady: { from: number; to: number } | undefined
 
   constructor(
     readonly pattern: string,
     readonly zone: string,
   ) {
     this.#cron = new Cron(pattern, { timezone: zone, paused: true, mode: '5-or-6-parts' })
+    // The same pattern over wall times (held as UTC dates), to ask what a gap skipped.
+    this.#wallCron = new Cron(pattern, { timezone: 'UTC', paused: true, mode: '5-or-6-parts' })
     const fields = pattern.split(' ')
     this.#fixedHours = fields[fields.length === 6 ? 2 : 1] !== '*'
   }
 
   /** The first slot after `after`, or null when the pattern has none. */
   next(after: Date): Date | null {
+    const slot = this.#nextByCroner(after)
+    // croner moves a lone slot of a skipped hour to the gap's end, and drops a skipped hour
+    // that holds several (`0,30 2 * * *` had no slot that day): the gap's end is a slot
+    // whenever the pattern names a wall time inside the gap.
+    const gap = this.#skippedSlotBetween(after, slot ?? new Date(after.getTime() + 400 * DAY_MS))
+    return gap ?? slot
+  }
+
+  #nextByCroner(after: Date): Date | null {
     const floor = this.#fixedHours ? wallTime(after, this.zone) : undefined
     let cursor = after
     // A repeated hour holds at most 3600 slots of a six-field pattern.
@@ -147,6 +162,48 @@ class Slots {
       if (slot === null) return null
       if (floor === undefined || wallTime(slot, this.zone) > floor) return slot
       cursor = slot
+    }
+    return null
+  }
+
+  /**
+   * The end of the first gap (clocks moved forward) in (`after`, `until`] whose skipped
+   * wall times hold a slot of the pattern, or null. The zone's offset is compared a day
+   * apart at most, and a change is found to the millisecond by halving; a stretch found
+   * steady is remembered, so a pattern of many slots a day asks the zone twice a day.
+   */
+  #skippedSlotBetween(after: Date, until: Date): Date | null {
+    let from = after.getTime()
+    const end = until.getTime()
+    const steady = this.#steady
+    if (steady && steady.from <= from && end <= steady.to) return null
+    let offset = zoneOffsetMinutes(after, this.zone)
+    while (from < end) {
+      const to = from + DAY_MS
+      const later = zoneOffsetMinutes(new Date(to), this.zone)
+      if (later === offset) {
+        this.#steady = { from, to }
+        from = to
+        continue
+      }
+      let lo = from
+      let hi = to
+      while (hi - lo > 1) {
+        const mid = Math.floor((lo + hi) / 2)
+        if (zoneOffsetMinutes(new Date(mid), this.zone) === offset) lo = mid
+        else hi = mid
+      }
+      this.#steady = { from, to: lo }
+      if (hi > end) return null
+      const jumped = zoneOffsetMinutes(new Date(hi), this.zone) - offset
+      if (jumped > 0) {
+        // The skipped wall times, as UTC dates: [the wall time at the gap's end - jump, it).
+        const wallEnd = Date.parse(`${wallTime(new Date(hi), this.zone).replace(' ', 'T')}Z`)
+        const first = this.#wallCron.nextRun(new Date(wallEnd - jumped * 60_000 - 1))
+        if (first !== null && first.getTime() < wallEnd) return new Date(hi)
+      }
+      offset += jumped
+      from = hi
     }
     return null
   }
