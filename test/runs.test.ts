@@ -269,6 +269,30 @@ describe('the run state machine, driven transition by transition against Postgre
     expect(await issue()).toMatchObject({ fenced: false, result: [] })
   })
 
+  it('a run an earlier holder issued is not claimed after a takeover: the new holder closes it and issues its occurrence again', async () => {
+    const a = await holder('sm-claim-epoch', POLICY, 'a')
+    await a.h.hold()
+    const [run] = await issueNow(db.pool, a.h, a.definition)
+    await a.h.close()
+    const b = await holder('sm-claim-epoch', POLICY, 'b')
+    await b.h.hold()
+    // Before the new holder's first tick, its worker finds the job.
+    expect(await runs.claim(db.pool, run?.runId ?? '', 'b')).toBe('not waiting')
+    expect(await runRow(run?.runId ?? '')).toMatchObject({ status: 'scheduled', attempt: 0 })
+    const taken = await withFence(db.pool, LIMITS, b.h.token(), async (tx) => {
+      await runs.takeOver(tx, b.h.token())
+      return runs.issue(tx, b.h.token(), [
+        { definition: b.definition, fingerprint: fingerprint(b.definition) },
+      ])
+    })
+    expect(taken).toMatchObject({ fenced: false, result: [{ reissued: true }] })
+    const again = taken.fenced ? undefined : taken.result[0]
+    expect(await claimed(db.pool, again?.runId ?? '', 'b')).toMatchObject({
+      epoch: b.h.lease?.epoch,
+      attempt: 1,
+    })
+  })
+
   it('a failed run waiting for its retry keeps its failures and its backoff across a takeover: the new holder retries the same row when retry_at comes', async () => {
     const a = await holder('sm-retry-takeover', POLICY, 'a')
     await a.h.hold()

@@ -340,7 +340,8 @@ export async function attachJob(tx: Queryable, runId: string, jobId: string): Pr
 
 /**
  * Worker: takes a scheduled run; from here on attempt n owns it. Undefined when the run
- * is not waiting for a worker (already taken, finished, or closed by a holder), or when
+ * is not waiting for a worker (already taken, finished, closed by a holder, or issued
+ * under an epoch that is no longer the current one), or when
  * this node is not live: a node whose definitions do not count towards the agreement
  * (it has not registered, or its lock session is gone) may not delete.
  */
@@ -368,6 +369,10 @@ export async function claim(
       WHERE id = $1 AND status = 'scheduled'
         AND EXISTS (SELECT 1 FROM pgsingleton.live_nodes l
                      WHERE l.singleton = cleanup_runs.singleton AND l.node_id = $2)
+        -- Issued under the current epoch: a run an earlier holder issued waits for the new
+        -- holder's tick, which closes it and issues its occurrence again (a worker that
+        -- took it first would call a task's handler for a run about to be superseded).
+        AND epoch = (SELECT le.epoch FROM pgsingleton.leases le WHERE le.name = cleanup_runs.singleton)
       RETURNING singleton, policy, epoch, attempt, scheduled_for, definition, rows_deleted, rows_skipped, batches,
                 coalesced, reissued`,
     [runId, nodeId],
