@@ -106,10 +106,13 @@ describe('a partition detached by a transaction still open when the batch came',
       claim,
       await oid('app.dr_old'),
     )
-    removal.catch(() => {})
     await waitingOn('app.dr_old')
     await archiver.query('COMMIT')
-    await expect(removal).rejects.toThrow(/app\.dr_old is not a table of app\.dr/)
+    expect(await removal).toMatchObject({
+      outcome: 'kept',
+      removed: 0,
+      reason: 'it was detached, moved or renamed while the run waited for it',
+    })
     expect(await count('app.dr_old')).toBe(100)
   })
 })
@@ -149,12 +152,42 @@ describe('side effects that appear after start-up', () => {
     await db.pool.query(`ALTER TABLE app.child DROP CONSTRAINT child_parent;
       CREATE RULE keep_log AS ON DELETE TO app.parent DO ALSO DELETE FROM app.child;`)
     await expect(runs.recordBatch(db.pool, LIMITS, claim, request)).rejects.toThrow(
-      /app\.parent has a DELETE rule, which could do anything; nothing was deleted/,
+      /DELETE rules on app\.parent or the tables above it \(keep_log \(app\.parent\)\) could do anything; nothing was deleted/,
     )
     expect({ parents: await count('app.parent'), children: await count('app.child') }).toEqual({
       parents: 50,
       children: 50,
     })
+  })
+
+  it('a DELETE rule added on an inheritance parent while the node runs stops the batches of its children', async () => {
+    await db.pool.query(`CREATE TABLE app.ih (at timestamptz NOT NULL);
+      CREATE TABLE app.ih_child () INHERITS (app.ih);
+      CREATE TABLE app.ih_archive (at timestamptz);
+      INSERT INTO app.ih_child SELECT now() - interval '3 days' FROM generate_series(1, 10);`)
+    const claim = await claimed('lc-parent-rule', {
+      name: 'ih',
+      table: 'app.ih',
+      column: 'at',
+      olderThan: '1 day',
+      every: '1 hour',
+    })
+    await db.pool.query(
+      'CREATE RULE archive AS ON DELETE TO app.ih DO ALSO INSERT INTO app.ih_archive VALUES (OLD.at)',
+    )
+    await expect(
+      runs.recordBatch(db.pool, LIMITS, claim, {
+        leaf: await oid('app.ih_child'),
+        strategy: 'tidrange',
+        cursor: null,
+        limit: 1000,
+        span: 4,
+        careful: false,
+      }),
+    ).rejects.toThrow(
+      /DELETE rules on app\.ih_child or the tables above it \(archive \(app\.ih\)\)/,
+    )
+    expect(await count('app.ih_child')).toBe(10)
   })
 
   it('a foreign key declared on a sub-partition that is itself partitioned is refused at start-up, naming it', async () => {
@@ -280,6 +313,14 @@ describe('row-level security', () => {
       /row-level security on "app\.ledger" applies to this role, and pg-singleton deletes from the partitions or children directly/,
     )
     await node.stop()
+    // ...as is a policy on one of its partitions, whose rows the security above covers,
+    await expect(
+      createSingleton({
+        name: 'lc-rls-partition',
+        connectionString: url,
+        policies: [{ ...policy, name: 'ledger-old', table: 'app.ledger_old' }],
+      }).start(),
+    ).rejects.toThrow(/row-level security on "app\.ledger" applies to this role/)
     // ...and a batch of the one that started earlier deletes nothing.
     const holder = await new Holder(url, 'lc-rls-parent-2', 'a').join([definition])
     open.push(holder)

@@ -19,6 +19,25 @@ BEGIN
   EXECUTE $pgsingleton_step$
 -- A leaf locked before it is judged, and judged again in each batch (see
 -- migrations/0009_locked_leaves.ts).
+CREATE OR REPLACE FUNCTION pgsingleton.leaf_rule(run pgsingleton.cleanup_runs,
+  OUT cast_to text, OUT pred text, OUT cut timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+  def jsonb := run.definition;
+  col_type text := def->>'columnType';
+BEGIN
+  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
+                           WHEN 'timestamp without time zone' THEN 'timestamp'
+                           WHEN 'date' THEN 'date' END;
+  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
+  END IF;
+  cut := pgsingleton.cutoff((def->>'olderThan')::interval);
+  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
+  pred := pgsingleton.outdated_predicate(def->>'column', col_type);
+END $$;
+
 CREATE OR REPLACE FUNCTION pgsingleton.resolve_leaf(run pgsingleton.cleanup_runs, p_leaf oid,
   OUT leaf_sql text, OUT parent regclass, OUT cast_to text, OUT pred text, OUT cut timestamptz)
 LANGUAGE plpgsql AS $$
@@ -49,16 +68,26 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
       MESSAGE = format('policy %s: relation %s is not a table of %s that holds rows (the table itself, or one of its partitions or children)', run.policy, leaf_sql, parent);
   END IF;
-  SELECT string_agg(format('%s (%s)', k.conname, k.conrelid::regclass), ', ') INTO held
-    FROM pg_constraint k
-   WHERE k.contype = 'f' AND k.confrelid = p_leaf AND k.confdeltype IN ('c', 'n', 'd');
+  -- Foreign keys that act on a delete, found through their triggers on the leaf (an index
+  -- lookup; pg_constraint has none on the referenced table).
+  SELECT string_agg(DISTINCT format('%s (%s)', k.conname, k.conrelid::regclass), ', ') INTO held
+    FROM pg_trigger t JOIN pg_constraint k ON k.oid = t.tgconstraint
+   WHERE t.tgrelid = p_leaf AND k.contype = 'f' AND k.confrelid = p_leaf AND k.confdeltype IN ('c', 'n', 'd');
   IF held IS NOT NULL AND NOT coalesce((def->>'allowCascade')::boolean, false) THEN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
       MESSAGE = format('policy %s: foreign keys that reference %s delete or change rows of other tables when its rows go (%s); nothing was deleted. Say "allowCascade": true if young rows of those tables may go with them, or drop the keys', run.policy, leaf_sql, held);
   END IF;
-  IF EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = p_leaf AND r.ev_type = '4') THEN
+  WITH RECURSIVE up(relid) AS (
+    SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
+    UNION
+    SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+  )
+  SELECT string_agg(format('%s (%s)', r.rulename, r.ev_class::regclass), ', ') INTO held
+    FROM pg_rewrite r
+   WHERE r.ev_type = '4' AND (r.ev_class = p_leaf OR r.ev_class IN (SELECT relid FROM up));
+  IF held IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-      MESSAGE = format('policy %s: %s has a DELETE rule, which could do anything; nothing was deleted', run.policy, leaf_sql);
+      MESSAGE = format('policy %s: DELETE rules on %s or the tables above it (%s) could do anything; nothing was deleted', run.policy, leaf_sql, held);
   END IF;
   WITH RECURSIVE up(relid) AS (
     SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
@@ -76,16 +105,7 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
       MESSAGE = format('policy %s: column %I of %s is no longer %s', run.policy, col, leaf_sql, col_type);
   END IF;
-  cast_to := CASE col_type WHEN 'timestamp with time zone' THEN 'timestamptz'
-                           WHEN 'timestamp without time zone' THEN 'timestamp'
-                           WHEN 'date' THEN 'date' END;
-  IF cast_to IS NULL OR (col_type <> 'timestamp with time zone' AND def->>'timeZone' IS NULL) THEN
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-      MESSAGE = format('policy %s: a %s column needs a time zone in the definition', run.policy, col_type);
-  END IF;
-  cut := pgsingleton.cutoff((def->>'olderThan')::interval);
-  PERFORM set_config('TimeZone', coalesce(def->>'timeZone', 'UTC'), true);
-  pred := pgsingleton.outdated_predicate(col, col_type);
+  SELECT r.cast_to, r.pred, r.cut INTO cast_to, pred, cut FROM pgsingleton.leaf_rule(run) r;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgsingleton.remove_partition(p_run bigint, p_attempt integer, p_leaf oid,
@@ -94,13 +114,16 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
   g record;
   run pgsingleton.cleanup_runs;
+  rule record;
   leaf record;
+  leaf_name text;
   mode text;
   col text;
   bound text;
   upper_bound text;
   due boolean;
   all_outdated boolean;
+  newest text;
 BEGIN
   removed := 0;
   SELECT * INTO g FROM pgsingleton.guard_run(p_run, p_attempt);
@@ -114,9 +137,13 @@ BEGIN
   IF mode IS NULL OR mode NOT IN ('drop', 'detach') THEN
     RAISE EXCEPTION 'pgsingleton.remove_partition: policy % deletes rows, it does not remove partitions', run.policy;
   END IF;
-  SELECT * INTO leaf FROM pgsingleton.resolve_leaf(run, p_leaf);
-  cutoff := leaf.cut;
+  -- Judged first with no lock of its own (the count's ACCESS SHARE at most, which no app
+  -- DDL queues behind), then again under the removal's locks, taken parent first.
+  SELECT * INTO rule FROM pgsingleton.leaf_rule(run);
+  cutoff := rule.cut;
   outcome := 'kept';
+  SELECT format('%I.%I', n.nspname, c.relname) INTO leaf_name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_leaf;
   SELECT i.inhparent AS parent_oid, format('%I.%I', pn.nspname, pc.relname) AS parent,
          pt.partstrat = 'r' AND pt.partnatts = 1
          AND pt.partattrs[0] = (SELECT a.attnum FROM pg_attribute a
@@ -128,8 +155,8 @@ BEGIN
     JOIN pg_class pc ON pc.oid = i.inhparent
     JOIN pg_namespace pn ON pn.oid = pc.relnamespace
     JOIN pg_class c ON c.oid = i.inhrelid
-   WHERE i.inhrelid = p_leaf AND c.relispartition;
-  IF NOT FOUND OR NOT g.ok THEN
+   WHERE i.inhrelid = p_leaf AND c.relispartition AND NOT i.inhdetachpending;
+  IF leaf_name IS NULL OR NOT FOUND OR NOT g.ok THEN
     reason := 'it is not a partition of a table partitioned by range on the policy''s column';
     RETURN;
   END IF;
@@ -142,7 +169,7 @@ BEGIN
   END IF;
   -- The bound as PostgreSQL prints it is a quoted literal of the column's type; read in the
   -- policy's zone, like the rows. Every row is below it.
-  EXECUTE format('SELECT (%s)::%s::timestamptz <= $1', upper_bound, leaf.cast_to) INTO due USING leaf.cut;
+  EXECUTE format('SELECT (%s)::%s::timestamptz <= $1', upper_bound, rule.cast_to) INTO due USING rule.cut;
   IF NOT due THEN
     reason := format('its upper bound %s is after the cut-off', upper_bound);
     RETURN;
@@ -163,30 +190,43 @@ BEGIN
     RETURN;
   END IF;
   -- Counted before the lock (this read blocks no one): the rows the removal takes.
-  EXECUTE format('SELECT count(*) FROM ONLY %s', leaf.leaf_sql) INTO removed;
+  EXECUTE format('SELECT count(*) FROM ONLY %s', leaf_name) INTO removed;
   PERFORM set_config('lock_timeout', '200', true);
   BEGIN
-    EXECUTE format('LOCK TABLE ONLY %s, ONLY %s IN ACCESS EXCLUSIVE MODE', g.parent, leaf.leaf_sql);
-    -- Still a partition of the parent read before the lock, and not being detached.
-    IF NOT EXISTS (SELECT 1 FROM pg_inherits i
-                    WHERE i.inhrelid = p_leaf AND i.inhparent = g.parent_oid AND NOT i.inhdetachpending) THEN
-      reason := 'it was detached or moved while the run waited for it';
+    EXECUTE format('LOCK TABLE ONLY %s, ONLY %s IN ACCESS EXCLUSIVE MODE', g.parent, leaf_name);
+    -- Under the lock: the same tables by the same names, the partition still attached to
+    -- that table and not being detached, and what a batch checks (the policy's table, keys,
+    -- rules, row security).
+    IF to_regclass(g.parent) IS DISTINCT FROM g.parent_oid OR to_regclass(leaf_name) IS DISTINCT FROM p_leaf
+       OR NOT EXISTS (SELECT 1 FROM pg_inherits i
+                       WHERE i.inhrelid = p_leaf AND i.inhparent = g.parent_oid AND NOT i.inhdetachpending) THEN
+      reason := 'it was detached, moved or renamed while the run waited for it';
       removed := 0;
       RETURN;
     END IF;
-    -- Under the lock: the newest value is outdated, and the rule is monotonic in the value
-    -- (a later value is never more outdated), so every row is. A range partition holds no
-    -- NULL key. The newest value comes off the column's index when there is one.
-    EXECUTE format('SELECT coalesce((%s), m.%I IS NULL) FROM (SELECT max(%I) AS %I FROM ONLY %s) m',
-                   leaf.pred, col, col, col, leaf.leaf_sql)
-      INTO all_outdated USING leaf.cut;
-    -- The rule is not monotonic inside a daylight-saving gap (a wall time that does not
-    -- exist reads as a later instant than those just above it): the newest two days of
-    -- values are checked row by row, off the column's index when there is one.
-    IF all_outdated THEN
-      EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ONLY %s WHERE %I >= (SELECT max(%I) FROM ONLY %s) - interval ''2 days'' AND NOT coalesce((%s), false))',
-                     leaf.leaf_sql, col, col, leaf.leaf_sql, leaf.pred)
-        INTO all_outdated USING leaf.cut;
+    SELECT * INTO leaf FROM pgsingleton.resolve_leaf(run, p_leaf);
+    -- The newest value is outdated, and the rule is monotonic in the value (a later value
+    -- is never more outdated), so every row is. A range partition holds no NULL key. The
+    -- newest value comes off the column's index when there is one.
+    EXECUTE format('SELECT coalesce((%s), m.%I IS NULL), m.%I::text FROM (SELECT max(%I) AS %I FROM ONLY %s) m',
+                   leaf.pred, col, col, col, col, leaf.leaf_sql)
+      INTO all_outdated, newest USING leaf.cut;
+    -- Not quite, for a timestamp read in a zone: a wall time inside a daylight-saving gap,
+    -- which never happened, reads as a later instant than the values just above it (02:45
+    -- in New York's gap as 07:45 UTC, after 03:10's 07:10). Such values within two days
+    -- below the newest are checked, gap by gap, off the index: no zone's clocks ever jumped
+    -- by a day, so a gap value further down reads earlier than the newest value.
+    IF all_outdated AND newest IS NOT NULL AND leaf.cast_to = 'timestamp' THEN
+      EXECUTE format(
+        'SELECT NOT EXISTS (
+           SELECT 1 FROM generate_series(date_trunc(''minute'', $2::timestamp) - interval ''2 days'', $2::timestamp,
+                                         interval ''1 minute'') AS pgs_gap(pgs_minute)
+            CROSS JOIN LATERAL (SELECT 1 FROM ONLY %s
+                                 WHERE %I >= pgs_gap.pgs_minute AND %I < pgs_gap.pgs_minute + interval ''1 minute''
+                                   AND NOT coalesce((%s), false) LIMIT 1) AS younger
+            WHERE pgs_gap.pgs_minute::timestamptz::timestamp <> pgs_gap.pgs_minute)',
+        leaf.leaf_sql, col, col, leaf.pred)
+        INTO all_outdated USING leaf.cut, newest;
     END IF;
     IF NOT all_outdated THEN
       reason := 'it holds rows younger than the cut-off';

@@ -111,16 +111,21 @@ export async function validatePolicies(
         `${where}, field table: the current role may not SELECT and DELETE on ${denied.map((l) => `"${l.relation}"`).join(', ')}; grant both${leaves.length > 1 ? ' (on every partition or child too: pg-singleton deletes from each of them directly)' : ''}.`,
       )
     }
-    // Every table of the tree, the partitioned ones between the table and its leaves too:
-    // a foreign key declared on a sub-partition that is itself partitioned is theirs.
+    // Every table of the tree, the partitioned ones between the table and its leaves too (a
+    // foreign key declared on a sub-partition that is itself partitioned is theirs), and the
+    // tables above it when it is itself a partition or a child.
     const { rows: tree } = await pool.query<{ oid: number; name: string; shielded: boolean }>(
       `WITH RECURSIVE tree(relid) AS (
          SELECT $1::oid
          UNION
-         SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid WHERE NOT i.inhdetachpending)
+         SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid WHERE NOT i.inhdetachpending),
+       up(relid) AS (
+         SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = $1::oid
+         UNION
+         SELECT i.inhparent FROM pg_inherits i JOIN up u ON i.inhrelid = u.relid)
        SELECT relid AS oid, relid::regclass::text AS name,
               EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = relid) AND row_security_active(relid) AS shielded
-         FROM tree`,
+         FROM (SELECT relid FROM tree UNION SELECT relid FROM up) AS every_table`,
       [table.oid],
     )
     await checkSideEffects(pool, problems, where, policy, [
