@@ -75,6 +75,11 @@ describe('a bad configuration fails at start-up, names what is wrong, and delete
       /policy "p", field olderThan: "-1 day" is refused: signs are refused: every term must be positive/,
     ],
     [
+      'an interval so long that the cut-off is outside the range of a timestamp',
+      { olderThan: '300000 years' },
+      /policy "p", field olderThan: "300000 years" is too long: now\(\) minus or plus it is outside the range of a PostgreSQL timestamp/,
+    ],
+    [
       'a schedule faster than a second',
       { every: '0.5 seconds' },
       /policy "p", field every: "0\.5 seconds" must be a positive interval of at least 1 second/,

@@ -347,6 +347,25 @@ describe('zone names are read from the zone database, never as abbreviations', (
   })
 })
 
+describe('Etc/GMT zone names, whose sign is inverted', () => {
+  it('warns, saying which side of UTC the zone is and how far off a row written in the zone the name seems to say would be judged', async () => {
+    const warnings: string[] = []
+    const node = createSingleton({
+      name: `tz-${++seq}`,
+      connectionString: west.url,
+      policies: [{ ...utcPolicy, timeZone: 'Etc/GMT-3' }],
+    })
+    node.on('warning', (warning) => warnings.push(`${warning.code}: ${warning.message}`))
+    await node.start()
+    await node.stop()
+    expect(warnings).toContainEqual(
+      expect.stringMatching(
+        /^LEGACY_ZONE_NAME: policy "utc-wall": timeZone "Etc\/GMT-3" is UTC\+3, 3 hours east of UTC: in the Etc\/GMT names the sign is inverted .* in a zone at UTC-3 would be judged 6 hours older than it is/,
+      ),
+    )
+  })
+})
+
 describe('a database where the role itself has another TimeZone', () => {
   it('judges by the policy zone too (role settings reach every session of the node)', async () => {
     const db = await createTestDatabase()

@@ -1,5 +1,5 @@
 import type pg from 'pg'
-import { INTERVAL_PARSE_ERRORS, sqlState } from '../db/sqlstate.js'
+import { INTERVAL_PARSE_ERRORS, SQLSTATE, sqlState } from '../db/sqlstate.js'
 import type { SingletonWarning } from '../events.js'
 import {
   COLUMN_TYPES,
@@ -141,7 +141,18 @@ export async function validatePolicies(
       await checkPartitioning(pool, problems, warnings, where, policy, table)
     }
     if (problems.count > before || timeZone === undefined || !schedule) continue
-    if (timeZone && !timeZone.includes('/') && !['UTC', 'GMT', 'UCT', 'Zulu'].includes(timeZone)) {
+    const inverted = timeZone ? /^(?:posix\/)?Etc\/GMT([+-])(\d{1,2})$/i.exec(timeZone) : null
+    if (inverted) {
+      const east = inverted[1] === '-'
+      warnings.push({
+        code: 'LEGACY_ZONE_NAME',
+        message: `${where}: timeZone "${timeZone}" is UTC${east ? '+' : '-'}${inverted[2]}, ${inverted[2]} hours ${east ? 'east' : 'west'} of UTC: in the Etc/GMT names the sign is inverted (POSIX style). A row written at local time in a zone at UTC${inverted[1]}${inverted[2]} would be judged ${2 * Number(inverted[2])} hours ${east ? 'older' : 'younger'} than it is. If the app writes the local time of a region, name the region, e.g. "America/Sao_Paulo".`,
+      })
+    } else if (
+      timeZone &&
+      !timeZone.includes('/') &&
+      !['UTC', 'GMT', 'UCT', 'Zulu'].includes(timeZone)
+    ) {
       warnings.push({
         code: 'LEGACY_ZONE_NAME',
         message: `${where}: timeZone "${timeZone}" is a legacy zone name, read from the zone database (never as an abbreviation); if the app writes the local time of a region, name the region, e.g. "America/New_York" or "Europe/Berlin".`,
@@ -524,8 +535,21 @@ async function checkInterval(
     )
     if (rows[0]?.at_least !== true) {
       problems.add(`${where}: "${value}" must be a positive interval of at least ${minimum}.`)
+      return
     }
+    // Readable, but so long that now() minus it (the cut-off) or plus it (the next slot) is
+    // past the range of a timestamp.
+    await pool.query(
+      'SELECT now() - $1::interval, now() + $1::interval, now() + 2 * $1::interval',
+      [value],
+    )
   } catch (error) {
+    if (sqlState(error) === SQLSTATE.DATETIME_FIELD_OVERFLOW) {
+      problems.add(
+        `${where}: "${value}" is too long: now() minus or plus it is outside the range of a PostgreSQL timestamp.`,
+      )
+      return
+    }
     if (!INTERVAL_PARSE_ERRORS.includes(sqlState(error) ?? '')) throw error
     problems.add(`${where}: PostgreSQL cannot read "${value}" (${(error as Error).message}).`)
   }
