@@ -185,6 +185,14 @@ describe("tasks: the user's own code, once per occurrence across the cluster, fe
       })
     }
     expect(seen.filter((s) => byId.has(s.runId)).length).toBe(recorded.length)
+    // To the microsecond: the slot a handler is told joins the row it names.
+    for (const ctx of seen.filter((s) => byId.has(s.runId))) {
+      const { rows: same } = await db.pool.query(
+        'SELECT scheduled_for = $2::timestamptz AS same FROM pgsingleton.cleanup_runs WHERE id = $1',
+        [ctx.runId, ctx.scheduledFor.toISOString()],
+      )
+      expect(same).toEqual([{ same: true }])
+    }
     expect(seen[1]?.coalesced).toBeGreaterThanOrEqual(1)
     expect(seen.every((s) => s.attempt === 1)).toBe(true)
   })

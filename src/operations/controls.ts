@@ -56,9 +56,9 @@ export async function requestRun(
   checkNames(singleton, policy)
   const { rows } = await db.query<{ paused: boolean }>(
     `INSERT INTO pgsingleton.policy_controls (singleton, policy, run_now_at, changed_at, changed_by)
-     VALUES ($1, $2, now(), now(), $3)
+     VALUES ($1, $2, date_trunc('milliseconds', now()), now(), $3)
      ON CONFLICT (singleton, policy) DO UPDATE
-       SET run_now_at = CASE WHEN policy_controls.paused THEN NULL ELSE now() END,
+       SET run_now_at = CASE WHEN policy_controls.paused THEN NULL ELSE date_trunc('milliseconds', now()) END,
            changed_at = now(), changed_by = excluded.changed_by
      RETURNING paused`,
     [singleton, policy, by],
