@@ -13,15 +13,17 @@
  * - Under that lock, every batch checks what start-up checked once: no foreign key that
  *   references the leaf deletes or changes rows (ON DELETE CASCADE, SET NULL, SET DEFAULT)
  *   unless the policy says allowCascade (found through the keys' triggers on the leaf, an
- *   index lookup), and no DELETE rule on the leaf or a table above it. A key added by the
+ *   index lookup), and no DELETE rule on the leaf or on the tables between it and the
+ *   policy's table. A key added by the
  *   app's migration while nodes run (a rolling deploy) stopped the new nodes at start but
  *   not the running holder, whose batches went on cascading into young rows. Keys declared
  *   on a sub-partition that is itself partitioned are caught too: their clones reference
  *   the leaf.
  * - Row-level security: a batch deletes FROM ONLY the leaf, which applies the leaf's own
- *   policies and not those of the tables above it. A leaf with an ancestor whose row
- *   security applies to the current role is refused (the rows its DELETE policy keeps
- *   would go).
+ *   policies and not those of the tables above it. A leaf with an ancestor (on any path:
+ *   a second parent, the tables above the policy's table) whose row security applies to
+ *   the current role is refused (the rows its DELETE policy keeps would go); start-up
+ *   refuses the same, read from every leaf.
  * - `pgsingleton.remove_partition` judges the partition first with no lock of its own (the
  *   count's ACCESS SHARE, as in revision 2), takes its ACCESS EXCLUSIVE locks parent first,
  *   and only then checks, under them, that both tables are still the ones it named, that
@@ -32,13 +34,22 @@
  *   a zone: a wall time inside a daylight-saving gap, which never happened, reads as a
  *   later instant than the values just above it (02:45 in New York's gap as 07:45 UTC,
  *   after 03:10's 07:10). The minutes of the two days below the newest value that do not
- *   exist in the zone are found by arithmetic, and the rows in them read off the index; no
- *   zone's clocks ever jumped by a day, so a gap value further down reads earlier than the
- *   newest value. A first version of this revision locked the leaf before the removal's
+ *   exist in the zone (or border on a gap that starts or ends inside a minute, as the
+ *   historical ones from local mean time do) are found by arithmetic, and the rows in them
+ *   read off the index; without an index, one pass over the partition checks each value
+ *   that does not exist. No zone's clocks ever jumped by a day, so a gap value further
+ *   down reads earlier than the newest value. An infinite newest value has no gap. A first version of this revision locked the leaf before the removal's
  *   own locks (an app's CREATE INDEX on the table could then deadlock with it) and scanned
  *   every row of those two days under the table's ACCESS EXCLUSIVE lock (1.5 to 1.9 s for
  *   a daily partition of 5,000,000 rows, where revision 8 took 0.2 s); a review measured
- *   both, and neither is in this revision.
+ *   both, and neither is in this revision. A second review found the probe's first form
+ *   looping on an infinite value, scanning the partition once per missing minute without
+ *   an index, and missing a gap that starts inside a minute; all three are mended here.
+ * - `pgsingleton.schedules.anchor` (new, NULL where an earlier version wrote the row): an
+ *   every grid's first slot. A calendar interval (months, years) counts its slots from it,
+ *   `anchor + k * every`: added slot after slot, a grid started on the 31st stuck at the
+ *   28th after February, and a year from the 29th of February at the 28th. Nodes of
+ *   earlier revisions leave it alone and advance as before.
  * - `pgsingleton.leaf_rule` (new): a run's rule (its cut-off, the predicate, the zone its
  *   values are read in), for the checks made before any lock.
  * - Nodes of revision 5 to 8 run on it unchanged (`schema_version` stays 3), and get the
@@ -88,6 +99,7 @@ DECLARE
   col text := def->>'column';
   col_type text := def->>'columnType';
   held text;
+  between_tables oid[];
 BEGIN
   parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
   IF parent IS NULL THEN
@@ -119,18 +131,28 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
       MESSAGE = format('policy %s: foreign keys that reference %s delete or change rows of other tables when its rows go (%s); nothing was deleted. Say "allowCascade": true if young rows of those tables may go with them, or drop the keys', run.policy, leaf_sql, held);
   END IF;
-  WITH RECURSIVE up(relid) AS (
-    SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
-    UNION
-    SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+  -- DELETE rules: the leaf's, and those of the tables from its parent up to the policy's
+  -- table, on every path between them (a delete through the policy's table would fire
+  -- that table's; one from the leaf fires none of theirs).
+  WITH RECURSIVE up(relid, path) AS (
+    SELECT i.inhparent, ARRAY[i.inhparent] FROM pg_inherits i WHERE i.inhrelid = p_leaf AND p_leaf <> parent
+    UNION ALL
+    SELECT i.inhparent, up.path || i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+     WHERE up.relid <> parent
   )
+  SELECT array_agg(DISTINCT above) INTO between_tables
+    FROM up, unnest(up.path) AS above WHERE up.relid = parent;
   SELECT string_agg(format('%s (%s)', r.rulename, r.ev_class::regclass), ', ') INTO held
     FROM pg_rewrite r
-   WHERE r.ev_type = '4' AND (r.ev_class = p_leaf OR r.ev_class IN (SELECT relid FROM up));
+   WHERE r.ev_type = '4' AND (r.ev_class = p_leaf OR r.ev_class = ANY (coalesce(between_tables, '{}')));
   IF held IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
       MESSAGE = format('policy %s: DELETE rules on %s or the tables above it (%s) could do anything; nothing was deleted', run.policy, leaf_sql, held);
   END IF;
+  -- Row security: every table above the leaf, on any path (a second parent outside the
+  -- policy's tree too, and the tables above the policy's table): each one's policies guard
+  -- the leaf's rows when they are read or deleted through it, and a delete from the leaf
+  -- skips them all. Start-up refuses the same set.
   WITH RECURSIVE up(relid) AS (
     SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
     UNION
@@ -258,17 +280,36 @@ BEGIN
     -- in New York's gap as 07:45 UTC, after 03:10's 07:10). Such values within two days
     -- below the newest are checked, gap by gap, off the index: no zone's clocks ever jumped
     -- by a day, so a gap value further down reads earlier than the newest value.
-    IF all_outdated AND newest IS NOT NULL AND leaf.cast_to = 'timestamp' THEN
-      EXECUTE format(
-        'SELECT NOT EXISTS (
-           SELECT 1 FROM generate_series(date_trunc(''minute'', $2::timestamp) - interval ''2 days'', $2::timestamp,
-                                         interval ''1 minute'') AS pgs_gap(pgs_minute)
-            CROSS JOIN LATERAL (SELECT 1 FROM ONLY %s
-                                 WHERE %I >= pgs_gap.pgs_minute AND %I < pgs_gap.pgs_minute + interval ''1 minute''
-                                   AND NOT coalesce((%s), false) LIMIT 1) AS younger
-            WHERE pgs_gap.pgs_minute::timestamptz::timestamp <> pgs_gap.pgs_minute)',
-        leaf.leaf_sql, col, col, leaf.pred)
-        INTO all_outdated USING leaf.cut, newest;
+    IF all_outdated AND newest IS NOT NULL AND leaf.cast_to = 'timestamp' AND isfinite(newest::timestamp) THEN
+      IF EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(leaf.parent, col) l
+                  WHERE l.leaf = p_leaf AND l.strategy = 'index') THEN
+        -- Off the index, minute by minute: the minutes that do not exist in the zone, the
+        -- minute before one (a gap that starts inside it), and those the offset changes
+        -- within (a gap shorter than a minute).
+        EXECUTE format(
+          'SELECT NOT EXISTS (
+             SELECT 1 FROM generate_series(date_trunc(''minute'', $2::timestamp) - interval ''2 days'', $2::timestamp,
+                                           interval ''1 minute'') AS pgs_gap_minutes(pgs_minute)
+              CROSS JOIN LATERAL (SELECT 1 FROM ONLY %s AS pgs_leaf
+                                   WHERE pgs_leaf.%I >= pgs_gap_minutes.pgs_minute
+                                     AND pgs_leaf.%I < pgs_gap_minutes.pgs_minute + interval ''1 minute''
+                                     AND NOT coalesce((%s), false) LIMIT 1) AS pgs_younger
+              WHERE pgs_gap_minutes.pgs_minute::timestamptz::timestamp <> pgs_gap_minutes.pgs_minute
+                 OR (pgs_gap_minutes.pgs_minute + interval ''1 minute'')::timestamptz::timestamp
+                    <> pgs_gap_minutes.pgs_minute + interval ''1 minute''
+                 OR (pgs_gap_minutes.pgs_minute + interval ''1 minute'')::timestamptz
+                    - pgs_gap_minutes.pgs_minute::timestamptz <> interval ''1 minute'')',
+          leaf.leaf_sql, col, col, leaf.pred)
+          INTO all_outdated USING leaf.cut, newest;
+      ELSE
+        -- No index: one pass over the partition, as the newest value's own read was.
+        EXECUTE format(
+          'SELECT NOT EXISTS (SELECT 1 FROM ONLY %s
+                               WHERE %I >= $2::timestamp - interval ''2 days''
+                                 AND %I::timestamptz::timestamp <> %I AND NOT coalesce((%s), false))',
+          leaf.leaf_sql, col, col, col, leaf.pred)
+          INTO all_outdated USING leaf.cut, newest;
+      END IF;
     END IF;
     IF NOT all_outdated THEN
       reason := 'it holds rows younger than the cut-off';
@@ -306,6 +347,9 @@ export const UP = `
 -- migrations/0009_locked_leaves.ts).
 ${LEAF_RULE_9}
 
+-- An every grid's first slot: a calendar interval (months, years) counts its slots from it.
+ALTER TABLE pgsingleton.schedules ADD COLUMN IF NOT EXISTS anchor timestamptz;
+
 ${RESOLVE_9}
 
 ${REMOVE_9}
@@ -317,4 +361,5 @@ ${RESOLVE_2}
 ${REMOVE_2}
 
 DROP FUNCTION IF EXISTS pgsingleton.leaf_rule(pgsingleton.cleanup_runs);
+ALTER TABLE pgsingleton.schedules DROP COLUMN IF EXISTS anchor;
 `

@@ -344,40 +344,117 @@ describe('row-level security', () => {
 })
 
 describe('a partition removed whole only when every row is outdated by the rule rows are deleted by', () => {
-  it('a timestamp partition whose newest value is outdated but which holds a wall time from the daylight-saving gap (read as a later instant) is not dropped', async () => {
-    // New York skipped 02:00-03:00 on 2018-03-11: 03:10 EDT is 07:10 UTC, while 02:45, which
-    // never happened, reads as 07:45 UTC. With the cut-off at 07:37 UTC the partition's
-    // newest value (03:10) is outdated, and 02:45 is not.
-    await db.pool.query(`CREATE TABLE app.readings (taken_at timestamp NOT NULL, label text) PARTITION BY RANGE (taken_at);
-      CREATE TABLE app.readings_gap PARTITION OF app.readings FOR VALUES FROM ('2018-03-11 00:00') TO ('2018-03-11 03:30');
-      CREATE TABLE app.readings_rest PARTITION OF app.readings FOR VALUES FROM ('2018-03-11 03:30') TO (MAXVALUE);
-      INSERT INTO app.readings VALUES ('2018-03-11 03:10', 'after the gap'), ('2018-03-11 02:45', 'in the gap');`)
-    const { rows } = await db.pool.query(
-      `SELECT extract(epoch FROM now() - timestamptz '2018-03-11 07:37:30+00')::bigint AS s`,
-    )
+  // New York skipped 02:00-03:00 on 2018-03-11: 03:10 EDT is 07:10 UTC, while 02:45, which
+  // never happened, reads as 07:45 UTC. Rome skipped 23:49:56-00:00 on 1893-10-31 (local
+  // mean time to CET), a gap that starts inside a minute: 23:49:58 reads as 23:00:02 UTC,
+  // after 00:00:01's 23:00:01. With the cut-off between the two, the partition's newest
+  // value is outdated, and the gap value is not.
+  it.each([
+    [
+      'America/New_York',
+      '2018-03-11 00:00',
+      '2018-03-11 03:30',
+      '2018-03-11 03:10',
+      '2018-03-11 02:45',
+      '2018-03-11 07:37:30+00',
+      'an index',
+    ],
+    [
+      'America/New_York',
+      '2018-03-11 00:00',
+      '2018-03-11 03:30',
+      '2018-03-11 03:10',
+      '2018-03-11 02:45',
+      '2018-03-11 07:37:30+00',
+      'no index',
+    ],
+    [
+      'Europe/Rome',
+      '1893-10-31 00:00',
+      '1893-11-01 00:00:01.5',
+      '1893-11-01 00:00:01',
+      '1893-10-31 23:49:58',
+      '1893-10-31 23:00:01.5+00',
+      'an index',
+    ],
+    [
+      'Europe/Rome',
+      '1893-10-31 00:00',
+      '1893-11-01 00:00:01.5',
+      '1893-11-01 00:00:01',
+      '1893-10-31 23:49:58',
+      '1893-10-31 23:00:01.5+00',
+      'no index',
+    ],
+  ])(
+    '%s: a wall time from a gap the clocks skipped, read as a later instant than the newest value, keeps the partition (from %s to %s; newest %s, in the gap %s; cut-off %s; with %s)',
+    async (zone, from, to, newest, inGap, cutoff, index) => {
+      const indexed = index === 'an index'
+      const table = `gap_${Math.random().toString(36).slice(2, 8)}`
+      await db.pool.query(`CREATE TABLE app.${table} (taken_at timestamp NOT NULL, label text) PARTITION BY RANGE (taken_at);
+      CREATE TABLE app.${table}_gap PARTITION OF app.${table} FOR VALUES FROM ('${from}') TO ('${to}');
+      CREATE TABLE app.${table}_rest PARTITION OF app.${table} FOR VALUES FROM ('${to}') TO (MAXVALUE);
+      ${indexed ? `CREATE INDEX ON app.${table} (taken_at);` : ''}
+      INSERT INTO app.${table} VALUES ('${newest}', 'newest'), ('${inGap}', 'in the gap'), ('${from}', 'oldest');`)
+      const { rows } = await db.pool.query(
+        `SELECT extract(epoch FROM now() - timestamptz '${cutoff}')::numeric(20,3)::text AS s`,
+      )
+      const node = createSingleton({
+        name: `lc-gap-${table}`,
+        connectionString: db.url,
+        policies: [
+          {
+            name: 'readings',
+            table: `app.${table}`,
+            column: 'taken_at',
+            timeZone: zone,
+            olderThan: `${rows[0].s} seconds`,
+            every: '1 hour',
+            partitions: 'drop',
+          },
+        ],
+      })
+      node.on('error', () => {})
+      node.on('warning', () => {})
+      const done = once(node, 'cleanup:done') as Promise<[RunReport]>
+      await node.start()
+      const [report] = await done
+      await node.stop()
+      expect(report).toMatchObject({ status: 'done', rowsDeleted: 2 })
+      const { rows: left } = await db.pool.query(`SELECT label FROM app.${table} ORDER BY label`)
+      expect(left.map((r) => r.label)).toEqual(['in the gap'])
+    },
+  )
+
+  it('a partition whose newest value is -infinity is removed, not probed for gaps forever', async () => {
+    await db.pool.query(`CREATE TABLE app.inf (at timestamp NOT NULL) PARTITION BY RANGE (at);
+      CREATE TABLE app.inf_old PARTITION OF app.inf FOR VALUES FROM (MINVALUE) TO ('2020-01-01');
+      CREATE TABLE app.inf_new PARTITION OF app.inf FOR VALUES FROM ('2020-01-01') TO (MAXVALUE);
+      CREATE INDEX ON app.inf (at);
+      INSERT INTO app.inf VALUES ('-infinity'), ('-infinity');`)
     const node = createSingleton({
-      name: 'lc-gap',
+      name: 'lc-infinity',
       connectionString: db.url,
       policies: [
         {
-          name: 'readings',
-          table: 'app.readings',
-          column: 'taken_at',
+          name: 'inf',
+          table: 'app.inf',
+          column: 'at',
           timeZone: 'America/New_York',
-          olderThan: `${rows[0].s} seconds`,
+          olderThan: '1 day',
           every: '1 hour',
           partitions: 'drop',
         },
       ],
     })
     node.on('error', () => {})
-    node.on('warning', () => {})
     const done = once(node, 'cleanup:done') as Promise<[RunReport]>
     await node.start()
     const [report] = await done
     await node.stop()
-    expect(report).toMatchObject({ status: 'done', rowsDeleted: 1 })
-    const { rows: left } = await db.pool.query('SELECT label FROM app.readings ORDER BY label')
-    expect(left.map((r) => r.label)).toEqual(['in the gap'])
+    expect(report).toMatchObject({ status: 'done', rowsDeleted: 2 })
+    expect(
+      (await db.pool.query(`SELECT to_regclass('app.inf_old') IS NULL AS gone`)).rows[0].gone,
+    ).toBe(true)
   })
 })

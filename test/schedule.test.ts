@@ -158,7 +158,8 @@ describe('the schedule lives in the database', () => {
     // A slot 331 days ago: more than the 330 days '11 months' counts as, less than the 334 to
     // 337 days eleven months take on the calendar, so the next slot is a few days ahead.
     const { rows: due } = await db.pool.query<{ at: Date; after: Date }>(
-      `UPDATE pgsingleton.schedules SET next_run_at = date_trunc('second', now()) - interval '331 days'
+      `UPDATE pgsingleton.schedules SET next_run_at = date_trunc('second', now()) - interval '331 days',
+                                        anchor = date_trunc('second', now()) - interval '331 days'
         WHERE singleton = $1
         RETURNING next_run_at AS at,
                   ((next_run_at AT TIME ZONE 'UTC') + interval '11 months') AT TIME ZONE 'UTC' AS after`,
@@ -180,6 +181,51 @@ describe('the schedule lives in the database', () => {
         [name],
       )
       expect(rows[0]?.next_run_at.toISOString()).toBe(after.toISOString())
+    } finally {
+      second.signal('SIGTERM')
+      await second.exited
+    }
+  })
+
+  it('a monthly grid started on the 31st comes back to the last day of each month, instead of sticking at the 28th after February', async () => {
+    const name = 'month-end'
+    const config = await eventsConfig(name, { every: '1 month' })
+    const first = startNode(db.url, config, 'first')
+    await waitFor('the first run', async () => (await doneRuns(name)).length >= 1)
+    first.signal('SIGTERM')
+    expect((await first.exited).code).toBe(0)
+    // A grid that began on January 31st of last year, whose slot of February 28th is due.
+    const { rows: set } = await db.pool.query<{ at: Date }>(
+      `UPDATE pgsingleton.schedules
+          SET anchor = make_timestamptz(extract(year FROM now())::int - 1, 1, 31, 10, 0, 0, 'UTC'),
+              next_run_at = make_timestamptz(extract(year FROM now())::int - 1, 2, 28, 10, 0, 0, 'UTC')
+        WHERE singleton = $1 RETURNING next_run_at AS at`,
+      [name],
+    )
+    const { rows: grid } = await db.pool.query<{ next: Date; missed: number }>(
+      `SELECT min(t) FILTER (WHERE t > now()) AS next,
+              count(*) FILTER (WHERE t > make_timestamptz(extract(year FROM now())::int - 1, 2, 28, 10, 0, 0, 'UTC') AND t <= now())::int AS missed
+         FROM generate_series(0, 40) AS k,
+              LATERAL (SELECT (make_timestamp(extract(year FROM now())::int - 1, 1, 31, 10, 0, 0) + k * interval '1 month') AT TIME ZONE 'UTC' AS t) AS slot`,
+    )
+    const expected = grid[0] as { next: Date; missed: number }
+    const second = startNode(db.url, config, 'second')
+    try {
+      const caughtUp = await waitFor(
+        'the due slot run',
+        async () => (await doneRuns(name)).find((r) => r.epoch === 2),
+        30_000,
+      )
+      expect(caughtUp.scheduledFor.toISOString()).toBe(set[0]?.at.toISOString())
+      expect(caughtUp.coalesced).toBe(expected.missed)
+      const { rows } = await db.pool.query<{ next_run_at: Date; day: number; last_day: boolean }>(
+        `SELECT next_run_at, extract(day FROM next_run_at AT TIME ZONE 'UTC')::int AS day,
+                (next_run_at AT TIME ZONE 'UTC')::date = (date_trunc('month', next_run_at AT TIME ZONE 'UTC') + interval '1 month - 1 day')::date AS last_day
+           FROM pgsingleton.schedules WHERE singleton = $1`,
+        [name],
+      )
+      expect(rows[0]?.next_run_at.toISOString()).toBe(expected.next.toISOString())
+      expect(rows[0]?.last_day).toBe(true)
     } finally {
       second.signal('SIGTERM')
       await second.exited

@@ -38,6 +38,9 @@ BEGIN
   pred := pgsingleton.outdated_predicate(def->>'column', col_type);
 END $$;
 
+-- An every grid's first slot: a calendar interval (months, years) counts its slots from it.
+ALTER TABLE pgsingleton.schedules ADD COLUMN IF NOT EXISTS anchor timestamptz;
+
 CREATE OR REPLACE FUNCTION pgsingleton.resolve_leaf(run pgsingleton.cleanup_runs, p_leaf oid,
   OUT leaf_sql text, OUT parent regclass, OUT cast_to text, OUT pred text, OUT cut timestamptz)
 LANGUAGE plpgsql AS $$
@@ -46,6 +49,7 @@ DECLARE
   col text := def->>'column';
   col_type text := def->>'columnType';
   held text;
+  between_tables oid[];
 BEGIN
   parent := to_regclass(format('%I.%I', def->>'schema', def->>'table'));
   IF parent IS NULL THEN
@@ -77,18 +81,28 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
       MESSAGE = format('policy %s: foreign keys that reference %s delete or change rows of other tables when its rows go (%s); nothing was deleted. Say "allowCascade": true if young rows of those tables may go with them, or drop the keys', run.policy, leaf_sql, held);
   END IF;
-  WITH RECURSIVE up(relid) AS (
-    SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
-    UNION
-    SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+  -- DELETE rules: the leaf's, and those of the tables from its parent up to the policy's
+  -- table, on every path between them (a delete through the policy's table would fire
+  -- that table's; one from the leaf fires none of theirs).
+  WITH RECURSIVE up(relid, path) AS (
+    SELECT i.inhparent, ARRAY[i.inhparent] FROM pg_inherits i WHERE i.inhrelid = p_leaf AND p_leaf <> parent
+    UNION ALL
+    SELECT i.inhparent, up.path || i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+     WHERE up.relid <> parent
   )
+  SELECT array_agg(DISTINCT above) INTO between_tables
+    FROM up, unnest(up.path) AS above WHERE up.relid = parent;
   SELECT string_agg(format('%s (%s)', r.rulename, r.ev_class::regclass), ', ') INTO held
     FROM pg_rewrite r
-   WHERE r.ev_type = '4' AND (r.ev_class = p_leaf OR r.ev_class IN (SELECT relid FROM up));
+   WHERE r.ev_type = '4' AND (r.ev_class = p_leaf OR r.ev_class = ANY (coalesce(between_tables, '{}')));
   IF held IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
       MESSAGE = format('policy %s: DELETE rules on %s or the tables above it (%s) could do anything; nothing was deleted', run.policy, leaf_sql, held);
   END IF;
+  -- Row security: every table above the leaf, on any path (a second parent outside the
+  -- policy's tree too, and the tables above the policy's table): each one's policies guard
+  -- the leaf's rows when they are read or deleted through it, and a delete from the leaf
+  -- skips them all. Start-up refuses the same set.
   WITH RECURSIVE up(relid) AS (
     SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = p_leaf
     UNION
@@ -216,17 +230,36 @@ BEGIN
     -- in New York's gap as 07:45 UTC, after 03:10's 07:10). Such values within two days
     -- below the newest are checked, gap by gap, off the index: no zone's clocks ever jumped
     -- by a day, so a gap value further down reads earlier than the newest value.
-    IF all_outdated AND newest IS NOT NULL AND leaf.cast_to = 'timestamp' THEN
-      EXECUTE format(
-        'SELECT NOT EXISTS (
-           SELECT 1 FROM generate_series(date_trunc(''minute'', $2::timestamp) - interval ''2 days'', $2::timestamp,
-                                         interval ''1 minute'') AS pgs_gap(pgs_minute)
-            CROSS JOIN LATERAL (SELECT 1 FROM ONLY %s
-                                 WHERE %I >= pgs_gap.pgs_minute AND %I < pgs_gap.pgs_minute + interval ''1 minute''
-                                   AND NOT coalesce((%s), false) LIMIT 1) AS younger
-            WHERE pgs_gap.pgs_minute::timestamptz::timestamp <> pgs_gap.pgs_minute)',
-        leaf.leaf_sql, col, col, leaf.pred)
-        INTO all_outdated USING leaf.cut, newest;
+    IF all_outdated AND newest IS NOT NULL AND leaf.cast_to = 'timestamp' AND isfinite(newest::timestamp) THEN
+      IF EXISTS (SELECT 1 FROM pgsingleton.cleanup_leaves(leaf.parent, col) l
+                  WHERE l.leaf = p_leaf AND l.strategy = 'index') THEN
+        -- Off the index, minute by minute: the minutes that do not exist in the zone, the
+        -- minute before one (a gap that starts inside it), and those the offset changes
+        -- within (a gap shorter than a minute).
+        EXECUTE format(
+          'SELECT NOT EXISTS (
+             SELECT 1 FROM generate_series(date_trunc(''minute'', $2::timestamp) - interval ''2 days'', $2::timestamp,
+                                           interval ''1 minute'') AS pgs_gap_minutes(pgs_minute)
+              CROSS JOIN LATERAL (SELECT 1 FROM ONLY %s AS pgs_leaf
+                                   WHERE pgs_leaf.%I >= pgs_gap_minutes.pgs_minute
+                                     AND pgs_leaf.%I < pgs_gap_minutes.pgs_minute + interval ''1 minute''
+                                     AND NOT coalesce((%s), false) LIMIT 1) AS pgs_younger
+              WHERE pgs_gap_minutes.pgs_minute::timestamptz::timestamp <> pgs_gap_minutes.pgs_minute
+                 OR (pgs_gap_minutes.pgs_minute + interval ''1 minute'')::timestamptz::timestamp
+                    <> pgs_gap_minutes.pgs_minute + interval ''1 minute''
+                 OR (pgs_gap_minutes.pgs_minute + interval ''1 minute'')::timestamptz
+                    - pgs_gap_minutes.pgs_minute::timestamptz <> interval ''1 minute'')',
+          leaf.leaf_sql, col, col, leaf.pred)
+          INTO all_outdated USING leaf.cut, newest;
+      ELSE
+        -- No index: one pass over the partition, as the newest value's own read was.
+        EXECUTE format(
+          'SELECT NOT EXISTS (SELECT 1 FROM ONLY %s
+                               WHERE %I >= $2::timestamp - interval ''2 days''
+                                 AND %I::timestamptz::timestamp <> %I AND NOT coalesce((%s), false))',
+          leaf.leaf_sql, col, col, col, leaf.pred)
+          INTO all_outdated USING leaf.cut, newest;
+      END IF;
     END IF;
     IF NOT all_outdated THEN
       reason := 'it holds rows younger than the cut-off';

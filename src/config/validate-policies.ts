@@ -114,23 +114,41 @@ export async function validatePolicies(
     // Every table of the tree, the partitioned ones between the table and its leaves too (a
     // foreign key declared on a sub-partition that is itself partitioned is theirs), and the
     // tables above it when it is itself a partition or a child.
-    const { rows: tree } = await pool.query<{ oid: number; name: string; shielded: boolean }>(
+    // (A key declared on a table above is cloned onto this one, and acts when its rows go;
+    // the rules of the tables above do not fire on a delete from it. Row security: every
+    // table above a leaf, on any path, whose policies a delete from the leaf skips.)
+    const { rows: tree } = await pool.query<{
+      oid: number
+      name: string
+      above: boolean
+      shielded: boolean
+    }>(
       `WITH RECURSIVE tree(relid) AS (
          SELECT $1::oid
          UNION
          SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid WHERE NOT i.inhdetachpending),
        up(relid) AS (
-         SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = $1::oid
+         SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = ANY ($2::oid[])
          UNION
-         SELECT i.inhparent FROM pg_inherits i JOIN up u ON i.inhrelid = u.relid)
-       SELECT relid AS oid, relid::regclass::text AS name,
-              EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = relid) AND row_security_active(relid) AS shielded
-         FROM (SELECT relid FROM tree UNION SELECT relid FROM up) AS every_table`,
-      [table.oid],
+         SELECT i.inhparent FROM pg_inherits i JOIN up u ON i.inhrelid = u.relid),
+       every_table(relid, above) AS (
+         SELECT relid, false FROM tree
+         UNION ALL
+         SELECT relid, true FROM up WHERE relid NOT IN (SELECT relid FROM tree))
+       SELECT relid AS oid, relid::regclass::text AS name, above,
+              relid IN (SELECT relid FROM up) AND row_security_active(relid) AS shielded
+         FROM every_table`,
+      [table.oid, leaves.map((l) => l.leaf)],
     )
-    await checkSideEffects(pool, problems, where, policy, [
-      ...new Set([table.oid, ...tree.map((t) => t.oid), ...leaves.map((l) => l.leaf)]),
-    ])
+    const own = [...new Set([table.oid, ...tree.filter((t) => !t.above).map((t) => t.oid)])]
+    await checkSideEffects(
+      pool,
+      problems,
+      where,
+      policy,
+      [...new Set([...own, ...tree.map((t) => t.oid), ...leaves.map((l) => l.leaf)])],
+      [...new Set([...own, ...leaves.map((l) => l.leaf)])],
+    )
     const shielded = tree.filter((t) => t.shielded)
     if (shielded.length > 0) {
       problems.add(
@@ -252,6 +270,7 @@ async function checkSideEffects(
   where: string,
   policy: ResolvedPolicy,
   relations: number[],
+  ruled: number[] = relations,
 ): Promise<void> {
   const { rows: keys } = await pool.query<{ key: string }>(
     `SELECT DISTINCT format('%s (%s) ON DELETE %s', c.conrelid::regclass, c.conname,
@@ -270,7 +289,7 @@ async function checkSideEffects(
   const { rows: rules } = await pool.query<{ rule: string }>(
     `SELECT format('%s on %s', r.rulename, r.ev_class::regclass) AS rule FROM pg_rewrite r
       WHERE r.ev_class = ANY ($1::oid[]) AND r.ev_type = '4' ORDER BY 1`,
-    [relations],
+    [ruled],
   )
   if (rules.length > 0) {
     problems.add(

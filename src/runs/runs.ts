@@ -160,6 +160,17 @@ export async function retryDue(tx: Queryable, lease: FenceToken): Promise<Issued
 }
 
 /**
+ * The steps k of a calendar schedule's grid (`anchor + k * every`) from around `from` to
+ * around now, as SQL over the schedules row `s`: a month counts as 30 days in an
+ * interval's epoch, so the estimates are widened by a tenth and two steps.
+ */
+function anchoredSteps(s: string, from: string): string {
+  return `generate_series(
+    greatest(floor(extract(epoch FROM ${from} - ${s}.anchor) / extract(epoch FROM ${s}.every) * 0.9)::bigint - 2, 0),
+    ceil(extract(epoch FROM now() - ${s}.anchor) / extract(epoch FROM ${s}.every) * 1.1)::bigint + 2)`
+}
+
+/**
  * Holder, in a fenced tick: issues at most one run per agreed policy that has no open
  * run and is not paused. The run is the policy's due slot (advancing its schedule past
  * now() on its grid), or, when none is due, the latest occurrence that earlier runs left
@@ -200,13 +211,23 @@ export async function issue(
        -- An interval with months or years has no fixed length (its epoch counts a month as
        -- 30 days): its missed slots are counted on the calendar, as the advance below adds
        -- them, around that estimate.
+       -- A calendar interval with an anchor (the grid's first slot) counts its slots from the
+       -- anchor, anchor + k * every, so a grid started on the 31st comes back to the 31st
+       -- (slot after slot, it stuck at the 28th after February).
        SELECT s.singleton, s.policy, s.next_run_at,
               CASE WHEN s.cron IS NOT NULL THEN c.missed
                    WHEN extract(year FROM s.every) = 0 AND extract(month FROM s.every) = 0
                    THEN floor(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every))::bigint
+                   WHEN s.anchor IS NOT NULL
+                   THEN (SELECT count(*) FROM ${anchoredSteps('s', 's.next_run_at')} k
+                          WHERE s.anchor + s.every * k > s.next_run_at AND s.anchor + s.every * k <= now())
                    ELSE (SELECT count(*) FROM generate_series(1,
                            ceil(extract(epoch FROM now() - s.next_run_at) / extract(epoch FROM s.every) * 1.1)::bigint + 2) k
                           WHERE s.next_run_at + s.every * k <= now()) END AS missed,
+              CASE WHEN s.cron IS NULL AND s.anchor IS NOT NULL
+                        AND (extract(year FROM s.every) <> 0 OR extract(month FROM s.every) <> 0)
+                   THEN (SELECT min(s.anchor + s.every * k) FROM ${anchoredSteps('s', 'now()')} k
+                          WHERE s.anchor + s.every * k > now()) END AS anchored_next,
               c.next AS cron_next
          FROM pgsingleton.schedules s JOIN free f ON f.policy = s.policy
          LEFT JOIN cron c ON c.policy = s.policy
@@ -215,9 +236,9 @@ export async function issue(
      ), advanced AS (
        UPDATE pgsingleton.schedules s
           SET last_scheduled_for = due.next_run_at,
-              next_run_at = CASE WHEN s.cron IS NULL
-                                 THEN due.next_run_at + s.every * (due.missed + 1)::double precision
-                                 ELSE due.cron_next END,
+              next_run_at = CASE WHEN s.cron IS NOT NULL THEN due.cron_next
+                                 WHEN due.anchored_next IS NOT NULL THEN due.anchored_next
+                                 ELSE due.next_run_at + s.every * (due.missed + 1)::double precision END,
               updated_epoch = $2
          FROM due
         WHERE s.singleton = due.singleton AND s.policy = due.policy

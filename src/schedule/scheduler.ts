@@ -229,12 +229,14 @@ async function upsertSchedules(
   })
   await tx.query(
     `INSERT INTO pgsingleton.schedules AS s
-       (singleton, policy, kind, every, cron, time_zone, period, next_run_at, updated_epoch)
+       (singleton, policy, kind, every, cron, time_zone, period, next_run_at, anchor, updated_epoch)
      SELECT $1, p.policy, p.kind, p.every::interval, p.cron, p.time_zone,
             coalesce(p.every::interval, make_interval(secs => p.period_s)),
             -- Whole milliseconds, as a JavaScript Date holds them: the slot a handler is
             -- told (ctx.scheduledFor) is the one its run row records.
-            coalesce(p.next_cron, date_trunc('milliseconds', now())), $2
+            coalesce(p.next_cron, date_trunc('milliseconds', now())),
+            -- An every grid's first slot, which a calendar interval counts its slots from.
+            CASE WHEN p.cron IS NULL THEN date_trunc('milliseconds', now()) END, $2
        FROM jsonb_to_recordset($3::jsonb)
          AS p(policy text, kind text, every text, cron text, time_zone text, next_cron timestamptz, period_s float8)
      ON CONFLICT (singleton, policy) DO UPDATE
@@ -243,6 +245,10 @@ async function upsertSchedules(
            next_run_at = CASE WHEN s.next_run_at <= now() THEN s.next_run_at
                               WHEN excluded.cron IS NOT NULL THEN excluded.next_run_at
                               ELSE least(s.next_run_at, date_trunc('milliseconds', now()) + excluded.every) END,
+           -- The changed grid starts at its next slot.
+           anchor = CASE WHEN excluded.cron IS NOT NULL THEN NULL
+                         WHEN s.next_run_at <= now() THEN s.next_run_at
+                         ELSE least(s.next_run_at, date_trunc('milliseconds', now()) + excluded.every) END,
            updated_epoch = excluded.updated_epoch
        -- As text: intervals compare a month as 30 days, so '1 month' and '30 days' are equal.
        WHERE s.every::text IS DISTINCT FROM excluded.every::text OR s.cron IS DISTINCT FROM excluded.cron
