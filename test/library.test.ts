@@ -501,6 +501,17 @@ describe('the library inside an app', () => {
       const aHolds = once(a, 'lock:acquired')
       await a.start()
       const [aLease] = (await aHolds) as [Lease]
+      // Its first run over: a batch in flight holds the lease row, and then the hand-over
+      // leaves the bump to the next node, which a test of its own covers.
+      await waitFor('the first run done', async () => {
+        const { rows } = await db.pool.query(
+          `SELECT count(*) FILTER (WHERE status = 'done')::int AS done,
+                  count(*) FILTER (WHERE status IN ('scheduled', 'running', 'failed'))::int AS open
+             FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+          [name],
+        )
+        return rows[0].done >= 1 && rows[0].open === 0 ? true : undefined
+      })
       await b.start()
       const waiting = await waitFor('b queued', async () => {
         const row = await statusOf(db.pool, name)
@@ -597,6 +608,17 @@ describe('the library inside an app', () => {
       const aHolds = once(a, 'lock:acquired')
       await a.start()
       const [aLease] = (await aHolds) as [Lease]
+      // Its first run over: a batch in flight holds the lease row, and then the hand-over
+      // leaves the bump to the next node, which a test of its own covers.
+      await waitFor('the first run done', async () => {
+        const { rows } = await db.pool.query(
+          `SELECT count(*) FILTER (WHERE status = 'done')::int AS done,
+                  count(*) FILTER (WHERE status IN ('scheduled', 'running', 'failed'))::int AS open
+             FROM pgsingleton.cleanup_runs WHERE singleton = $1`,
+          [name],
+        )
+        return rows[0].done >= 1 && rows[0].open === 0 ? true : undefined
+      })
       await b.start()
       await waitFor('b queued', async () =>
         (await statusOf(db.pool, name))?.waitingNodeIds.includes('b') ? true : undefined,
